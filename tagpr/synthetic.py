@@ -1,0 +1,524 @@
+"""Synthetic users with latent preferences, written as official LaMP files.
+
+Every user has one latent rule that decides the gold output of all their questions and
+of every item in their profile, so the profile reveals the rule and a model that reads
+it can beat one that does not by a wide margin:
+
+| task | what a user's rule decides | rules |
+|---|---|---|
+| LaMP_1 | the author's research field; the related reference is the one in that field (the query title is field-neutral) | 8 fields |
+| LaMP_2 | which facet of a movie the user tags: its genre, its story device, or its theme (each description has one of each) | 3 lenses |
+| LaMP_3 | a rating bias: harsh (one notch below the review's sentiment), neutral, or generous (one above), clipped to 1..5 | 3 biases |
+| LaMP_4 | headline style, each keeping a different slot of the article: wire / question / listicle / opinion | 4 styles |
+| LaMP_5 | paper-title style, each keeping a different slot of the abstract: colon / question / towards / on-the | 4 styles |
+| LaMP_7 | tweet voice: plain / hype / abbreviator / terse | 4 voices |
+
+Files: `<out>/<task>/<split>/<split>_questions.json` and `<split>_outputs.json` (the
+official formats; questions carry `user_id` like LaMP's time-based files; users are
+disjoint across splits), and `<split>_latent.json`: per question the user's rule and a
+sentence explaining it, so a rationale can be checked. Deterministic by seed.
+
+`python -m tagpr.synthetic --out DIR --report` also measures, with the official metrics
+on the dev split, three predictors per task: the **no-profile floor** (the answer most
+users would give to that input: the mode over rules, the median for ratings, the single
+best style for generation), **profile-identified** (the rule inferred from the k = 8
+most recent profile items: the first rule consistent with all of them) and the
+**oracle ceiling** (the true rule).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+from . import lamp
+from .files import write_json
+
+# ----------------------------------------------------------------------------- shared pools
+
+NAMES = ("Ada", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemi", "Luca",
+         "Mira", "Nikos", "Olga", "Pavel", "Quinn", "Rosa", "Sami", "Tariq", "Uma", "Vera", "Wen", "Yara")
+JOBS = ("a retired detective", "a young nurse", "a struggling painter", "a ship mechanic", "a school teacher",
+        "a disgraced chef", "a night-shift guard", "a jazz pianist", "a small-town mayor", "a rookie pilot")
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+# ----------------------------------------------------------------------------- task generators
+# Each generator: rules (names → explanation), content(rng) → dict, input(c) → str,
+# answer(rule, c) → str, item(rule, c, rng) → profile fields.
+
+class LaMP1:
+    task = "LaMP_1"
+    FIELDS = {
+        "graph learning": ("graph", "node", "edge", "message passing", "molecule", "link prediction"),
+        "computer vision": ("image", "pixel", "segmentation", "object detection", "video", "camera"),
+        "speech": ("speech", "acoustic", "phoneme", "speaker", "audio", "voice"),
+        "robotics": ("robot", "grasping", "manipulation", "locomotion", "gripper", "motion planning"),
+        "databases": ("query", "index", "transaction", "join", "storage engine", "SQL"),
+        "cryptography": ("encryption", "cipher", "zero-knowledge", "signature", "key exchange", "lattice"),
+        "genomics": ("gene", "genome", "protein", "sequencing", "mutation", "cell"),
+        "economics": ("market", "auction", "pricing", "labor", "inflation", "trade"),
+    }
+    rules = {f: f"This author works in {f}: the related reference is the one about {f}." for f in FIELDS}
+    GENERIC = ("A Simple Baseline for {x}", "Rethinking {x}", "{x} Revisited", "Towards Practical {x}",
+               "Scalable Methods for {x}", "An Empirical Study of {x}", "Lessons Learned from {x}")
+    GENERIC_X = ("Robust Estimation", "Efficient Learning", "Structured Prediction", "Large-Scale Systems",
+                 "Reliable Evaluation", "Adaptive Optimization", "Data Efficiency")
+    ADJ = ("Efficient", "Robust", "Scalable", "Fast", "Provable", "Learned", "Sparse", "Adaptive")
+    NOUN = ("methods", "models", "algorithms", "representations", "benchmarks", "systems")
+
+    def _paper(self, f: str, rng: random.Random) -> tuple[str, str]:
+        a, b = rng.sample(self.FIELDS[f], 2)
+        title = f"{rng.choice(self.ADJ)} {a} {rng.choice(self.NOUN)} for {b}"
+        abstract = (f"We study {a} and {b} in {f}. Our {rng.choice(self.NOUN)} improve {a} "
+                    f"on standard {b} benchmarks.")
+        return title, abstract
+
+    def content(self, rng):
+        fields = list(self.FIELDS)
+        own, other = rng.sample(fields, 2)
+        return {"title": rng.choice(self.GENERIC).format(x=rng.choice(self.GENERIC_X)), "own": own, "other": other,
+                "ref_own": self._paper(own, rng)[0], "ref_other": self._paper(other, rng)[0],
+                "own_first": rng.random() < 0.5}
+
+    def input(self, c):
+        r1, r2 = (c["ref_own"], c["ref_other"]) if c["own_first"] else (c["ref_other"], c["ref_own"])
+        return lamp.TASKS[self.task].template.format(title=c["title"], ref1=r1, ref2=r2)
+
+    def answer(self, rule, c):
+        # the reference in the author's field; if neither is, the first
+        first, second = (c["own"], c["other"]) if c["own_first"] else (c["other"], c["own"])
+        return "[2]" if second == rule and first != rule else "[1]"
+
+    def content_for(self, rule, rng):
+        c = self.content(rng)
+        if c["own"] != rule:  # questions of this user: the "own" paper is in the user's field
+            other = c["other"] if c["other"] != rule else c["own"]
+            c.update(own=rule, other=other, ref_own=self._paper(rule, rng)[0], ref_other=self._paper(other, rng)[0])
+        return c
+
+    def item(self, rule, c, rng):
+        title, abstract = self._paper(rule, rng)
+        return {"title": title, "abstract": abstract}
+
+
+class LaMP2:
+    task = "LaMP_2"
+    LENSES = {
+        "genre": {
+            "sci-fi": ("aboard a starship drifting past Jupiter", "in a future run by sentient machines",
+                       "on a distant space colony"),
+            "comedy": ("through a string of slapstick mishaps", "in a goofy misadventure full of gags",
+                       "as hilarious misunderstandings pile up"),
+            "action": ("through explosive car chases", "amid relentless shootouts and fistfights",
+                       "in a high-speed chase across rooftops"),
+            "fantasy": ("in a kingdom of dragons and wizards", "guided by an enchanted sword",
+                        "through a realm of elves and magic"),
+            "romance": ("while slowly falling in love with a stranger", "in a tender love story",
+                        "while torn between two lovers"),
+        },
+        "story": {
+            "based on a book": ("adapted from the bestselling novel", "based on the beloved book",
+                                "faithful to the pages of the original novel"),
+            "twist ending": ("until a final revelation changes everything", "with a shocking twist in the last scene",
+                             "and nothing is what it seems at the end"),
+            "true story": ("inspired by real events", "based on a true story", "recounting what really happened"),
+            "classic": ("in a timeless black-and-white masterpiece", "in the golden-age original from 1946",
+                        "in an old Hollywood favourite"),
+            "dystopia": ("inside an oppressive surveillance state", "after society has collapsed",
+                         "under a totalitarian regime"),
+        },
+        "theme": {
+            "dark comedy": ("laughing at death and misfortune", "with grim gallows humour", "in a morbidly funny way"),
+            "psychology": ("exploring a fractured mind", "as a study of obsession and memory",
+                           "deep inside the hero's paranoia"),
+            "thought-provoking": ("raising deep questions about free will", "asking what it means to be human",
+                                  "as a meditation on time and choice"),
+            "social commentary": ("as a sharp critique of inequality", "skewering corporate greed",
+                                  "exposing class and power"),
+            "violence": ("drenched in brutal bloodshed", "with graphic, unflinching violence",
+                         "in a savage revenge spree"),
+        },
+    }
+    rules = {
+        "genre": "This user tags a movie by its genre (sci-fi, comedy, action, fantasy or romance).",
+        "story": "This user tags a movie by its story device or source (based on a book, twist ending, true story, "
+                 "classic or dystopia).",
+        "theme": "This user tags a movie by its theme (dark comedy, psychology, thought-provoking, social commentary "
+                 "or violence).",
+    }
+
+    def content(self, rng):
+        c = {lens: rng.choice(list(tags)) for lens, tags in self.LENSES.items()}
+        c["phrases"] = {lens: rng.choice(self.LENSES[lens][c[lens]]) for lens in self.LENSES}
+        c["who"] = f"{rng.choice(NAMES)}, {rng.choice(JOBS)},"
+        c["order"] = rng.sample(list(self.LENSES), 3)
+        return c
+
+    def _description(self, c):
+        p = c["phrases"]
+        return f"{c['who']} fights to survive {p[c['order'][0]]}, {p[c['order'][1]]}, {p[c['order'][2]]}."
+
+    def input(self, c):
+        return lamp.TASKS[self.task].template.format(description=self._description(c))
+
+    def answer(self, rule, c):
+        return c[rule]
+
+    def item(self, rule, c, rng):
+        return {"description": self._description(c), "tag": c[rule]}
+
+
+class LaMP3:
+    task = "LaMP_3"
+    SENTIMENT = {
+        1: ("is a complete waste of money", "broke after one day", "is awful in every way"),
+        2: ("is disappointing", "is flimsy and mediocre", "is worse than I expected"),
+        3: ("is okay", "is average and does the job", "is neither good nor bad"),
+        4: ("works well", "is pretty solid", "is good value"),
+        5: ("is absolutely perfect", "is the best purchase I ever made", "is excellent in every way"),
+    }
+    PRODUCTS = ("blender", "backpack", "desk lamp", "phone case", "kettle", "headphones", "yoga mat", "toaster",
+                "umbrella", "office chair")
+    FILLER = ("Arrived on time.", "Bought it for my kitchen.", "Used it for a month.", "Gift for my brother.",
+              "Packaging was fine.", "Ordered the blue one.")
+    rules = {
+        "harsh": "This user rates one notch below what the review's words suggest.",
+        "neutral": "This user's rating matches the sentiment of the review's words.",
+        "generous": "This user rates one notch above what the review's words suggest.",
+    }
+    BIAS = {"harsh": -1, "neutral": 0, "generous": 1}
+
+    def content(self, rng):
+        s = rng.randint(1, 5)
+        return {"s": s, "text": f"This {rng.choice(self.PRODUCTS)} {rng.choice(self.SENTIMENT[s])}. "
+                                f"{rng.choice(self.FILLER)}"}
+
+    def input(self, c):
+        return lamp.TASKS[self.task].template.format(text=c["text"])
+
+    def answer(self, rule, c):
+        return str(min(5, max(1, c["s"] + self.BIAS[rule])))
+
+    def item(self, rule, c, rng):
+        return {"text": c["text"], "score": self.answer(rule, c)}
+
+
+class LaMP4:
+    task = "LaMP_4"
+    SUBJECTS = ("the city council", "local farmers", "the school board", "a tech startup", "state regulators",
+                "the transit authority", "hospital workers", "the football club")
+    ACTIONS = (("approves", "approve"), ("rejects", "reject"), ("delays", "delay"), ("funds", "fund"),
+               ("debates", "debate"), ("launches", "launch"))
+    OBJECTS = ("a new park budget", "solar panels on schools", "a four-day work week", "free bus fares",
+               "a stadium expansion", "water price hikes", "a housing plan", "late-night curfews")
+    PLACES = ("Springfield", "Riverton", "Lakeview", "Oakdale", "Brookfield", "Maple Hill")
+    # each style keeps a different slot of the article, so a wrong style shares few words
+    rules = {
+        "wire": "This user writes plain wire headlines: '<Subject> <action> <object>'.",
+        "question": "This user asks the place's readers: 'Is <place> ready for <object>?'",
+        "listicle": "This user writes listicles about the subject: 'Five things <subject> said on <day>'.",
+        "opinion": "This user writes opinion headlines about the place: 'Opinion: <place> deserves a better vote'.",
+    }
+
+    def content(self, rng):
+        return {"subject": rng.choice(self.SUBJECTS), "action": rng.choice(self.ACTIONS),
+                "object": rng.choice(self.OBJECTS), "place": rng.choice(self.PLACES),
+                "day": rng.choice(("Monday", "Tuesday", "Wednesday", "Thursday", "Friday"))}
+
+    def _article(self, c):
+        return (f"{c['place']}, {c['day']}: {_cap(c['subject'])} {c['action'][0]} {c['object']}, officials said. "
+                f"The decision follows weeks of public meetings in {c['place']}.")
+
+    def input(self, c):
+        return lamp.TASKS[self.task].template.format(text=self._article(c))
+
+    def answer(self, rule, c):
+        s, (v, _), o, p, d = c["subject"], c["action"], c["object"], c["place"], c["day"]
+        return {"wire": f"{_cap(s)} {v} {o}", "question": f"Is {p} ready for {o}?",
+                "listicle": f"Five things {s} said on {d}",
+                "opinion": f"Opinion: {p} deserves a better vote"}[rule]
+
+    def item(self, rule, c, rng):
+        return {"text": self._article(c), "title": self.answer(rule, c)}
+
+
+class LaMP5:
+    task = "LaMP_5"
+    METHODS = ("FastGraph", "DeepSieve", "LiteNet", "ProtoMix", "SparseFormer", "TinyTune", "FlowMatch", "MetaRank")
+    TASKS_ = ("node classification", "image retrieval", "speech recognition", "text summarization",
+              "drug discovery", "traffic forecasting", "code generation", "anomaly detection")
+    PROPS = (("efficient", "efficiency"), ("robust", "robustness"), ("scalable", "scalability"),
+             ("interpretable", "interpretability"), ("private", "privacy"))
+    DOMAINS = ("molecular graphs", "satellite images", "clinical notes", "noisy audio", "legal documents",
+               "sensor streams")
+    rules = {
+        "colon": "This user names the method: '<Method>: A <Property> Approach'.",
+        "question": "This user asks about the task: 'Can We Finally Solve <Task>?'",
+        "towards": "This user titles by the data: 'Towards Better Models of <Domain>'.",
+        "on-the": "This user titles by the property: 'On the <Property noun> of Learned Systems'.",
+    }
+
+    def content(self, rng):
+        return {"method": rng.choice(self.METHODS), "task": rng.choice(self.TASKS_), "prop": rng.choice(self.PROPS),
+                "domain": rng.choice(self.DOMAINS)}
+
+    def _abstract(self, c):
+        return (f"We study {c['task']} on {c['domain']}. We propose {c['method']}, a {c['prop'][0]} approach, "
+                f"and show that {c['method']} outperforms strong baselines.")
+
+    def input(self, c):
+        return lamp.TASKS[self.task].template.format(abstract=self._abstract(c))
+
+    def answer(self, rule, c):
+        m, t, (adj, noun), d = c["method"], c["task"], c["prop"], c["domain"]
+        return {"colon": f"{m}: A {_cap(adj)} Approach", "question": f"Can We Finally Solve {_cap(t)}?",
+                "towards": f"Towards Better Models of {_cap(d)}",
+                "on-the": f"On the {_cap(noun)} of Learned Systems"}[rule]
+
+    def item(self, rule, c, rng):
+        return {"title": self.answer(rule, c), "abstract": self._abstract(c)}
+
+
+class LaMP7:
+    task = "LaMP_7"
+    OPENERS = ("I just finished", "We finally tried", "I am watching", "I spent the day at", "We are going to")
+    THINGS = ("the new ramen place downtown", "a marathon of old cartoons", "the farmers market",
+              "my first pottery class", "the beach with my dog", "the concert in the park", "a long bike ride")
+    FEELINGS = ("It was really good and I love it.", "You should come with us next time.",
+                "I am so tired but it was worth it.", "It was really fun because the weather was great.")
+    ABBREV = {"you": "u", "are": "r", "really": "rly", "because": "bc", "love": "luv", "with": "w", "and": "n",
+              "the": "da", "so": "sooo", "just": "jst", "was": "wuz", "good": "gud", "going": "goin", "next": "nxt",
+              "great": "gr8", "to": "2", "am": "m", "is": "iz",
+              "but": "bt", "worth": "wrth", "time": "tym", "tired": "tird", "my": "ma",
+              "should": "shud", "come": "cum", "us": "uz", "new": "nu", "place": "plc", "first": "1st"}
+    rules = {
+        "plain": "This user tweets plainly, as written.",
+        "hype": "This user keeps only the activity: 'omg omg <activity> best day ever lol'.",
+        "abbreviator": "This user abbreviates every word it can: u, r, rly, bc, luv, w, n, da, jst, wuz, gud, 2, ...",
+        "terse": "This user tweets only the activity and a verdict: '<activity>. ten out of ten, no notes'.",
+    }
+
+    def content(self, rng):
+        return {"opener": rng.choice(self.OPENERS), "thing": rng.choice(self.THINGS),
+                "feeling": rng.choice(self.FEELINGS)}
+
+    def input(self, c):
+        return lamp.TASKS[self.task].template.format(text=f"{c['opener']} {c['thing']}. {c['feeling']}")
+
+    def answer(self, rule, c):
+        text = f"{c['opener']} {c['thing']}. {c['feeling']}"
+        if rule == "hype":
+            return f"omg omg {c['thing']} best day ever lol"
+        if rule == "abbreviator":
+            return " ".join(self._abbrev(w) for w in text.split(" "))
+        if rule == "terse":
+            return f"{_cap(c['thing'])}. ten out of ten, no notes"
+        return text
+
+    def _abbrev(self, word):
+        core = word.rstrip(".,!?")
+        return self.ABBREV.get(core.lower(), core) + word[len(core):]
+
+    def item(self, rule, c, rng):
+        return {"text": self.answer(rule, c)}
+
+
+GENERATORS = {g.task: g for g in (LaMP1(), LaMP2(), LaMP3(), LaMP4(), LaMP5(), LaMP7())}
+SYNTHETIC_TASKS = tuple(GENERATORS)
+
+
+# ----------------------------------------------------------------------------- users and files
+
+@dataclass
+class Example:
+    question: lamp.Question
+    gold: str
+    rule: str
+    content: dict
+    profile_contents: list[dict] = field(default_factory=list)  # aligned with question.profile
+
+
+def _content_for(gen, rule, rng):
+    return gen.content_for(rule, rng) if hasattr(gen, "content_for") else gen.content(rng)
+
+
+def generate_split(task: str, split: str, n_users: int, questions_per_user: int, seed: int,
+                   profile_size: tuple[int, int] = (8, 20)) -> list[Example]:
+    """Users of one task and split; deterministic in (task, split, seed)."""
+    gen = GENERATORS[lamp.get_task(task).name]
+    rng = random.Random(f"tagpr-synthetic:{gen.task}:{split}:{seed}")
+    rules = list(gen.rules)
+    examples = []
+    for u in range(n_users):
+        rule = rules[rng.randrange(len(rules))]
+        uid = f"{gen.task}-{split}-u{u:05d}"
+        n_items = rng.randint(*profile_size)
+        day = date(2015, 1, 1) + timedelta(days=rng.randrange(365))
+        contents, items = [], []
+        for j in range(n_items):
+            c = gen.content(rng)
+            day += timedelta(days=rng.randint(1, 40))
+            items.append(lamp.Item(f"{uid}-p{j}", gen.item(rule, c, rng), day.isoformat()))
+            contents.append(c)
+        # official files are not sorted by date; shuffle so recency retrieval has work to do
+        order = list(range(n_items))
+        rng.shuffle(order)
+        items = [items[i] for i in order]
+        contents = [contents[i] for i in order]
+        for q in range(questions_per_user):
+            c = _content_for(gen, rule, rng)
+            question = lamp.Question(f"{split}-{gen.task[5:]}-{u:05d}-{q}", gen.input(c), items, uid)
+            examples.append(Example(question, gen.answer(rule, c), rule, c, contents))
+    return examples
+
+
+def write_split(out: str | Path, task: str, split: str, examples: list[Example]) -> Path:
+    t = lamp.get_task(task)
+    gen = GENERATORS[t.name]
+    d = Path(out) / t.name / split
+    lamp.write_questions(d / f"{split}_questions.json", [e.question for e in examples])
+    lamp.write_outputs(d / f"{split}_outputs.json", t, {e.question.id: e.gold for e in examples})
+    write_json(d / f"{split}_latent.json", [{"id": e.question.id, "user_id": e.question.user_id, "rule": e.rule,
+                                             "explanation": gen.rules[e.rule]} for e in examples])
+    return d
+
+
+def read_latent(lamp_dir: str | Path, task: str, split: str) -> dict[str, dict]:
+    """{question id: {"user_id", "rule", "explanation"}} of a synthetic split."""
+    from .files import read_json
+
+    qpath, _ = lamp.split_files(lamp_dir, task, split)
+    return {r["id"]: r for r in read_json(qpath.parent / f"{split}_latent.json")}
+
+
+DEFAULT_SIZES = {"train": (200, 4), "dev": (60, 2), "test": (60, 2)}
+
+
+def generate(out: str | Path, tasks=SYNTHETIC_TASKS, seed: int = 0, sizes: dict | None = None
+             ) -> dict[str, dict[str, list[Example]]]:
+    """Write every split of every task under `out`; returns the examples for measurement."""
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    result: dict[str, dict[str, list[Example]]] = {}
+    for task in tasks:
+        name = lamp.get_task(task).name
+        result[name] = {}
+        for split, (users, per_user) in sizes.items():
+            ex = generate_split(name, split, users, per_user, seed)
+            write_split(out, name, split, ex)
+            result[name][split] = ex
+    return result
+
+
+# ----------------------------------------------------------------------------- floor / ceiling
+
+def _most_recent(example: Example, k: int) -> list[dict]:
+    """Contents of the k most recent profile items (the default recency retrieval)."""
+    ranked = sorted(range(len(example.question.profile)), key=lambda i: example.question.profile[i].date,
+                    reverse=True)
+    return [(example.question.profile[i], example.profile_contents[i]) for i in ranked[:k]]
+
+
+def _answer_field(task: str) -> str:
+    return lamp.TASKS[task].answer_field or "title"
+
+
+def predict(task: str, example: Example, mode: str, k: int = 8, style: str | None = None) -> str:
+    """One of the reference predictors: 'floor', 'profile' or 'oracle'."""
+    gen = GENERATORS[task]
+    rules = list(gen.rules)
+    c = example.content
+    if mode == "oracle":
+        return gen.answer(example.rule, c)
+    if mode == "profile":
+        # the first rule under which every retrieved item's recorded answer is what the rule gives
+        seen = _most_recent(example, k)
+        for r in rules:
+            if task == "LaMP_1":  # a LaMP-1 profile item is a paper: consistent if it is in the rule's field
+                ok = all(any(f" {w} " in f" {it['title']} " for w in LaMP1.FIELDS[r]) for it, _ in seen)
+            else:
+                ok = all(gen.item(r, pc, random.Random(0))[_answer_field(task)] == it[_answer_field(task)]
+                         for it, pc in seen)
+            if ok:
+                return gen.answer(r, c)
+        return gen.answer(rules[0], c)
+    if mode == "floor":
+        answers = [gen.answer(r, c) for r in rules]
+        if task == "LaMP_3":
+            return str(int(statistics.median(int(a) for a in answers)))
+        if lamp.TASKS[task].is_generation:
+            return gen.answer(style or rules[0], c)
+        return max(answers, key=answers.count)  # mode; ties → first rule's answer
+    raise ValueError(f"unknown predictor {mode!r}")
+
+
+def measure(examples_by_task: dict[str, list[Example]], k: int = 8) -> dict[str, dict[str, dict]]:
+    """Official metrics of the floor / profile-identified / oracle predictors per task."""
+    from .metrics import evaluate
+
+    out = {}
+    for task, examples in examples_by_task.items():
+        golds = {e.question.id: e.gold for e in examples}
+        rows = {}
+        if lamp.TASKS[task].is_generation:  # the floor is the single best style for everyone
+            best = None
+            for style in GENERATORS[task].rules:
+                m = evaluate(task, golds, {e.question.id: predict(task, e, "floor", style=style) for e in examples})
+                if best is None or m["rouge-1"] > best[1]["rouge-1"]:
+                    best = (style, m)
+            rows["floor"] = {**best[1], "style": best[0]}
+        else:
+            rows["floor"] = evaluate(task, golds, {e.question.id: predict(task, e, "floor") for e in examples})
+        rows["profile"] = evaluate(task, golds, {e.question.id: predict(task, e, "profile", k) for e in examples})
+        rows["oracle"] = evaluate(task, golds, {e.question.id: predict(task, e, "oracle") for e in examples})
+        out[task] = rows
+    return out
+
+
+def report_table(results: dict[str, dict[str, dict]]) -> str:
+    lines = ["| task | metric | no-profile floor | profile-identified (k=8) | oracle ceiling |", "|---|---|---|---|---|"]
+    for task, rows in results.items():
+        for key in [k for k in rows["oracle"] if isinstance(rows["oracle"][k], float)]:
+            lines.append(f"| {task} | {key} | {rows['floor'][key]:.3f} | {rows['profile'][key]:.3f} | "
+                         f"{rows['oracle'][key]:.3f} |")
+    return "\n".join(lines)
+
+
+def vocabulary_text(seed: int = 1234, users: int = 12):
+    """LaMP-style text from every generator (for the tiny model's tokenizer)."""
+    for task in GENERATORS:
+        for e in generate_split(task, "train", users, 1, seed):
+            yield e.question.input
+            yield e.gold
+            for it in e.question.profile:
+                yield " ".join(it.fields.values())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder to write the LaMP-format files into")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default=",".join(SYNTHETIC_TASKS))
+    p.add_argument("--train-users", type=int, default=DEFAULT_SIZES["train"][0])
+    p.add_argument("--dev-users", type=int, default=DEFAULT_SIZES["dev"][0])
+    p.add_argument("--test-users", type=int, default=DEFAULT_SIZES["test"][0])
+    p.add_argument("--questions-per-user", type=int, default=None, help="default: 4 train, 2 dev/test")
+    p.add_argument("--report", action="store_true", help="measure floor / profile / oracle on dev and print the table")
+    a = p.parse_args(argv)
+    q = a.questions_per_user
+    sizes = {"train": (a.train_users, q or 4), "dev": (a.dev_users, q or 2), "test": (a.test_users, q or 2)}
+    result = generate(a.out, [t for t in a.tasks.split(",") if t], a.seed, sizes)
+    print(f"wrote {sum(len(v) for s in result.values() for v in s.values())} questions under {a.out}")
+    if a.report:
+        table = report_table(measure({t: s["dev"] for t, s in result.items()}))
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+import json
+import math
+
+import pytest
+
+from tagpr import lamp, metrics
+from tagpr.files import DataError
+
+
+def ids(xs):
+    return {str(i): x for i, x in enumerate(xs)}
+
+
+def test_lamp2_invalid_label_is_a_miss_not_a_class():
+    golds = ["comedy", "action", "comedy", "sci-fi"]
+    preds = ["comedy", "Comedy", "xyz", " sci-fi "]  # "Comedy" and "xyz" are not labels; " sci-fi " strips to one
+    m = metrics.evaluate("LaMP_2", ids(golds), ids(preds))
+    # correct: #0 and #3 → accuracy 2/4
+    assert m["accuracy"] == pytest.approx(0.5, abs=1e-12)
+    # per label: comedy tp=1 fn=1 fp=0 → P=1, R=1/2, F=2/3; action F=0; sci-fi F=1; 12 other labels F=0
+    # macro over all 15 labels: (2/3 + 0 + 1) / 15 = 1/9
+    assert m["f1"] == pytest.approx(1 / 9, abs=1e-12)
+
+
+def test_lamp1_accuracy_f1():
+    m = metrics.evaluate("LaMP_1", ids(["[1]", "[2]", "[2]", "[1]"]), ids(["[1]", "[1]", "[2]", "2"]))
+    # [1]: tp=1 fp=1 fn=1 → F=1/2; [2]: tp=1 fp=0 fn=1 → P=1 R=1/2 F=2/3; macro = 7/12
+    assert m == pytest.approx({"accuracy": 0.5, "f1": 7 / 12}, abs=1e-12)
+
+
+def test_lamp3_unparsable_becomes_worst_value():
+    golds = ["1", "3", "5", "2"]
+    preds = ["2", "abc", "5", "x"]
+    # parsed: 2; "abc" with gold 3 → |1-3| = |5-3| → 5; 5; "x" with gold 2 → 5 is farther → 5
+    # errors 1, 2, 0, 3 → MAE 6/4; RMSE sqrt((1 + 4 + 0 + 9) / 4)
+    m = metrics.evaluate("LaMP_3", ids(golds), ids(preds))
+    assert m["MAE"] == pytest.approx(1.5, abs=1e-12)
+    assert m["RMSE"] == pytest.approx(math.sqrt(3.5), abs=1e-12)
+    assert metrics.parse_rating("nan", 4.0) == 1.0  # non-finite counts as unparsable; gold 4 → 1 is farther
+    assert metrics.parse_rating(" 4.5 ", 1.0) == 4.5  # no clipping, no rounding
+
+
+def test_rouge_known_pairs():
+    # gold/pred share "the" ×2, "cat", "on" → 4 of 6 unigrams each side: P = R = F1 = 2/3; LCS "the cat on the" = 4
+    m = metrics.evaluate("LaMP_4", {"a": "The cat sat on the mat."}, {"a": "the cat lay on the rug"})
+    assert m["rouge-1"] == pytest.approx(2 / 3, abs=1e-12) and m["rouge-L"] == pytest.approx(2 / 3, abs=1e-12)
+    # reversed order: every unigram matches (R-1 = 1) but the LCS is 1 token of 4 (R-L = 1/4)
+    m = metrics.evaluate("LaMP_5", {"a": "quick brown fox jumps"}, {"a": "jumps fox brown quick"})
+    assert m == pytest.approx({"rouge-1": 1.0, "rouge-L": 0.25}, abs=1e-12)
+    # no stemming: "running" ≠ "run"
+    assert metrics.evaluate("LaMP_7", {"a": "running"}, {"a": "run"})["rouge-1"] == 0.0
+
+
+def test_rouge_bootstrap_mid_is_seeded_and_near_the_mean():
+    golds = {str(i): f"word{i} shared text" for i in range(50)}
+    preds = {str(i): f"word{i % 7} shared" for i in range(50)}
+    mean = metrics.evaluate("LaMP_4", golds, preds)
+    b1 = metrics.evaluate("LaMP_4", golds, preds, bootstrap=500)
+    assert b1 == metrics.evaluate("LaMP_4", golds, preds, bootstrap=500)
+    assert abs(b1["rouge-1"] - mean["rouge-1"]) < 0.01
+
+
+def test_news_version_detected_from_golds():
+    m = metrics.evaluate("LaMP_2", {"1": "sports", "2": "women"}, {"1": "sports", "2": "crime"})
+    assert m["accuracy"] == 0.5
+
+
+def test_mismatched_ids_and_bad_golds():
+    with pytest.raises(DataError, match="have no prediction"):
+        metrics.evaluate("LaMP_1", {"1": "[1]"}, {"2": "[1]"})
+    with pytest.raises(DataError, match=r"gold output of id=1 is not a LaMP_1 label"):
+        metrics.evaluate("LaMP_1", {"1": "[3]"}, {"1": "[1]"})
+    with pytest.raises(DataError, match=r"gold output of id=1 is not a number"):
+        metrics.evaluate("LaMP_3", {"1": "five"}, {"1": "5"})
+
+
+def test_cli_prints_official_keys(tmp_path, capsys):
+    lamp.write_outputs(tmp_path / "g.json", "LaMP_2", {"1": "comedy", "2": "action"})
+    lamp.write_outputs(tmp_path / "p.json", "LaMP_2", {"2": "action", "1": "fantasy"})
+    metrics.main(["--task", "LaMP_2", "--golds", str(tmp_path / "g.json"), "--preds", str(tmp_path / "p.json")])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"accuracy", "f1"} and out["accuracy"] == 0.5
+    lamp.write_outputs(tmp_path / "g3.json", "LaMP_3", {"1": "4"})
+    lamp.write_outputs(tmp_path / "p3.json", "LaMP_3", {"1": "2"})
+    metrics.main(["--golds", str(tmp_path / "g3.json"), "--preds", str(tmp_path / "p3.json")])  # task from the file
+    assert json.loads(capsys.readouterr().out) == {"MAE": 2.0, "RMSE": 2.0}
