@@ -11,7 +11,8 @@ VENV=${TAGPR_VENV:-.venv}
 . "$VENV/bin/activate"
 stamp="$VENV/.tagpr-installed"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
-pip_q() { pip install -q --disable-pip-version-check "$@"; }
+# pip warns about every local index folder that lacks a package; keep its real errors only
+pip_q() { pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then pip_q torch; else pip_q torch==2.13.0; fi
 fi
