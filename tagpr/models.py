@@ -218,3 +218,24 @@ def load_model(name: str | os.PathLike, *, device: torch.device | str | None = N
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model.to(device).eval(), tok
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   temperature: float = 1.0, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy of every next token, through the fused op: no (B, T, V) logits.
+
+    input_ids, attention_mask (B, T) → logp, entropy (B, T − 1), fp32: position t scores
+    token t + 1 given tokens ≤ t, under softmax(logits / temperature) — the same scaling
+    the sampler uses. The backbone's final hidden states and the lm_head weight go to
+    `kernels.logprob.fused_logprobs`; every trainer takes its log-probs from here.
+    """
+    from kernels.logprob import fused_logprobs
+
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("token_logprobs assumes an lm_head without bias")
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state                                        # (B, T, H)
+    return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
