@@ -239,3 +239,20 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state                                        # (B, T, H)
     return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
+
+
+class LogprobModel(torch.nn.Module):
+    """A causal LM whose forward returns per-token (log-prob, entropy).
+
+    Trainers train this wrapper so that the whole computation, lm_head included, runs
+    inside the FSDP root's forward: FSDP2 gathers the root's parameters (embeddings,
+    final norm, lm_head) exactly as the model's own forward would.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask=None, temperature: float = 1.0, impl: str | None = None):
+        logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl)
+        return logp.clone(), ent.clone()  # not views: FSDP2 hooks the root's outputs for backward

@@ -107,6 +107,10 @@ class LaMP1:
         title, abstract = self._paper(rule, rng)
         return {"title": title, "abstract": abstract}
 
+    def summary(self, c):
+        first, second = (c["own"], c["other"]) if c["own_first"] else (c["other"], c["own"])
+        return f"reference [1] is about {first} and reference [2] is about {second}"
+
 
 class LaMP2:
     task = "LaMP_2"
@@ -174,6 +178,9 @@ class LaMP2:
     def item(self, rule, c, rng):
         return {"description": self._description(c), "tag": c[rule]}
 
+    def summary(self, c):
+        return f"a {c['genre']} movie, its story device is {c['story']}, its theme is {c['theme']}"
+
 
 class LaMP3:
     task = "LaMP_3"
@@ -209,6 +216,9 @@ class LaMP3:
     def item(self, rule, c, rng):
         return {"text": c["text"], "score": self.answer(rule, c)}
 
+    def summary(self, c):
+        return f"the words of the review read like a {c['s']} out of 5"
+
 
 class LaMP4:
     task = "LaMP_4"
@@ -221,10 +231,10 @@ class LaMP4:
     PLACES = ("Springfield", "Riverton", "Lakeview", "Oakdale", "Brookfield", "Maple Hill")
     # each style keeps a different slot of the article, so a wrong style shares few words
     rules = {
-        "wire": "This user writes plain wire headlines: '<Subject> <action> <object>'.",
-        "question": "This user asks the place's readers: 'Is <place> ready for <object>?'",
-        "listicle": "This user writes listicles about the subject: 'Five things <subject> said on <day>'.",
-        "opinion": "This user writes opinion headlines about the place: 'Opinion: <place> deserves a better vote'.",
+        "wire": "This user writes plain wire headlines: '[Subject] [action] [object]'.",
+        "question": "This user asks the place's readers: 'Is [place] ready for [object]?'",
+        "listicle": "This user writes listicles about the subject: 'Five things [subject] said on [day]'.",
+        "opinion": "This user writes opinion headlines about the place: 'Opinion: [place] deserves a better vote'.",
     }
 
     def content(self, rng):
@@ -248,6 +258,10 @@ class LaMP4:
     def item(self, rule, c, rng):
         return {"text": self._article(c), "title": self.answer(rule, c)}
 
+    def summary(self, c):
+        return (f"subject: {c['subject']}; action: {c['action'][0]}; object: {c['object']}; place: {c['place']}; "
+                f"day: {c['day']}")
+
 
 class LaMP5:
     task = "LaMP_5"
@@ -259,10 +273,10 @@ class LaMP5:
     DOMAINS = ("molecular graphs", "satellite images", "clinical notes", "noisy audio", "legal documents",
                "sensor streams")
     rules = {
-        "colon": "This user names the method: '<Method>: A <Property> Approach'.",
-        "question": "This user asks about the task: 'Can We Finally Solve <Task>?'",
-        "towards": "This user titles by the data: 'Towards Better Models of <Domain>'.",
-        "on-the": "This user titles by the property: 'On the <Property noun> of Learned Systems'.",
+        "colon": "This user names the method: '[Method]: A [Property] Approach'.",
+        "question": "This user asks about the task: 'Can We Finally Solve [Task]?'",
+        "towards": "This user titles by the data: 'Towards Better Models of [Domain]'.",
+        "on-the": "This user titles by the property: 'On the [Property noun] of Learned Systems'.",
     }
 
     def content(self, rng):
@@ -285,6 +299,9 @@ class LaMP5:
     def item(self, rule, c, rng):
         return {"title": self.answer(rule, c), "abstract": self._abstract(c)}
 
+    def summary(self, c):
+        return f"method: {c['method']}; property: {c['prop'][0]}; task: {c['task']}; data: {c['domain']}"
+
 
 class LaMP7:
     task = "LaMP_7"
@@ -300,9 +317,9 @@ class LaMP7:
               "should": "shud", "come": "cum", "us": "uz", "new": "nu", "place": "plc", "first": "1st"}
     rules = {
         "plain": "This user tweets plainly, as written.",
-        "hype": "This user keeps only the activity: 'omg omg <activity> best day ever lol'.",
+        "hype": "This user keeps only the activity: 'omg omg [activity] best day ever lol'.",
         "abbreviator": "This user abbreviates every word it can: u, r, rly, bc, luv, w, n, da, jst, wuz, gud, 2, ...",
-        "terse": "This user tweets only the activity and a verdict: '<activity>. ten out of ten, no notes'.",
+        "terse": "This user tweets only the activity and a verdict: '[activity]. ten out of ten, no notes'.",
     }
 
     def content(self, rng):
@@ -328,6 +345,9 @@ class LaMP7:
 
     def item(self, rule, c, rng):
         return {"text": self.answer(rule, c)}
+
+    def summary(self, c):
+        return f"the activity is {c['thing']}"
 
 
 GENERATORS = {g.task: g for g in (LaMP1(), LaMP2(), LaMP3(), LaMP4(), LaMP5(), LaMP7())}
@@ -386,12 +406,13 @@ def write_split(out: str | Path, task: str, split: str, examples: list[Example])
     lamp.write_questions(d / f"{split}_questions.json", [e.question for e in examples])
     lamp.write_outputs(d / f"{split}_outputs.json", t, {e.question.id: e.gold for e in examples})
     write_json(d / f"{split}_latent.json", [{"id": e.question.id, "user_id": e.question.user_id, "rule": e.rule,
-                                             "explanation": gen.rules[e.rule]} for e in examples])
+                                             "explanation": gen.rules[e.rule], "content": e.content}
+                                            for e in examples])
     return d
 
 
 def read_latent(lamp_dir: str | Path, task: str, split: str) -> dict[str, dict]:
-    """{question id: {"user_id", "rule", "explanation"}} of a synthetic split."""
+    """{question id: {"user_id", "rule", "explanation", "content"}} of a synthetic split."""
     from .files import read_json
 
     qpath, _ = lamp.split_files(lamp_dir, task, split)
@@ -414,6 +435,54 @@ def generate(out: str | Path, tasks=SYNTHETIC_TASKS, seed: int = 0, sizes: dict 
             write_split(out, name, split, ex)
             result[name][split] = ex
     return result
+
+
+# ----------------------------------------------------------------------------- expert chains
+
+def _restore(content: dict) -> dict:
+    """JSON turned tuples into lists; the generators index them the same way."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in content.items()}
+
+
+def expert_chain(task: str, items: list[lamp.Item], latent: dict) -> tuple[list[tuple[str, str]], str]:
+    """A correct tagged reasoning chain written from the question's latent rule.
+
+    Steps: analyze_input (what the input contains), examine_examples (the user's own
+    outputs among the shown profile items), identify_patterns (the rule),
+    make_decision (the rule applied). Returns (steps, answer).
+    """
+    t = lamp.get_task(task)
+    gen = GENERATORS[t.name]
+    c = _restore(latent["content"])
+    field = t.answer_field or "title"
+    shown = "; ".join(f'"{it[field]}"' for it in items[:4]) or "none"
+    answer = gen.answer(latent["rule"], c)
+    steps = [
+        ("analyze_input", f"The input: {gen.summary(c)}."),
+        ("examine_examples", f"The user's own past outputs: {shown}."),
+        ("identify_patterns", latent["explanation"]),
+        ("make_decision", f"Applying that to this input gives: {answer}"),
+    ]
+    return steps, answer
+
+
+def sft_records(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "train", k: int = 8,
+                retriever: str = "recency") -> list:
+    """`sft.jsonl` records from synthetic users' latent rules (until build_data.py writes real ones)."""
+    from .prompts import SFTRecord, tagpr_prompt
+    from .retrieval import retrieve
+    from .tags import render
+
+    out = []
+    for task in tasks:
+        s = lamp.load_split(lamp_dir, task, split)
+        latent = read_latent(lamp_dir, task, split)
+        for q in s.questions:
+            items = retrieve(s.task, q, k, retriever)
+            steps, answer = expert_chain(s.task.name, items, latent[q.id])
+            chain = render(steps, "").strip()
+            out.append(SFTRecord(q.id, s.task.name, q.user_id or q.id, tagpr_prompt(s.task, q, items), chain, answer))
+    return out
 
 
 # ----------------------------------------------------------------------------- floor / ceiling

@@ -1,0 +1,155 @@
+"""Everything distributed, in one place; a no-op on one process.
+
+The same script runs as `python train_x.py` and `torchrun --nproc_per_node=N [--nnodes …]
+train_x.py`: `init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and
+starts NCCL on CUDA or gloo on CPU. Reductions return their input when alone; stop
+flags are synced so that no rank waits forever for one that quit.
+
+FSDP2 (`apply_fsdp`): `fully_shard` each decoder layer, then the root, with an explicit
+`MixedPrecisionPolicy` — bf16 parameters with fp32 gradient reduction on CUDA, fp32
+throughout on CPU — and optional activation checkpointing per layer. Large models:
+every rank loads the weights on CPU and `fully_shard` keeps only its shard on the
+device (host RAM: one full copy per rank; see README for Qwen3-8B).
+"""
+from __future__ import annotations
+
+import builtins
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_STATE = Dist()
+
+
+def init(device: str | None = None) -> Dist:
+    """Start the process group from torchrun's environment (or nothing, alone)."""
+    global _STATE
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    _STATE = Dist(rank, world, local, dev)
+    return _STATE
+
+
+def get() -> Dist:
+    return _STATE
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if _STATE.is_main:
+        builtins.print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum / max / min / mean across ranks, in place; the input itself when alone."""
+    if not dist.is_initialized():
+        return t
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op == "mean":
+        dist.all_reduce(t, dist.ReduceOp.SUM)
+        return t.div_(dist.get_world_size())
+    dist.all_reduce(t, ops[op])
+    return t
+
+
+def sum_scalar(x: float) -> float:
+    return all_reduce(torch.tensor(float(x), dtype=torch.float64, device=_comm_device())).item()
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if it is true on any rank (stop flags, bad batches)."""
+    return bool(all_reduce(torch.tensor(int(flag), device=_comm_device()), "max").item())
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _comm_device() -> torch.device:
+    return _STATE.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (or of a model that wraps one as `.lm`)."""
+    inner = getattr(model, "lm", model)
+    layers = getattr(inner.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(inner).__name__}")
+    return list(layers)
+
+
+def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpointing: bool = False,
+               reshard_after_forward: bool = True) -> torch.nn.Module:
+    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, lm_head).
+
+    On one process this only moves the model and applies activation checkpointing.
+    """
+    layers = decoder_layers(model)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        parent = getattr(model, "lm", model).get_decoder().layers
+        for i, layer in enumerate(layers):
+            parent[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        layers = list(parent)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model.to(device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    model.to(device)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

@@ -1,0 +1,97 @@
+"""What every trainer shares: the LR schedule, batching, the metrics log, parameter counts."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import dist
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine down to `min_ratio·peak` at `total`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int, group_by_length: bool = True,
+                  window: int = 8) -> list[list[int]]:
+    """Indices of one epoch, cut into global batches; deterministic in (seed, epoch).
+
+    Length grouping: shuffle, then sort by length inside windows of `window` batches and
+    cut, so a batch holds similar lengths (less padding); the batch order is shuffled again.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        w = batch * window
+        order = [i for a in range(0, len(order), w) for i in sorted(order[a:a + w], key=lambda i: -lengths[i])]
+    batches = [order[a:a + batch] for a in range(0, len(order), batch)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def rank_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, as micro-batches; every rank gets the same count
+    (a rank short of data gets empty micro-batches, which the trainer runs with zero loss so
+    FSDP's collectives stay in step)."""
+    mine = batch[rank::world]
+    per_rank = math.ceil(len(batch) / world)
+    n_micro = max(1, math.ceil(per_rank / micro))
+    return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int, device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad → input_ids (B, T), attention_mask (B, T), loss_mask (B, T − 1) aligned with
+    next-token log-probs (position t scores token t + 1)."""
+    T = max(2, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    tgt = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        tgt[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), attn.to(device), tgt[:, 1:].to(device)
+
+
+class MetricsLog:
+    """`metrics.jsonl`, one object per step, written by rank 0. On resume, lines after the
+    resumed step are dropped so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        self.main = dist.get().is_main
+        if not self.main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+
+    def write(self, row: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def grad_norm_and_clip(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,209 @@
+"""Supervised fine-tuning on tagged reasoning chains (TagPR §3.4, Eq. 4).
+
+    python train_sft.py --preset tiny                          # CPU, seconds
+    torchrun --nproc_per_node=2 train_sft.py --preset tiny     # 2 CPU processes (gloo, FSDP2)
+    torchrun --nproc_per_node=8 train_sft.py --preset qwen3-8b --model /models/Qwen3-8B --sft runs/x/data/sft.jsonl
+
+Maximises log π(chain, answer | prompt): the loss is the token mean of −log π over the
+chain + answer + EOS tokens of the whole global batch (prompt tokens are context only),
+through `kernels.logprob` (no [N, V] logits). AdamW, linear warmup + cosine decay,
+gradient clipping; FSDP2 across ranks; exact resume; HF export in `<out>/model`.
+
+Departures from the paper:
+1. Until `build_data.py` has written `sft.jsonl`, the data are synthetic users' expert
+   chains written from their latent rules (`tagpr.synthetic.sft_records`), said in the log.
+2. Sequences longer than `--max-len` are an error unless `--skip-long` (then counted).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tagpr import checkpoint, config, dist, prompts, synthetic
+from tagpr.files import DataError, write_json, write_jsonl
+from tagpr.losses import sft_loss
+from tagpr.models import LogprobModel, load_model
+from tagpr.training import (MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, rank_micro_batches)
+
+
+@dataclass
+class SFTConfig:
+    model: str = "smollm2-135m"      # HF folder, "smollm2-135m" or "tiny"
+    sft: str = ""                    # sft.jsonl; empty: <run>/data/sft.jsonl, else synthetic expert chains
+    out: str = "runs/default/sft"
+    lr: float = 1e-5                 # paper
+    global_batch: int = 64           # sequences per optimizer step, all ranks (paper)
+    micro_batch: int = 4             # sequences per forward/backward on one rank
+    epochs: int = 2                  # paper
+    max_steps: int = -1              # stop early (quick runs); -1: all epochs
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_len: int = 2048
+    skip_long: bool = False
+    group_by_length: bool = True
+    eval_frac: float = 0.05          # held-out share of the records (by id hash)
+    eval_every: int = 50
+    save_every: int = 100
+    keep: int = 2
+    resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    seed: int = 0
+    activation_checkpointing: bool = False
+    synthetic_users: int = 200       # when falling back to synthetic users: train users per task
+
+
+PRESETS = {
+    "tiny": dict(model="tiny", out="runs/tiny/sft", lr=2e-3, global_batch=16, micro_batch=8, epochs=3, max_len=1024,
+                 eval_every=20, save_every=20, synthetic_users=40, warmup_ratio=0.05),
+    "smollm2": dict(model="smollm2-135m", out="runs/smollm2/sft", lr=5e-5, global_batch=16, micro_batch=4, epochs=1,
+                    max_len=1024, eval_every=25, save_every=25, synthetic_users=40),
+    "qwen3-8b": dict(global_batch=64, micro_batch=2, max_len=4096, activation_checkpointing=True, eval_every=50,
+                     save_every=100),
+}
+
+
+def load_records(cfg: SFTConfig, out: Path) -> list[prompts.SFTRecord]:
+    path = Path(cfg.sft) if cfg.sft else out.parent / "data" / "sft.jsonl"
+    if path.is_file():
+        return prompts.read_sft(path)
+    if cfg.sft:
+        raise DataError(f"{path}: file not found; make it with `python build_data.py`")
+    # no data yet: synthetic users' expert chains (written once, by rank 0)
+    lamp_dir = out.parent / "data" / "synthetic_lamp"
+    made = out.parent / "data" / "sft_synthetic.jsonl"
+    if dist.get().is_main and not made.is_file():
+        synthetic.generate(lamp_dir, seed=cfg.seed, sizes={"train": (cfg.synthetic_users, 2), "dev": (20, 2),
+                                                           "test": (20, 2)})
+        write_jsonl(made, [r.to_json() for r in synthetic.sft_records(lamp_dir)])
+    dist.barrier()
+    dist.print0(f"no {path}: training on synthetic users' expert chains ({made}); `build_data.py` makes real data")
+    return prompts.read_sft(made)
+
+
+def tokenize(records, tok, cfg: SFTConfig):
+    """→ list of (ids, mask) with mask 1 on chain + answer + EOS tokens."""
+    out, skipped = [], 0
+    for r in records:
+        p = tok(prompts.chat(tok, r.prompt), add_special_tokens=False)["input_ids"]
+        t = tok(r.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(p) + len(t) > cfg.max_len:
+            if not cfg.skip_long:
+                raise DataError(f"record id={r.id} ({r.task}): {len(p) + len(t)} tokens > --max-len {cfg.max_len}; "
+                                "raise --max-len or pass --skip-long")
+            skipped += 1
+            continue
+        out.append((p + t, [0] * len(p) + [1] * len(t)))
+    return out, skipped
+
+
+def is_eval(record_id: str, frac: float) -> bool:
+    return zlib.crc32(record_id.encode()) % 10_000 < frac * 10_000
+
+
+def run_batch(model, data, idx_micro, pad_id, device, num_tokens, world, train: bool):
+    """Forward (+ backward) over this rank's micro-batches; returns the summed loss share."""
+    total = 0.0
+    for mb in idx_micro:
+        empty = not mb
+        seqs = [data[i][0] for i in mb] if mb else [[pad_id, pad_id]]
+        masks = [data[i][1] for i in mb] if mb else [[0, 0]]
+        ids, attn, tgt = pad_batch(seqs, masks, pad_id, device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1):
+            logp, _ = model(ids, attn)                                        # (b, T−1)
+        loss, _ = sft_loss(logp, tgt, num_tokens)
+        if empty:
+            loss = loss * 0.0
+        if train:
+            (loss * world).backward()  # FSDP averages over ranks; ×world turns it into the global token mean
+        total += loss.item()
+    return total
+
+
+def main(argv=None):
+    cfg, preset = config.parse(SFTConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    d = dist.init()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    lm, tok = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed)
+    lm.train()
+    records = load_records(cfg, out)
+    train_recs = [r for r in records if not is_eval(r.id, cfg.eval_frac)]
+    eval_recs = [r for r in records if is_eval(r.id, cfg.eval_frac)]
+    train, skipped = tokenize(train_recs, tok, cfg)
+    evals, _ = tokenize(eval_recs, tok, cfg)
+    if not train:
+        raise DataError("no training records left")
+    steps_per_epoch = math.ceil(len(train) / cfg.global_batch)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = int(cfg.warmup_ratio * total)
+
+    model = dist.apply_fsdp(LogprobModel(lm), d.device, cfg.activation_checkpointing)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
+                "train_records": len(train), "eval_records": len(evals), "skipped_long": skipped}
+    if d.is_main:
+        write_json(out / "config.json", resolved)
+    start, ckpt = 0, None
+    if cfg.resume:
+        ckpt = checkpoint.latest(out / "ckpt") if cfg.resume == "auto" else Path(cfg.resume)
+    if ckpt is not None:
+        start = checkpoint.load(ckpt, model, opt)["step"]
+        dist.print0(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    dist.print0(f"SFT {cfg.model}: {len(train)} train / {len(evals)} eval sequences, {total} steps of "
+                f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}")
+
+    def evaluate():
+        model.eval()
+        mine = list(range(d.rank, len(evals), d.world_size))
+        n_tok = dist.sum_scalar(sum(sum(evals[i][1]) for i in mine))
+        micro = rank_micro_batches(list(range(len(evals))), cfg.micro_batch, d.rank, d.world_size)
+        with torch.no_grad():
+            loss = run_batch(model, evals, micro, tok.pad_token_id, d.device, max(n_tok, 1), 1, train=False)
+        model.train()
+        return dist.sum_scalar(loss)
+
+    bar = tqdm(total=total, initial=start, desc="sft", disable=not d.is_main, dynamic_ncols=True)
+    step = start
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        batch = epoch_batches([len(x[0]) for x in train], cfg.global_batch, epoch, cfg.seed, cfg.group_by_length)[pos]
+        t0 = time.perf_counter()
+        micro = rank_micro_batches(batch, cfg.micro_batch, d.rank, d.world_size)
+        n_tok = dist.sum_scalar(sum(sum(train[i][1]) for mb in micro for i in mb))
+        loss = dist.sum_scalar(run_batch(model, train, micro, tok.pad_token_id, d.device, n_tok, d.world_size, True))
+        gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
+        lr = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seen = dist.sum_scalar(sum(len(train[i][0]) for mb in micro for i in mb))
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "target_tokens": n_tok,
+               "tokens_per_s": seen / (time.perf_counter() - t0)}
+        if evals and (step % cfg.eval_every == 0 or step == total):
+            row["eval_loss"] = evaluate()
+        log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
+        if step % cfg.save_every == 0 or step == total:
+            checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved,
+                            cfg.keep)
+    bar.close()
+    final = checkpoint.export_hf(model, lm, tok, out / "model")
+    dist.print0(f"exported {final}")
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
