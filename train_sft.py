@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tagpr import checkpoint, config, dist, prompts, synthetic
 from tagpr.files import DataError, write_json, write_jsonl
 from tagpr.losses import sft_loss
-from tagpr.models import LogprobModel, load_model
+from tagpr.models import LogprobModel, load_for_sharding, load_model
 from tagpr.training import (MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, rank_micro_batches)
 
 
@@ -133,7 +133,10 @@ def main(argv=None):
     d = dist.init()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    lm, tok = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed)
+    if d.distributed:  # meta on every rank, weights read once by rank 0 and broadcast shard by shard
+        lm, tok, full = load_for_sharding(cfg.model, d.is_main, d.device, cfg.seed)
+    else:
+        (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
     records = load_records(cfg, out)
     train_recs = [r for r in records if not is_eval(r.id, cfg.eval_frac)]
@@ -146,7 +149,9 @@ def main(argv=None):
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = int(cfg.warmup_ratio * total)
 
-    model = dist.apply_fsdp(LogprobModel(lm), d.device, cfg.activation_checkpointing)
+    model = dist.apply_fsdp(LogprobModel(lm), d.device, cfg.activation_checkpointing, full_state=full,
+                            from_meta=d.distributed)
+    del full
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
                 "train_records": len(train), "eval_records": len(evals), "skipped_long": skipped}

@@ -7,9 +7,9 @@ flags are synced so that no rank waits forever for one that quit.
 
 FSDP2 (`apply_fsdp`): `fully_shard` each decoder layer, then the root, with an explicit
 `MixedPrecisionPolicy` — bf16 parameters with fp32 gradient reduction on CUDA, fp32
-throughout on CPU — and optional activation checkpointing per layer. Large models:
-every rank loads the weights on CPU and `fully_shard` keeps only its shard on the
-device (host RAM: one full copy per rank; see README for Qwen3-8B).
+throughout on CPU — and optional activation checkpointing per layer. Large models are
+built on the meta device on every rank; only rank 0 reads the weights (on CPU), and
+each rank allocates just its shard and receives it by broadcast from rank 0.
 """
 from __future__ import annotations
 
@@ -121,9 +121,13 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpointing: bool = False,
-               reshard_after_forward: bool = True) -> torch.nn.Module:
+               reshard_after_forward: bool = True, full_state: dict | None = None,
+               from_meta: bool = False) -> torch.nn.Module:
     """FSDP2: shard each decoder layer, then the root (embeddings, final norm, lm_head).
 
+    `from_meta`: the model was built on the meta device (`models.load_for_sharding`);
+    each rank allocates only its shard and receives its values from rank 0's
+    `full_state` (keys of the unwrapped model, or of `model.lm` for a wrapper).
     On one process this only moves the model and applies activation checkpointing.
     """
     layers = decoder_layers(model)
@@ -142,10 +146,21 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpoi
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    model.to(device)
+    if not from_meta:
+        model.to(device)
     for layer in layers:
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if from_meta:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from .models import reinit_buffers
+
+        model.to_empty(device=device)
+        prefix = "lm." if hasattr(model, "lm") else ""
+        full = {prefix + k: v for k, v in full_state.items()} if full_state is not None else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        reinit_buffers(model, device)
     return model
 
 

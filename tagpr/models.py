@@ -195,6 +195,21 @@ def load_tokenizer(name: str | os.PathLike):
     return finish_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
 
 
+def _finish_model(model, tok):
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _config(path, tok, **tiny_overrides):
+    from transformers import AutoConfig
+
+    if path == TINY:
+        return tiny_config(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **tiny_overrides)
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
 def load_model(name: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                seed: int = 0, **tiny_overrides):
     """Return (model, tokenizer) in eval mode on `device` (CUDA if present, else CPU)."""
@@ -206,18 +221,43 @@ def load_model(name: str | os.PathLike, *, device: torch.device | str | None = N
     tok = load_tokenizer(name)
     attn = attention_implementation(device)
     if path == TINY:
-        cfg = tiny_config(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **tiny_overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
+            model = AutoModelForCausalLM.from_config(_config(path, tok, **tiny_overrides), dtype=torch.float32,
+                                                     attn_implementation=attn)
         model.to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                      local_files_only=True, trust_remote_code=False)
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model.to(device).eval(), tok
+    return _finish_model(model, tok).to(device).eval(), tok
+
+
+def load_for_sharding(name: str | os.PathLike, is_main: bool, device: torch.device, seed: int = 0):
+    """(model on the meta device, tokenizer, full fp32 state dict on CPU on rank 0 else None).
+
+    For FSDP: no rank holds a full copy on its device; `dist.apply_fsdp(..., full_state=…)`
+    allocates each rank's shard and broadcasts the weights from rank 0.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(name)
+    path = resolve_model_path(name)
+    full = load_model(name, device="cpu", dtype=torch.float32, seed=seed)[0].state_dict() if is_main else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(path, tok), dtype=torch.float32,
+                                                 attn_implementation=attention_implementation(device))
+    return _finish_model(model, tok), tok, full
+
+
+def reinit_buffers(model, device) -> None:
+    """Recompute non-persistent buffers (rotary inv_freq), which no state dict carries."""
+    for m in model.modules():
+        if "inv_freq" in getattr(m, "_buffers", {}) and hasattr(m, "config"):
+            fresh = type(m)(config=m.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(m, name, buf.to(device))
+            if hasattr(fresh, "attention_scaling"):
+                m.attention_scaling = fresh.attention_scaling
 
 
 # ----------------------------------------------------------------------------- log-probs
