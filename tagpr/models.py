@@ -263,20 +263,23 @@ def reinit_buffers(model, device) -> None:
 # ----------------------------------------------------------------------------- log-probs
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   temperature: float = 1.0, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float = 1.0, impl: str | None = None, position_ids: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every next token, through the fused op: no (B, T, V) logits.
 
     input_ids, attention_mask (B, T) → logp, entropy (B, T − 1), fp32: position t scores
     token t + 1 given tokens ≤ t, under softmax(logits / temperature) — the same scaling
     the sampler uses. The backbone's final hidden states and the lm_head weight go to
     `kernels.logprob.fused_logprobs`; every trainer takes its log-probs from here.
+    Packed rows pass `position_ids` restarting at 0 per sequence and no attention mask.
     """
     from kernels.logprob import fused_logprobs
 
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("token_logprobs assumes an lm_head without bias")
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
     hidden = out.last_hidden_state                                        # (B, T, H)
     return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
 
@@ -293,6 +296,7 @@ class LogprobModel(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask=None, temperature: float = 1.0, impl: str | None = None):
-        logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl)
+    def forward(self, input_ids, attention_mask=None, temperature: float = 1.0, impl: str | None = None,
+                position_ids=None):
+        logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl, position_ids)
         return logp.clone(), ent.clone()  # not views: FSDP2 hooks the root's outputs for backward

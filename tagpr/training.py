@@ -64,6 +64,44 @@ def pad_batch(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad
     return ids.to(device), attn.to(device), tgt[:, 1:].to(device)
 
 
+def pack_rows(indices: Sequence[int], lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """First-fit decreasing: group sequences into rows of at most `max_len` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+    return rows
+
+
+def packed_batch(rows: Sequence[Sequence[int]], seqs, masks, pad_id: int, device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of concatenated sequences → input_ids (R, T), position_ids (R, T) restarting at 0 for
+    every sequence (transformers then keeps attention inside each one: varlen flash-attention,
+    or a block-diagonal mask), loss_mask (R, T − 1). The step from one sequence's last token to
+    the next one's first is never a target: every sequence starts with prompt tokens (mask 0)."""
+    T = max(2, max(sum(len(seqs[i]) for i in row) for row in rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    tgt = torch.zeros((len(rows), T), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(seqs[i])
+            ids[r, at:at + n] = torch.tensor(seqs[i])
+            pos[r, at:at + n] = torch.arange(n)
+            tgt[r, at:at + n] = torch.tensor(masks[i], dtype=torch.bool)
+            at += n
+        pos[r, at:] = torch.arange(T - at)  # the padded tail is its own segment, never a target
+    return ids.to(device), pos.to(device), tgt[:, 1:].to(device)
+
+
 class MetricsLog:
     """`metrics.jsonl`, one object per step, written by rank 0. On resume, lines after the
     resumed step are dropped so the file reads as one uninterrupted run."""

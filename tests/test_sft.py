@@ -99,6 +99,35 @@ def test_micro_batch_split_gives_same_gradients(sft_file):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_packing_and_activation_checkpointing_change_nothing(sft_file, tmp_path):
+    import train_sft
+    from tagpr import dist
+    from tagpr.training import pack_rows
+
+    assert pack_rows([0, 1, 2, 3], [5, 3, 4, 2], 8) == [[0, 1], [2, 3]]  # first-fit decreasing: 5+3, 4+2
+    lm, tok = load_model("tiny", device="cpu")
+    recs = prompts.read_sft(sft_file)[:6]
+    cfg = train_sft.SFTConfig(max_len=1024, micro_batch=2)
+    data, _ = train_sft.tokenize(recs, tok, cfg)
+    n_tok = sum(sum(m) for _, m in data)
+    d = dist.get()
+    results = []
+    for packed, ac in ((False, False), (True, False), (False, True)):
+        model = LogprobModel(load_model("tiny", device="cpu")[0])
+        model = dist.apply_fsdp(model, torch.device("cpu"), activation_checkpointing=ac)
+        micro = train_sft.plan_micro_batches(list(range(6)), data, cfg, d, packed)
+        loss = train_sft.run_batch(model, data, micro, tok.pad_token_id, torch.device("cpu"), n_tok, 1, True, packed)
+        results.append((loss, [p.grad.clone() for p in model.parameters()], model))
+    assert len(train_sft.plan_micro_batches(list(range(6)), data, cfg, d, True)) < 3  # fewer, fuller rows
+    for loss, grads, _ in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        for a, b in zip(grads, results[0][1]):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    # the export of an activation-checkpointed model has plain transformers names
+    checkpoint.export_hf(results[2][2], results[2][2].lm, tok, tmp_path / "ac")
+    assert "_checkpoint_wrapped_module" not in " ".join(load_file(str(tmp_path / "ac" / "model.safetensors")))
+
+
 def test_overfits_and_exports(sft_file, tmp_path):
     import train_sft
     from transformers import AutoModelForCausalLM
