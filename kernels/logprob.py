@@ -124,6 +124,19 @@ def _chunked_backward(h, w, tgt, inv_t, lse, ent, g_logp, g_ent, need_dh, need_d
 if triton is not None:
 
     @triton.jit
+    def _load_xw(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, hk, hk_ok, stride_hn, stride_hh, stride_wv, stride_wh,
+                 UPCAST: tl.constexpr):
+        """The (BLOCK_N, BLOCK_H) tile of X and the (BLOCK_V, BLOCK_H) tile of W; zeros outside."""
+        x = tl.load(h_ptr + rows64[:, None] * stride_hn + hk[None, :] * stride_hh,
+                    mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols64[:, None] * stride_wv + hk[None, :] * stride_wh,
+                    mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is broken: do it in fp32
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        return x, w
+
+    @triton.jit
     def _logit_tile(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_hh, stride_wv, stride_wh,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr):
@@ -131,14 +144,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             hk = h0 + tl.arange(0, BLOCK_H)
-            hk_ok = hk < H
-            x = tl.load(h_ptr + rows64[:, None] * stride_hn + hk[None, :] * stride_hh,
-                        mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols64[:, None] * stride_wv + hk[None, :] * stride_wh,
-                        mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is broken: do it in fp32
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
+            x, w = _load_xw(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, hk, hk < H, stride_hn, stride_hh,
+                            stride_wv, stride_wh, UPCAST)
             if IEEE:  # fp32 inputs: full-precision dot, not TF32
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
@@ -217,13 +224,8 @@ if triton is not None:
         for h0 in range(0, H, BLOCK_H):
             hk = h0 + tl.arange(0, BLOCK_H)
             hk_ok = hk < H
-            x = tl.load(h_ptr + rows64[:, None] * stride_hn + hk[None, :] * stride_hh,
-                        mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols64[:, None] * stride_wv + hk[None, :] * stride_wh,
-                        mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
+            x, w = _load_xw(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, hk, hk_ok, stride_hn, stride_hh,
+                            stride_wv, stride_wh, UPCAST)
             dz_in = dz.to(x.dtype)  # the tensor cores' input type (bf16 on GPU); fp32 when upcast
             if NEED_DH:
                 if IEEE:

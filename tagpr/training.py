@@ -130,6 +130,3 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
         norm = norm.full_tensor()
     return float(norm)
 
-
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -181,3 +181,14 @@ def test_sigkill_then_resume_equals_uninterrupted(sft_file, tmp_path):
     b = load_file(str(tmp_path / "kill" / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_dist_helpers_alone_are_identities():
+    from tagpr import dist
+
+    d = dist.init(device="cpu")
+    assert (d.rank, d.world_size, d.is_main, d.distributed) == (0, 1, True, False)
+    t = torch.tensor([1.0, 2.0])
+    assert dist.all_reduce(t, "sum") is t and torch.equal(t, torch.tensor([1.0, 2.0]))
+    assert dist.sum_scalar(2.5) == 2.5 and dist.any_true(True) and not dist.any_true(False)
+    assert dist.broadcast_object({"a": 1}) == {"a": 1}
