@@ -102,28 +102,40 @@ def load(path: str | os.PathLike, model, optimizer) -> dict:
     return trainer_state
 
 
+def _write_hf_folder(sd: dict, hf_model, tokenizer, folder: Path) -> None:
+    """safetensors weights (tied lm_head left out; from_pretrained re-ties it), config,
+    generation config when the model has one, tokenizer and chat template."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf_model.config.save_pretrained(folder)
+    if getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's state on CPU (a collective under FSDP: every rank calls it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def export_hf(model, lm, tokenizer, out_dir: str | os.PathLike) -> Path | None:
     """Write a folder plain `transformers.from_pretrained` loads: safetensors, config, generation
     config, tokenizer and its chat template. `model` is what was trained (FSDP or not, maybe a
     wrapper around `lm`); `lm` is the transformers model inside it. Returns the path on rank 0."""
-    from safetensors.torch import save_file
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = full_state_dict(model)
     if not dist.get().is_main:
         dist.barrier()
         return None
     prefix = "lm." if any(k.startswith("lm.") for k in sd) else ""
-    sd = {k[len(prefix):]: v.detach().contiguous() for k, v in sd.items() if k.startswith(prefix)}
-    if getattr(lm.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # tied to the input embeddings; from_pretrained re-ties it
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.clone() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    lm.config.save_pretrained(tmp)
-    lm.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    _write_hf_folder({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, lm, tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     dist.barrier()

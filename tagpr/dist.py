@@ -111,13 +111,23 @@ def _comm_device() -> torch.device:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers causal LM (or of a model that wraps one as `.lm`)."""
-    inner = getattr(model, "lm", model)
-    layers = getattr(inner.get_decoder(), "layers", None)
+def _hf_model(model):
+    """The transformers model itself, or the one a wrapper holds as `.lm` (policy) or `.backbone` (PRMU)."""
+    return getattr(model, "lm", None) or getattr(model, "backbone", None) or model
+
+
+def _layer_list(model):
+    inner = _hf_model(model)
+    base = getattr(inner, inner.base_model_prefix, inner)
+    layers = getattr(base, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find decoder layers in {type(inner).__name__}")
-    return list(layers)
+    return layers
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers decoder (causal LM or sequence classifier, or a wrapper)."""
+    return list(_layer_list(model))
 
 
 def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpointing: bool = False,
@@ -134,7 +144,7 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpoi
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        parent = getattr(model, "lm", model).get_decoder().layers
+        parent = _layer_list(model)
         for i, layer in enumerate(layers):
             parent[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
         layers = list(parent)

@@ -485,6 +485,52 @@ def sft_records(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "train
     return out
 
 
+def preference_pairs(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "train", k: int = 8,
+                     retriever: str = "recency") -> list:
+    """PRMU pairs from synthetic users (until build_data.py writes real ones).
+
+    PRP: the expert chain (made with the profile) ≻ a chain made without it (the answer
+    most users would give). PQP: the correct chain ≻ the same chain under another rule
+    whose answer differs (a wrong answer with a plausible rationale).
+    """
+    from .prmu import Pair
+    from .prompts import tagpr_prompt
+    from .retrieval import retrieve
+    from .tags import render
+
+    out = []
+    for task in tasks:
+        s = lamp.load_split(lamp_dir, task, split)
+        gen = GENERATORS[s.task.name]
+        latent = read_latent(lamp_dir, task, split)
+        for q in s.questions:
+            items = retrieve(s.task, q, k, retriever)
+            lat = latent[q.id]
+            c = _restore(lat["content"])
+            steps, answer = expert_chain(s.task.name, items, lat)
+            good = render(steps, answer)
+            prompt = tagpr_prompt(s.task, q, items)
+            answers = [gen.answer(r, c) for r in gen.rules]
+            floor = max(answers, key=answers.count) if not s.task.is_generation else answers[0]
+            blind = render([("analyze_input", f"The input: {gen.summary(c)}."),
+                            ("make_decision", f"Without looking at this user's history, the usual answer: {floor}")],
+                           floor)
+            out.append(Pair(f"{q.id}-prp", "prp", q.user_id or q.id, s.task.name, prompt, good, blind))
+            wrong = [r for r in gen.rules if gen.answer(r, c) != answer]
+            if wrong:
+                r = wrong[zlib_index(q.id, len(wrong))]
+                bad_steps, bad = expert_chain(s.task.name, items, {**lat, "rule": r, "explanation": gen.rules[r]})
+                out.append(Pair(f"{q.id}-pqp", "pqp", q.user_id or q.id, s.task.name, prompt, good,
+                                render(bad_steps, bad)))
+    return out
+
+
+def zlib_index(key: str, n: int) -> int:
+    import zlib
+
+    return zlib.crc32(key.encode()) % n
+
+
 # ----------------------------------------------------------------------------- floor / ceiling
 
 def _most_recent(example: Example, k: int) -> list[dict]:

@@ -1,0 +1,237 @@
+"""PRMU: the Personalization Reward Model with User embeddings (TagPR §3.3, Eqs. 2–3).
+
+    r(u, x, y) = score( backbone( [e_u ; embed(chat(x, y))] )[last real token] )    reward = σ(r)   (Eq. 3)
+
+- backbone: a transformers sequence-classification model with one output — from a reward
+  model (e.g. Skywork-Reward-V2-Qwen3-0.6B) or any causal LM with a fresh score head;
+- e_u: a learnable row of a user-embedding table of the backbone's hidden size, fed as a
+  prefix soft token in front of the input embeddings; row 0 is the unknown user (also
+  any missing user id). `use_user_embeddings=False` drops the prefix: the paper's
+  "PRMU w/o UE" ablation;
+- input: the prompt (query + profile) as the user turn and the response as the
+  assistant turn of the backbone's chat template (Skywork-Reward-V2's format);
+- the score is read at the last non-pad token (right padding, the prefix counted).
+Trained with the Bradley–Terry loss (Eq. 2) in `train_prmu.py`.
+
+Over-long inputs: the prompt is cut from its left, which is where the profile starts
+(the question and the instruction sit at its end); if the response alone does not fit,
+its beginning is cut too so the final answer stays. An empty response is scored as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .files import DataError, iter_jsonl
+
+UNKNOWN = 0
+
+
+# ----------------------------------------------------------------------------- pair data
+
+@dataclass
+class Pair:
+    """One line of `prp.jsonl` / `pqp.jsonl` (shared with build_data.py).
+
+    id: pair id; set: "prp" (made with the profile ≻ made without) or "pqp" (correct or
+    higher ROUGE ≻ worse); user_id; task; prompt (query + profile, the user turn);
+    chosen / rejected: the two responses (reasoning chain + answer).
+    """
+    id: str
+    set: str
+    user_id: str
+    task: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+    FIELDS = ("id", "set", "user_id", "task", "prompt", "chosen", "rejected")
+
+    def to_json(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def read_pairs(path: str | os.PathLike) -> list[Pair]:
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        for f in Pair.FIELDS:
+            if f not in obj:
+                raise DataError(f"{path}:{lineno}: missing field '{f}' (a pair needs {', '.join(Pair.FIELDS)})")
+            if obj[f] is not None and not isinstance(obj[f], str):
+                raise DataError(f"{path}:{lineno}: field '{f}' must be a string")
+        if obj["set"] not in ("prp", "pqp"):
+            raise DataError(f"{path}:{lineno}: field 'set' must be 'prp' or 'pqp', got {obj['set']!r}")
+        out.append(Pair(*(obj[f] if obj[f] is not None else "" for f in Pair.FIELDS)))
+    if not out:
+        raise DataError(f"{path}: no pairs")
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+class PRMU(nn.Module):
+    def __init__(self, backbone, n_users: int, use_user_embeddings: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.use_user_embeddings = use_user_embeddings
+        hidden = backbone.config.hidden_size
+        self.user_embeddings = nn.Embedding(n_users + 1, hidden)  # row 0: unknown user
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        nn.init.normal_(self.user_embeddings.weight, std=std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, user_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask (B, T) right-padded; user_rows (B,) → logits r (B,)."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)              # (B, T, H)
+        if self.use_user_embeddings:
+            prefix = self.user_embeddings(user_rows).unsqueeze(1).to(embeds.dtype)  # (B, 1, H)
+            embeds = torch.cat([prefix, embeds], dim=1)                       # (B, 1 + T, H)
+            attention_mask = torch.cat([attention_mask.new_ones(len(user_rows), 1), attention_mask], dim=1)
+        base = getattr(self.backbone, self.backbone.base_model_prefix)
+        hidden = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(1) - 1                                      # (B,) last real token
+        pooled = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
+        return self.backbone.score(pooled).squeeze(-1).float()                # (B,)
+
+
+def load_backbone(name: str | os.PathLike, seed: int = 0):
+    """A sequence-classification backbone (one output) and its tokenizer: from a reward-model
+    or causal-LM folder, `smollm2-135m` or `tiny` (a fresh score head where there was none)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .models import TINY, _config, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(name)
+    tok = load_tokenizer(name)
+    if path == TINY:
+        cfg = _config(path, tok)
+        cfg.num_labels = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   local_files_only=True, trust_remote_code=False)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+class Encoder:
+    """Renders (prompt, response) with the chat template and cuts over-long inputs (module docstring)."""
+
+    def __init__(self, tok, max_len: int):
+        self.tok, self.max_len = tok, max_len
+        marker = "\u0000PROMPT\u0000"
+        text = tok.apply_chat_template([{"role": "user", "content": marker},
+                                        {"role": "assistant", "content": "\u0000RESPONSE\u0000"}], tokenize=False)
+        head, rest = text.split(marker)
+        middle, tail = rest.split("\u0000RESPONSE\u0000")
+        self.head = tok(head, add_special_tokens=False)["input_ids"]
+        self.middle = tok(middle, add_special_tokens=False)["input_ids"]
+        self.tail = tok(tail, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, prompt: str, response: str) -> list[int]:
+        p = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        r = self.tok(response, add_special_tokens=False)["input_ids"]
+        fixed = len(self.head) + len(self.middle) + len(self.tail)
+        room = self.max_len - fixed
+        if room <= 0:
+            raise ValueError(f"max_len {self.max_len} leaves no room for the chat template ({fixed} tokens)")
+        r = r[-room:] if len(r) > room else r                # keep the end of the response (its answer)
+        p = p[len(p) - (room - len(r)):] if len(p) + len(r) > room else p  # cut the prompt from the left
+        return self.head + p + self.middle + r + self.tail
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def user_map(user_ids: Sequence[str]) -> dict[str, int]:
+    """Rows 1..n for the distinct known user ids (sorted, so the map is reproducible); 0 is unknown."""
+    return {u: i + 1 for i, u in enumerate(sorted({u for u in user_ids if u}))}
+
+
+# ----------------------------------------------------------------------------- saved model and scoring
+
+def save(model: PRMU, tok, users: dict[str, int], out_dir: str | os.PathLike, full_state: dict | None = None) -> Path:
+    """`<out>/backbone` (a transformers folder), `user_embeddings.safetensors`, `users.json`, `prmu.json`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import _write_hf_folder
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = full_state if full_state is not None else model.state_dict()
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    _write_hf_folder(backbone, model.backbone, tok, tmp / "backbone")
+    save_file({"weight": sd["user_embeddings.weight"].detach().contiguous().clone()},
+              str(tmp / "user_embeddings.safetensors"))
+    (tmp / "users.json").write_text(json.dumps(users, indent=1))
+    (tmp / "prmu.json").write_text(json.dumps({"use_user_embeddings": model.use_user_embeddings,
+                                               "n_users": len(users)}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+class Scorer:
+    """The scoring API for RL: `score(user_ids, prompts, responses) → σ(r)` per response."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", max_len: int = 2048,
+                 batch_size: int = 8):
+        from safetensors.torch import load_file
+        from transformers import AutoModelForSequenceClassification
+
+        from .models import finish_tokenizer
+
+        path = Path(path)
+        for f in ("backbone/config.json", "user_embeddings.safetensors", "users.json", "prmu.json"):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path / f}: missing; train the reward model with `python train_prmu.py`")
+        from transformers import AutoTokenizer
+
+        self.tok = finish_tokenizer(AutoTokenizer.from_pretrained(path / "backbone", local_files_only=True))
+        backbone = AutoModelForSequenceClassification.from_pretrained(path / "backbone", local_files_only=True,
+                                                                      dtype=torch.float32)
+        meta = json.loads((path / "prmu.json").read_text())
+        self.users = json.loads((path / "users.json").read_text())
+        self.model = PRMU(backbone, meta["n_users"], meta["use_user_embeddings"])
+        self.model.user_embeddings.weight.data.copy_(load_file(str(path / "user_embeddings.safetensors"))["weight"])
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.encode = Encoder(self.tok, max_len)
+        self.batch_size = batch_size
+
+    def rows(self, user_ids: Sequence[str | None]) -> list[int]:
+        return [self.users.get(u, UNKNOWN) if u else UNKNOWN for u in user_ids]
+
+    @torch.no_grad()
+    def logits(self, user_ids, prompts, responses) -> torch.Tensor:
+        if not (len(user_ids) == len(prompts) == len(responses)):
+            raise ValueError("user_ids, prompts and responses must have the same length")
+        rows = self.rows(user_ids)
+        out = []
+        for a in range(0, len(prompts), self.batch_size):
+            seqs = [self.encode(p, r) for p, r in zip(prompts[a:a + self.batch_size], responses[a:a + self.batch_size])]
+            ids, mask = pad_right(seqs, self.tok.pad_token_id, self.device)
+            out.append(self.model(ids, mask, torch.tensor(rows[a:a + self.batch_size], device=self.device)))
+        return torch.cat(out).cpu() if out else torch.zeros(0)
+
+    def score(self, user_ids, prompts, responses) -> torch.Tensor:
+        """σ(r) in (0, 1) per response (Eq. 3)."""
+        return torch.sigmoid(self.logits(user_ids, prompts, responses))

@@ -1,0 +1,141 @@
+"""PRMU: user embeddings matter, save → load is exact, unknown / missing users, over-long inputs."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tagpr import prmu
+from tagpr.files import DataError, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def opposite_tastes(n_prompts=40, seed=0):
+    """Two users, the same prompts: A prefers the enthusiastic reply, B the critical one."""
+    rng = random.Random(seed)
+    things = ["the heist film", "a space opera", "the romance", "this comedy", "a war drama", "the cartoon",
+              "the thriller", "a western", "the musical", "this documentary"]
+    pairs = []
+    for i in range(n_prompts):
+        prompt = f"What does this user think of {rng.choice(things)} number {i}?"
+        good, bad = "They loved it, a wonderful film.", "They hated it, a dreadful film."
+        pairs.append(prmu.Pair(f"a{i}", "prp", "A", "LaMP_2", prompt, good, bad))
+        pairs.append(prmu.Pair(f"b{i}", "pqp", "B", "LaMP_2", prompt, bad, good))
+    return pairs
+
+
+def train(tmp, pairs, use_ue, steps=40):
+    import train_prmu
+
+    write_jsonl(tmp / "prp.jsonl", [p.to_json() for p in pairs if p.set == "prp"])
+    write_jsonl(tmp / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
+    out = tmp / ("ue" if use_ue else "no_ue")
+    train_prmu.main(["--preset", "tiny", "--prp", str(tmp / "prp.jsonl"), "--pqp", str(tmp / "pqp.jsonl"),
+                     "--out", str(out), "--max-steps", str(steps), "--epochs", "100", "--eval-frac", "0.25",
+                     "--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--ue-lr", "3e-2",
+                     "--eval-every", "1000", "--save-every", "1000"]
+                    + ([] if use_ue else ["--no-use-user-embeddings"]))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1], out
+
+
+@pytest.mark.slow
+def test_user_embeddings_beat_the_ablation(tmp_path):
+    pairs = opposite_tastes()
+    with_ue, out = train(tmp_path, pairs, True)
+    without, _ = train(tmp_path, pairs, False)
+    # without a user signal the two users' pairs contradict each other: chance at best
+    assert without["eval_acc/all"] <= 0.65, without
+    assert with_ue["eval_acc/all"] >= 0.9, with_ue
+    assert with_ue["eval_acc/all"] - without["eval_acc/all"] >= 0.3
+    # the exported model scores held-out prompts the way each user prefers
+    scorer = prmu.Scorer(out / "model")
+    good, bad = "They loved it, a wonderful film.", "They hated it, a dreadful film."
+    q = "What does this user think of a brand new film?"
+    s = scorer.score(["A", "A", "B", "B"], [q] * 4, [good, bad, good, bad])
+    assert s[0] > s[1] and s[3] > s[2]
+
+
+@pytest.fixture(scope="module")
+def small_prmu(tmp_path_factory):
+    backbone, tok = prmu.load_backbone("tiny", seed=0)
+    model = prmu.PRMU(backbone, 2)
+    with torch.no_grad():
+        model.user_embeddings.weight.normal_(0, 1.0)  # distinct rows, so the user visibly changes the score
+    path = prmu.save(model, tok, {"A": 1, "B": 2}, tmp_path_factory.mktemp("prmu") / "model")
+    return model.eval(), tok, path
+
+
+def test_save_load_gives_identical_scores(small_prmu):
+    model, tok, path = small_prmu
+    scorer = prmu.Scorer(path, max_len=512, batch_size=2)
+    prompts = ["Which tag does this movie relate to? description: a robot heist", "short", "x" * 50]
+    responses = ["<think><analyze_input>a</analyze_input></think>sci-fi", "comedy", ""]
+    got = scorer.logits(["A", "B", "A"], prompts, responses)
+    enc = prmu.Encoder(tok, 512)
+    ids, mask = prmu.pad_right([enc(p, r) for p, r in zip(prompts, responses)], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        want = model(ids, mask, torch.tensor([1, 2, 1]))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(scorer.score(["A"], prompts[:1], responses[:1]), torch.sigmoid(got[:1]))
+    assert torch.isfinite(got).all()  # the empty response scores like any other
+
+
+def test_unknown_and_missing_users_use_row_zero(small_prmu):
+    _, _, path = small_prmu
+    scorer = prmu.Scorer(path, max_len=512)
+    assert scorer.rows(["A", "B", "nobody", None, ""]) == [1, 2, 0, 0, 0]
+    p, r = ["Which tag?"] * 4, ["comedy"] * 4
+    s = scorer.logits(["nobody", None, "", "A"], p, r)
+    assert s[0] == s[1] == s[2] and s[0] != s[3]
+    with pytest.raises(ValueError, match="same length"):
+        scorer.logits(["A"], p, r)
+
+
+def test_over_long_inputs_cut_the_profile_from_the_left(small_prmu):
+    _, tok, _ = small_prmu
+    enc = prmu.Encoder(tok, 64)
+    prompt = " ".join(f"oldest{i}" for i in range(200)) + " QUESTION: which tag?"
+    ids = enc(prompt, "comedy")
+    assert len(ids) == 64
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>user\n") and "QUESTION: which tag?" in text and "oldest0 " not in text
+    assert text.rstrip().endswith("comedy<|im_end|>")
+    long_reply = " ".join(["reasoning"] * 300) + " FINAL"
+    text = tok.decode(enc("q", long_reply))
+    assert "FINAL" in text and len(enc("q", long_reply)) == 64  # the answer at the end survives
+
+
+def test_pair_files(tmp_path):
+    p = tmp_path / "prp.jsonl"
+    good = {"id": "1", "set": "prp", "user_id": None, "task": "LaMP_2", "prompt": "q", "chosen": "a", "rejected": "b"}
+    p.write_text(json.dumps(good) + "\n")
+    assert prmu.read_pairs(p)[0].user_id == ""  # a missing user id → the unknown user
+    assert prmu.user_map(["b", "a", "", "a"]) == {"a": 1, "b": 2}
+    p.write_text(json.dumps({**good, "set": "other"}) + "\n")
+    with pytest.raises(DataError, match=r"prp\.jsonl:1: field 'set' must be 'prp' or 'pqp'"):
+        prmu.read_pairs(p)
+    p.write_text(json.dumps({k: v for k, v in good.items() if k != "rejected"}) + "\n")
+    with pytest.raises(DataError, match=r"prp\.jsonl:1: missing field 'rejected'"):
+        prmu.read_pairs(p)
+
+
+@pytest.mark.slow
+def test_two_ranks_run(tmp_path):
+    pairs = opposite_tastes(8)
+    write_jsonl(tmp_path / "prp.jsonl", [p.to_json() for p in pairs if p.set == "prp"])
+    write_jsonl(tmp_path / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_prmu.py"), "--preset", "tiny", "--prp", str(tmp_path / "prp.jsonl"), "--pqp",
+           str(tmp_path / "pqp.jsonl"), "--out", str(tmp_path / "o"), "--max-steps", "3", "--global-batch", "6",
+           "--micro-batch", "2", "--eval-frac", "0.25"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 <= row["train_acc"] <= 1 for row in rows) and "eval_acc/all" in rows[-1]
+    assert (tmp_path / "o" / "model" / "user_embeddings.safetensors").is_file()

@@ -1,0 +1,213 @@
+"""Train PRMU, the reward model with user embeddings, with the Bradley–Terry loss (TagPR §3.3, Eq. 2).
+
+    python train_prmu.py --preset tiny
+    torchrun --nproc_per_node=2 train_prmu.py --preset tiny
+    torchrun --nproc_per_node=8 train_prmu.py --preset qwen3-8b --backbone /models/Skywork-Reward-V2-Qwen3-0.6B
+
+Pairs come from `prp.jsonl` (response made with the profile ≻ without) and `pqp.jsonl`
+(correct / higher ROUGE ≻ worse); each is scored as r(user, prompt, response) and the
+loss is −log σ(r_chosen − r_rejected) averaged over the global batch of pairs. The
+backbone and the user embeddings train jointly, the embeddings with their own learning
+rate. Held-out pairwise accuracy is logged per set and per task. Export:
+`<out>/model/{backbone/, user_embeddings.safetensors, users.json, prmu.json}`, read by
+`tagpr.prmu.Scorer` (the RL reward).
+
+Departures from the paper:
+1. Until `build_data.py` writes the pair files, pairs come from synthetic users
+   (`tagpr.synthetic.preference_pairs`), said in the log.
+2. `--no-user-embeddings` trains the "PRMU w/o UE" ablation.
+3. Under torchrun every rank loads the (small) backbone on CPU before sharding.
+"""
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tagpr import checkpoint, config, dist, prmu, synthetic
+from tagpr.files import DataError, write_json, write_jsonl
+from tagpr.losses import bradley_terry_loss
+from tagpr.training import MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, rank_micro_batches
+
+
+@dataclass
+class PRMUConfig:
+    backbone: str = "smollm2-135m"   # reward-model / causal-LM folder, "smollm2-135m" or "tiny"
+    prp: str = ""                    # empty: <run>/data/prp.jsonl (else synthetic pairs)
+    pqp: str = ""
+    out: str = "runs/default/prmu"
+    use_user_embeddings: bool = True
+    lr: float = 1e-5                 # backbone
+    ue_lr: float = 1e-3              # user embeddings
+    global_batch: int = 64           # pairs per optimizer step
+    micro_batch: int = 4             # pairs per forward/backward on one rank
+    epochs: int = 1
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    margin: float = 0.0
+    center_coef: float = 0.0
+    max_len: int = 2048
+    eval_frac: float = 0.1
+    eval_every: int = 50
+    save_every: int = 100
+    keep: int = 2
+    resume: str = "auto"
+    seed: int = 0
+    synthetic_users: int = 200
+
+
+PRESETS = {
+    "tiny": dict(backbone="tiny", out="runs/tiny/prmu", lr=1e-3, ue_lr=1e-2, global_batch=16, micro_batch=8, epochs=1,
+                 max_len=1024, eval_every=20, save_every=20, synthetic_users=30),
+    "smollm2": dict(backbone="smollm2-135m", out="runs/smollm2/prmu", lr=2e-5, ue_lr=1e-3, global_batch=16,
+                    micro_batch=4, max_len=1024, eval_every=25, save_every=25, synthetic_users=30),
+    "qwen3-8b": dict(global_batch=64, micro_batch=4, max_len=4096, lr=5e-6, ue_lr=1e-3),
+}
+
+
+def load_pairs(cfg: PRMUConfig, out: Path) -> list[prmu.Pair]:
+    data = out.parent / "data"
+    paths = [Path(cfg.prp) if cfg.prp else data / "prp.jsonl", Path(cfg.pqp) if cfg.pqp else data / "pqp.jsonl"]
+    if all(p.is_file() for p in paths):
+        return prmu.read_pairs(paths[0]) + prmu.read_pairs(paths[1])
+    if cfg.prp or cfg.pqp:
+        missing = [str(p) for p in paths if not p.is_file()]
+        raise DataError(f"{', '.join(missing)}: not found; make them with `python build_data.py`")
+    made = data / "pairs_synthetic.jsonl"
+    if dist.get().is_main and not made.is_file():
+        lamp_dir = data / "synthetic_lamp_prmu"
+        synthetic.generate(lamp_dir, seed=cfg.seed, sizes={"train": (cfg.synthetic_users, 2), "dev": (10, 1),
+                                                           "test": (10, 1)})
+        write_jsonl(made, [p.to_json() for p in synthetic.preference_pairs(lamp_dir)])
+    dist.barrier()
+    dist.print0(f"no {paths[0]} / {paths[1]}: training on synthetic users' pairs ({made})")
+    return prmu.read_pairs(made)
+
+
+def is_eval(pid: str, frac: float) -> bool:
+    return zlib.crc32(pid.encode()) % 10_000 < frac * 10_000
+
+
+def score_pairs(model, encoded, idx, device, pad_id):
+    """r(chosen), r(rejected) for pairs `idx`: one forward over 2·b sequences."""
+    seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
+    rows = torch.tensor([encoded[i][2] for i in idx] * 2, device=device)
+    ids, mask = prmu.pad_right(seqs, pad_id, device)
+    r = model(ids, mask, rows)                                                     # (2b,)
+    return r[:len(idx)], r[len(idx):]
+
+
+def main(argv=None):
+    cfg, preset = config.parse(PRMUConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    d = dist.init()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    pairs = load_pairs(cfg, out)
+    train = [p for p in pairs if not is_eval(p.id, cfg.eval_frac)]
+    evals = [p for p in pairs if is_eval(p.id, cfg.eval_frac)]
+    users = prmu.user_map([p.user_id for p in train])
+    backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)
+    model = prmu.PRMU(backbone, len(users), cfg.use_user_embeddings)
+    enc = prmu.Encoder(tok, cfg.max_len)
+    encode = lambda ps: [(enc(p.prompt, p.chosen), enc(p.prompt, p.rejected), users.get(p.user_id, prmu.UNKNOWN))
+                         for p in ps]
+    train_enc, eval_enc = encode(train), encode(evals)
+    steps_per_epoch = math.ceil(len(train) / cfg.global_batch)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = int(cfg.warmup_ratio * total)
+
+    model.train()
+    model = dist.apply_fsdp(model, d.device)
+    ue = [p for n, p in model.named_parameters() if n.startswith("user_embeddings")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("user_embeddings")]
+    opt = torch.optim.AdamW([{"params": rest, "base_lr": cfg.lr}, {"params": ue, "base_lr": cfg.ue_lr}],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
+                "train_pairs": len(train), "eval_pairs": len(evals), "users": len(users)}
+    if d.is_main:
+        write_json(out / "config.json", resolved)
+    start, ckpt = 0, None
+    if cfg.resume:
+        ckpt = checkpoint.latest(out / "ckpt") if cfg.resume == "auto" else Path(cfg.resume)
+    if ckpt is not None:
+        start = checkpoint.load(ckpt, model, opt)["step"]
+        dist.print0(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    dist.print0(f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
+                f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs, {total} steps")
+
+    def evaluate() -> dict:
+        """Held-out pairwise accuracy, overall, per set and per task (all ranks together)."""
+        model.eval()
+        hits, counts = defaultdict(float), defaultdict(float)
+        with torch.no_grad():
+            for mb in rank_micro_batches(list(range(len(evals))), cfg.micro_batch, d.rank, d.world_size):
+                idx = mb or [0]
+                rc, rr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id)
+                if not mb:
+                    continue
+                for i, c, r in zip(mb, rc.tolist(), rr.tolist()):
+                    for key in ("all", f"set/{evals[i].set}", f"task/{evals[i].task}"):
+                        hits[key] += float(c > r) + 0.5 * float(c == r)
+                        counts[key] += 1
+        model.train()
+        keys = sorted(dist.broadcast_object(sorted(counts)))  # rank 0's keys: every rank sees every set and task
+        return {f"eval_acc/{k}": dist.sum_scalar(hits[k]) / max(dist.sum_scalar(counts[k]), 1) for k in keys}
+
+    bar = tqdm(total=total, initial=start, desc="prmu", disable=not d.is_main, dynamic_ncols=True)
+    step = start
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        lengths = [len(x[0]) + len(x[1]) for x in train_enc]
+        batch = epoch_batches(lengths, cfg.global_batch, epoch, cfg.seed)[pos]
+        t0 = time.perf_counter()
+        micro = rank_micro_batches(batch, cfg.micro_batch, d.rank, d.world_size)
+        n_pairs = len(batch)
+        loss_sum, acc_sum = 0.0, 0.0
+        for mb in micro:
+            rc, rr = score_pairs(model, train_enc, mb or [batch[0]], d.device, tok.pad_token_id)
+            loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=n_pairs)
+            if not mb:
+                loss = loss * 0.0  # keeps FSDP's collectives in step on a rank short of data
+            (loss * d.world_size).backward()
+            loss_sum += loss.item()
+            acc_sum += m["accuracy"].item() * len(mb)
+        loss = dist.sum_scalar(loss_sum)
+        gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
+        scale = lr_at(step, total, 1.0, warmup, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, "epoch": epoch, "loss": loss, "train_acc": dist.sum_scalar(acc_sum) / n_pairs,
+               "lr": cfg.lr * scale, "ue_lr": cfg.ue_lr * scale, "grad_norm": gnorm,
+               "pairs_per_s": n_pairs / (time.perf_counter() - t0)}
+        if evals and (step % cfg.eval_every == 0 or step == total):
+            row.update(evaluate())
+        log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"eval_acc": f"{row['eval_acc/all']:.3f}"} if "eval_acc/all" in row else {}))
+        if step % cfg.save_every == 0 or step == total:
+            checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved,
+                            cfg.keep)
+    bar.close()
+    full = checkpoint.full_state_dict(model)
+    if d.is_main:
+        path = prmu.save(model, tok, users, out / "model", full)
+        dist.print0(f"exported {path}")
+    dist.barrier()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
