@@ -131,7 +131,7 @@ def test_two_ranks_run(tmp_path):
     write_jsonl(tmp_path / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_prmu.py"), "--preset", "tiny", "--prp", str(tmp_path / "prp.jsonl"), "--pqp",
-           str(tmp_path / "pqp.jsonl"), "--out", str(tmp_path / "o"), "--max-steps", "3", "--global-batch", "6",
+           str(tmp_path / "pqp.jsonl"), "--out", str(tmp_path / "o"), "--max-steps", "3", "--epochs", "10", "--global-batch", "6",
            "--micro-batch", "2", "--eval-frac", "0.25"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
