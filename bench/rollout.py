@@ -1,0 +1,97 @@
+"""Rollout throughput: our KV-cache sampler vs transformers `generate`, side by side, and the limit.
+
+    python bench/rollout.py                    # SmolLM2-135M, batch 32, 64 new tokens, T=1.0, top-p 1.0, CPU
+
+Both generate exactly `--new` tokens per sequence (EOS disabled), from the same
+left-padded prompts, `--group` rollouts per prompt as in GSPO (`generate` with
+`num_return_sequences`, which expands the prompts before its prefill; ours prefills each
+prompt once and shares its KV cache), sampling at the same temperature / top-p. The limit per decode
+step is the larger of its FLOPs (2 · parameters · batch) at the square-matmul rate and
+its weight bytes at the memory bandwidth, both measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tagpr import lamp, prompts, synthetic  # noqa: E402
+from tagpr.models import load_model  # noqa: E402
+from tagpr.rollout import generate  # noqa: E402
+
+
+def bandwidth(device) -> float:
+    a = torch.empty(256 * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best  # read + write
+
+
+def matmul_rate(device, n=2048) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--k", type=int, default=2, help="profile items in each prompt")
+    ap.add_argument("--group", type=int, default=4, help="rollouts per prompt (batch = prompts × group)")
+    a = ap.parse_args()
+    dev = torch.device("cpu")
+    model, tok = load_model(a.model, device=dev, dtype=torch.float32)
+    ex = synthetic.generate_split("LaMP_2", "dev", a.batch // a.group, 1, seed=0)
+    texts = [prompts.chat(tok, prompts.build_prompt(lamp.TASKS["LaMP_2"], e.question, a.k)) for e in ex]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n_tokens = a.batch * a.new
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    ours = generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0, top_p=1.0,
+                    generator=g, n_per_prompt=a.group)
+    t_ours = time.perf_counter() - t0
+    assert int(ours.lengths.min()) == a.new
+
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
+    tok.padding_side = "right"
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    ref = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,
+                         min_new_tokens=a.new, pad_token_id=tok.pad_token_id, num_return_sequences=a.group)
+    t_hf = time.perf_counter() - t0
+    assert ref.shape == (a.batch, batch["input_ids"].shape[1] + a.new)
+
+    params = sum(p.numel() for p in model.parameters())
+    rate, bw = matmul_rate(dev), bandwidth(dev)
+    step_limit = max(2 * params * a.batch / rate, params * 4 / bw)
+    prompt_len = sum(map(len, ids)) / len(ids)
+    print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, {a.new} new tokens, "
+          f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p=1.0, CPU")
+    print(f"measured: matmul {rate / 1e9:.0f} GFLOP/s, memory {bw / 1e9:.1f} GB/s → decode limit "
+          f"{a.batch / step_limit:.0f} tokens/s (prefill not included)")
+    print("| engine | s | tokens/s | × generate | fraction of the decode limit |")
+    print("|---|---|---|---|---|")
+    for name, t in (("transformers generate", t_hf), ("tagpr.rollout", t_ours)):
+        print(f"| {name} | {t:.1f} | {n_tokens / t:.0f} | {t_hf / t:.2f} | {n_tokens / t * step_limit / a.batch:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The KV-cache sampler against transformers' generate, and its stopping, masks and sampling rules."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tagpr import rollout
+
+
+def prompts(tok):
+    texts = ["Which tag does this movie relate to?", "hi", "Generate a headline for the following article: x y z"]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_greedy_equals_transformers_generate(tiny):
+    model, tok = tiny
+    ps = prompts(tok)
+    ours = rollout.generate(model, ps, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=12,
+                            greedy=True, tokenizer=tok)
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": ps}, return_tensors="pt")
+    tok.padding_side = "right"
+    ref = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = ref[:, batch["input_ids"].shape[1]:]
+    for i in range(len(ps)):
+        n = int(ours.lengths[i])
+        assert ours.response_ids[i, :n].tolist() == ref[i, :n].tolist()
+    # each prompt alone gives the same tokens as in the left-padded batch
+    for i, p in enumerate(ps):
+        alone = rollout.generate(model, [p], tok.eos_token_id, tok.pad_token_id, 12, greedy=True)
+        assert alone.response_ids[0].tolist() == ours.response_ids[i, :alone.response_ids.shape[1]].tolist()
+
+
+class ScriptedLM(torch.nn.Module):
+    """A fake causal LM whose next token per sequence follows a script (for stop logic)."""
+
+    def __init__(self, script, vocab=10):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab, self.step = script, vocab, 0
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep=None, past_key_values=None):
+        self.seen.append((input_ids.clone(), attention_mask.clone(), position_ids.clone()))
+        logits = torch.full((input_ids.shape[0], 1, self.vocab), -1e9)
+        for b, seq in enumerate(self.script):
+            logits[b, 0, seq[min(self.step, len(seq) - 1)]] = 0.0
+        self.step += 1
+        return SimpleNamespace(logits=logits, past_key_values="cache")
+
+
+def test_stops_at_eos_and_masks():
+    EOS, PAD = 9, 0
+    lm = ScriptedLM([[3, 4, EOS, 5, 5], [3, 3, 3, 3, EOS], [1, 2, 3, 4, 5]])
+    r = rollout.generate(lm, [[5, 6], [7], [5, 6, 7]], eos_id=EOS, pad_id=PAD, max_new_tokens=5, greedy=True)
+    assert r.response_ids.tolist() == [[3, 4, EOS, PAD, PAD], [3, 3, 3, 3, EOS], [1, 2, 3, 4, 5]]
+    assert r.response_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert r.finished.tolist() == [True, True, False] and r.lengths.tolist() == [3, 5, 5]
+    ids, attn, pos = lm.seen[0]  # the prefill: left padding, positions counted from each prompt's first token
+    assert ids.tolist() == [[PAD, 5, 6], [PAD, PAD, 7], [5, 6, 7]]
+    assert attn.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]] and pos[:, -1].tolist() == [1, 0, 2]
+    ids, attn, pos = lm.seen[1]  # the first decode step: one token each, the next position
+    assert ids.tolist() == [[3], [3], [1]] and pos.tolist() == [[2], [1], [3]] and attn.shape == (3, 4)
+    # everyone done early: the loop stops and the tensors are trimmed
+    lm = ScriptedLM([[EOS], [4, EOS]])
+    r = rollout.generate(lm, [[1], [1]], eos_id=EOS, pad_id=PAD, max_new_tokens=50, greedy=True)
+    assert r.response_ids.tolist() == [[EOS, PAD], [4, EOS]] and len(lm.seen) == 2
+
+
+def test_top_p_and_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(4000, 3)
+    # top-p 0.6 keeps the smallest prefix whose mass reaches 0.6: tokens 0 and 1, renormalised 5/8 and 3/8
+    draws = rollout.sample_next(logits, top_p=0.6, generator=g)
+    assert (draws == 2).sum() == 0
+    assert (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
+    # temperature 2 flattens: p ∝ (0.5, 0.3, 0.2)^(1/2)
+    draws = rollout.sample_next(logits, temperature=2.0, generator=g)
+    want = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    want = want / want.sum()
+    got = torch.bincount(draws, minlength=3).float() / len(draws)
+    assert torch.allclose(got, want, atol=0.03)
+    assert rollout.sample_next(logits[:2], greedy=True).tolist() == [0, 0]
+
+
+def test_group_shares_one_prefill(tiny):
+    model, tok = tiny
+    ps = prompts(tok)
+    shared = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, greedy=True, n_per_prompt=3)
+    repeated = rollout.generate(model, [p for p in ps for _ in range(3)], tok.eos_token_id, tok.pad_token_id, 10,
+                                greedy=True)
+    assert shared.response_ids.shape[0] == 9 and torch.equal(shared.response_ids, repeated.response_ids)
+    assert shared.prompt_ids == repeated.prompt_ids
+    # sampled groups differ within a group (the cache is shared, the draws are not)
+    s = rollout.generate(model, ps[:1], tok.eos_token_id, tok.pad_token_id, 10, n_per_prompt=4,
+                         generator=torch.Generator().manual_seed(0))
+    assert len({tuple(r) for r in s.response_ids.tolist()}) > 1
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok = tiny
+    ps = prompts(tok)
+    a = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
+    b = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
+    c = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
