@@ -1,0 +1,288 @@
+"""GSPO training of the policy: guided stage (full composite reward) then exploratory stage (TagPR §3.4).
+
+    python train_rl.py --preset tiny
+    torchrun --nproc_per_node=2 train_rl.py --preset tiny
+    torchrun --nproc_per_node=8 train_rl.py --preset qwen3-8b --policy runs/lamp/sft/model --prmu runs/lamp/prmu/model
+
+One step:
+1. draw `global_batch` prompts (tasks mixed), each rank its share; sample G rollouts each
+   with the KV-cache sampler (one prefill per group; FSDP unsharded once);
+2. rewards through `tagpr.rewards`: guided R = R_v + λ1·R_f + R_rep + R_tag + λ2·R_p (Eq. 5,
+   R_p from PRMU's `Scorer`), exploratory R = R_v + R_f + R_rep (Eq. 11);
+3. group advantages (Eq. 10), then the old log-probs, recomputed once by the training
+   model through the fused log-prob op at the sampling temperature;
+4. the rollout batch is split into `mini_batches` (paper: 4) → that many optimizer
+   updates, so GSPO's ratio and clipping are live from the second one on;
+   `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy.
+
+Departures from the paper:
+1. Until `build_data.py` writes `rl_prompts.jsonl`, prompts come from synthetic users.
+2. Without `--prmu` the guided stage has no R_p term (said in the log).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
+from tagpr.files import DataError, iter_jsonl, write_json, write_jsonl
+from tagpr.losses import group_advantages, gspo_loss
+from tagpr.models import LogprobModel, load_for_sharding, load_model
+from tagpr.rollout import generate
+from tagpr.training import MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pad_batch
+
+
+@dataclass
+class RLConfig:
+    policy: str = "runs/default/sft/model"   # HF folder (the SFT export), "smollm2-135m" or "tiny"
+    prompts: str = ""                         # rl_prompts.jsonl; empty: <run>/data/rl_prompts.jsonl, else synthetic
+    prmu: str = ""                            # PRMU export folder (R_p); empty: no R_p term
+    out: str = "runs/default/rl"
+    lr: float = 1e-6                          # paper
+    global_batch: int = 128                   # prompts per rollout batch (paper)
+    group: int = 5                            # rollouts per prompt (paper)
+    mini_batches: int = 4                     # optimizer updates per rollout batch (paper)
+    micro_batch: int = 8                      # sequences per forward/backward on one rank
+    guided_epochs: int = 13                   # paper
+    exploratory_epochs: int = 2               # paper
+    max_steps: int = -1
+    temperature: float = 1.0                  # paper
+    top_p: float = 1.0                        # paper
+    max_new_tokens: int = 512
+    clip_low: float = 3e-4                    # paper
+    clip_high: float = 4e-4                   # paper
+    kl_coef: float = 0.0
+    w_format: float = 0.5                     # λ1 (ours; lost from the paper's text)
+    w_personal: float = 0.5                   # λ2 (ours)
+    ngram: int = 4                            # paper
+    min_tags: int = 3                         # paper
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    save_every: int = 10
+    keep: int = 2
+    resume: str = "auto"
+    seed: int = 0
+    synthetic_users: int = 100
+
+
+PRESETS = {
+    "tiny": dict(policy="tiny", out="runs/tiny/rl", lr=1e-4, global_batch=4, group=4, mini_batches=2, micro_batch=8,
+                 guided_epochs=1, exploratory_epochs=1, max_new_tokens=24, save_every=2, synthetic_users=4,
+                 max_steps=4),
+    "smollm2": dict(policy="smollm2-135m", out="runs/smollm2/rl", lr=1e-6, global_batch=8, group=4, mini_batches=2,
+                    micro_batch=8, max_new_tokens=128, synthetic_users=20),
+    "qwen3-8b": dict(global_batch=128, group=5, mini_batches=4, micro_batch=4, max_new_tokens=1024),
+}
+
+
+@dataclass
+class RLPrompt:
+    """One line of `rl_prompts.jsonl` (shared with build_data.py): id, task, user_id,
+    prompt (the user turn: query + profile + tagged-reasoning instruction), gold."""
+    id: str
+    task: str
+    user_id: str
+    prompt: str
+    gold: str
+
+    FIELDS = ("id", "task", "user_id", "prompt", "gold")
+
+    def to_json(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def read_rl_prompts(path) -> list[RLPrompt]:
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        for f in RLPrompt.FIELDS:
+            if not isinstance(obj.get(f), str):
+                raise DataError(f"{path}:{lineno}: field '{f}' missing or not a string")
+        lamp.get_task(obj["task"])
+        out.append(RLPrompt(*(obj[f] for f in RLPrompt.FIELDS)))
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
+    path = Path(cfg.prompts) if cfg.prompts else out.parent / "data" / "rl_prompts.jsonl"
+    if path.is_file():
+        return read_rl_prompts(path)
+    if cfg.prompts:
+        raise DataError(f"{path}: not found; make it with `python build_data.py`")
+    made = out.parent / "data" / "rl_prompts_synthetic.jsonl"
+    if dist.get().is_main and not made.is_file():
+        lamp_dir = out.parent / "data" / "synthetic_lamp_rl"
+        synthetic.generate(lamp_dir, seed=cfg.seed + 1, sizes={"train": (cfg.synthetic_users, 1), "dev": (1, 1),
+                                                               "test": (1, 1)})
+        rows = []
+        for task in synthetic.SYNTHETIC_TASKS:
+            s = lamp.load_split(lamp_dir, task, "train")
+            rows += [RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
+                     for q in s.questions]
+        write_jsonl(made, [r.to_json() for r in rows])
+    dist.barrier()
+    dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
+    return read_rl_prompts(made)
+
+
+def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer):
+    """Rewards per rollout (rows prompt-major, `group` per prompt) and their components."""
+    golds = [p.gold for p in batch for _ in range(cfg.group)]
+    tasks = [p.task for p in batch for _ in range(cfg.group)]
+    if stage == "exploratory":
+        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram)
+    personal = None
+    if scorer is not None:
+        users = [p.user_id for p in batch for _ in range(cfg.group)]
+        personal = scorer.score(users, [p.prompt for p in batch for _ in range(cfg.group)], texts).tolist()
+    w = rewards.RewardWeights(w_format=cfg.w_format, w_personal=cfg.w_personal if scorer is not None else 0.0)
+    return rewards.composite_reward(texts, golds, tasks, personal, w, min_tags=cfg.min_tags, ngram=cfg.ngram)
+
+
+def sequences(roll, device, pad_id):
+    """prompt + response rows → input ids, attention mask, response mask aligned with next-token log-probs."""
+    seqs, masks = [], []
+    for p, r, m in zip(roll.prompt_ids, roll.response_ids.tolist(), roll.response_mask.tolist()):
+        n = sum(m)
+        seqs.append(p + r[:n])
+        masks.append([0] * len(p) + [1] * n)
+    return pad_batch(seqs, masks, pad_id, device)
+
+
+def main(argv=None):
+    cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    d = dist.init()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if cfg.policy not in ("tiny", "smollm2-135m") and not (Path(cfg.policy) / "config.json").is_file():
+        raise SystemExit(f"{cfg.policy}: no policy folder; run `python train_sft.py` first (or pass --policy)")
+    data = load_prompts(cfg, out)
+    if d.distributed:
+        lm, tok, full = load_for_sharding(cfg.policy, d.is_main, d.device, cfg.seed)
+    else:
+        (lm, tok), full = load_model(cfg.policy, device="cpu", dtype=torch.float32, seed=cfg.seed), None
+    lm.train()
+    ref = None
+    if cfg.kl_coef:
+        ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval()
+    model = dist.apply_fsdp(LogprobModel(lm), d.device, full_state=full, from_meta=d.distributed)
+    del full
+    scorer = None
+    if cfg.prmu:
+        from tagpr.prmu import Scorer
+        scorer = Scorer(cfg.prmu, device=d.device)
+    else:
+        dist.print0("no --prmu: the guided stage's reward has no R_p term")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    per_rank = cfg.global_batch // d.world_size
+    if per_rank * d.world_size != cfg.global_batch:
+        raise SystemExit(f"--global-batch {cfg.global_batch} must be divisible by the {d.world_size} ranks")
+    steps_per_epoch = max(1, len(data) // cfg.global_batch)
+    guided = steps_per_epoch * cfg.guided_epochs
+    total = guided + steps_per_epoch * cfg.exploratory_epochs
+    total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
+    updates = total * cfg.mini_batches
+    resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
+                "guided_steps": guided, "prompts": len(data)}
+    if d.is_main:
+        write_json(out / "config.json", resolved)
+    start, ckpt = 0, None
+    if cfg.resume:
+        ckpt = checkpoint.latest(out / "ckpt") if cfg.resume == "auto" else Path(cfg.resume)
+    if ckpt is not None:
+        start = checkpoint.load(ckpt, model, opt)["step"]
+        dist.print0(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
+                f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s)")
+    vocab = tags.DEFAULT_TAGS
+    bar = tqdm(total=total, initial=start, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
+    step = start
+    while step < total:
+        stage = "guided" if step < guided else "exploratory"
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = epoch_batches([0] * len(data), cfg.global_batch, epoch, cfg.seed, group_by_length=False)[pos]
+        batch = [data[i] for i in order[d.rank * per_rank:(d.rank + 1) * per_rank]]
+        t0 = time.perf_counter()
+        # 1. rollouts (seeded per step and rank: a resumed run samples what the uninterrupted one did)
+        ids = [tok(prompts.chat(tok, p.prompt), add_special_tokens=False)["input_ids"] for p in batch]
+        model.eval()
+        roll = generate(model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
+                        cfg.top_p, generator=torch.Generator(device=d.device).manual_seed(
+                            cfg.seed * 100_003 + step * 1009 + d.rank), tokenizer=tok, n_per_prompt=cfg.group)
+        model.train()
+        t1 = time.perf_counter()
+        # 2. rewards and advantages
+        total_r, parts = compute_rewards(cfg, stage, roll.texts, batch, scorer)
+        adv, adv_m = group_advantages(torch.tensor(total_r, dtype=torch.float32), cfg.group)
+        t2 = time.perf_counter()
+        # 3. old (and reference) log-probs, once, with the training model at the sampling temperature
+        x, attn, rmask = sequences(roll, d.device, tok.pad_token_id)
+        with torch.no_grad():
+            old = torch.cat([model(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
+                             for a in range(0, len(x), cfg.micro_batch)])
+            ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
+                                 for a in range(0, len(x), cfg.micro_batch)]) if ref is not None else None)
+        t3 = time.perf_counter()
+        # 4. several updates per rollout batch
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed + step))
+        minis = perm.chunk(cfg.mini_batches)
+        stats: dict[str, float] = {}
+        ent_sum = ent_n = 0.0
+        for k, mini in enumerate(minis):
+            n_seq = len(mini) * d.world_size
+            for a in range(0, len(mini), cfg.micro_batch):
+                idx = mini[a:a + cfg.micro_batch]
+                logp, ent = model(x[idx], attn[idx], cfg.temperature)
+                loss, m = gspo_loss(logp, old[idx], adv[idx].to(d.device), rmask[idx], cfg.clip_low, cfg.clip_high,
+                                    n_seq, ref_lp[idx] if ref_lp is not None else None, cfg.kl_coef)
+                (loss * d.world_size).backward()
+                w = len(idx) / len(mini)
+                for key, v in m.items():
+                    stats[f"{key}/u{k}"] = stats.get(f"{key}/u{k}", 0.0) + w * float(v)
+                ent_sum += float((ent.detach() * rmask[idx]).sum())
+                ent_n += float(rmask[idx].sum())
+            gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
+            u = step * cfg.mini_batches + k
+            lr = lr_at(u, updates, cfg.lr, cfg.warmup_steps, 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        step += 1
+        parsed = [tags.parse(t) for t in roll.texts]
+        mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
+        row = {"step": step, "stage": stage, "lr": lr, "grad_norm": gnorm,
+               "reward": mean(total_r), **{f"reward/{k}": mean(v) for k, v in parts.items()},
+               "adv_mean": adv.mean().item(), "adv_std": adv.std().item() if len(adv) > 1 else 0.0,
+               "zero_variance_frac": dist.sum_scalar(float(adv_m["zero_variance_frac"])) / d.world_size,
+               "entropy": dist.sum_scalar(ent_sum) / max(dist.sum_scalar(ent_n), 1),
+               "response_len": mean(roll.lengths.tolist()), "finished_frac": mean(roll.finished.float().tolist()),
+               "tag_count": mean([len(p.steps) for p in parsed]),
+               "tag_valid": mean([float(all(tags.check(p, vocab, cfg.min_tags).values())) for p in parsed]),
+               "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
+               "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
+        for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min", "ratio_max", "kl"):
+            for k in range(len(minis)):
+                if f"{key}/u{k}" in stats:
+                    row[f"{key}/u{k}"] = dist.sum_scalar(stats[f"{key}/u{k}"]) / d.world_size
+        log.write(row)
+        bar.update(1)
+        bar.set_postfix(stage=stage[0], reward=f"{row['reward']:.3f}", clip=f"{row.get('clip_frac_high/u1', 0):.2f}")
+        if step % cfg.save_every == 0 or step == total:
+            checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "stage": stage}, resolved, cfg.keep)
+    bar.close()
+    final = checkpoint.export_hf(model, lm, tok, out / "model")
+    dist.print0(f"exported {final}")
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
