@@ -173,6 +173,10 @@ def main(argv=None):
         ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval()
     model = dist.apply_fsdp(LogprobModel(lm), d.device, full_state=full, from_meta=d.distributed)
     del full
+    if d.distributed:  # FSDP initialises lazily from the first module called: make it the root, not the sampler's lm
+        with torch.no_grad():
+            model(torch.full((1, 2), tok.pad_token_id, device=d.device), torch.ones(1, 2, dtype=torch.long,
+                                                                                    device=d.device))
     scorer = None
     if cfg.prmu:
         from tagpr.prmu import Scorer
@@ -210,12 +214,15 @@ def main(argv=None):
         order = epoch_batches([0] * len(data), cfg.global_batch, epoch, cfg.seed, group_by_length=False)[pos]
         batch = [data[i] for i in order[d.rank * per_rank:(d.rank + 1) * per_rank]]
         t0 = time.perf_counter()
-        # 1. rollouts (seeded per step and rank: a resumed run samples what the uninterrupted one did)
+        # 1. rollouts; every rollout has its own generator seeded by (seed, step, its row in the global
+        #    batch), so what it samples depends neither on the number of ranks nor on a resume
         ids = [tok(prompts.chat(tok, p.prompt), add_special_tokens=False)["input_ids"] for p in batch]
+        first = d.rank * per_rank * cfg.group
+        gens = [torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 100_003 + first + j)
+                for j in range(per_rank * cfg.group)]
         model.eval()
         roll = generate(model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_p, generator=torch.Generator(device=d.device).manual_seed(
-                            cfg.seed * 100_003 + step * 1009 + d.rank), tokenizer=tok, n_per_prompt=cfg.group)
+                        cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group)
         model.train()
         t1 = time.perf_counter()
         # 2. rewards and advantages
@@ -230,24 +237,38 @@ def main(argv=None):
             ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
                                  for a in range(0, len(x), cfg.micro_batch)]) if ref is not None else None)
         t3 = time.perf_counter()
-        # 4. several updates per rollout batch
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed + step))
+        # 4. several updates per rollout batch; mini-batches come from one permutation of the global
+        #    batch, so 1 rank and N ranks make the same updates
+        n_global = cfg.global_batch * cfg.group
+        perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + step))
         minis = perm.chunk(cfg.mini_batches)
         stats: dict[str, float] = {}
         ent_sum = ent_n = 0.0
         for k, mini in enumerate(minis):
-            n_seq = len(mini) * d.world_size
-            for a in range(0, len(mini), cfg.micro_batch):
-                idx = mini[a:a + cfg.micro_batch]
-                logp, ent = model(x[idx], attn[idx], cfg.temperature)
-                loss, m = gspo_loss(logp, old[idx], adv[idx].to(d.device), rmask[idx], cfg.clip_low, cfg.clip_high,
-                                    n_seq, ref_lp[idx] if ref_lp is not None else None, cfg.kl_coef)
+            mine = [int(r) - first for r in mini if first <= int(r) < first + len(x)]
+            micro = [mine[a:a + cfg.micro_batch] for a in range(0, len(mine), cfg.micro_batch)]
+            n_micro = int(dist.all_reduce(torch.tensor(len(micro)), "max").item())
+            for idx in micro + [[] for _ in range(n_micro - len(micro))]:
+                rows = idx or [0]  # an empty micro-batch runs one row with zero loss: FSDP's collectives stay in step
+                logp, ent = model(x[rows], attn[rows], cfg.temperature)
+                loss, m = gspo_loss(logp, old[rows], adv[rows].to(d.device), rmask[rows], cfg.clip_low,
+                                    cfg.clip_high, len(mini), ref_lp[rows] if ref_lp is not None else None,
+                                    cfg.kl_coef)
+                if not idx:
+                    loss = loss * 0.0
                 (loss * d.world_size).backward()
-                w = len(idx) / len(mini)
-                for key, v in m.items():
-                    stats[f"{key}/u{k}"] = stats.get(f"{key}/u{k}", 0.0) + w * float(v)
-                ent_sum += float((ent.detach() * rmask[idx]).sum())
-                ent_n += float(rmask[idx].sum())
+                if idx:
+                    w = len(idx) / len(mini)  # metrics: this rank's share of the global mini-batch
+                    for key, v in m.items():
+                        name = f"{key}/u{k}"
+                        if key == "ratio_min":
+                            stats[name] = min(stats.get(name, math.inf), float(v))
+                        elif key == "ratio_max":
+                            stats[name] = max(stats.get(name, -math.inf), float(v))
+                        else:
+                            stats[name] = stats.get(name, 0.0) + w * float(v)
+                    ent_sum += float((ent.detach() * rmask[idx]).sum())
+                    ent_n += float(rmask[idx].sum())
             gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
             u = step * cfg.mini_batches + k
             lr = lr_at(u, updates, cfg.lr, cfg.warmup_steps, 1.0)
@@ -261,7 +282,7 @@ def main(argv=None):
         mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
         row = {"step": step, "stage": stage, "lr": lr, "grad_norm": gnorm,
                "reward": mean(total_r), **{f"reward/{k}": mean(v) for k, v in parts.items()},
-               "adv_mean": adv.mean().item(), "adv_std": adv.std().item() if len(adv) > 1 else 0.0,
+               "adv_mean": mean(adv.tolist()), "adv_abs_mean": mean(adv.abs().tolist()),
                "zero_variance_frac": dist.sum_scalar(float(adv_m["zero_variance_frac"])) / d.world_size,
                "entropy": dist.sum_scalar(ent_sum) / max(dist.sum_scalar(ent_n), 1),
                "response_len": mean(roll.lengths.tolist()), "finished_frac": mean(roll.finished.float().tolist()),
@@ -269,10 +290,11 @@ def main(argv=None):
                "tag_valid": mean([float(all(tags.check(p, vocab, cfg.min_tags).values())) for p in parsed]),
                "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
                "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
-        for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min", "ratio_max", "kl"):
-            for k in range(len(minis)):
-                if f"{key}/u{k}" in stats:
-                    row[f"{key}/u{k}"] = dist.sum_scalar(stats[f"{key}/u{k}"]) / d.world_size
+        for k in range(len(minis)):  # the same keys on every rank: these are collectives
+            for key in ("clip_frac_low", "clip_frac_high", "ratio_mean") + (("kl",) if ref is not None else ()):
+                row[f"{key}/u{k}"] = dist.sum_scalar(stats.get(f"{key}/u{k}", 0.0))
+            row[f"ratio_min/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_min/u{k}", math.inf)), "min").item()
+            row[f"ratio_max/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_max/u{k}", -math.inf)), "max").item()
         log.write(row)
         bar.update(1)
         bar.set_postfix(stage=stage[0], reward=f"{row['reward']:.3f}", clip=f"{row.get('clip_frac_high/u1', 0):.2f}")

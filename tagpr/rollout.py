@@ -49,8 +49,14 @@ def gathered(model):
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) → next tokens (B,)."""
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """logits (B, V) → next tokens (B,).
+
+    `generator` may be one generator for the batch (multinomial) or one per row: then
+    each row samples by Gumbel-max (argmax of log p + Gumbel noise drawn from its own
+    generator — the same distribution), so a row's draws never depend on which other
+    rows share its batch or rank.
+    """
     if greedy or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)                # (B, V)
@@ -59,17 +65,23 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         drop = sorted_p.cumsum(-1) - sorted_p > top_p                           # keep the smallest prefix ≥ top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand(probs.shape[1], generator=g, device=probs.device) for g in generator])  # (B, V)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
+        return (torch.log(probs) + gumbel).argmax(-1)                           # log 0 = −inf never wins
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-             generator: torch.Generator | None = None, tokenizer=None, n_per_prompt: int = 1) -> Rollouts:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
+             n_per_prompt: int = 1) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
     Each prompt is prefilled once and its KV cache repeated for the group: the prefill,
     which dominates at LaMP prompt lengths, costs 1/G of sampling the group separately.
+    `generator`: one for the batch, or one per output row (see `sample_next`).
     `model` is a transformers causal LM (or an FSDP2-wrapped one: it is unsharded once).
     """
     lm = getattr(model, "lm", model)

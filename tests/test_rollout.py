@@ -81,6 +81,22 @@ def test_top_p_and_temperature():
     got = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(got, want, atol=0.03)
     assert rollout.sample_next(logits[:2], greedy=True).tolist() == [0, 0]
+    # per-row generators (Gumbel-max): the same distribution, with top-p too
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    draws = rollout.sample_next(logits, top_p=0.6, generator=gens)
+    assert (draws == 2).sum() == 0 and (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
+    draws = rollout.sample_next(logits, temperature=2.0, generator=[torch.Generator().manual_seed(i) for i in range(4000)])
+    assert torch.allclose(torch.bincount(draws, minlength=3).float() / len(draws), want, atol=0.03)
+
+
+def test_per_row_generators_make_rows_independent_of_the_batch(tiny):
+    model, tok = tiny
+    ps = prompts(tok)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    together = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=gens([10, 11, 12]))
+    alone = rollout.generate(model, ps[1:2], tok.eos_token_id, tok.pad_token_id, 8, generator=gens([11]))
+    n = int(alone.lengths[0])
+    assert together.response_ids[1, :n].tolist() == alone.response_ids[0, :n].tolist()
 
 
 def test_group_shares_one_prefill(tiny):
