@@ -123,3 +123,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert rows(tmp_path / "kill") == rows(tmp_path / "full")
     wa, wb = weights(tmp_path / "full"), weights(tmp_path / "kill")
     assert all(__import__("torch").equal(wa[k], wb[k]) for k in wa)
+
+
+def test_plot_command(runs, tmp_path):
+    from PIL import Image
+
+    from tagpr.plot import plot
+    rows_ = runs[0]
+    m = tmp_path / "metrics.jsonl"
+    # two guided steps and one exploratory step, as a trainer writes them
+    m.write_text("".join(json.dumps({**r, "step": i + 1, "stage": s}) + "\n"
+                         for i, (r, s) in enumerate(zip(rows_ + rows_[:1], ["guided", "guided", "exploratory"]))))
+    png = plot(m)
+    assert png == tmp_path / "metrics.png"
+    w, h = Image.open(png).size
+    assert w > 500 and h > 400
