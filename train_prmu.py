@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, synthetic
-from tagpr.files import DataError, write_json, write_jsonl
+from tagpr.files import DataError, write_jsonl
 from tagpr.losses import bradley_terry_loss
-from tagpr.training import MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, rank_micro_batches
+from tagpr.training import epoch_batches, grad_norm_and_clip, held_out, lr_at, rank_micro_batches, start_run
 
 
 @dataclass
@@ -93,9 +92,6 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[prmu.Pair]:
     return prmu.read_pairs(made)
 
 
-def is_eval(pid: str, frac: float) -> bool:
-    return zlib.crc32(pid.encode()) % 10_000 < frac * 10_000
-
 
 def score_pairs(model, encoded, idx, device, pad_id):
     """r(chosen), r(rejected) for pairs `idx`: one forward over 2·b sequences."""
@@ -112,8 +108,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     pairs = load_pairs(cfg, out)
-    train = [p for p in pairs if not is_eval(p.id, cfg.eval_frac)]
-    evals = [p for p in pairs if is_eval(p.id, cfg.eval_frac)]
+    train = [p for p in pairs if not held_out(p.id, cfg.eval_frac)]
+    evals = [p for p in pairs if held_out(p.id, cfg.eval_frac)]
     users = prmu.user_map([p.user_id for p in train])
     backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)
     model = prmu.PRMU(backbone, len(users), cfg.use_user_embeddings)
@@ -133,15 +129,7 @@ def main(argv=None):
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
                 "train_pairs": len(train), "eval_pairs": len(evals), "users": len(users)}
-    if d.is_main:
-        write_json(out / "config.json", resolved)
-    start, ckpt = 0, None
-    if cfg.resume:
-        ckpt = checkpoint.latest(out / "ckpt") if cfg.resume == "auto" else Path(cfg.resume)
-    if ckpt is not None:
-        start = checkpoint.load(ckpt, model, opt)["step"]
-        dist.print0(f"resumed from {ckpt} at step {start}")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
                 f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs, {total} steps")
 

@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
-from tagpr.files import DataError, iter_jsonl, write_json, write_jsonl
+from tagpr.files import DataError, iter_jsonl, write_jsonl
 from tagpr.losses import group_advantages, gspo_loss
 from tagpr.models import LogprobModel, load_for_sharding, load_model
 from tagpr.rollout import generate
-from tagpr.training import MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pad_batch
+from tagpr.training import epoch_batches, grad_norm_and_clip, lr_at, pad_batch, start_run
 
 
 @dataclass
@@ -194,15 +194,7 @@ def main(argv=None):
     updates = total * cfg.mini_batches
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
                 "guided_steps": guided, "prompts": len(data)}
-    if d.is_main:
-        write_json(out / "config.json", resolved)
-    start, ckpt = 0, None
-    if cfg.resume:
-        ckpt = checkpoint.latest(out / "ckpt") if cfg.resume == "auto" else Path(cfg.resume)
-    if ckpt is not None:
-        start = checkpoint.load(ckpt, model, opt)["step"]
-        dist.print0(f"resumed from {ckpt} at step {start}")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
                 f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s)")
     vocab = tags.DEFAULT_TAGS

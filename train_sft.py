@@ -19,11 +19,8 @@ Departures from the paper:
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prompts, synthetic
-from tagpr.files import DataError, write_json, write_jsonl
+from tagpr.files import DataError, write_jsonl
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.training import (MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pack_rows, packed_batch, pad_batch,
-                            rank_micro_batches)
+from tagpr.training import (epoch_batches, grad_norm_and_clip, held_out, lr_at, pack_rows, packed_batch,
+                            pad_batch, rank_micro_batches, start_run)
 
 
 @dataclass
@@ -110,9 +107,6 @@ def tokenize(records, tok, cfg: SFTConfig):
     return out, skipped
 
 
-def is_eval(record_id: str, frac: float) -> bool:
-    return zlib.crc32(record_id.encode()) % 10_000 < frac * 10_000
-
 
 def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, train: bool, packed: bool = False):
     """Forward (+ backward) over this rank's micro-batches; returns the summed loss share.
@@ -168,8 +162,8 @@ def main(argv=None):
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
     records = load_records(cfg, out)
-    train_recs = [r for r in records if not is_eval(r.id, cfg.eval_frac)]
-    eval_recs = [r for r in records if is_eval(r.id, cfg.eval_frac)]
+    train_recs = [r for r in records if not held_out(r.id, cfg.eval_frac)]
+    eval_recs = [r for r in records if held_out(r.id, cfg.eval_frac)]
     train, skipped = tokenize(train_recs, tok, cfg)
     evals, _ = tokenize(eval_recs, tok, cfg)
     if not train:
@@ -185,15 +179,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
                 "train_records": len(train), "eval_records": len(evals), "skipped_long": skipped, "packed": packed}
-    if d.is_main:
-        write_json(out / "config.json", resolved)
-    start, ckpt = 0, None
-    if cfg.resume:
-        ckpt = checkpoint.latest(out / "ckpt") if cfg.resume == "auto" else Path(cfg.resume)
-    if ckpt is not None:
-        start = checkpoint.load(ckpt, model, opt)["step"]
-        dist.print0(f"resumed from {ckpt} at step {start}")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"SFT {cfg.model}: {len(train)} train / {len(evals)} eval sequences, {total} steps of "
                 f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}")
 

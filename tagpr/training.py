@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import dist
+from . import checkpoint, dist
+from .files import write_json
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -130,3 +132,23 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
         norm = norm.full_tensor()
     return float(norm)
 
+
+
+def held_out(record_id: str, frac: float) -> bool:
+    """A stable train / held-out split by id: the same records are held out on every run and rank."""
+    return zlib.crc32(record_id.encode()) % 10_000 < frac * 10_000
+
+
+def start_run(out: Path, resume: str, model, optimizer, resolved: dict) -> tuple[int, MetricsLog]:
+    """Write `<out>/config.json`, restore the checkpoint `resume` names ("auto": the latest in
+    `<out>/ckpt`, "": none, else a path) and open `metrics.jsonl`. Returns (start step, log)."""
+    if dist.get().is_main:
+        write_json(out / "config.json", resolved)
+    ckpt = None
+    if resume:
+        ckpt = checkpoint.latest(out / "ckpt") if resume == "auto" else Path(resume)
+    start = 0
+    if ckpt is not None:
+        start = checkpoint.load(ckpt, model, optimizer)["step"]
+        dist.print0(f"resumed from {ckpt} at step {start}")
+    return start, MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
