@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
-from tagpr.files import DataError, iter_jsonl, write_jsonl
+from tagpr.files import DataError, write_jsonl
 from tagpr.losses import group_advantages, gspo_loss
+from tagpr.prompts import RLPrompt, read_rl_prompts
 from tagpr.models import LogprobModel, load_for_sharding, load_model
 from tagpr.rollout import generate
 from tagpr.training import epoch_batches, grad_norm_and_clip, lr_at, pad_batch, start_run
@@ -78,35 +79,6 @@ PRESETS = {
                     micro_batch=8, max_new_tokens=128, synthetic_users=20),
     "qwen3-8b": dict(global_batch=128, group=5, mini_batches=4, micro_batch=4, max_new_tokens=1024),
 }
-
-
-@dataclass
-class RLPrompt:
-    """One line of `rl_prompts.jsonl` (shared with build_data.py): id, task, user_id,
-    prompt (the user turn: query + profile + tagged-reasoning instruction), gold."""
-    id: str
-    task: str
-    user_id: str
-    prompt: str
-    gold: str
-
-    FIELDS = ("id", "task", "user_id", "prompt", "gold")
-
-    def to_json(self) -> dict:
-        return {f: getattr(self, f) for f in self.FIELDS}
-
-
-def read_rl_prompts(path) -> list[RLPrompt]:
-    out = []
-    for lineno, obj in iter_jsonl(path):
-        for f in RLPrompt.FIELDS:
-            if not isinstance(obj.get(f), str):
-                raise DataError(f"{path}:{lineno}: field '{f}' missing or not a string")
-        lamp.get_task(obj["task"])
-        out.append(RLPrompt(*(obj[f] for f in RLPrompt.FIELDS)))
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
 
 
 def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:

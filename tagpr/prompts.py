@@ -99,3 +99,34 @@ def read_sft(path) -> list[SFTRecord]:
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+@dataclass
+class RLPrompt:
+    """One line of `rl_prompts.jsonl` (shared with build_data.py): id, task, user_id,
+    prompt (the user turn: query + profile + tagged-reasoning instruction), gold."""
+    id: str
+    task: str
+    user_id: str
+    prompt: str
+    gold: str
+
+    FIELDS = ("id", "task", "user_id", "prompt", "gold")
+
+    def to_json(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def read_rl_prompts(path) -> list[RLPrompt]:
+    from .files import DataError, iter_jsonl
+
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        for f in RLPrompt.FIELDS:
+            if not isinstance(obj.get(f), str):
+                raise DataError(f"{path}:{lineno}: field '{f}' missing or not a string")
+        lamp.get_task(obj["task"])
+        out.append(RLPrompt(*(obj[f] for f in RLPrompt.FIELDS)))
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out

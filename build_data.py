@@ -1,0 +1,112 @@
+"""Build TagPR's training data: tagged reasoning chains (SFT), PRMU preference pairs, RL prompts (TagPR §3.2).
+
+    python build_data.py                                   # offline default: synthetic users, simulated expert
+    python build_data.py --lamp-dir /data/LaMP --out runs/lamp/data \\
+        --teacher openai:Qwen/Qwen3-235B-A22B-Thinking-2507@http://vllm-host:8000/v1 \\
+        --judge openai:gpt-4o@https://api.openai.com/v1 --judge-key-env OPENAI_API_KEY \\
+        --tagger openai:gpt-4o@https://api.openai.com/v1 --tagger-key-env OPENAI_API_KEY \\
+        --embedder openai:text-embedding-3-small@https://api.openai.com/v1 --embedder-key-env OPENAI_API_KEY
+
+Stages and their counts: `tagpr/datagen.py`. Backends (`openai:MODEL@URL`, `hf:NAME`, `simulated`,
+`hashing`): `tagpr/llm.py`. The simulated expert and its mistake rates: `tagpr/expert.py`.
+Rerunning the same command resumes: every reply is cached under `<out>/cache/`, so only
+what has no answer yet is asked.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagpr import config, datagen, llm, synthetic
+from tagpr.files import write_json
+
+TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"   # the paper's six (LaMP-6 needs a licensed corpus)
+
+
+@dataclass
+class BuildConfig:
+    lamp_dir: str = ""                   # LaMP folder; empty: synthetic users written to <out>/synthetic_lamp
+    out: str = "runs/default/data"
+    tasks: str = TASKS
+    instances_per_task: int = 1000       # paper
+    chains: int = 16                     # teacher samples per instance (paper)
+    k: int = 8                           # profile items (paper: 8 most recent)
+    retriever: str = "recency"
+    rouge_threshold: float = 0.3         # generation accuracy filter (ours)
+    judge_threshold: int = 15            # keep composite > 15 (paper)
+    n_tags: int = 9                      # primary tags (paper)
+    kmeans_restarts: int = 50
+    min_tags: int = 3                    # paper
+    rl_per_task: int = 1024              # paper
+    rl_lamp2: int = 3200                 # paper
+    spot_check: int = 20
+    teacher_temperature: float = 1.0
+    max_tokens: int = 4096
+    teacher: str = "simulated"           # openai:MODEL@URL | hf:NAME | simulated
+    judge: str = "simulated"
+    tagger: str = "simulated"
+    embedder: str = "hashing"            # openai:MODEL@URL | hf:NAME | hashing | simulated
+    teacher_key_env: str = "OPENAI_API_KEY"   # the environment variable holding the key (never logged)
+    judge_key_env: str = "OPENAI_API_KEY"
+    tagger_key_env: str = "OPENAI_API_KEY"
+    embedder_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    timeout: float = 600.0               # seconds per HTTP request (long thinking chains)
+    retries: int = 5
+    backoff: float = 2.0                 # seconds; doubles per retry, with jitter
+    seed: int = 0
+    synthetic_users: int = 150           # synthetic mode: train users per task (4 questions each)
+
+
+PRESETS = {
+    # the offline default: sizes that build in about a minute on a 2-core CPU
+    "synthetic": dict(instances_per_task=200, chains=4, rl_per_task=256, rl_lamp2=256),
+    "paper": dict(instances_per_task=1000, chains=16, rl_per_task=1024, rl_lamp2=3200),
+    "tiny": dict(out="runs/tiny/data", instances_per_task=12, chains=2, rl_per_task=8, rl_lamp2=8, synthetic_users=6,
+                 spot_check=4),
+}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, preset = config.parse(BuildConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    if preset is None and not cfg.lamp_dir:  # synthetic users without a preset: the offline default's sizes
+        cfg, preset = config.parse(BuildConfig, PRESETS, ["--preset", "synthetic", *argv])
+    out = Path(cfg.out)
+    t0 = time.time()
+    tasks = [t for t in cfg.tasks.split(",") if t]
+    expert = None
+    lamp_dir = cfg.lamp_dir
+    if not lamp_dir:
+        lamp_dir = out / "synthetic_lamp"
+        if not (lamp_dir / tasks[0] / "train" / "train_questions.json").is_file():
+            synthetic.generate(lamp_dir, tasks, cfg.seed, {"train": (cfg.synthetic_users, 4), "dev": (60, 2),
+                                                             "test": (60, 2)})
+        print(f"synthetic users (LaMP format) in {lamp_dir}")
+    if "simulated" in (cfg.teacher, cfg.judge, cfg.tagger, cfg.embedder):
+        if cfg.lamp_dir:
+            raise SystemExit("the simulated expert answers only for synthetic users: with --lamp-dir, pass "
+                             "--teacher/--judge/--tagger as openai:MODEL@URL or hf:NAME")
+        from tagpr.expert import SimulatedExpert
+
+        expert = SimulatedExpert(lamp_dir, tasks)
+    cache = out / "cache"
+    backends = {role: llm.from_spec(getattr(cfg, role), role, cache, getattr(cfg, f"{role}_key_env"),
+                                    cfg.concurrency, cfg.timeout, cfg.retries, cfg.backoff, expert)
+                for role in ("teacher", "judge", "tagger", "embedder")}
+    for role, b in backends.items():
+        print(f"{role}: {b.describe()}")
+    write_json(out / "config.json", {**config.to_dict(cfg), "preset": preset})
+    s = datagen.Settings(tasks=tasks, **{k: getattr(cfg, k) for k in (
+        "instances_per_task", "chains", "k", "retriever", "rouge_threshold", "judge_threshold", "n_tags",
+        "kmeans_restarts", "min_tags", "rl_per_task", "rl_lamp2", "spot_check", "teacher_temperature",
+        "max_tokens", "seed")})
+    manifest = datagen.build(lamp_dir, out, s, backends)
+    print(f"done in {time.time() - t0:.0f}s; counts per stage in {out / 'manifest.json'}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
