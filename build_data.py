@@ -86,9 +86,6 @@ def main(argv=None) -> dict:
                                                              "test": (60, 2)})
         print(f"synthetic users (LaMP format) in {lamp_dir}")
     if "simulated" in (cfg.teacher, cfg.judge, cfg.tagger, cfg.embedder):
-        if cfg.lamp_dir:
-            raise SystemExit("the simulated expert answers only for synthetic users: with --lamp-dir, pass "
-                             "--teacher/--judge/--tagger as openai:MODEL@URL or hf:NAME")
         from tagpr.expert import SimulatedExpert
 
         expert = SimulatedExpert(lamp_dir, tasks)

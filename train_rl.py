@@ -43,6 +43,7 @@ class RLConfig:
     policy: str = "runs/default/sft/model"   # HF folder (the SFT export), "smollm2-135m" or "tiny"
     prompts: str = ""                         # rl_prompts.jsonl; empty: <run>/data/rl_prompts.jsonl, else synthetic
     prmu: str = ""                            # PRMU export folder (R_p); empty: no R_p term
+    tags: str = ""                            # tags.json (R_tag's vocabulary); empty: beside the prompts, else the default
     out: str = "runs/default/rl"
     lr: float = 1e-6                          # paper
     global_batch: int = 128                   # prompts per rollout batch (paper)
@@ -103,7 +104,17 @@ def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
     return read_rl_prompts(made)
 
 
-def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer):
+def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
+    """The tag vocabulary R_tag checks: build_data's `tags.json` beside the prompts, else the default nine."""
+    path = Path(cfg.tags) if cfg.tags else (Path(cfg.prompts).parent if cfg.prompts else out.parent / "data") / "tags.json"
+    if path.is_file():
+        return tags.load_tags(path)
+    if cfg.tags:
+        raise DataError(f"{path}: not found; `python build_data.py` writes it")
+    return tags.DEFAULT_TAGS
+
+
+def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer, vocab=tags.DEFAULT_TAGS):
     """Rewards per rollout (rows prompt-major, `group` per prompt) and their components."""
     golds = [p.gold for p in batch for _ in range(cfg.group)]
     tasks = [p.task for p in batch for _ in range(cfg.group)]
@@ -114,7 +125,7 @@ def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], sco
         users = [p.user_id for p in batch for _ in range(cfg.group)]
         personal = scorer.score(users, [p.prompt for p in batch for _ in range(cfg.group)], texts).tolist()
     w = rewards.RewardWeights(w_format=cfg.w_format, w_personal=cfg.w_personal if scorer is not None else 0.0)
-    return rewards.composite_reward(texts, golds, tasks, personal, w, min_tags=cfg.min_tags, ngram=cfg.ngram)
+    return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram)
 
 
 def sequences(roll, device, pad_id):
@@ -169,7 +180,8 @@ def main(argv=None):
     start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
                 f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s)")
-    vocab = tags.DEFAULT_TAGS
+    vocab = load_vocab(cfg, out)
+    dist.print0(f"tag vocabulary: {', '.join(vocab)}")
     bar = tqdm(total=total, initial=start, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
     step = start
     while step < total:
@@ -190,7 +202,7 @@ def main(argv=None):
         model.train()
         t1 = time.perf_counter()
         # 2. rewards and advantages
-        total_r, parts = compute_rewards(cfg, stage, roll.texts, batch, scorer)
+        total_r, parts = compute_rewards(cfg, stage, roll.texts, batch, scorer, vocab)
         adv, adv_m = group_advantages(torch.tensor(total_r, dtype=torch.float32), cfg.group)
         t2 = time.perf_counter()
         # 3. old (and reference) log-probs, once, with the training model at the sampling temperature

@@ -67,7 +67,7 @@ def teacher_prompt(task: lamp.Task, q: lamp.Question, items: Sequence[lamp.Item]
     return f"{q.input}\n\n{TEACHER_BLIND}"
 
 
-_ANSWER = re.compile(r"^\s*[*_#]*\s*answer\s*[*_]*\s*:\s*(.*)$", re.IGNORECASE)
+_ANSWER = re.compile(r"^\s*[*_#]*\s*answer\s*[*_]*\s*:\s*[*_]*\s*(.*)$", re.IGNORECASE)
 
 
 def parse_teacher(text: str) -> tuple[str, str, str]:

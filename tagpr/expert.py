@@ -3,15 +3,16 @@
 It answers the data pipeline's requests (`tagpr.datagen`) from each synthetic question's
 latent rule, in the same text formats a real model is asked for, so every parser, filter
 and the clustering do real, counted work. It refuses any question without a latent rule
-(real LaMP data): there it knows nothing. Every choice is a deterministic function of
-(role, question id, sample), so runs repeat exactly.
+(real LaMP data): there it knows nothing. Every choice is a deterministic function of the
+request (its text and sample index), like a seeded model's: identical requests get identical
+replies, so answering from the request cache and answering afresh agree.
 
 Mistakes, at these rates (each drawn independently per request):
 
 | role | mistake | rate | caught by |
 |---|---|---|---|
 | teacher | reasons from another user's rule → wrong answer / other style | 0.25 | accuracy filter |
-| teacher | rambles: repeats a step three times | 0.10 | judge (conciseness 1) |
+| teacher | rambles: repeats a step three times | 0.10 | judge (consistency 4, conciseness 1) |
 | teacher | forgets the `Answer:` line | 0.05 | teacher parser |
 | judge | unparsable reply | 0.03 | judge parser |
 | judge | harsh grader: logical consistency 2 | 0.08 | judge threshold |
@@ -35,6 +36,7 @@ import statistics
 from pathlib import Path
 
 from . import lamp, synthetic, tags
+from .files import DataError
 from .llm import Backend, HashingEmbedder, Reply
 
 RATES = {"teacher_wrong_rule": 0.25, "teacher_ramble": 0.10, "teacher_no_answer": 0.05,
@@ -67,6 +69,10 @@ SYNONYMS = {
 }
 
 
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def _u(*key) -> float:
     """A deterministic uniform draw in [0, 1) from a key (blake2b: crc32 is affine, so keys that differ
     in a character or two give correlated draws)."""
@@ -82,6 +88,10 @@ class SimulatedExpert(Backend):
         self.questions: dict[str, tuple[lamp.Task, lamp.Question, dict]] = {}
         for t in tasks:
             s = lamp.load_split(lamp_dir, t, split)
+            if not (lamp.split_files(lamp_dir, t, split)[0].parent / f"{split}_latent.json").is_file():
+                raise DataError(f"{lamp_dir}: {t} {split} has no {split}_latent.json: the simulated expert answers "
+                                "only for synthetic users; for LaMP pass --teacher/--judge/--tagger as "
+                                "openai:MODEL@URL or hf:NAME")
             latent = synthetic.read_latent(lamp_dir, t, split)
             for q in s.questions:
                 if q.id in latent:
@@ -125,7 +135,7 @@ class SimulatedExpert(Backend):
     def teacher(self, meta: dict, prompt: str) -> str:
         task, q, lat = self.questions[meta["id"]]
         gen = synthetic.GENERATORS[task.name]
-        key = (meta["id"], meta.get("sample", 0))
+        key = (_digest(prompt), meta.get("sample", 0))
         rule = lat["rule"]
         if _u("wrong", *key) < RATES["teacher_wrong_rule"]:
             others = [r for r in gen.rules if r != rule]
@@ -171,13 +181,14 @@ class SimulatedExpert(Backend):
     # ------------------------------------------------------------------ judge
 
     def judge(self, meta: dict, prompt: str) -> str:
-        key = ("judge", meta["id"], meta.get("sample", 0))
+        key = ("judge", _digest(prompt), meta.get("sample", 0))
         if _u("unparsable", *key) < RATES["judge_unparsable"]:
             return "This reasoning looks mostly fine to me."
         reasoning = prompt.split("Reasoning:\n", 1)[-1].split("\n\nFinal answer:", 1)[0]
         lines = [re.sub(r"^\d+\.\s*", "", l) for l in reasoning.splitlines() if l.strip()]
         repeated = len(lines) - len(set(lines))
-        scores = {"logical_consistency": 2 if _u("harsh", *key) < RATES["judge_harsh"] else 5,
+        # a repeated step breaks the flow (logical consistency 4) and the brevity (conciseness 1): ≤ 15, dropped
+        scores = {"logical_consistency": 2 if _u("harsh", *key) < RATES["judge_harsh"] else 5 - bool(repeated),
                   "factual_accuracy": 4 + (_u("fact", *key) < 0.5),
                   "completeness": 4 + (len(lines) >= 4),
                   "conciseness": 1 if repeated else 4 + (_u("conc", *key) < 0.5)}
@@ -198,7 +209,7 @@ class SimulatedExpert(Backend):
         return out
 
     def explore(self, meta: dict, prompt: str) -> str:
-        key = ("explore", meta["id"], meta.get("sample", 0))
+        key = ("explore", _digest(prompt), meta.get("sample", 0))
         parts = []
         for i, (kind, text) in enumerate(self._steps(prompt)):
             syn = SYNONYMS[kind]
@@ -210,7 +221,7 @@ class SimulatedExpert(Backend):
         return "\n".join(parts)
 
     def restrict(self, meta: dict, prompt: str) -> str:
-        key = (meta["role"], meta["id"], meta.get("sample", 0))
+        key = ("restrict", _digest(prompt), meta.get("sample", 0))
         offered = re.findall(r"<([a-z0-9_]+)>", prompt.split("Reasoning:\n", 1)[0])
         emb = self._embed.embed(offered)                                       # (9, D)
         steps = self._steps(prompt)

@@ -139,6 +139,18 @@ class Backend:
         raise LLMError(f"{self.describe()} cannot chat")
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors (N, D), from the cache when this exact list was embedded before."""
+        key = hashlib.sha256(json.dumps(["embed", self.model_id, list(texts)]).encode()).hexdigest()
+        hit = self.cache.get(key) if self.cache else None
+        if hit is not None:
+            self.cache_hits += 1
+            return np.asarray(json.loads(hit), dtype=np.float64)
+        vecs = self._embed(texts)
+        if self.cache:
+            self.cache.put(key, json.dumps(vecs.tolist()))
+        return vecs
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
         raise LLMError(f"{self.describe()} cannot embed")
 
     def stats(self) -> dict:
@@ -237,13 +249,17 @@ class OpenAIBackend(Backend):
                 bar.update(1)
         return out
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = self._post("/embeddings", {"model": self.model, "input": list(texts)}, {"role": "embedder"})
-        try:
-            rows = sorted(out["data"], key=lambda d: d["index"])
-            return _unit(np.asarray([d["embedding"] for d in rows], dtype=np.float64))
-        except (KeyError, TypeError, ValueError) as e:
-            raise LLMError(f"{self.base_url}/embeddings: malformed reply: {e}") from None
+    def _embed(self, texts: Sequence[str], batch: int = 256) -> np.ndarray:
+        """In requests of `batch` inputs (APIs cap the inputs per request)."""
+        rows = []
+        for a in range(0, len(texts), batch):
+            out = self._post("/embeddings", {"model": self.model, "input": list(texts[a:a + batch])},
+                             {"role": "embedder"})
+            try:
+                rows += [d["embedding"] for d in sorted(out["data"], key=lambda d: d["index"])]
+            except (KeyError, TypeError, ValueError) as e:
+                raise LLMError(f"{self.base_url}/embeddings: malformed reply: {e}") from None
+        return _unit(np.asarray(rows, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------- hf
@@ -283,9 +299,8 @@ class HFBackend(Backend):
         with _bar(len(requests), progress) as bar:
             for a in range(0, len(requests), self.batch_size):
                 chunk = requests[a:a + self.batch_size]
-                ids = [tok.apply_chat_template(r.messages, tokenize=True, add_generation_prompt=True)
-                       for r in chunk]
-                ids = [x["input_ids"] if isinstance(x, dict) else list(x) for x in ids]
+                ids = [tok(tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"] for r in chunk]
                 t = max(r.temperature for r in chunk)
                 gens = [torch.Generator().manual_seed(r.seed) for r in chunk]
                 roll = generate(lm, ids, tok.eos_token_id, tok.pad_token_id, max(r.max_tokens for r in chunk),
@@ -295,7 +310,7 @@ class HFBackend(Backend):
                 bar.update(len(chunk))
         return out
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
         lm, tok = self._load()
