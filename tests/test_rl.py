@@ -146,7 +146,7 @@ def test_rewards_rise_on_a_learnable_task(tmp_path, monkeypatch):
     characters in a–m (a synthetic task; LaMP rewards are all 0 for a random policy)."""
     import train_rl
 
-    def letters(cfg, stage, texts, batch, scorer):
+    def letters(cfg, stage, texts, batch, scorer, vocab):
         r = [sum(c in "abcdefghijklm" for c in t) / max(len(t), 1) for t in texts]
         return r, {"letters": r}
 
