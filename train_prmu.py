@@ -13,7 +13,7 @@ rate. Held-out pairwise accuracy is logged per set and per task. Export:
 `tagpr.prmu.Scorer` (the RL reward).
 
 Departures from the paper:
-1. Until `build_data.py` writes the pair files, pairs come from synthetic users
+1. Without the pair files of `build_data.py`, pairs come from synthetic users
    (`tagpr.synthetic.preference_pairs`), said in the log.
 2. `--no-user-embeddings` trains the "PRMU w/o UE" ablation.
 3. Under torchrun every rank loads the (small) backbone on CPU before sharding.

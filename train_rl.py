@@ -16,7 +16,7 @@ One step:
    `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy.
 
 Departures from the paper:
-1. Until `build_data.py` writes `rl_prompts.jsonl`, prompts come from synthetic users.
+1. Without `rl_prompts.jsonl` (from `build_data.py`), prompts come from synthetic users.
 2. Without `--prmu` the guided stage has no R_p term (said in the log).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ through `kernels.logprob` (no [N, V] logits). AdamW, linear warmup + cosine deca
 gradient clipping; FSDP2 across ranks; exact resume; HF export in `<out>/model`.
 
 Departures from the paper:
-1. Until `build_data.py` has written `sft.jsonl`, the data are synthetic users' expert
+1. Without `sft.jsonl` (from `build_data.py`), the data are synthetic users' expert
    chains written from their latent rules (`tagpr.synthetic.sft_records`), said in the log.
 2. Sequences longer than `--max-len` are an error unless `--skip-long` (then counted).
 3. Packing (`--pack auto`: on with flash-attention-2) puts several sequences in one row
