@@ -107,24 +107,20 @@ class SimulatedExpert(Backend):
     def describe(self) -> str:
         return "simulated expert (synthetic users only; mistake rates in tagpr/expert.py)"
 
-    def _chat(self, requests, progress):
-        from .llm import _bar
-
+    def _chat(self, requests):
         out = []
-        with _bar(len(requests), progress) as bar:
-            for r in requests:
-                self.requests += 1
-                role = r.meta.get("role", "")
-                if r.meta.get("id") not in self.questions:
-                    out.append(Reply(error=f"the simulated expert knows only synthetic users; no latent rule for "
-                                           f"question {r.meta.get('id')!r}"))
-                else:
-                    fn = {"teacher": self.teacher, "teacher_blind": self.teacher_blind, "judge": self.judge,
-                          "explore": self.explore, "restrict": self.restrict,
-                          "restrict_rejected": self.restrict}.get(role)
-                    out.append(Reply(fn(r.meta, r.messages[-1]["content"])) if fn else
-                               Reply(error=f"the simulated expert has no role {role!r}"))
-                bar.update(1)
+        for r in requests:
+            self.requests += 1
+            role = r.meta.get("role", "")
+            if r.meta.get("id") not in self.questions:
+                out.append(Reply(error=f"the simulated expert knows only synthetic users; no latent rule for "
+                                       f"question {r.meta.get('id')!r}"))
+            else:
+                fn = {"teacher": self.teacher, "teacher_blind": self.teacher_blind, "judge": self.judge,
+                      "explore": self.explore, "restrict": self.restrict,
+                      "restrict_rejected": self.restrict}.get(role)
+                out.append(Reply(fn(r.meta, r.messages[-1]["content"])) if fn else
+                           Reply(error=f"the simulated expert has no role {role!r}"))
         return out
 
     def embed(self, texts):

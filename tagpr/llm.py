@@ -53,14 +53,16 @@ class Request:
     temperature: float = 0.0
     max_tokens: int = 1024
     sample: int = 0                      # the k-th of K samples of one prompt: part of the cache key and the seed
+    prefix: str = ""                     # the assistant's reply so far: generation continues it (R2P intervention)
 
     def key(self, model: str) -> str:
-        body = json.dumps([model, self.messages, self.temperature, self.max_tokens, self.sample], sort_keys=True)
+        body = json.dumps([model, self.messages, self.temperature, self.max_tokens, self.sample, self.prefix],
+                          sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
     @property
     def seed(self) -> int:
-        return zlib.crc32(json.dumps([self.messages, self.sample]).encode())
+        return zlib.crc32(json.dumps([self.messages, self.sample, self.prefix]).encode())
 
 
 @dataclass
@@ -68,34 +70,35 @@ class Reply:
     text: str = ""
     error: str = ""          # non-empty: the request failed after all retries
     cached: bool = False
+    finished: bool = True    # the model stopped by itself (False: it hit max_tokens)
 
 
 class Cache:
-    """Append-only JSONL of {"key", "text"}; loaded once, appended under a lock."""
+    """Append-only JSONL of {"key", "text", "finished"}; loaded once, appended under a lock."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self.data: dict[str, str] = {}
+        self.data: dict[str, tuple[str, bool]] = {}
         self.lock = threading.Lock()
         if self.path and self.path.is_file():
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         row = json.loads(line)
-                        self.data[row["key"]] = row["text"]
+                        self.data[row["key"]] = (row["text"], bool(row.get("finished", True)))
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a torn last line from a killed run: that request is asked again
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, bool] | None:
         return self.data.get(key)
 
-    def put(self, key: str, text: str) -> None:
+    def put(self, key: str, text: str, finished: bool = True) -> None:
         with self.lock:
-            self.data[key] = text
+            self.data[key] = (text, finished)
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
+                    f.write(json.dumps({"key": key, "text": text, "finished": finished}, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
 
@@ -112,30 +115,36 @@ class Backend:
     def describe(self) -> str:
         return self.name
 
+    chunk = 256   # requests per `_chat` call: replies are cached after each, so a killed run loses one chunk
+
     def chat(self, requests: Sequence[Request], progress: str | None = None) -> list[Reply]:
-        """Replies in order; cached ones first, the rest through `_chat`."""
+        """Replies in order; cached ones first, the rest through `_chat` in chunks (each cached when done)."""
         replies: list[Reply | None] = [None] * len(requests)
         todo = []
         for i, r in enumerate(requests):
             hit = self.cache.get(r.key(self.model_id)) if self.cache else None
             if hit is not None:
-                replies[i] = Reply(hit, cached=True)
+                replies[i] = Reply(hit[0], cached=True, finished=hit[1])
                 self.cache_hits += 1
             else:
                 todo.append(i)
-        if todo:
-            fresh = self._chat([requests[i] for i in todo], progress)
-            for i, rep in zip(todo, fresh):
-                replies[i] = rep
-                if rep.error:
-                    self.failures += 1
-                elif self.cache:
-                    self.cache.put(requests[i].key(self.model_id), rep.text)
+        # longest prompts first: batches of similar length pad less, and the slow ones show early
+        todo.sort(key=lambda i: -len(json.dumps(requests[i].messages)) - len(requests[i].prefix))
+        with _bar(len(todo), progress) as bar:
+            for a in range(0, len(todo), self.chunk):
+                part = todo[a:a + self.chunk]
+                for i, rep in zip(part, self._chat([requests[i] for i in part])):
+                    replies[i] = rep
+                    if rep.error:
+                        self.failures += 1
+                    elif self.cache:
+                        self.cache.put(requests[i].key(self.model_id), rep.text, rep.finished)
+                bar.update(len(part))
         return replies  # type: ignore[return-value]
 
     model_id = ""
 
-    def _chat(self, requests: Sequence[Request], progress: str | None) -> list[Reply]:
+    def _chat(self, requests: Sequence[Request]) -> list[Reply]:
         raise LLMError(f"{self.describe()} cannot chat")
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -144,7 +153,7 @@ class Backend:
         hit = self.cache.get(key) if self.cache else None
         if hit is not None:
             self.cache_hits += 1
-            return np.asarray(json.loads(hit), dtype=np.float64)
+            return np.asarray(json.loads(hit[0]), dtype=np.float64)
         vecs = self._embed(texts)
         if self.cache:
             self.cache.put(key, json.dumps(vecs.tolist()))
@@ -224,6 +233,9 @@ class OpenAIBackend(Backend):
     def _one(self, r: Request) -> Reply:
         body = {"model": self.model, "messages": r.messages, "temperature": r.temperature,
                 "max_tokens": r.max_tokens, "seed": r.seed}
+        if r.prefix:  # continue the assistant's partial reply (vLLM's extension of the chat API)
+            body.update(messages=r.messages + [{"role": "assistant", "content": r.prefix}],
+                        continue_final_message=True, add_generation_prompt=False)
         try:
             for attempt in range(self.retries + 1):
                 out = self._post("/chat/completions", body, r.meta)
@@ -231,7 +243,7 @@ class OpenAIBackend(Backend):
                     text = out["choices"][0]["message"]["content"]
                     if not isinstance(text, str):
                         raise TypeError
-                    return Reply(text)
+                    return Reply(text, finished=out["choices"][0].get("finish_reason", "stop") != "length")
                 except (KeyError, IndexError, TypeError):
                     err = f"malformed reply (no choices[0].message.content): {str(out)[:80]}"
                     if attempt < self.retries:
@@ -240,14 +252,9 @@ class OpenAIBackend(Backend):
         except LLMError as e:
             return Reply(error=str(e))
 
-    def _chat(self, requests, progress):
-        out: list[Reply] = [Reply()] * len(requests)
-        with ThreadPoolExecutor(self.concurrency) as pool, _bar(len(requests), progress) as bar:
-            futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
-            for f in futures:
-                out[futures[f]] = f.result()
-                bar.update(1)
-        return out
+    def _chat(self, requests):
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, requests))
 
     def _embed(self, texts: Sequence[str], batch: int = 256) -> np.ndarray:
         """In requests of `batch` inputs (APIs cap the inputs per request)."""
@@ -272,6 +279,7 @@ class HFBackend(Backend):
 
     def __init__(self, model: str, cache_path=None, batch_size: int = 8, device: str | None = None):
         super().__init__()
+        self.chunk = batch_size
         self.model_id = f"hf:{model}"
         self.spec = model
         self.batch_size = batch_size
@@ -289,26 +297,20 @@ class HFBackend(Backend):
             self._lm, self._tok = load_model(self.spec, device=self.device)
         return self._lm, self._tok
 
-    def _chat(self, requests, progress):
+    def _chat(self, requests):
         import torch
 
         from .rollout import generate
 
         lm, tok = self._load()
-        out = []
-        with _bar(len(requests), progress) as bar:
-            for a in range(0, len(requests), self.batch_size):
-                chunk = requests[a:a + self.batch_size]
-                ids = [tok(tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True),
-                           add_special_tokens=False)["input_ids"] for r in chunk]
-                t = max(r.temperature for r in chunk)
-                gens = [torch.Generator().manual_seed(r.seed) for r in chunk]
-                roll = generate(lm, ids, tok.eos_token_id, tok.pad_token_id, max(r.max_tokens for r in chunk),
-                                temperature=t or 1.0, greedy=t == 0, generator=gens, tokenizer=tok)
-                self.requests += len(chunk)
-                out += [Reply(text) for text in roll.texts]
-                bar.update(len(chunk))
-        return out
+        ids = [tok(tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefix,
+                   add_special_tokens=False)["input_ids"] for r in requests]
+        t = max(r.temperature for r in requests)
+        gens = [torch.Generator().manual_seed(r.seed) for r in requests]
+        roll = generate(lm, ids, tok.eos_token_id, tok.pad_token_id, max(r.max_tokens for r in requests),
+                        temperature=t or 1.0, greedy=t == 0, generator=gens, tokenizer=tok)
+        self.requests += len(requests)
+        return [Reply(text, finished=bool(f)) for text, f in zip(roll.texts, roll.finished.tolist())]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         import torch

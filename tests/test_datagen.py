@@ -228,7 +228,7 @@ def test_cache_survives_a_torn_line(tmp_path):
     with open(tmp_path / "c.jsonl", "a") as f:
         f.write('{"key": "k3", "te')                 # killed mid-write
     again = Cache(tmp_path / "c.jsonl")
-    assert again.data == {"k0": "text 0", "k1": "text 1", "k2": "text 2"}
+    assert again.data == {"k0": ("text 0", True), "k1": ("text 1", True), "k2": ("text 2", True)}
 
 
 def test_hf_backend_tiny_model(lamp_dir, tmp_path):
