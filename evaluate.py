@@ -1,0 +1,131 @@
+"""Evaluate any model with any method on LaMP (or synthetic users): official metrics, a table like TagPR's Table 1.
+
+    python evaluate.py --model smollm2-135m --methods zero-shot,rag,rag-r,r2p --limit 24
+    python evaluate.py --model runs/default/rl/model --methods tagpr
+    python evaluate.py --model runs/default/rl/model --methods tagpr --sweep k          # k ∈ {2, 4, 8, 16, 32}
+    python evaluate.py --model runs/default/rl/model --methods tagpr --sweep retriever  # recency, bm25, random, dense
+    python evaluate.py --model openai:gpt-4o@https://api.openai.com/v1 --lamp-dir /data/LaMP --methods rag --paper
+
+Writes `<out>/<setting>/<task>/` predictions.json (the official outputs format), golds.json,
+traces.jsonl (prompt, full output, answer), metrics.json; and `<out>/metrics.json`,
+`<out>/table.md` (+ `sweep.png` for sweeps). Rerunning resumes: finished (setting, task)
+folders are reused and model replies come from `<out>/cache/`.
+Methods and how each departs from its paper: `tagpr/evaluation.py`, `tagpr/r2p.py`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagpr import config, evaluation, lamp, llm, r2p, synthetic, tags
+from tagpr.files import atomic_write_text, write_json
+
+SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "dense"]}
+
+
+@dataclass
+class EvalConfig:
+    model: str = "smollm2-135m"         # HF folder, smollm2-135m, tiny, or openai:MODEL@BASE_URL
+    methods: str = "zero-shot,rag,rag-r,r2p"
+    tasks: str = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"
+    split: str = "dev"
+    lamp_dir: str = ""                  # empty: runs/default/data/synthetic_lamp if present, else synthetic users
+    out: str = ""                       # empty: runs/default/eval/<model name>
+    limit: int = 0                      # questions per task (0: all)
+    k: int = 8                          # paper: the 8 most recent items
+    retriever: str = "recency"
+    dense_model: str = ""               # a local encoder folder for --retriever dense
+    sweep: str = ""                     # "", "k" or "retriever"
+    tags: str = ""                      # tags.json for the TagPR prompt; empty: beside the RL prompts, else default
+    paper: bool = False                 # add the paper's Table 1 rows (quoted, labelled)
+    batch_size: int = 16
+    max_new_direct: int = 48
+    max_new_reason: int = 320
+    r2p_candidates: int = 3
+    r2p_chunk: int = 48
+    r2p_budget_words: int = 180
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    seed: int = 0
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/").split("@")[0]).strip("_")[-60:]
+
+
+def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
+    if cfg.model.startswith("openai:"):
+        return llm.from_spec(cfg.model, "model", cache, cfg.api_key_env, cfg.concurrency)
+    b = llm.HFBackend(cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size)
+    return b
+
+
+def main(argv=None) -> dict:
+    cfg, _ = config.parse(EvalConfig, {}, argv, description=__doc__.split("\n")[0])
+    t0 = time.time()
+    lamp_dir = Path(cfg.lamp_dir) if cfg.lamp_dir else Path("runs/default/data/synthetic_lamp")
+    if not cfg.lamp_dir and not (lamp_dir / "LaMP_2" / cfg.split).is_dir():
+        lamp_dir = Path("runs/default/eval/synthetic_lamp")
+        if not (lamp_dir / "LaMP_2" / cfg.split).is_dir():
+            synthetic.generate(lamp_dir, seed=0)
+    out = Path(cfg.out or f"runs/default/eval/{slug(cfg.model)}")
+    write_json(out / "config.json", config.to_dict(cfg))
+    methods = [m for m in cfg.methods.split(",") if m]
+    for m in methods:
+        if m not in evaluation.METHODS:
+            raise SystemExit(f"--methods: unknown {m!r}; expected {', '.join(evaluation.METHODS)}")
+    tags_path = Path(cfg.tags) if cfg.tags else Path("runs/default/data/tags.json")
+    vocab = tags.load_tags(tags_path) if tags_path.is_file() else tags.DEFAULT_TAGS
+    backend = make_backend(cfg, out / "cache") if set(methods) - {"oracle"} else None
+    encoder = None
+    settings = [(m, cfg.k, cfg.retriever) for m in methods]
+    if cfg.sweep:
+        if cfg.sweep not in SWEEPS:
+            raise SystemExit(f"--sweep: expected one of {', '.join(SWEEPS)}")
+        settings = [(m, x if cfg.sweep == "k" else cfg.k, x if cfg.sweep == "retriever" else cfg.retriever)
+                    for m in methods for x in SWEEPS[cfg.sweep]]
+    if any(r == "dense" for _, _, r in settings):
+        if not cfg.dense_model:
+            if cfg.sweep == "retriever":
+                print("no --dense-model: the retriever sweep skips dense")
+                settings = [x for x in settings if x[2] != "dense"]
+            else:
+                raise SystemExit("--retriever dense needs --dense-model (a local encoder folder)")
+        else:
+            from tagpr.retrieval import DenseEncoder
+            encoder = DenseEncoder(cfg.dense_model)
+    results: dict[str, dict] = {}
+    for method, k, retriever in settings:
+        name = method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}"
+        s = evaluation.Settings(k, retriever, cfg.seed, cfg.max_new_direct, cfg.max_new_reason, vocab,
+                                r2p.Settings(chunk=cfg.r2p_chunk, budget_words=cfg.r2p_budget_words,
+                                             candidates=cfg.r2p_candidates))
+        results[name] = {}
+        for task in [t for t in cfg.tasks.split(",") if t]:
+            split = lamp.load_split(lamp_dir, task, cfg.split)
+            m = evaluation.evaluate_split(backend, method, split, out / slug(name), s, cfg.limit, encoder, lamp_dir,
+                                          cfg.split)
+            results[name][split.task.name] = m
+            print(json.dumps({"setting": name, "task": split.task.name, **{k_: round(v, 4) for k_, v in m.items()}}))
+    write_json(out / "metrics.json", results)
+    pretty = {(evaluation.LABELS.get(n.split("@")[0], n) + (f" @ {n.split('@')[1]}" if "@" in n else "")): r
+              for n, r in results.items()}
+    title = (f"{cfg.model} on {lamp_dir} ({cfg.split}, k = {cfg.k}, {cfg.retriever}"
+             f"{f', first {cfg.limit} questions per task' if cfg.limit else ''})")
+    md = evaluation.table(pretty, cfg.paper, title)
+    if cfg.sweep:
+        xs = [x for x in SWEEPS[cfg.sweep] if any(n.endswith(f"@{x}") for n in results)]
+        png = evaluation.sweep_plot(results, xs, cfg.sweep, out / "sweep.png")
+        md += f"\n![sweep]({png.name})\n"
+    atomic_write_text(out / "table.md", md)
+    print(md)
+    print(f"done in {time.time() - t0:.0f}s → {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

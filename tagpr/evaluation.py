@@ -1,0 +1,172 @@
+"""Evaluation on LaMP: the methods of TagPR's Table 1, the official metrics, a table laid out like the paper's.
+
+| method | prompt | answer |
+|---|---|---|
+| zero-shot | the LaMP input alone | the whole reply |
+| rag | the official augmentation with the k retrieved profile items | the whole reply |
+| rag-r | rag + "reason step by step inside <think>, then answer" (the paper's "Base") | after `</think>` |
+| pag | rag, preceded by a summary of the user's history that the same model wrote first | the whole reply |
+| r2p | rag + R2P's template, intervention and self-referencing (`tagpr.r2p`) | after `</think>` |
+| tagpr | the TagPR prompt (`tagpr.prompts.tagpr_prompt`) for a trained policy | after `</think>` |
+| oracle | synthetic users only: each question's latent rule applied (no model): the ceiling | |
+
+All model calls are greedy (R2P's candidates are sampled, as R2P does) and go through a
+`tagpr.llm` backend (`hf:` our KV-cache sampler, or an OpenAI-compatible endpoint), whose
+request cache makes a killed evaluation resume where it stopped. Answers are only stripped:
+an invalid or missing prediction is scored by the official rules (a miss; the worst rating),
+never dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from . import lamp, metrics, prompts, r2p, retrieval, synthetic
+from .files import write_json, write_jsonl
+from .llm import Backend, Request
+from .rewards import extract_answer
+from .tags import DEFAULT_TAGS
+
+METHODS = ("zero-shot", "rag", "rag-r", "pag", "r2p", "tagpr", "oracle")
+LABELS = {"zero-shot": "Zero-shot", "rag": "RAG", "rag-r": "RAG-R (base)", "pag": "PAG", "r2p": "R2P",
+          "tagpr": "TagPR", "oracle": "Oracle (latent rule)"}
+REASON = ("First reason step by step about the user's history and the input inside <think> ... </think>, then "
+          "after </think> write only the answer, formatted exactly as the question asks.")
+PAG_SUMMARY = ("Here is a user's history: {items}.\n\nIn two or three sentences, summarize what this history shows "
+               "about the user's preferences and style.")
+
+# TagPR Table 1 (LaMP dev, Qwen3-8B backbone), quoted from arXiv 2509.23140 for side-by-side reading
+PAPER_TABLE1 = {
+    "Zero-shot": (.498, .470, .318, .244, .639, .983, .144, .125, .417, .351, .465, .413),
+    "RAG": (.668, .645, .414, .361, .354, .710, .158, .139, .453, .384, .473, .419),
+    "RAG-R (base)": (.717, .722, .453, .413, .291, .645, .152, .137, .434, .365, .439, .391),
+    "R2P": (.729, .730, .487, .459, .267, .557, .176, .155, .459, .396, .489, .426),
+    "PrLM": (.731, .731, .534, .504, .288, .635, .183, .169, .499, .438, .513, .459),
+    "GPT-4o": (.733, .733, .542, .512, .254, .554, .191, .175, .470, .407, .475, .419),
+    "TagPR": (.803, .803, .598, .557, .218, .263, .234, .213, .542, .471, .565, .507),
+}
+COLUMNS = [("LaMP_1", "accuracy", "L1 acc ↑"), ("LaMP_1", "f1", "L1 F1 ↑"), ("LaMP_2", "accuracy", "L2 acc ↑"),
+           ("LaMP_2", "f1", "L2 F1 ↑"), ("LaMP_3", "MAE", "L3 MAE ↓"), ("LaMP_3", "RMSE", "L3 RMSE ↓"),
+           ("LaMP_4", "rouge-1", "L4 R-1 ↑"), ("LaMP_4", "rouge-L", "L4 R-L ↑"), ("LaMP_5", "rouge-1", "L5 R-1 ↑"),
+           ("LaMP_5", "rouge-L", "L5 R-L ↑"), ("LaMP_7", "rouge-1", "L7 R-1 ↑"), ("LaMP_7", "rouge-L", "L7 R-L ↑")]
+
+
+@dataclass
+class Settings:
+    k: int = 8
+    retriever: str = "recency"
+    seed: int = 0
+    max_new_direct: int = 48
+    max_new_reason: int = 320
+    vocab: Sequence[str] = DEFAULT_TAGS
+    r2p: r2p.Settings = field(default_factory=r2p.Settings)
+
+
+def _user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def run_method(backend: Backend | None, method: str, split: lamp.Split, questions: Sequence[lamp.Question],
+               s: Settings, encoder=None, lamp_dir=None, split_name: str = "dev") -> list[dict]:
+    """One trace per question: id, prompt, output, answer (+ R2P's candidates and interventions)."""
+    task = split.task
+    items = [retrieval.retrieve(task, q, s.k, s.retriever, s.seed, encoder) for q in questions]
+    rag = [lamp.augment(task, q.input, it) for q, it in zip(questions, items)]
+    greedy = lambda texts, n, tag: backend.chat([Request(_user(t), {"role": method}, 0.0, n) for t in texts],
+                                                progress=f"{method} {task.name}{tag}")
+    if method == "oracle":
+        latent = synthetic.read_latent(lamp_dir, task.name, split_name)
+        gen = synthetic.GENERATORS[task.name]
+        return [{"id": q.id, "prompt": "", "output": "", "answer": gen.answer(latent[q.id]["rule"], synthetic._restore(
+            latent[q.id]["content"]))} for q in questions]
+    if method == "r2p":
+        res = r2p.r2p(backend, rag, [task] * len(rag), s.r2p)
+        return [{"id": q.id, "prompt": p, **r} for q, p, r in zip(questions, rag, res)]
+    if method == "zero-shot":
+        texts, n, reasons = [q.input for q in questions], s.max_new_direct, False
+    elif method == "rag":
+        texts, n, reasons = rag, s.max_new_direct, False
+    elif method == "rag-r":
+        texts, n, reasons = [f"{p}\n\n{REASON}" for p in rag], s.max_new_reason, True
+    elif method == "tagpr":
+        texts = [prompts.tagpr_prompt(task, q, it, s.vocab) for q, it in zip(questions, items)]
+        n, reasons = s.max_new_reason, True
+    elif method == "pag":
+        summaries = greedy([PAG_SUMMARY.format(items=", and ".join(task.phrase.format(**i.fields) for i in it))
+                            if it else "" for it in items], s.max_new_direct * 2, " summary")
+        texts = [f"A summary of this user's history: {m.text.strip()}\n\n{p}" for m, p in zip(summaries, rag)]
+        n, reasons = s.max_new_direct, False
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    replies = greedy(texts, n, "")
+    return [{"id": q.id, "prompt": t, "output": r.text, "error": r.error,
+             "answer": (extract_answer(r.text) if reasons else r.text.strip()) if not r.error else ""}
+            for q, t, r in zip(questions, texts, replies)]
+
+
+def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settings, limit: int = 0, encoder=None,
+                   lamp_dir=None, split_name: str = "dev") -> dict:
+    """Run one method on one task; write predictions (official format), traces and metrics; return the metrics.
+
+    A finished (method, task) folder is reused as it is; an unfinished one resumes from the backend's cache.
+    """
+    qs = split.questions[:limit] if limit else split.questions
+    golds = {q.id: split.golds[q.id] for q in qs}
+    d = out / split.task.name
+    if (d / "metrics.json").is_file() and (d / "predictions.json").is_file():
+        _, preds = lamp.read_outputs(d / "predictions.json", split.task)
+        if set(preds) == set(golds):
+            return metrics.evaluate(split.task, golds, preds)
+    traces = run_method(backend, method, split, qs, s, encoder, lamp_dir, split_name)
+    preds = {t["id"]: t["answer"] for t in traces}
+    lamp.write_outputs(d / "predictions.json", split.task, preds)
+    lamp.write_outputs(d / "golds.json", split.task, golds)
+    write_jsonl(d / "traces.jsonl", traces)
+    m = metrics.evaluate(split.task, golds, preds, golds_path=d / "golds.json", preds_path=d / "predictions.json")
+    write_json(d / "metrics.json", m)
+    return m
+
+
+def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str = "") -> str:
+    """Markdown laid out like TagPR's Table 1: one row per setting, the evaluated tasks' columns.
+    `paper`: add the paper's reported rows (real LaMP dev; Qwen3-8B backbone except GPT-4o), labelled as quoted."""
+    tasks = {t for r in results.values() for t in r}
+    cols = [c for c in COLUMNS if c[0] in tasks]
+    head = "| method | " + " | ".join(c[2] for c in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    rows = []
+    for name, r in results.items():
+        cells = [f"{r[t][m]:.3f}" if t in r and m in r[t] else "–" for t, m, _ in cols]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if paper:
+        for name, vals in PAPER_TABLE1.items():
+            cells = [f"{vals[COLUMNS.index(c)]:.3f}" for c in cols]
+            rows.append(f"| *paper Table 1: {name}* | " + " | ".join(cells) + " |")
+    note = ("\n*paper Table 1* rows: quoted from TagPR (arXiv 2509.23140), real LaMP dev, Qwen3-8B backbone "
+            "(GPT-4o: the API model); not comparable with synthetic users.\n") if paper else ""
+    return (f"{title}\n\n" if title else "") + head + "\n".join(rows) + "\n" + note
+
+
+def sweep_plot(results: dict[str, dict[str, dict]], xs: Sequence, xlabel: str, path: Path) -> Path:
+    """One panel per task: the task's first metric of each setting against the sweep variable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in results.values() for t in r})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = next(m for t, m, _ in COLUMNS if t == task)
+        methods = sorted({name.split("@")[0] for name in results})
+        for method in methods:
+            ys = [results.get(f"{method}@{x}", {}).get(task, {}).get(metric) for x in xs]
+            ax.plot([str(x) for x in xs], ys, marker="o", label=LABELS.get(method, method))
+        ax.set_title(f"{task} {metric}")
+        ax.set_xlabel(xlabel)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,158 @@
+"""evaluate.py: R2P's intervention and self-referencing, every method end to end, official scoring of bad answers."""
+import json
+
+import pytest
+
+import evaluate
+from tagpr import evaluation, lamp, metrics, r2p
+from tagpr.llm import Backend, Reply
+
+T2, T3 = lamp.get_task("LaMP_2"), lamp.get_task("LaMP_3")
+
+
+class Scripted(Backend):
+    """A backend whose replies come from a function of the request; records every request."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.seen = fn, []
+
+    def _chat(self, requests):
+        self.seen += list(requests)
+        self.requests += len(requests)
+        return [self.fn(r) for r in requests]
+
+
+# ----------------------------------------------------------------------------- intervention (pure)
+
+def test_intervention_fires_on_drift_and_not_on_compliant():
+    drifting = "<think>\n" + "I love movies, they are fun to watch on weekends with friends. " * 5   # 310 chars
+    kind, text = r2p.intervention(drifting, T2, finished=False)
+    assert kind == "template" and text.startswith(drifting.rstrip()) and text.endswith("Step 1 - Request:")
+    compliant = "<think>\nStep 1 - Request: pick one tag.\nStep 2 - Profile: the user tags by genre, e.g. "
+    assert r2p.intervention(compliant, T2, finished=False) is None
+    assert r2p.intervention(compliant + "comedy. Step 3 - Response: it is a comedy.\n</think>\ncomedy", T2,
+                            finished=True) is None
+    # a heading out of order (Step 3 before Step 2): back to the next one in order
+    kind, text = r2p.intervention("<think>\nStep 1 - Request: x\nStep 3 - Response: y", T2, False)
+    assert kind == "template" and text.endswith("Step 2 - Profile:")
+    # after that correction the order restarts at the injected heading: following it is compliant
+    assert r2p.intervention(text + " the user tags by genre. Step 3 - Response: comedy.", T2, False) is None
+    assert r2p.intervention(text + " genre. Step 1 - Request: again", T2, False)[0] == "template"
+    # all three headings present but out of order: back to the last step
+    assert r2p.intervention("<think>\nStep 2 - Profile: a Step 1 - Request: b Step 3 - Response: c", T2,
+                            False)[1].endswith("Step 3 - Response:")
+    # short text without a heading yet: not drift (the first 240 characters are free)
+    assert r2p.intervention("<think>\nLet me see.", T2, False) is None
+
+
+def test_length_format_and_unclosed_interventions():
+    s = r2p.Settings(budget_words=20)
+    long = "<think>\nStep 1 - Request: " + "word " * 30
+    kind, text = r2p.intervention(long, T2, False, s)
+    assert kind == "length" and text.endswith("</think>\n")
+    kind, text = r2p.intervention("<think>\nStep 1 - Request: x\n</think>\nI think it is a comedy!", T2, True)
+    assert kind == "format" and "I think it is" not in text and text.endswith("</think>\n")
+    assert "exactly one of: sci-fi, based on a book" in text
+    assert r2p.intervention("<think>\nStep 1 - Request: x\n</think>\n6", T3, True)[0] == "format"
+    assert r2p.intervention("<think>\nStep 1 - Request: x\n</think>\n4", T3, True) is None
+    # the model stopped inside its reasoning: close it so an answer follows
+    assert r2p.intervention("<think>\nStep 1 - Request: x", T3, True)[0] == "unclosed"
+    # an unfinished answer is not judged yet
+    assert r2p.intervention("<think>\nStep 1 - Request: x\n</think>\nI thi", T2, False) is None
+
+
+def test_guided_loop_injects_and_continues():
+    """Chunk 1 drifts → the template correction is appended → the model continues from it and finishes."""
+    def fn(req):
+        if req.prefix == "<think>\n":
+            return Reply("Movies are great fun and I like them a lot. " * 6, finished=False)
+        if req.prefix.endswith("Step 1 - Request:"):
+            return Reply(" tag it. Step 2 - Profile: genre. Step 3 - Response: comedy.\n</think>\ncomedy")
+        raise AssertionError(req.prefix)
+
+    b = Scripted(fn)
+    [trace] = r2p.generate_guided(b, [[{"role": "user", "content": "q"}]], [T2], r2p.Settings(chunk=8))
+    assert trace.interventions == ["template"] and trace.text.endswith("</think>\ncomedy")
+    assert "I should follow the three steps of the template." in b.seen[1].prefix
+    assert len(b.seen) == 2
+
+
+def test_self_referencing_sees_all_candidates():
+    def fn(req):
+        content = req.messages[-1]["content"]
+        if "candidate responses" in content:
+            return Reply("Step 1 - Request: x Step 2 - Profile: y Step 3 - Response: candidates 1 and 3 agree.\n"
+                         "</think>\ncomedy")
+        label = ("action", "fantasy", "romance")[req.sample]
+        return Reply(f"Step 1 - Request: a Step 2 - Profile: b Step 3 - Response: c\n</think>\n{label}")
+
+    b = Scripted(fn)
+    [res] = r2p.r2p(b, ["Which tag? description: a film"], [T2], r2p.Settings(candidates=3))
+    final = [r for r in b.seen if "candidate responses" in r.messages[-1]["content"]]
+    assert len(final) == 1
+    for j in range(3):  # each candidate's full text, numbered
+        assert f"Candidate {j + 1}:" in final[0].messages[-1]["content"]
+        assert ("action", "fantasy", "romance")[j] in final[0].messages[-1]["content"]
+    assert res["answer"] == "comedy" and len(res["candidates"]) == 3
+    assert {r.temperature for r in b.seen if r not in final} == {0.7} and final[0].temperature == 0.0
+
+
+# ----------------------------------------------------------------------------- scoring bad answers
+
+def test_invalid_and_missing_predictions_are_scored_officially(synthetic_dir, tmp_path):
+    """Garbage, an error (no reply) and a valid answer on LaMP-3: unparsable → the worst value, never a crash."""
+    split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
+    qs = split.questions[:3]
+    def fn(req):  # requests come longest first: answer by which question the prompt holds
+        content = req.messages[-1]["content"]
+        if content.endswith(qs[0].input):
+            return Reply("five stars!!")
+        return Reply(error="HTTP 500") if content.endswith(qs[1].input) else Reply(split.golds[qs[2].id])
+
+    b = Scripted(fn)
+    s = evaluation.Settings()
+    m = evaluation.evaluate_split(b, "rag", split, tmp_path, s, limit=3)
+    worst = [max(abs(1 - float(split.golds[q.id])), abs(5 - float(split.golds[q.id]))) for q in qs[:2]]
+    assert m["MAE"] == pytest.approx(sum(worst) / 3)
+    assert m["RMSE"] == pytest.approx((sum(w * w for w in worst) / 3) ** 0.5)
+    traces = [json.loads(l) for l in (tmp_path / "LaMP_3" / "traces.jsonl").read_text().splitlines()]
+    assert traces[1]["error"] == "HTTP 500" and traces[1]["answer"] == ""
+
+
+# ----------------------------------------------------------------------------- every method, end to end
+
+@pytest.mark.slow
+def test_every_method_runs_and_the_metrics_cli_agrees(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    args = ["--model", "tiny", "--methods", ",".join(evaluation.METHODS), "--tasks", "LaMP_2,LaMP_3,LaMP_5",
+            "--limit", "2", "--lamp-dir", str(synthetic_dir), "--out", str(out), "--max-new-reason", "16",
+            "--max-new-direct", "8", "--r2p-candidates", "2", "--r2p-chunk", "8", "--paper"]
+    results = evaluate.main(args)
+    assert set(results) == set(evaluation.METHODS)
+    assert results["oracle"]["LaMP_3"] == {"MAE": 0.0, "RMSE": 0.0}
+    table = (out / "table.md").read_text()
+    assert "| Oracle (latent rule) |" in table and "*paper Table 1: TagPR*" in table
+    for setting, per_task in results.items():
+        for task, m in per_task.items():
+            d = out / setting / task
+            capsys.readouterr()
+            metrics.main(["--golds", str(d / "golds.json"), "--preds", str(d / "predictions.json")])
+            assert json.loads(capsys.readouterr().out) == m == json.loads((d / "metrics.json").read_text())
+            assert len((d / "traces.jsonl").read_text().splitlines()) == 2
+    r2p_trace = json.loads((out / "r2p" / "LaMP_2" / "traces.jsonl").read_text().splitlines()[0])
+    assert len(r2p_trace["candidates"]) == 2
+    # resume: a deleted result is rebuilt from the reply cache, without generating again
+    cache = out / "cache" / "model.jsonl"
+    lines = cache.read_text().count("\n")
+    (out / "rag-r" / "LaMP_5" / "metrics.json").unlink()
+    again = evaluate.main(args)
+    assert again == results and cache.read_text().count("\n") == lines
+
+
+def test_k_sweep_writes_a_table_and_plot(synthetic_dir, tmp_path):
+    out = tmp_path / "sweep"
+    res = evaluate.main(["--model", "tiny", "--methods", "oracle", "--tasks", "LaMP_2,LaMP_5", "--limit", "3",
+                         "--lamp-dir", str(synthetic_dir), "--out", str(out), "--sweep", "k"])
+    assert set(res) == {f"oracle@{k}" for k in (2, 4, 8, 16, 32)}
+    assert (out / "sweep.png").stat().st_size > 1000 and "Oracle (latent rule) @ 16" in (out / "table.md").read_text()
