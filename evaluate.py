@@ -47,6 +47,7 @@ class EvalConfig:
     max_new_reason: int = 320
     r2p_candidates: int = 3
     r2p_chunk: int = 48
+    r2p_max_tokens: int = 384
     r2p_budget_words: int = 180
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 16
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
         name = method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}"
         s = evaluation.Settings(k, retriever, cfg.seed, cfg.max_new_direct, cfg.max_new_reason, vocab,
                                 r2p.Settings(chunk=cfg.r2p_chunk, budget_words=cfg.r2p_budget_words,
-                                             candidates=cfg.r2p_candidates))
+                                             candidates=cfg.r2p_candidates, max_tokens=cfg.r2p_max_tokens))
         results[name] = {}
         for task in [t for t in cfg.tasks.split(",") if t]:
             split = lamp.load_split(lamp_dir, task, cfg.split)
