@@ -62,17 +62,17 @@ def main(argv=None):
     ap.add_argument("--policy", default="smollm2-135m")
     ap.add_argument("--tasks", default="LaMP_2,LaMP_3")
     ap.add_argument("--k", type=int, default=4, help="profile items in every prompt")
-    ap.add_argument("--sft-steps", type=int, default=24)
+    ap.add_argument("--sft-steps", type=int, default=12)
     ap.add_argument("--sft-batch", type=int, default=8)
     ap.add_argument("--sft-lr", type=float, default=1e-4)
     ap.add_argument("--prmu-steps", type=int, default=30)
-    ap.add_argument("--rl-steps", type=int, default=6)
+    ap.add_argument("--rl-steps", type=int, default=4)
     ap.add_argument("--rl-prompts", type=int, default=4, help="prompts per rollout batch (all ranks)")
     ap.add_argument("--rl-group", type=int, default=4)
     ap.add_argument("--rl-lr", type=float, default=2e-6)
     ap.add_argument("--rl-max-new", type=int, default=160)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--eval-limit", type=int, default=24, help="dev questions per task")
+    ap.add_argument("--eval-limit", type=int, default=8, help="dev questions per task")
     ap.add_argument("--nproc", type=int, default=2)
     a = ap.parse_args(argv)
     run_dir = ROOT / a.run
@@ -119,7 +119,8 @@ def main(argv=None):
         out = run_dir / "eval" / name
         timer.stage(f"5 evaluate {name}", out / "table.md",
                     [PY, "evaluate.py", "--model", model, "--methods", methods, "--out", str(out),
-                     "--r2p-candidates", "2", "--r2p-chunk", "96", *common], logs / f"evaluate_{name}.log")
+                     "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192",
+                     "--r2p-budget-words", "120", *common], logs / f"evaluate_{name}.log")
     report(run_dir, a, seeds, timer.t, time.time() - t_start)
 
 
