@@ -61,8 +61,7 @@ def slug(name: str) -> str:
 def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
     if cfg.model.startswith("openai:"):
         return llm.from_spec(cfg.model, "model", cache, cfg.api_key_env, cfg.concurrency)
-    b = llm.HFBackend(cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size)
-    return b
+    return llm.HFBackend(cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size)
 
 
 def main(argv=None) -> dict:

@@ -105,6 +105,7 @@ class Cache:
 
 class Backend:
     name = "backend"
+    model_id = ""               # part of every cache key: replies of different models never mix
     cache: Cache | None = None
 
     def __init__(self):
@@ -141,8 +142,6 @@ class Backend:
                         self.cache.put(requests[i].key(self.model_id), rep.text, rep.finished)
                 bar.update(len(part))
         return replies  # type: ignore[return-value]
-
-    model_id = ""
 
     def _chat(self, requests: Sequence[Request]) -> list[Reply]:
         raise LLMError(f"{self.describe()} cannot chat")
