@@ -29,7 +29,6 @@ Departures and choices (the paper leaves these open):
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter

@@ -35,7 +35,7 @@ import re
 import statistics
 from pathlib import Path
 
-from . import lamp, synthetic, tags
+from . import lamp, synthetic
 from .files import DataError
 from .llm import Backend, HashingEmbedder, Reply
 

@@ -22,7 +22,6 @@ Departures (the R2P paper's exact prompts and thresholds are not public):
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
