@@ -36,8 +36,8 @@ def bandwidth(device) -> float:
     return 2 * a.numel() * 4 / best  # read + write
 
 
-def matmul_rate(device, n=2048) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_rate(device, dtype=torch.float32, n=2048) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--k", type=int, default=2, help="profile items in each prompt")
     ap.add_argument("--group", type=int, default=4, help="rollouts per prompt (batch = prompts × group)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: both engines under bf16 autocast (weights stay fp32)")
     a = ap.parse_args()
     dev = torch.device("cpu")
     model, tok = load_model(a.model, device=dev, dtype=torch.float32)
@@ -61,30 +63,35 @@ def main():
     texts = [prompts.chat(tok, prompts.build_prompt(lamp.TASKS["LaMP_2"], e.question, a.k)) for e in ex]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     n_tokens = a.batch * a.new
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
+    tok.padding_side = "right"
+    with torch.autocast("cpu", torch.bfloat16, enabled=a.precision == "bf16"):  # warm both up (allocator, kernels)
+        model.generate(**batch, do_sample=True, max_new_tokens=2, pad_token_id=tok.pad_token_id)
+    generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=2, precision=a.precision)
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     ours = generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0, top_p=1.0,
-                    generator=g, n_per_prompt=a.group)
+                    generator=g, n_per_prompt=a.group, precision=a.precision)
     t_ours = time.perf_counter() - t0
     assert int(ours.lengths.min()) == a.new
 
-    tok.padding_side = "left"
-    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
-    tok.padding_side = "right"
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    ref = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,
-                         min_new_tokens=a.new, pad_token_id=tok.pad_token_id, num_return_sequences=a.group)
+    with torch.autocast("cpu", torch.bfloat16, enabled=a.precision == "bf16"):
+        ref = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,
+                             min_new_tokens=a.new, pad_token_id=tok.pad_token_id, num_return_sequences=a.group)
     t_hf = time.perf_counter() - t0
     assert ref.shape == (a.batch, batch["input_ids"].shape[1] + a.new)
 
     params = sum(p.numel() for p in model.parameters())
-    rate, bw = matmul_rate(dev), bandwidth(dev)
-    step_limit = max(2 * params * a.batch / rate, params * 4 / bw)
+    half = a.precision == "bf16"
+    rate, bw = matmul_rate(dev, torch.bfloat16 if half else torch.float32), bandwidth(dev)
+    step_limit = max(2 * params * a.batch / rate, params * (2 if half else 4) / bw)
     prompt_len = sum(map(len, ids)) / len(ids)
     print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, {a.new} new tokens, "
-          f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p=1.0, CPU")
+          f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p=1.0, {a.precision}, CPU")
     print(f"measured: matmul {rate / 1e9:.0f} GFLOP/s, memory {bw / 1e9:.1f} GB/s → decode limit "
           f"{a.batch / step_limit:.0f} tokens/s (prefill not included)")
     print("| engine | s | tokens/s | × generate | fraction of the decode limit |")

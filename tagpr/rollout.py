@@ -6,7 +6,10 @@ sequence with explicit position ids and the growing attention mask. Sampling div
 the logits by the temperature (the training log-probs use the same scaling), then
 applies top-p (nucleus) filtering; `greedy=True` takes the argmax (evaluation).
 A sequence stops at its first EOS (kept, mask 1); after that it only receives pad
-tokens with mask 0. Under FSDP2 the model is unsharded once for the whole rollout
+tokens with mask 0. After the prefill the KV cache moves into buffers sized for the
+whole rollout (`preallocate`): each decode step writes its one new key/value in place
+instead of concatenating the whole cache again (the concatenation was half of a decode
+step's time on a CPU). Under FSDP2 the model is unsharded once for the whole rollout
 phase and resharded after (`gathered`), not once per token.
 """
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
+
+from . import engine
 
 
 @dataclass
@@ -48,14 +54,73 @@ def gathered(model):
             m.reshard()
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One attention layer's KV cache in a buffer of fixed capacity, filled in place.
+
+    A transformers cache layer: `update` writes the new states after the filled part
+    and returns views of everything filled so far (no copy); the sequence length and
+    mask sizes are the filled length.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        B, H, L, D = keys.shape
+        self._k = keys.new_empty(B, H, capacity, D)
+        self._v = values.new_empty(B, values.shape[1], capacity, values.shape[-1])
+        self._k[:, :, :L] = keys
+        self._v[:, :, :L] = values
+        self.length = L
+        self.keys, self.values = self._k[:, :, :L], self._v[:, :, :L]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.length + n > self._k.shape[2]:
+            raise RuntimeError(f"KV cache capacity {self._k.shape[2]} exceeded")
+        self._k[:, :, self.length:self.length + n] = key_states
+        self._v[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self._k.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+
+def preallocate(cache, extra: int) -> None:
+    """Move a transformers DynamicCache filled by a prefill into buffers `extra` tokens longer, in place."""
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        cache.layers[i] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra)
+
+
+def uniforms(n_rows: int, n: int, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             device=None) -> torch.Tensor:
+    """(n_rows, n) uniforms in [0, 1): from one generator for all rows, or row i from generator[i] alone."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n_rows:
+            raise ValueError(f"{len(generator)} generators for {n_rows} rows")
+        return torch.stack([torch.rand(n, generator=g) for g in generator]).to(device)
+    return torch.rand(n_rows, n, generator=generator).to(device)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                u: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) → next tokens (B,).
 
-    `generator` may be one generator for the batch (multinomial) or one per row: then
-    each row samples by Gumbel-max (argmax of log p + Gumbel noise drawn from its own
-    generator — the same distribution), so a row's draws never depend on which other
-    rows share its batch or rank.
+    Inverse-CDF sampling: one uniform u per row (given, or drawn by `uniforms` from
+    `generator` — one for the batch, or one per row so that a row's draws never depend
+    on which other rows share its batch or rank); the token is the first whose
+    cumulative probability exceeds u · total, so a zero-probability token (cut by
+    top-p) is never drawn. One uniform per row rather than `multinomial`'s exponential
+    draw per vocabulary entry, which was a sixth of a CPU decode step. The fp32 prefix
+    sum over 49k entries moves each token's share by ~1e-6 at most.
     """
     if greedy or temperature == 0:
         return logits.argmax(-1)
@@ -65,59 +130,94 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         drop = sorted_p.cumsum(-1) - sorted_p > top_p                           # keep the smallest prefix ≥ top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if isinstance(generator, (list, tuple)):
-        u = torch.stack([torch.rand(probs.shape[1], generator=g, device=probs.device) for g in generator])  # (B, V)
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
-        return (torch.log(probs) + gumbel).argmax(-1)                           # log 0 = −inf never wins
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if u is None:
+        u = uniforms(probs.shape[0], 1, generator, probs.device)[:, 0]
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    tok = tok.clamp(max=probs.shape[1] - 1)
+    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0                         # u · total rounded to the top
+    return torch.where(bad, probs.argmax(-1), tok)
+
+
+class _Transformers:
+    """The fallback path for models `tagpr.engine` does not cover: transformers' own forward and cache."""
+
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens):
+        res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (B/G, V)
+        if G > 1:
+            self.cache.batch_repeat_interleave(G)
+            attn = attn.repeat_interleave(G, dim=0)
+        preallocate(self.cache, max_new_tokens)
+        self.attn = torch.cat([attn, attn.new_ones(attn.shape[0], max_new_tokens)], dim=1)
+        self.P = ids.shape[1]
+
+    def step(self, tok, pos, t):
+        res = self.lm(input_ids=tok[:, None], attention_mask=self.attn[:, :self.P + t + 1], position_ids=pos[:, None],
+                      past_key_values=self.cache, use_cache=True)
+        self.cache = res.past_key_values
+        return res.logits[:, -1]
+
+
+class _Engine:
+    """`tagpr.engine`: the group's prompt cached once, cascade attention, preallocated buffers."""
+
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens):
+        self.lm = lm
+        self.logits, prefix = engine.prefill(lm, ids, attn, pos)
+        self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens)
+
+    def step(self, tok, pos, t):
+        return engine.decode_step(self.lm, tok, pos, self.cache)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int = 1) -> Rollouts:
+             n_per_prompt: int = 1, precision: str = "fp32") -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
-    Each prompt is prefilled once and its KV cache repeated for the group: the prefill,
-    which dominates at LaMP prompt lengths, costs 1/G of sampling the group separately.
-    `generator`: one for the batch, or one per output row (see `sample_next`).
-    `model` is a transformers causal LM (or an FSDP2-wrapped one: it is unsharded once).
+    Each prompt is prefilled once and the group shares its keys/values (see
+    `tagpr.engine`; models outside the Llama family take transformers' forward with the
+    cache repeated per row). `generator`: one for the batch, or one per output row (see
+    `sample_next`). `precision="bf16"` runs the matmuls under bf16 autocast (attention
+    and sampling stay fp32). `model` is a transformers causal LM (or an FSDP2-wrapped
+    one: it is unsharded once).
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     lm = getattr(model, "lm", model)
     device = next(lm.parameters()).device
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
-    B = len(prompt_ids) * n_per_prompt
+    G = n_per_prompt
+    B = len(prompt_ids) * G
     P = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((len(prompt_ids), P), dtype=torch.long, device=device)
     for i, p in enumerate(prompt_ids):                                          # left padding
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         attn[i, P - len(p):] = 1
-    pos = (attn.cumsum(1) - 1).clamp(min=0)                                     # (B, P) real positions
-    G = n_per_prompt
+    pos = (attn.cumsum(1) - 1).clamp(min=0)                                     # (B/G, P) real positions
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    with gathered(model):
-        res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, logits = res.past_key_values, res.logits[:, -1]                  # (B/G, V)
-        if G > 1:  # one prefill per prompt, its cache shared by the group
-            cache.batch_repeat_interleave(G)
-            logits, attn, pos = (x.repeat_interleave(G, dim=0) for x in (logits, attn, pos))
-        next_pos = pos[:, -1] + 1                                               # (B,)
+    sampled = not (greedy or temperature == 0)
+    U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    with gathered(model), amp:
+        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens)
+        logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
+        next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)
         for t in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, greedy, generator)    # (B,)
+            tok = sample_next(logits, temperature, top_p, greedy, u=U[:, t] if sampled else None)  # (B,)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
             mask[:, t] = (~done).long()
             done = done | torch.isin(tok, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)  # finished rows: ignored downstream
-            res = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                     past_key_values=cache, use_cache=True)
-            cache, logits = res.past_key_values, res.logits[:, -1]
+            logits = runner.step(tok, next_pos, t)
             next_pos = next_pos + 1
     T = int(mask.sum(1).max().item()) if B else 0
     out, mask = out[:, :T], mask[:, :T]

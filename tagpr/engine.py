@@ -1,0 +1,135 @@
+"""A forward pass made for sampling GSPO groups, for the Llama family (Llama / SmolLM2, Qwen2, Qwen3).
+
+It runs the model's own modules (embeddings, norms, projections, MLPs, rotary tables)
+in a loop of its own, so that two things a generic forward cannot know about are
+cheap:
+
+* **Groups share their prompt.** The G rollouts of a prompt attend to one copy of its
+  keys/values (the prefix, `[B/G, kv_heads, P, D]`), not G copies: a decode step's
+  queries for the whole group (G × heads-per-kv-head rows) meet the prefix in one
+  matmul, and only the generated part (`[B, kv_heads, t, D]`) is per row. The two
+  score blocks are normalised together in one softmax — the same numbers as
+  attention over the concatenated cache ("cascade" attention).
+* **The cache never moves.** Generated keys/values go into buffers sized for
+  `max_new_tokens` up front; a step writes one column in place.
+
+Attention runs in fp32 whatever the projections run in (under bf16 autocast the
+matmuls of the projections and MLPs take bf16, ~2.5× faster on a CPU with AVX512-BF16
+and the norm on a GPU). Grouped-query heads map to kv head `h // (heads / kv_heads)`,
+as transformers' `repeat_kv` does. `supported(lm)` says whether a model can take this
+path; `tagpr.rollout.generate` falls back to transformers' forward otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def supported(lm) -> bool:
+    cfg = getattr(lm, "config", None)
+    if getattr(cfg, "model_type", None) not in FAMILIES or not hasattr(getattr(lm, "model", None), "rotary_emb"):
+        return False
+    return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"]))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D): rotate pairs (i, i + D/2), as transformers' rotate_half."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _qkv(attn, x: torch.Tensor, cos, sin):
+    """Projections → (optional Qwen3 q/k norms) → rotary. Returns fp32 q (B, H, T, D), k, v (B, KV, T, D)."""
+    B, T, _ = x.shape
+    D = attn.head_dim
+    q = attn.q_proj(x).view(B, T, -1, D)
+    k = attn.k_proj(x).view(B, T, -1, D)
+    v = attn.v_proj(x).view(B, T, -1, D)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    return _rope(q, cos.float(), sin.float()), _rope(k, cos.float(), sin.float()), v
+
+
+def _mlp_block(layer, h: torch.Tensor) -> torch.Tensor:
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class GroupCache:
+    """Per layer: the prompts' keys/values once per group, and preallocated buffers for the responses."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, group: int,
+                 max_new_tokens: int):
+        self.prefix = prefix                                                    # [(k, v)] each (B/G, KV, P, D)
+        Bp, KV, _, D = prefix[0][0].shape
+        B = Bp * group
+        self.gen = [(k.new_empty(B, KV, max_new_tokens, D), k.new_empty(B, KV, max_new_tokens, D)) for k, _ in prefix]
+        bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
+        self.prefix_bias = bias.masked_fill(~prompt_mask.bool(), float("-inf"))[:, None, None, :]  # (B/G, 1, 1, P)
+        self.group, self.length = group, 0
+
+
+def prefill(lm, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+    """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32)."""
+    m = lm.model
+    h = m.embed_tokens(ids)
+    cos, sin = m.rotary_emb(h, position_ids=pos)
+    P = ids.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+    allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # pads see themselves
+    allowed = allowed[:, None]                                                  # (B/G, 1, P, P)
+    kv = []
+    for layer in m.layers:
+        a = layer.self_attn
+        q, k, v = _qkv(a, layer.input_layernorm(h), cos, sin)
+        kv.append((k, v))
+        with torch.autocast(ids.device.type, enabled=False):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scaling,
+                                               enable_gqa=k.shape[1] != q.shape[1])
+        h = h + a.o_proj(o.transpose(1, 2).reshape(h.shape[0], P, -1).to(h.dtype))
+        h = _mlp_block(layer, h)
+    return lm.lm_head(m.norm(h[:, -1:]))[:, -1], kv
+
+
+def _cascade(q: torch.Tensor, pk, pv, gk, gv, bias: torch.Tensor, G: int, scale: float) -> torch.Tensor:
+    """One decode step's attention. q (B, H, 1, D); prefix pk/pv (B/G, KV, P, D); generated gk/gv (B, KV, t, D).
+
+    Returns (B, H·D). Row b = prompt b // G; head h reads kv head h // (H / KV).
+    """
+    B, H, _, D = q.shape
+    Bp, KV, P, _ = pk.shape
+    g = H // KV
+    qr = q.view(B, KV, g, D)                                                    # (B, KV, g, D)
+    qp = q.view(Bp, G, KV, g, D).transpose(1, 2).reshape(Bp, KV, G * g, D)     # the group's queries together
+    s_pre = torch.matmul(qp, pk.transpose(-1, -2)) * scale + bias               # (B/G, KV, G·g, P)
+    s_pre = s_pre.view(Bp, KV, G, g, P).transpose(1, 2).reshape(B, KV, g, P)
+    s_gen = torch.matmul(qr, gk.transpose(-1, -2)) * scale                      # (B, KV, g, t)
+    p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1), dim=-1)
+    p_pre = p[..., :P].reshape(Bp, G, KV, g, P).transpose(1, 2).reshape(Bp, KV, G * g, P)
+    o = torch.matmul(p_pre, pv).view(Bp, KV, G, g, D).transpose(1, 2).reshape(B, KV, g, D)
+    o = o + torch.matmul(p[..., P:], gv)
+    return o.reshape(B, H * D)
+
+
+def decode_step(lm, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
+    """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache`."""
+    m = lm.model
+    h = m.embed_tokens(tokens[:, None])                                         # (B, 1, hidden)
+    cos, sin = m.rotary_emb(h, position_ids=pos[:, None])
+    t = cache.length
+    for i, layer in enumerate(m.layers):
+        a = layer.self_attn
+        q, k, v = _qkv(a, layer.input_layernorm(h), cos, sin)
+        gk, gv = cache.gen[i]
+        gk[:, :, t] = k[:, :, 0]
+        gv[:, :, t] = v[:, :, 0]
+        pk, pv = cache.prefix[i]
+        with torch.autocast(tokens.device.type, enabled=False):
+            o = _cascade(q, pk, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
+        h = h + a.o_proj(o[:, None].to(h.dtype))
+        h = _mlp_block(layer, h)
+    cache.length = t + 1
+    return lm.lm_head(m.norm(h))[:, 0]

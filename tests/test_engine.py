@@ -1,0 +1,118 @@
+"""tagpr.engine (group-shared prompt cache, cascade attention) against transformers' own forward."""
+import pytest
+import torch
+
+from tagpr import engine, rollout
+
+
+def llama_and_qwen3():
+    """A tiny random Llama (no q/k norms, 3 query heads per kv head) and a tiny Qwen3 (q/k norms)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+    llama = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
+    qwen = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=False)).eval()
+    for m in (llama, qwen):  # random weights are small; scale them so attention is far from uniform
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if p.dim() == 2:
+                    p.mul_(4.0)
+    return {"llama": llama, "qwen3": qwen}
+
+
+MODELS = llama_and_qwen3()
+
+
+def left_pad(prompts, pad=0):
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reference_logits(lm, prompt, continuation):
+    """transformers' forward over one unpadded sequence: logits after each continuation prefix."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits[0]
+    return logits[len(prompt) - 1:]                                             # (len(continuation) + 1, V)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prefill_and_decode_steps_equal_the_full_forward(family):
+    lm = MODELS[family]
+    assert engine.supported(lm)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    G, steps = 2, 5
+    conts = [torch.randint(1, 97, (steps,), generator=g).tolist() for _ in range(len(prompts) * G)]  # per row
+    ids, mask, pos = left_pad(prompts)
+    with torch.no_grad():
+        logits, prefix = engine.prefill(lm, ids, mask, pos)
+        cache = engine.GroupCache(prefix, mask, G, steps)
+        got = [logits.repeat_interleave(G, 0)]
+        next_pos = pos[:, -1].repeat_interleave(G) + 1
+        for t in range(steps):
+            tok = torch.tensor([c[t] for c in conts])
+            got.append(engine.decode_step(lm, tok, next_pos + t, cache))
+    got = torch.stack(got, 1)                                                   # (B, steps + 1, V)
+    for b in range(len(conts)):
+        want = reference_logits(lm, prompts[b // G], conts[b])
+        assert want.abs().max() > 1.0                                           # not a trivially flat model
+        torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_stays_close_and_samples_the_same_way():
+    lm = MODELS["llama"]
+    ids, mask, pos = left_pad([[5, 6, 7, 8], [9, 10]])
+    with torch.no_grad():
+        full, _ = engine.prefill(lm, ids, mask, pos)
+        with torch.autocast("cpu", torch.bfloat16):
+            half, _ = engine.prefill(lm, ids, mask, pos)
+    assert half.dtype == torch.bfloat16
+    err = (half.float() - full).abs().max() / full.abs().max()
+    assert 0 < err < 0.05                                                       # bf16 matmuls: close, not identical
+    p = [[5, 6, 7, 8], [9, 10]]
+    a = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True)
+    b = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True, precision="bf16")
+    assert a.response_ids.shape == b.response_ids.shape == (2, 6)
+    with pytest.raises(ValueError, match="precision"):
+        rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=2, precision="fp16")
+
+
+def test_engine_and_transformers_paths_sample_identically():
+    """The fallback (transformers' forward, repeated cache) and the engine give the same greedy tokens."""
+    lm = MODELS["qwen3"]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (5, 9)]
+    fast = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, greedy=True, n_per_prompt=3)
+    engine_supported = engine.supported
+    try:
+        engine.supported = lambda m: False
+        slow = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, greedy=True, n_per_prompt=3)
+    finally:
+        engine.supported = engine_supported
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    # and sampled with per-row generators: identical draws
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
+    fast = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, generator=gens(), n_per_prompt=3)
+    try:
+        engine.supported = lambda m: False
+        slow = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, generator=gens(), n_per_prompt=3)
+    finally:
+        engine.supported = engine_supported
+    assert torch.equal(fast.response_ids, slow.response_ids)
+
+
+def test_unsupported_models_are_recognised():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
+    assert not engine.supported(gpt2)
+    r = rollout.generate(gpt2, [[1, 2, 3]], eos_id=-1, pad_id=0, max_new_tokens=3, greedy=True)
+    assert r.response_ids.shape == (1, 3)
