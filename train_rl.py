@@ -35,7 +35,8 @@ from tagpr.losses import group_advantages, gspo_loss
 from tagpr.prompts import RLPrompt, read_rl_prompts
 from tagpr.models import LogprobModel, load_for_sharding, load_model
 from tagpr.rollout import generate
-from tagpr.training import epoch_batches, grad_norm_and_clip, lr_at, pad_batch, start_run
+from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, resolve_precision,
+                            start_run, train_top_layers)
 
 
 @dataclass
@@ -70,6 +71,8 @@ class RLConfig:
     resume: str = "auto"
     seed: int = 0
     synthetic_users: int = 100
+    precision: str = "auto"                   # forward matmuls (rollouts too): "auto" (bf16 on CUDA), "fp32", "bf16"
+    train_layers: int = -1                    # train only the top N decoder layers + final norm (-1: all)
 
 
 PRESETS = {
@@ -151,6 +154,8 @@ def main(argv=None):
     else:
         (lm, tok), full = load_model(cfg.policy, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
+    precision = resolve_precision(cfg.precision, d.device)
+    trainable, n_params = train_top_layers(lm, cfg.train_layers)
     ref = None
     if cfg.kl_coef:
         ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval()
@@ -166,7 +171,8 @@ def main(argv=None):
         scorer = Scorer(cfg.prmu, device=d.device)
     else:
         dist.print0("no --prmu: the guided stage's reward has no R_p term")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
     per_rank = cfg.global_batch // d.world_size
     if per_rank * d.world_size != cfg.global_batch:
         raise SystemExit(f"--global-batch {cfg.global_batch} must be divisible by the {d.world_size} ranks")
@@ -176,10 +182,12 @@ def main(argv=None):
     total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
     updates = total * cfg.mini_batches
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "guided_steps": guided, "prompts": len(data)}
+                "guided_steps": guided, "prompts": len(data), "precision": precision, "trainable_params": trainable,
+                "params": n_params}
     start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
-                f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s)")
+                f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), {precision}, "
+                f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
     vocab = load_vocab(cfg, out)
     dist.print0(f"tag vocabulary: {', '.join(vocab)}")
     bar = tqdm(total=total, initial=start, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
@@ -198,7 +206,7 @@ def main(argv=None):
                 for j in range(per_rank * cfg.group)]
         model.eval()
         roll = generate(model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group)
+                        cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=precision)
         model.train()
         t1 = time.perf_counter()
         # 2. rewards and advantages
@@ -207,7 +215,7 @@ def main(argv=None):
         t2 = time.perf_counter()
         # 3. old (and reference) log-probs, once, with the training model at the sampling temperature
         x, attn, rmask = sequences(roll, d.device, tok.pad_token_id)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(d.device, precision):
             old = torch.cat([model(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
                              for a in range(0, len(x), cfg.micro_batch)])
             ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
@@ -226,7 +234,8 @@ def main(argv=None):
             n_micro = int(dist.all_reduce(torch.tensor(len(micro)), "max").item())
             for idx in micro + [[] for _ in range(n_micro - len(micro))]:
                 rows = idx or [0]  # an empty micro-batch runs one row with zero loss: FSDP's collectives stay in step
-                logp, ent = model(x[rows], attn[rows], cfg.temperature)
+                with autocast(d.device, precision):
+                    logp, ent = model(x[rows], attn[rows], cfg.temperature)
                 loss, m = gspo_loss(logp, old[rows], adv[rows].to(d.device), rmask[rows], cfg.clip_low,
                                     cfg.clip_high, len(mini), ref_lp[rows] if ref_lp is not None else None,
                                     cfg.kl_coef)

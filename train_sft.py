@@ -31,8 +31,8 @@ from tagpr import checkpoint, config, dist, prompts, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.training import (epoch_batches, grad_norm_and_clip, held_out, lr_at, pack_rows, packed_batch,
-                            pad_batch, rank_micro_batches, start_run)
+from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, held_out, lr_at, pack_rows, packed_batch,
+                            pad_batch, rank_micro_batches, resolve_precision, start_run, train_top_layers)
 
 
 @dataclass
@@ -60,6 +60,8 @@ class SFTConfig:
     resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
     seed: int = 0
     activation_checkpointing: bool = False
+    precision: str = "auto"          # forward matmuls: "auto" (bf16 on CUDA, fp32 on a CPU), "fp32", "bf16" (autocast)
+    train_layers: int = -1           # train only the top N decoder layers + final norm (-1: all; quick CPU runs)
     synthetic_users: int = 200       # when falling back to synthetic users: train users per task
 
 
@@ -108,7 +110,8 @@ def tokenize(records, tok, cfg: SFTConfig):
 
 
 
-def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, train: bool, packed: bool = False):
+def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, train: bool, packed: bool = False,
+              precision: str = "fp32"):
     """Forward (+ backward) over this rank's micro-batches; returns the summed loss share.
 
     A micro-batch is a list of sequence indices, or with `packed` a list of rows of them;
@@ -126,7 +129,7 @@ def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, tra
         else:
             ids, attn, tgt = pad_batch([seqs[i] for i in mb], [masks[i] for i in mb], pad_id, device)
             pos = None
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1):
+        with autocast(device, precision):
             logp, _ = model(ids, attn, position_ids=pos)                       # (b, T−1)
         loss, _ = sft_loss(logp, tgt, num_tokens)
         if empty:
@@ -161,6 +164,8 @@ def main(argv=None):
     else:
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
+    precision = resolve_precision(cfg.precision, d.device)
+    trainable, n_params = train_top_layers(lm, cfg.train_layers)
     records = load_records(cfg, out)
     train_recs = [r for r in records if not held_out(r.id, cfg.eval_frac)]
     eval_recs = [r for r in records if held_out(r.id, cfg.eval_frac)]
@@ -176,12 +181,15 @@ def main(argv=None):
     model = dist.apply_fsdp(LogprobModel(lm), d.device, cfg.activation_checkpointing, full_state=full,
                             from_meta=d.distributed)
     del full
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "train_records": len(train), "eval_records": len(evals), "skipped_long": skipped, "packed": packed}
+                "train_records": len(train), "eval_records": len(evals), "skipped_long": skipped, "packed": packed,
+                "precision": precision, "trainable_params": trainable, "params": n_params}
     start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"SFT {cfg.model}: {len(train)} train / {len(evals)} eval sequences, {total} steps of "
-                f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}")
+                f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}, {precision}, "
+                f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
 
     def evaluate():
         model.eval()
@@ -189,7 +197,8 @@ def main(argv=None):
         n_tok = dist.sum_scalar(sum(sum(evals[i][1]) for i in mine))
         micro = plan_micro_batches(list(range(len(evals))), evals, cfg, d, packed)
         with torch.no_grad():
-            loss = run_batch(model, evals, micro, tok.pad_token_id, d.device, max(n_tok, 1), 1, False, packed)
+            loss = run_batch(model, evals, micro, tok.pad_token_id, d.device, max(n_tok, 1), 1, False, packed,
+                             precision)
         model.train()
         return dist.sum_scalar(loss)
 
@@ -203,7 +212,7 @@ def main(argv=None):
         mine = tokens_in(micro, packed)
         n_tok = dist.sum_scalar(sum(sum(train[i][1]) for i in mine))
         loss = dist.sum_scalar(run_batch(model, train, micro, tok.pad_token_id, d.device, n_tok, d.world_size, True,
-                                         packed))
+                                         packed, precision))
         gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
         lr = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
         for g in opt.param_groups:

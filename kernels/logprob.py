@@ -343,5 +343,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     else:
         if impl == "triton" and triton is None:
             raise RuntimeError("impl='triton' needs the triton package")
-        logp, ent = _FusedLogprobs.apply(h.contiguous(), weight.contiguous(), t.contiguous(), float(temperature), impl)
+        with torch.autocast(h.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
+            logp, ent = _FusedLogprobs.apply(h.contiguous(), weight.contiguous(), t.contiguous(), float(temperature),
+                                             impl)
     return logp.view(lead), ent.view(lead)

@@ -63,7 +63,8 @@ class GroupCache:
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, group: int,
                  max_new_tokens: int):
-        self.prefix = prefix                                                    # [(k, v)] each (B/G, KV, P, D)
+        # [(kᵀ, v)]: kᵀ (B/G, KV, D, P) and v (B/G, KV, P, D), both contiguous, so no step copies them again
+        self.prefix = [(k.transpose(-1, -2).contiguous(), v.contiguous()) for k, v in prefix]
         Bp, KV, _, D = prefix[0][0].shape
         B = Bp * group
         self.gen = [(k.new_empty(B, KV, max_new_tokens, D), k.new_empty(B, KV, max_new_tokens, D)) for k, _ in prefix]
@@ -94,17 +95,18 @@ def prefill(lm, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
     return lm.lm_head(m.norm(h[:, -1:]))[:, -1], kv
 
 
-def _cascade(q: torch.Tensor, pk, pv, gk, gv, bias: torch.Tensor, G: int, scale: float) -> torch.Tensor:
-    """One decode step's attention. q (B, H, 1, D); prefix pk/pv (B/G, KV, P, D); generated gk/gv (B, KV, t, D).
+def _cascade(q: torch.Tensor, pkt, pv, gk, gv, bias: torch.Tensor, G: int, scale: float) -> torch.Tensor:
+    """One decode step's attention. q (B, H, 1, D); prefix keysᵀ pkt (B/G, KV, D, P) and values pv
+    (B/G, KV, P, D); generated gk/gv (B, KV, t, D).
 
     Returns (B, H·D). Row b = prompt b // G; head h reads kv head h // (H / KV).
     """
     B, H, _, D = q.shape
-    Bp, KV, P, _ = pk.shape
+    Bp, KV, _, P = pkt.shape
     g = H // KV
     qr = q.view(B, KV, g, D)                                                    # (B, KV, g, D)
     qp = q.view(Bp, G, KV, g, D).transpose(1, 2).reshape(Bp, KV, G * g, D)     # the group's queries together
-    s_pre = torch.matmul(qp, pk.transpose(-1, -2)) * scale + bias               # (B/G, KV, G·g, P)
+    s_pre = torch.matmul(qp, pkt) * scale + bias                                # (B/G, KV, G·g, P)
     s_pre = s_pre.view(Bp, KV, G, g, P).transpose(1, 2).reshape(B, KV, g, P)
     s_gen = torch.matmul(qr, gk.transpose(-1, -2)) * scale                      # (B, KV, g, t)
     p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1), dim=-1)
@@ -126,9 +128,9 @@ def decode_step(lm, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) 
         gk, gv = cache.gen[i]
         gk[:, :, t] = k[:, :, 0]
         gv[:, :, t] = v[:, :, 0]
-        pk, pv = cache.prefix[i]
+        pkt, pv = cache.prefix[i]
         with torch.autocast(tokens.device.type, enabled=False):
-            o = _cascade(q, pk, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
+            o = _cascade(q, pkt, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
         h = h + a.o_proj(o[:, None].to(h.dtype))
         h = _mlp_block(layer, h)
     cache.length = t + 1

@@ -126,6 +126,50 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on CUDA, fp32 on a CPU; "bf16" on a CPU pays off where it has AVX512-BF16 / AMX."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the forward pass (matmuls in bf16, parameters, optimizer and losses in fp32)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_top_layers(model, n: int) -> tuple[int, int]:
+    """Freeze everything but the top `n` decoder layers and the final norm (n < 0: train everything).
+
+    The embeddings (and an lm_head tied to them) stay frozen; autograd stops below the
+    lowest trainable layer, so a step's backward covers only the top. Returns (trainable,
+    total) parameter counts.
+    """
+    from .dist import decoder_layers
+
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if n < 0:
+        return total, total
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ValueError(f"--train-layers {n}: the model has {len(layers)} decoder layers")
+    for p in params:
+        p.requires_grad_(False)
+    keep = layers[len(layers) - n:] if n else []
+    inner = getattr(model, "lm", model)
+    norm = getattr(getattr(inner, getattr(inner, "base_model_prefix", "model"), inner), "norm", None)
+    for m in keep + ([norm] if norm is not None and n else []):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in params if p.requires_grad), total
+
+
 def grad_norm_and_clip(params, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
