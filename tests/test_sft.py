@@ -1,6 +1,7 @@
 """Runtime and SFT: the loop learns, batching and ranks don't change numbers, kills resume exactly."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,38 @@ def test_dist_helpers_alone_are_identities():
     assert dist.all_reduce(t, "sum") is t and torch.equal(t, torch.tensor([1.0, 2.0]))
     assert dist.sum_scalar(2.5) == 2.5 and dist.any_true(True) and not dist.any_true(False)
     assert dist.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_top_layers_only_and_bf16_autocast(sft_file, tmp_path):
+    """--train-layers 1: only the top decoder layer and the final norm move; bf16 autocast still learns."""
+    import train_sft
+
+    train_sft.main(args(sft_file, tmp_path / "top", "--max-steps", "8", "--epochs", "100", "--lr", "3e-3",
+                        "--train-layers", "1", "--precision", "bf16", "--save-every", "100"))
+    l = losses(tmp_path / "top")
+    assert l[-1] < l[0] - 0.25, l
+    start = {k: v for k, v in load_model("tiny", device="cpu", seed=0)[0].state_dict().items()}
+    done = load_file(str(tmp_path / "top" / "model" / "model.safetensors"))
+    top = max(int(k.split(".")[2]) for k in done if k.startswith("model.layers."))
+    moved = {k for k in done if not torch.equal(done[k], start[k])}
+    want = {k for k in done if k.startswith(f"model.layers.{top}.") or k == "model.norm.weight"}
+    assert moved == want
+    cfg = json.loads((tmp_path / "top" / "config.json").read_text())
+    assert cfg["precision"] == "bf16" and 0 < cfg["trainable_params"] < cfg["params"]
+
+
+@pytest.mark.slow
+def test_top_layers_on_two_ranks_resume(sft_file, tmp_path):
+    """FSDP2 with frozen lower layers: 2 ranks, resumed from step 2, = 1 rank straight through."""
+    common = ("--train-layers", "2", "--save-every", "2", "--max-steps", "4", "--keep", "3")
+    run_script(args(sft_file, tmp_path / "one", *common))
+    run_script(args(sft_file, tmp_path / "two", *common), nproc=2)
+    shutil.rmtree(tmp_path / "two" / "model")                                   # back to the step-2 checkpoint
+    shutil.rmtree(checkpoint.latest(tmp_path / "two" / "ckpt"))
+    assert checkpoint.latest(tmp_path / "two" / "ckpt").name == "step_00000002"
+    run_script(args(sft_file, tmp_path / "two", *common), nproc=2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-4, k
