@@ -61,20 +61,27 @@ def main(argv=None):
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--policy", default="smollm2-135m")
     ap.add_argument("--tasks", default="LaMP_2,LaMP_3")
-    ap.add_argument("--k", type=int, default=4, help="profile items in every prompt")
+    ap.add_argument("--k", type=int, default=2, help="profile items in every prompt")
+    ap.add_argument("--precision", default="", help="fp32 or bf16 (autocast); default: bf16 where the CPU has "
+                                                     "AVX512-BF16/AMX, else fp32")
     ap.add_argument("--sft-steps", type=int, default=12)
     ap.add_argument("--sft-batch", type=int, default=8)
     ap.add_argument("--sft-lr", type=float, default=1e-4)
-    ap.add_argument("--prmu-steps", type=int, default=30)
+    ap.add_argument("--prmu-steps", type=int, default=20)
     ap.add_argument("--rl-steps", type=int, default=4)
+    ap.add_argument("--rl-train-layers", type=int, default=4, help="RL trains the top N decoder layers (-1: all)")
     ap.add_argument("--rl-prompts", type=int, default=4, help="prompts per rollout batch (all ranks)")
     ap.add_argument("--rl-group", type=int, default=4)
-    ap.add_argument("--rl-lr", type=float, default=2e-6)
-    ap.add_argument("--rl-max-new", type=int, default=160)
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--rl-lr", type=float, default=1e-5)
+    ap.add_argument("--rl-max-new", type=int, default=128)
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--eval-limit", type=int, default=8, help="dev questions per task")
     ap.add_argument("--nproc", type=int, default=2)
     a = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from tagpr.training import cpu_has_bf16
+
+    prec = a.precision or ("bf16" if cpu_has_bf16() else "fp32")
     run_dir = ROOT / a.run
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
@@ -91,7 +98,7 @@ def main(argv=None):
                 [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
                  "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
                  "--max-steps", str(a.sft_steps), "--epochs", "10", "--max-len", "1024", "--eval-frac", "0.02",
-                 "--eval-every", "1000", "--save-every", "6", "--warmup-ratio", "0.1"],
+                 "--eval-every", "1000", "--save-every", "6", "--warmup-ratio", "0.1", "--precision", prec],
                 logs / "train_sft.log")
     timer.stage("3 train_prmu", prmu / "model" / "users.json",
                 [PY, "train_prmu.py", "--preset", "tiny", "--prp", str(data / "prp.jsonl"), "--pqp",
@@ -105,7 +112,8 @@ def main(argv=None):
                      "--out", str(rl), "--seed", str(s), "--lr", str(a.rl_lr), "--global-batch", str(a.rl_prompts),
                      "--group", str(a.rl_group), "--mini-batches", "2", "--micro-batch", "8", "--max-new-tokens",
                      str(a.rl_max_new), "--max-steps", str(a.rl_steps), "--guided-epochs", "100",
-                     "--save-every", "2"], logs / f"train_rl_seed{s}.log")
+                     "--save-every", "2", "--precision", prec, "--train-layers", str(a.rl_train_layers)],
+                    logs / f"train_rl_seed{s}.log")
         if (rl / "metrics.jsonl").is_file():
             subprocess.run([PY, "-m", "tagpr.plot", str(rl / "metrics.jsonl")], cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL)
@@ -120,7 +128,7 @@ def main(argv=None):
         timer.stage(f"5 evaluate {name}", out / "table.md",
                     [PY, "evaluate.py", "--model", model, "--methods", methods, "--out", str(out),
                      "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192",
-                     "--r2p-budget-words", "120", *common], logs / f"evaluate_{name}.log")
+                     "--r2p-budget-words", "120", "--precision", prec, *common], logs / f"evaluate_{name}.log")
     report(run_dir, a, seeds, timer.t, time.time() - t_start)
 
 
@@ -156,7 +164,10 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float) -> None:
         if png.is_file():
             shutil.copy(png, run_dir / f"reward_seed{s}.png")
     md = (f"# TagPR demo ({a.policy}, synthetic users, {a.tasks})\n\n"
-          f"Held-out synthetic users (dev), first {a.eval_limit} questions per task, k = {a.k} most recent items. "
+          f"Held-out synthetic users (dev), first {a.eval_limit} questions per task, k = {a.k} most recent items, "
+          f"{a.precision or 'auto'} precision. SFT {a.sft_steps} steps × {a.sft_batch}; GSPO {a.rl_steps} steps × "
+          f"{a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} tokens), top {a.rl_train_layers} layers, "
+          f"lr {a.rl_lr}. "
           f"± is half the range across seeds.\n\n{table}\n\n"
           + "".join(f"![reward curve, seed {s}](reward_seed{s}.png)\n" for s in seeds)
           + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"

@@ -276,10 +276,12 @@ class HFBackend(Backend):
 
     name = "hf"
 
-    def __init__(self, model: str, cache_path=None, batch_size: int = 8, device: str | None = None):
+    def __init__(self, model: str, cache_path=None, batch_size: int = 8, device: str | None = None,
+                 precision: str = "fp32"):
         super().__init__()
         self.chunk = batch_size
-        self.model_id = f"hf:{model}"
+        self.precision = precision
+        self.model_id = f"hf:{model}" + ("" if precision == "fp32" else f"@{precision}")  # replies differ: a cache key
         self.spec = model
         self.batch_size = batch_size
         self.device = device
@@ -307,7 +309,7 @@ class HFBackend(Backend):
         t = max(r.temperature for r in requests)
         gens = [torch.Generator().manual_seed(r.seed) for r in requests]
         roll = generate(lm, ids, tok.eos_token_id, tok.pad_token_id, max(r.max_tokens for r in requests),
-                        temperature=t or 1.0, greedy=t == 0, generator=gens, tokenizer=tok)
+                        temperature=t or 1.0, greedy=t == 0, generator=gens, tokenizer=tok, precision=self.precision)
         self.requests += len(requests)
         return [Reply(text, finished=bool(f)) for text, f in zip(roll.texts, roll.finished.tolist())]
 
