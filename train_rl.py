@@ -10,14 +10,16 @@ One step:
 2. rewards through `tagpr.rewards`: guided R = R_v + λ1·R_f + R_rep + R_tag + λ2·R_p (Eq. 5,
    R_p from PRMU's `Scorer`), exploratory R = R_v + R_f + R_rep (Eq. 11);
 3. group advantages (Eq. 10), then the old log-probs, recomputed once by the training
-   model through the fused log-prob op at the sampling temperature;
+   model through the fused log-prob op at the sampling temperature (the first mini-batch's
+   come from update 0's own forward: the policy has not moved yet);
 4. the rollout batch is split into `mini_batches` (paper: 4) → that many optimizer
    updates, so GSPO's ratio and clipping are live from the second one on;
    `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy.
 
 Departures from the paper:
 1. Without `rl_prompts.jsonl` (from `build_data.py`), prompts come from synthetic users.
-2. Without `--prmu` the guided stage has no R_p term (said in the log).
+2. Without a PRMU model (`--prmu`, else `<run>/prmu/model`) the guided stage has no R_p term
+   (said in the log).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, lr_at, 
 class RLConfig:
     policy: str = "runs/default/sft/model"   # HF folder (the SFT export), "smollm2-135m" or "tiny"
     prompts: str = ""                         # rl_prompts.jsonl; empty: <run>/data/rl_prompts.jsonl, else synthetic
-    prmu: str = ""                            # PRMU export folder (R_p); empty: no R_p term
+    prmu: str = ""                            # PRMU export (R_p); empty: <run>/prmu/model if there; "none": no R_p
     tags: str = ""                            # tags.json (R_tag's vocabulary); empty: beside the prompts, else the default
     out: str = "runs/default/rl"
     lr: float = 1e-6                          # paper
@@ -131,6 +133,13 @@ def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], sco
     return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram)
 
 
+def padded_micro_batches(rows: list[int], micro: int) -> list[list[int]]:
+    """`rows` in micro-batches, padded with empty ones to the largest count over the ranks (FSDP's collectives)."""
+    chunks = [rows[a:a + micro] for a in range(0, len(rows), micro)]
+    n = int(dist.all_reduce(torch.tensor(len(chunks)), "max").item())
+    return chunks + [[] for _ in range(n - len(chunks))]
+
+
 def sequences(roll, device, pad_id):
     """prompt + response rows → input ids, attention mask, response mask aligned with next-token log-probs."""
     seqs, masks = [], []
@@ -166,11 +175,14 @@ def main(argv=None):
             model(torch.full((1, 2), tok.pad_token_id, device=d.device), torch.ones(1, 2, dtype=torch.long,
                                                                                     device=d.device))
     scorer = None
-    if cfg.prmu:
+    prmu = cfg.prmu or str(out.parent / "prmu" / "model")
+    if cfg.prmu != "none" and (cfg.prmu or (Path(prmu) / "users.json").is_file()):
         from tagpr.prmu import Scorer
-        scorer = Scorer(cfg.prmu, device=d.device)
+        scorer = Scorer(prmu, device=d.device)
+        dist.print0(f"R_p from the PRMU reward model in {prmu}")
     else:
-        dist.print0("no --prmu: the guided stage's reward has no R_p term")
+        dist.print0(f"no PRMU model ({'--prmu none' if cfg.prmu == 'none' else f'nothing in {prmu}'}): the guided "
+                    "stage's reward has no R_p term; `python train_prmu.py` trains one")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
     per_rank = cfg.global_batch // d.world_size
@@ -213,37 +225,43 @@ def main(argv=None):
         total_r, parts = compute_rewards(cfg, stage, roll.texts, batch, scorer, vocab)
         adv, adv_m = group_advantages(torch.tensor(total_r, dtype=torch.float32), cfg.group)
         t2 = time.perf_counter()
-        # 3. old (and reference) log-probs, once, with the training model at the sampling temperature
+        # 3. old (and reference) log-probs at the sampling temperature, with the training model. Mini-batches
+        #    come from one permutation of the global batch, so 1 rank and N ranks make the same updates. The
+        #    first mini-batch's rows take their old log-probs from update 0's own forward (the policy has not
+        #    moved yet: the ratio is exactly 1 there); the other rows need one no-grad pass now.
         x, attn, rmask = sequences(roll, d.device, tok.pad_token_id)
+        n_global = cfg.global_batch * cfg.group
+        perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + step))
+        minis = [[int(r) - first for r in mini if first <= int(r) < first + len(x)]
+                 for mini in perm.chunk(cfg.mini_batches)]                      # this rank's rows of each
+        later = sorted(r for mini in minis[1:] for r in mini)
+        old = torch.zeros(len(x), x.shape[1] - 1, device=d.device)
         with torch.no_grad(), autocast(d.device, precision):
-            old = torch.cat([model(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
-                             for a in range(0, len(x), cfg.micro_batch)])
+            for idx in padded_micro_batches(later, cfg.micro_batch):
+                lp = model(x[idx or [0]], attn[idx or [0]], cfg.temperature)[0]  # an empty one keeps FSDP in step
+                if idx:
+                    old[idx] = lp
             ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
                                  for a in range(0, len(x), cfg.micro_batch)]) if ref is not None else None)
         t3 = time.perf_counter()
-        # 4. several updates per rollout batch; mini-batches come from one permutation of the global
-        #    batch, so 1 rank and N ranks make the same updates
-        n_global = cfg.global_batch * cfg.group
-        perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + step))
-        minis = perm.chunk(cfg.mini_batches)
+        # 4. several updates per rollout batch
         stats: dict[str, float] = {}
         ent_sum = ent_n = 0.0
-        for k, mini in enumerate(minis):
-            mine = [int(r) - first for r in mini if first <= int(r) < first + len(x)]
-            micro = [mine[a:a + cfg.micro_batch] for a in range(0, len(mine), cfg.micro_batch)]
-            n_micro = int(dist.all_reduce(torch.tensor(len(micro)), "max").item())
-            for idx in micro + [[] for _ in range(n_micro - len(micro))]:
+        for k, mine in enumerate(minis):
+            n_mini = len(perm.chunk(cfg.mini_batches)[k])                       # rows of the global mini-batch
+            for idx in padded_micro_batches(mine, cfg.micro_batch):
                 rows = idx or [0]  # an empty micro-batch runs one row with zero loss: FSDP's collectives stay in step
                 with autocast(d.device, precision):
                     logp, ent = model(x[rows], attn[rows], cfg.temperature)
-                loss, m = gspo_loss(logp, old[rows], adv[rows].to(d.device), rmask[rows], cfg.clip_low,
-                                    cfg.clip_high, len(mini), ref_lp[rows] if ref_lp is not None else None,
+                old_rows = logp.detach() if k == 0 else old[rows]
+                loss, m = gspo_loss(logp, old_rows, adv[rows].to(d.device), rmask[rows], cfg.clip_low,
+                                    cfg.clip_high, n_mini, ref_lp[rows] if ref_lp is not None else None,
                                     cfg.kl_coef)
                 if not idx:
                     loss = loss * 0.0
                 (loss * d.world_size).backward()
                 if idx:
-                    w = len(idx) / len(mini)  # metrics: this rank's share of the global mini-batch
+                    w = len(idx) / n_mini  # metrics: this rank's share of the global mini-batch
                     for key, v in m.items():
                         name = f"{key}/u{k}"
                         if key == "ratio_min":
@@ -275,7 +293,7 @@ def main(argv=None):
                "tag_valid": mean([float(all(tags.check(p, vocab, cfg.min_tags).values())) for p in parsed]),
                "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
                "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
-        for k in range(len(minis)):  # the same keys on every rank: these are collectives
+        for k in range(cfg.mini_batches):  # the same keys on every rank: these are collectives
             for key in ("clip_frac_low", "clip_frac_high", "ratio_mean") + (("kl",) if ref is not None else ()):
                 row[f"{key}/u{k}"] = dist.sum_scalar(stats.get(f"{key}/u{k}", 0.0))
             row[f"ratio_min/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_min/u{k}", math.inf)), "min").item()
