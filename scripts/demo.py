@@ -129,10 +129,10 @@ def main(argv=None):
                     [PY, "evaluate.py", "--model", model, "--methods", methods, "--out", str(out),
                      "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192",
                      "--r2p-budget-words", "120", "--precision", prec, *common], logs / f"evaluate_{name}.log")
-    report(run_dir, a, seeds, timer.t, time.time() - t_start)
+    report(run_dir, a, seeds, timer.t, time.time() - t_start, prec)
 
 
-def report(run_dir: Path, a, seeds, timings: dict, wall: float) -> None:
+def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
     sys.path.insert(0, str(ROOT))
     from tagpr.evaluation import COLUMNS
 
@@ -165,7 +165,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float) -> None:
             shutil.copy(png, run_dir / f"reward_seed{s}.png")
     md = (f"# TagPR demo ({a.policy}, synthetic users, {a.tasks})\n\n"
           f"Held-out synthetic users (dev), first {a.eval_limit} questions per task, k = {a.k} most recent items, "
-          f"{a.precision or 'auto'} precision. SFT {a.sft_steps} steps × {a.sft_batch}; GSPO {a.rl_steps} steps × "
+          f"{prec} matmuls. SFT {a.sft_steps} steps × {a.sft_batch}; GSPO {a.rl_steps} steps × "
           f"{a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} tokens), top {a.rl_train_layers} layers, "
           f"lr {a.rl_lr}. "
           f"± is half the range across seeds.\n\n{table}\n\n"
