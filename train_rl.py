@@ -232,8 +232,8 @@ def main(argv=None):
         x, attn, rmask = sequences(roll, d.device, tok.pad_token_id)
         n_global = cfg.global_batch * cfg.group
         perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + step))
-        minis = [[int(r) - first for r in mini if first <= int(r) < first + len(x)]
-                 for mini in perm.chunk(cfg.mini_batches)]                      # this rank's rows of each
+        chunks = perm.chunk(cfg.mini_batches)                                   # the global mini-batches
+        minis = [[int(r) - first for r in mini if first <= int(r) < first + len(x)] for mini in chunks]  # this rank's
         later = sorted(r for mini in minis[1:] for r in mini)
         old = torch.zeros(len(x), x.shape[1] - 1, device=d.device)
         with torch.no_grad(), autocast(d.device, precision):
@@ -248,7 +248,7 @@ def main(argv=None):
         stats: dict[str, float] = {}
         ent_sum = ent_n = 0.0
         for k, mine in enumerate(minis):
-            n_mini = len(perm.chunk(cfg.mini_batches)[k])                       # rows of the global mini-batch
+            n_mini = len(chunks[k])
             for idx in padded_micro_batches(mine, cfg.micro_batch):
                 rows = idx or [0]  # an empty micro-batch runs one row with zero loss: FSDP's collectives stay in step
                 with autocast(d.device, precision):

@@ -116,12 +116,16 @@ def _hf_model(model):
     return getattr(model, "lm", None) or getattr(model, "backbone", None) or model
 
 
-def _layer_list(model):
+def base_model(model):
+    """The decoder stack under the head (e.g. `LlamaModel` of a `LlamaForCausalLM`): layers, final norm."""
     inner = _hf_model(model)
-    base = getattr(inner, inner.base_model_prefix, inner)
-    layers = getattr(base, "layers", None)
+    return getattr(inner, inner.base_model_prefix, inner)
+
+
+def _layer_list(model):
+    layers = getattr(base_model(model), "layers", None)
     if layers is None:
-        raise ValueError(f"cannot find decoder layers in {type(inner).__name__}")
+        raise ValueError(f"cannot find decoder layers in {type(_hf_model(model)).__name__}")
     return layers
 
 

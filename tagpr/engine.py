@@ -42,7 +42,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _qkv(attn, x: torch.Tensor, cos, sin):
-    """Projections → (optional Qwen3 q/k norms) → rotary. Returns fp32 q (B, H, T, D), k, v (B, KV, T, D)."""
+    """Projections → (optional Qwen3 q/k norms) → rotary (fp32 cos/sin). Returns fp32 q (B, H, T, D), k, v (B, KV, T, D)."""
     B, T, _ = x.shape
     D = attn.head_dim
     q = attn.q_proj(x).view(B, T, -1, D)
@@ -51,7 +51,7 @@ def _qkv(attn, x: torch.Tensor, cos, sin):
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
-    return _rope(q, cos.float(), sin.float()), _rope(k, cos.float(), sin.float()), v
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
 def _mlp_block(layer, h: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def prefill(lm, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
     """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32)."""
     m = lm.model
     h = m.embed_tokens(ids)
-    cos, sin = m.rotary_emb(h, position_ids=pos)
+    cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos))
     P = ids.shape[1]
     causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # pads see themselves
@@ -120,7 +120,7 @@ def decode_step(lm, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) 
     """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache`."""
     m = lm.model
     h = m.embed_tokens(tokens[:, None])                                         # (B, 1, hidden)
-    cos, sin = m.rotary_emb(h, position_ids=pos[:, None])
+    cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos[:, None]))
     t = cache.length
     for i, layer in enumerate(m.layers):
         a = layer.self_attn

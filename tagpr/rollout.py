@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from . import engine
+from .training import autocast
 
 
 @dataclass
@@ -204,8 +205,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     done = torch.zeros(B, dtype=torch.bool, device=device)
     sampled = not (greedy or temperature == 0)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-    with gathered(model), amp:
+    with gathered(model), autocast(device, precision):
         runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens)
         logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
         next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)

@@ -160,7 +160,7 @@ def train_top_layers(model, n: int) -> tuple[int, int]:
     lowest trainable layer, so a step's backward covers only the top. Returns (trainable,
     total) parameter counts.
     """
-    from .dist import decoder_layers
+    from .dist import base_model, decoder_layers
 
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
@@ -172,8 +172,7 @@ def train_top_layers(model, n: int) -> tuple[int, int]:
     for p in params:
         p.requires_grad_(False)
     keep = layers[len(layers) - n:] if n else []
-    inner = getattr(model, "lm", model)
-    norm = getattr(getattr(inner, getattr(inner, "base_model_prefix", "model"), inner), "norm", None)
+    norm = getattr(base_model(model), "norm", None)
     for m in keep + ([norm] if norm is not None and n else []):
         for p in m.parameters():
             p.requires_grad_(True)
