@@ -308,7 +308,9 @@ class _FusedLogprobs(torch.autograd.Function):
         g_logp = zeros if g_logp is None else g_logp.float().contiguous()
         g_ent = zeros if g_ent is None else g_ent.float().contiguous()
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = _BACKWARD[ctx.impl](hidden, weight, targets, ctx.inv_t, lse, ent, g_logp, g_ent, need_dh, need_dw)
+        with torch.autocast(hidden.device.type, enabled=False):  # `.backward()` may be called inside autocast
+            dh, dw = _BACKWARD[ctx.impl](hidden, weight, targets, ctx.inv_t, lse, ent, g_logp, g_ent, need_dh,
+                                         need_dw)
         return dh, dw, None, None, None
 
 

@@ -95,6 +95,23 @@ def test_one_output_unused_and_strided_gradients(impl):
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_backward_inside_autocast(impl):
+    """`.backward()` called inside a bf16 autocast region: the op stays fp32 both ways (it used to fail on a
+    bf16 logit tile meeting fp32 upstream gradients)."""
+    hidden, weight, targets, g_logp, _ = case(16, 32, 300, seed=3)
+    grads = []
+    for cast in (False, True):
+        h = hidden.float().clone().requires_grad_()
+        w = weight.float().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            logp, ent = K.fused_logprobs(h, w, targets, impl=impl)
+            (logp * g_logp.float() + 0.1 * ent).sum().backward()
+        grads.append((logp.detach(), h.grad, w.grad))
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
 def test_leading_dims_dispatch_and_errors(monkeypatch):
     hidden, weight, targets, _, _ = case(12, 16, 50)
     h = hidden.float().view(3, 4, 16)
