@@ -35,7 +35,7 @@ from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, t
 from tagpr.files import DataError, write_jsonl
 from tagpr.losses import group_advantages, gspo_loss
 from tagpr.prompts import RLPrompt, read_rl_prompts
-from tagpr.models import LogprobModel, load_for_sharding, load_model
+from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
 from tagpr.rollout import generate
 from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, resolve_precision,
                             start_run, train_top_layers)
@@ -75,6 +75,7 @@ class RLConfig:
     synthetic_users: int = 100
     precision: str = "auto"                   # forward matmuls (rollouts too): "auto" (bf16 on CUDA), "fp32", "bf16"
     train_layers: int = -1                    # train only the top N decoder layers + final norm (-1: all)
+    trunk_cache: bool = True                  # with train_layers: the frozen layers run once per rollout batch
 
 
 PRESETS = {
@@ -165,6 +166,11 @@ def main(argv=None):
     lm.train()
     precision = resolve_precision(cfg.precision, d.device)
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
+    n_layers = len(lm.get_decoder().layers) if hasattr(lm.get_decoder(), "layers") else 0
+    # the frozen lower layers' output is a constant of the rollout batch: computed once, it feeds the old
+    # log-probs and every update (identical numbers; the top layers alone run per update)
+    frozen = n_layers - cfg.train_layers if cfg.trunk_cache and 0 < cfg.train_layers < n_layers and can_split(lm) \
+        else 0
     ref = None
     if cfg.kl_coef:
         ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval()
@@ -236,12 +242,22 @@ def main(argv=None):
         minis = [[int(r) - first for r in mini if first <= int(r) < first + len(x)] for mini in chunks]  # this rank's
         later = sorted(r for mini in minis[1:] for r in mini)
         old = torch.zeros(len(x), x.shape[1] - 1, device=d.device)
+        trunk = None
         with torch.no_grad(), autocast(d.device, precision):
+            if frozen:
+                trunk = torch.zeros(*x.shape, lm.config.hidden_size, device=d.device)
+                for idx in padded_micro_batches(list(range(len(x))), cfg.micro_batch):
+                    h = model(x[idx or [0]], attn[idx or [0]], upto=frozen)  # an empty one keeps FSDP in step
+                    if idx:
+                        trunk[idx] = h
+            # the top layers only, when the trunk is cached; log-probs at the response tokens only
+            top = lambda rows: dict(where=rmask[rows], **({"start": frozen, "hidden": trunk[rows]} if frozen else {}))
             for idx in padded_micro_batches(later, cfg.micro_batch):
-                lp = model(x[idx or [0]], attn[idx or [0]], cfg.temperature)[0]  # an empty one keeps FSDP in step
+                lp = model(x[idx or [0]], attn[idx or [0]], cfg.temperature, **top(idx or [0]))[0]
                 if idx:
                     old[idx] = lp
-            ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature)[0]
+            ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature,
+                                     where=rmask[a:a + cfg.micro_batch])[0]
                                  for a in range(0, len(x), cfg.micro_batch)]) if ref is not None else None)
         t3 = time.perf_counter()
         # 4. several updates per rollout batch
@@ -252,7 +268,7 @@ def main(argv=None):
             for idx in padded_micro_batches(mine, cfg.micro_batch):
                 rows = idx or [0]  # an empty micro-batch runs one row with zero loss: FSDP's collectives stay in step
                 with autocast(d.device, precision):
-                    logp, ent = model(x[rows], attn[rows], cfg.temperature)
+                    logp, ent = model(x[rows], attn[rows], cfg.temperature, **top(rows))
                 old_rows = logp.detach() if k == 0 else old[rows]
                 loss, m = gspo_loss(logp, old_rows, adv[rows].to(d.device), rmask[rows], cfg.clip_low,
                                     cfg.clip_high, n_mini, ref_lp[rows] if ref_lp is not None else None,

@@ -130,7 +130,7 @@ def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, tra
             ids, attn, tgt = pad_batch([seqs[i] for i in mb], [masks[i] for i in mb], pad_id, device)
             pos = None
         with autocast(device, precision):
-            logp, _ = model(ids, attn, position_ids=pos)                       # (b, T−1)
+            logp, _ = model(ids, attn, position_ids=pos, where=tgt)            # (b, T−1), 0 off the targets
         loss, _ = sft_loss(logp, tgt, num_tokens)
         if empty:
             loss = loss * 0.0

@@ -345,6 +345,8 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     else:
         if impl == "triton" and triton is None:
             raise RuntimeError("impl='triton' needs the triton package")
+        if h.shape[0] == 0:  # no rows (a rank's empty micro-batch): the chunked path's loops simply do not run
+            impl = "chunked"
         with torch.autocast(h.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
             logp, ent = _FusedLogprobs.apply(h.contiguous(), weight.contiguous(), t.contiguous(), float(temperature),
                                              impl)

@@ -18,6 +18,7 @@ chat template.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -262,8 +263,51 @@ def reinit_buffers(model, device) -> None:
 
 # ----------------------------------------------------------------------------- log-probs
 
+# decoder families whose forward takes `inputs_embeds` as the first layer's input unchanged (no position
+# embedding added, no scaling) and runs `self.layers` then `self.norm`: their layers can run in two parts
+SPLITTABLE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def can_split(model) -> bool:
+    """Whether `trunk_hidden` / `token_logprobs(start=…)` can run this model's layers in two parts."""
+    base = model.get_decoder()
+    return (getattr(model.config, "model_type", None) in SPLITTABLE and isinstance(getattr(base, "layers", None),
+                                                                                   torch.nn.ModuleList)
+            and hasattr(base, "norm"))
+
+
+@contextlib.contextmanager
+def _layer_range(base, lo: int, hi: int, final_norm: bool):
+    """Let the decoder's own forward (masks, rotary tables, attention backend) run layers [lo, hi) only."""
+    layers, norm = base.layers, base.norm
+    base.layers = torch.nn.ModuleList(list(layers)[lo:hi])
+    if not final_norm:
+        base.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        base.layers, base.norm = layers, norm
+
+
+def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, upto: int,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The residual stream after the first `upto` decoder layers (before the final norm): (B, T, H).
+
+    With the lower layers frozen (`--train-layers`), it does not change while one rollout batch
+    is trained on, so GSPO computes it once per batch and `token_logprobs(start=upto, hidden=…)`
+    runs only the top layers for the old log-probs and every update.
+    """
+    if not can_split(model):
+        raise ValueError(f"{model.config.model_type}: layers cannot run in two parts (supported: {SPLITTABLE})")
+    base = model.get_decoder()
+    with _layer_range(base, 0, upto, final_norm=False):
+        return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   temperature: float = 1.0, impl: str | None = None, position_ids: torch.Tensor | None = None
+                   temperature: float = 1.0, impl: str | None = None, position_ids: torch.Tensor | None = None,
+                   start: int = 0, hidden: torch.Tensor | None = None, where: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every next token, through the fused op: no (B, T, V) logits.
 
@@ -272,16 +316,31 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     the sampler uses. The backbone's final hidden states and the lm_head weight go to
     `kernels.logprob.fused_logprobs`; every trainer takes its log-probs from here.
     Packed rows pass `position_ids` restarting at 0 per sequence and no attention mask.
+    `hidden` (B, T, H) from `trunk_hidden(…, upto=start)`: run decoder layers `start`… only.
+    `where` (B, T − 1) bool: only these positions are scored (the lm_head runs on them alone: the
+    response tokens of an RL or SFT row are a fraction of it); the others come back 0.
     """
     from kernels.logprob import fused_logprobs
 
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("token_logprobs assumes an lm_head without bias")
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
+    base = model.get_decoder()
+    if hidden is None:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    else:
+        if not can_split(model):
+            raise ValueError(f"{model.config.model_type}: layers cannot run in two parts (supported: {SPLITTABLE})")
+        with _layer_range(base, start, len(base.layers), final_norm=True):
+            out = base(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False)
     hidden = out.last_hidden_state                                        # (B, T, H)
-    return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
+    if where is None:
+        return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
+    where = where.bool()
+    lp, ent = fused_logprobs(hidden[:, :-1][where], head.weight, input_ids[:, 1:][where], temperature, impl)  # (n,)
+    zeros = hidden.new_zeros(where.shape, dtype=torch.float32)
+    return zeros.masked_scatter(where, lp), zeros.masked_scatter(where, ent)
 
 
 class LogprobModel(torch.nn.Module):
@@ -297,6 +356,11 @@ class LogprobModel(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask=None, temperature: float = 1.0, impl: str | None = None,
-                position_ids=None):
-        logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl, position_ids)
+                position_ids=None, *, upto: int = 0, start: int = 0, hidden=None, where=None):
+        """(logp, entropy), at the positions `where` (all by default); `upto` > 0: the trunk's hidden states
+        instead (`trunk_hidden`); `start`, `hidden`: the top layers only, from those hidden states."""
+        if upto:
+            return trunk_hidden(self.lm, input_ids, attention_mask, upto, position_ids).clone()
+        logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl, position_ids, start,
+                                   hidden, where)
         return logp.clone(), ent.clone()  # not views: FSDP2 hooks the root's outputs for backward

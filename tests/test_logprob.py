@@ -112,6 +112,18 @@ def test_backward_inside_autocast(impl):
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_no_rows(impl):
+    """A rank's empty micro-batch: no rows in, empty outputs, a zero weight gradient (the weight stays in the
+    graph, so FSDP's collectives see it on every rank)."""
+    w = torch.randn(50, 8).requires_grad_()
+    logp, ent = K.fused_logprobs(torch.zeros(0, 8, requires_grad=True), w, torch.zeros(0, dtype=torch.long),
+                                 impl=impl)
+    assert logp.shape == ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert w.grad is not None and w.grad.abs().max() == 0
+
+
 def test_leading_dims_dispatch_and_errors(monkeypatch):
     hidden, weight, targets, _, _ = case(12, 16, 50)
     h = hidden.float().view(3, 4, 16)

@@ -56,6 +56,28 @@ def test_garbage_rollouts_are_finite(runs):
         assert row["stage"] == "guided"
 
 
+def test_trunk_cache_changes_nothing(tmp_path):
+    """--train-layers 1: the frozen layers run once per rollout batch (default) or in every forward (off);
+    every logged number and the trained weights are the same, and only the top layer and the norm moved."""
+    import torch
+
+    on = run(tmp_path, "on", "--max-steps", "2", "--lr", "1e-3", "--train-layers", "1")
+    off = run(tmp_path, "off", "--max-steps", "2", "--lr", "1e-3", "--train-layers", "1", "--no-trunk-cache")
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
+    assert [drop(r) for r in on] == [drop(r) for r in off]
+    assert any(r["clip_frac_low/u1"] + r["clip_frac_high/u1"] > 0 for r in on)  # the updates did something
+    wa, wb = weights(tmp_path / "on"), weights(tmp_path / "off")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    start = weights_of("tiny")
+    moved = sorted(k for k in wa if not torch.equal(wa[k], start[k]))
+    assert moved and all(k.startswith("model.layers.3.") or k == "model.norm.weight" for k in moved), moved
+
+
+def weights_of(name):
+    from tagpr.models import load_model
+    return {k: v.detach().clone() for k, v in load_model(name, device="cpu")[0].state_dict().items()}
+
+
 def test_prompt_file_errors(tmp_path):
     p = tmp_path / "rl_prompts.jsonl"
     p.write_text(json.dumps(RLPrompt("1", "LaMP_2", "u", "q", "comedy").to_json()) + "\n{bad\n")
@@ -71,10 +93,10 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZER
 COMMON = ["--preset", "tiny", "--max-steps", "4", "--save-every", "1", "--keep", "5", "--lr", "1e-3"]
 
 
-def script(out, nproc=1, wait=True):
+def script(out, nproc=1, wait=True, extra=()):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
-    cmd = launch + [str(ROOT / "train_rl.py"), *COMMON, "--out", str(out)]
+    cmd = launch + [str(ROOT / "train_rl.py"), *COMMON, "--out", str(out), *extra]
     if not wait:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -92,9 +114,13 @@ def weights(out):
 
 
 @pytest.mark.slow
-def test_one_rank_equals_two_ranks(tmp_path):
-    script(tmp_path / "one")
-    script(tmp_path / "two", nproc=2)
+@pytest.mark.parametrize("layers", ["all", "top2"])
+def test_one_rank_equals_two_ranks(tmp_path, layers):
+    """`top2`: the top 2 layers trained, the FSDP-sharded frozen trunk cached per rollout batch on 2 ranks,
+    recomputed in every forward on 1."""
+    top = ["--train-layers", "2"] if layers == "top2" else []
+    script(tmp_path / "one", extra=top + (["--no-trunk-cache"] if top else []))
+    script(tmp_path / "two", nproc=2, extra=top)
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["stage"] for r in a] == [r["stage"] for r in b]
     for x, y in zip(a, b):  # same samples, same rewards, same updates
