@@ -50,6 +50,7 @@ class EvalConfig:
     r2p_chunk: int = 48
     r2p_max_tokens: int = 384
     r2p_budget_words: int = 180
+    r2p_interventions: int = 3          # corrections per response at most
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 16
     seed: int = 0
@@ -105,7 +106,8 @@ def main(argv=None) -> dict:
         name = method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}"
         s = evaluation.Settings(k, retriever, cfg.seed, cfg.max_new_direct, cfg.max_new_reason, vocab,
                                 r2p.Settings(chunk=cfg.r2p_chunk, budget_words=cfg.r2p_budget_words,
-                                             candidates=cfg.r2p_candidates, max_tokens=cfg.r2p_max_tokens))
+                                             candidates=cfg.r2p_candidates, max_tokens=cfg.r2p_max_tokens,
+                                             max_interventions=cfg.r2p_interventions))
         results[name] = {}
         for task in [t for t in cfg.tasks.split(",") if t]:
             split = lamp.load_split(lamp_dir, task, cfg.split)

@@ -128,7 +128,7 @@ def main(argv=None):
         timer.stage(f"5 evaluate {name}", out / "table.md",
                     [PY, "evaluate.py", "--model", model, "--methods", methods, "--out", str(out),
                      "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192",
-                     "--r2p-budget-words", "120", "--precision", prec, *common], logs / f"evaluate_{name}.log")
+                     "--r2p-budget-words", "120", "--r2p-interventions", "1", "--precision", prec, *common], logs / f"evaluate_{name}.log")
     report(run_dir, a, seeds, timer.t, time.time() - t_start, prec)
 
 

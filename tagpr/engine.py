@@ -12,10 +12,17 @@ cheap:
   attention over the concatenated cache ("cascade" attention).
 * **The cache never moves.** Generated keys/values go into buffers sized for
   `max_new_tokens` up front; a step writes one column in place.
+* **Weights are prepared once per generation** (`Weights`): every projection in the
+  compute dtype, so no step casts a weight (bf16 autocast caches its casts only for
+  parameters that require grad: the frozen layers of `--train-layers` were cast again
+  at every step), and on a CPU q/k/v and gate/up fused into one matmul each (at a
+  decode step's 32 rows a GEMM's fixed cost is a large share of it). On a GPU the
+  projections are used as they are when their dtype already matches (no copy).
 
-Attention runs in fp32 whatever the projections run in (under bf16 autocast the
-matmuls of the projections and MLPs take bf16, ~2.5× faster on a CPU with AVX512-BF16
-and the norm on a GPU). Grouped-query heads map to kv head `h // (heads / kv_heads)`,
+Attention runs in fp32 whatever the projections run in (with `dtype` bf16 the
+projections and MLPs take bf16 operands, as under bf16 autocast, ~2.5× faster on a CPU
+with AVX512-BF16 and the norm on a GPU). The engine makes its dtype explicit and runs
+outside autocast. Grouped-query heads map to kv head `h // (heads / kv_heads)`,
 as transformers' `repeat_kv` does. `supported(lm)` says whether a model can take this
 path; `tagpr.rollout.generate` falls back to transformers' forward otherwise.
 """
@@ -41,21 +48,58 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def _qkv(attn, x: torch.Tensor, cos, sin):
+def _linears(mods, dtype: torch.dtype, fuse: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """[(weight, bias)] in `dtype`: one fused pair for all of `mods` (their outputs side by side), or one each."""
+    bias = lambda m: None if m.bias is None else m.bias.to(dtype)
+    if not fuse or len(mods) == 1:
+        return [(m.weight.to(dtype), bias(m)) for m in mods]
+    b = None if mods[0].bias is None else torch.cat([m.bias for m in mods]).to(dtype)
+    return [(torch.cat([m.weight for m in mods]).to(dtype), b)]
+
+
+class Weights:
+    """The projections of every layer and the lm_head in the compute dtype, for one generation."""
+
+    def __init__(self, lm, dtype: torch.dtype, fuse: bool):
+        self.dtype = dtype
+        self.layers = []
+        for layer in lm.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            self.layers.append({"qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse),
+                                "splits": [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features],
+                                "o": _linears([a.o_proj], dtype, False)[0],
+                                "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse),
+                                "mlp_splits": [mlp.gate_proj.out_features, mlp.up_proj.out_features],
+                                "down": _linears([mlp.down_proj], dtype, False)[0], "act": mlp.act_fn})
+        self.head = _linears([lm.lm_head], dtype, False)[0]
+
+
+def _project(x: torch.Tensor, pairs, splits) -> list[torch.Tensor]:
+    """x through the (fused or separate) projections → one output per original projection."""
+    if len(pairs) == 1:
+        return list(F.linear(x, *pairs[0]).split(splits, dim=-1))
+    return [F.linear(x, w, b) for w, b in pairs]
+
+
+def _qkv(attn, w: dict, x: torch.Tensor, cos, sin, dtype):
     """Projections → (optional Qwen3 q/k norms) → rotary (fp32 cos/sin). Returns fp32 q (B, H, T, D), k, v (B, KV, T, D)."""
     B, T, _ = x.shape
     D = attn.head_dim
-    q = attn.q_proj(x).view(B, T, -1, D)
-    k = attn.k_proj(x).view(B, T, -1, D)
-    v = attn.v_proj(x).view(B, T, -1, D)
+    q, k, v = (t.reshape(B, T, -1, D) for t in _project(x.to(dtype), w["qkv"], w["splits"]))
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
-def _mlp_block(layer, h: torch.Tensor) -> torch.Tensor:
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+def _attn_out(w: dict, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return h + F.linear(o.to(w["o"][0].dtype), *w["o"]).to(h.dtype)
+
+
+def _mlp_block(layer, w: dict, h: torch.Tensor) -> torch.Tensor:
+    x = layer.post_attention_layernorm(h).to(w["down"][0].dtype)
+    gate, up = _project(x, w["gate_up"], w["mlp_splits"])
+    return h + F.linear(w["act"](gate) * up, *w["down"]).to(h.dtype)
 
 
 class GroupCache:
@@ -73,7 +117,7 @@ class GroupCache:
         self.group, self.length = group, 0
 
 
-def prefill(lm, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
     """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32)."""
     m = lm.model
     h = m.embed_tokens(ids)
@@ -83,16 +127,15 @@ def prefill(lm, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # pads see themselves
     allowed = allowed[:, None]                                                  # (B/G, 1, P, P)
     kv = []
-    for layer in m.layers:
+    for layer, w in zip(m.layers, W.layers):
         a = layer.self_attn
-        q, k, v = _qkv(a, layer.input_layernorm(h), cos, sin)
+        q, k, v = _qkv(a, w, layer.input_layernorm(h), cos, sin, W.dtype)
         kv.append((k, v))
-        with torch.autocast(ids.device.type, enabled=False):
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scaling,
-                                               enable_gqa=k.shape[1] != q.shape[1])
-        h = h + a.o_proj(o.transpose(1, 2).reshape(h.shape[0], P, -1).to(h.dtype))
-        h = _mlp_block(layer, h)
-    return lm.lm_head(m.norm(h[:, -1:]))[:, -1], kv
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scaling,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        h = _attn_out(w, o.transpose(1, 2).reshape(h.shape[0], P, -1), h)
+        h = _mlp_block(layer, w, h)
+    return F.linear(m.norm(h[:, -1]).to(W.dtype), *W.head), kv
 
 
 def _cascade(q: torch.Tensor, pkt, pv, gk, gv, bias: torch.Tensor, G: int, scale: float) -> torch.Tensor:
@@ -116,22 +159,21 @@ def _cascade(q: torch.Tensor, pkt, pv, gk, gv, bias: torch.Tensor, G: int, scale
     return o.reshape(B, H * D)
 
 
-def decode_step(lm, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
+def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
     """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache`."""
     m = lm.model
     h = m.embed_tokens(tokens[:, None])                                         # (B, 1, hidden)
     cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos[:, None]))
     t = cache.length
-    for i, layer in enumerate(m.layers):
+    for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         a = layer.self_attn
-        q, k, v = _qkv(a, layer.input_layernorm(h), cos, sin)
+        q, k, v = _qkv(a, w, layer.input_layernorm(h), cos, sin, W.dtype)
         gk, gv = cache.gen[i]
         gk[:, :, t] = k[:, :, 0]
         gv[:, :, t] = v[:, :, 0]
         pkt, pv = cache.prefix[i]
-        with torch.autocast(tokens.device.type, enabled=False):
-            o = _cascade(q, pkt, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
-        h = h + a.o_proj(o[:, None].to(h.dtype))
-        h = _mlp_block(layer, h)
+        o = _cascade(q, pkt, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
+        h = _attn_out(w, o[:, None], h)
+        h = _mlp_block(layer, w, h)
     cache.length = t + 1
-    return lm.lm_head(m.norm(h))[:, 0]
+    return F.linear(m.norm(h[:, 0]).to(W.dtype), *W.head)

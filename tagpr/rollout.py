@@ -143,7 +143,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 class _Transformers:
     """The fallback path for models `tagpr.engine` does not cover: transformers' own forward and cache."""
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens):
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision):
         res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (B/G, V)
         if G > 1:
@@ -163,13 +163,17 @@ class _Transformers:
 class _Engine:
     """`tagpr.engine`: the group's prompt cached once, cascade attention, preallocated buffers."""
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens):
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision):
         self.lm = lm
-        self.logits, prefix = engine.prefill(lm, ids, attn, pos)
+        dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
+        self.weights = engine.Weights(lm, dtype, fuse=ids.device.type == "cpu")
+        with torch.autocast(ids.device.type, enabled=False):
+            self.logits, prefix = engine.prefill(lm, self.weights, ids, attn, pos)
         self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens)
 
     def step(self, tok, pos, t):
-        return engine.decode_step(self.lm, tok, pos, self.cache)
+        with torch.autocast(tok.device.type, enabled=False):
+            return engine.decode_step(self.lm, self.weights, tok, pos, self.cache)
 
 
 @torch.no_grad()
@@ -206,7 +210,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     sampled = not (greedy or temperature == 0)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), autocast(device, precision):
-        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens)
+        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision)
         logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
         next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)
         for t in range(max_new_tokens):

@@ -6,20 +6,25 @@ from tagpr import engine, rollout
 
 
 def llama_and_qwen3():
-    """A tiny random Llama (no q/k norms, 3 query heads per kv head) and a tiny Qwen3 (q/k norms)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """A tiny random Llama (no q/k norms, 3 query heads per kv head), a tiny Qwen3 (q/k norms) and a tiny
+    Qwen2 (q/k/v biases)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     torch.manual_seed(0)
     common = dict(vocab_size=97, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
     llama = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
     qwen = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=False)).eval()
-    for m in (llama, qwen):  # random weights are small; scale them so attention is far from uniform
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+    for m in (llama, qwen, qwen2):  # random weights are small; scale them so attention is far from uniform
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if p.dim() == 2:
                     p.mul_(4.0)
-    return {"llama": llama, "qwen3": qwen}
+                elif n.endswith("bias"):
+                    p.normal_(0.0, 0.5)  # visible biases (transformers initialises them to 0)
+    return {"llama": llama, "qwen3": qwen, "qwen2": qwen2}
 
 
 MODELS = llama_and_qwen3()
@@ -43,23 +48,26 @@ def reference_logits(lm, prompt, continuation):
     return logits[len(prompt) - 1:]                                             # (len(continuation) + 1, V)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_prefill_and_decode_steps_equal_the_full_forward(family):
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2"])
+def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse):
     lm = MODELS[family]
     assert engine.supported(lm)
+    W = engine.Weights(lm, torch.float32, fuse)
+    assert len(W.layers[0]["qkv"]) == (1 if fuse else 3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]
     G, steps = 2, 5
     conts = [torch.randint(1, 97, (steps,), generator=g).tolist() for _ in range(len(prompts) * G)]  # per row
     ids, mask, pos = left_pad(prompts)
     with torch.no_grad():
-        logits, prefix = engine.prefill(lm, ids, mask, pos)
+        logits, prefix = engine.prefill(lm, W, ids, mask, pos)
         cache = engine.GroupCache(prefix, mask, G, steps)
         got = [logits.repeat_interleave(G, 0)]
         next_pos = pos[:, -1].repeat_interleave(G) + 1
         for t in range(steps):
             tok = torch.tensor([c[t] for c in conts])
-            got.append(engine.decode_step(lm, tok, next_pos + t, cache))
+            got.append(engine.decode_step(lm, W, tok, next_pos + t, cache))
     got = torch.stack(got, 1)                                                   # (B, steps + 1, V)
     for b in range(len(conts)):
         want = reference_logits(lm, prompts[b // G], conts[b])
@@ -67,16 +75,20 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family):
         torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
 
 
-def test_bf16_autocast_stays_close_and_samples_the_same_way():
+def test_bf16_stays_close_and_matches_autocast():
+    """bf16 weights prepared once: within 5 % of fp32, and within bf16 rounding of transformers' own forward under
+    bf16 autocast (which casts every weight at every call)."""
     lm = MODELS["llama"]
     ids, mask, pos = left_pad([[5, 6, 7, 8], [9, 10]])
     with torch.no_grad():
-        full, _ = engine.prefill(lm, ids, mask, pos)
+        full, _ = engine.prefill(lm, engine.Weights(lm, torch.float32, True), ids, mask, pos)
+        half, _ = engine.prefill(lm, engine.Weights(lm, torch.bfloat16, True), ids, mask, pos)
         with torch.autocast("cpu", torch.bfloat16):
-            half, _ = engine.prefill(lm, ids, mask, pos)
+            auto = torch.stack([lm(input_ids=torch.tensor([p])).logits[0, -1] for p in ([5, 6, 7, 8], [9, 10])])
     assert half.dtype == torch.bfloat16
     err = (half.float() - full).abs().max() / full.abs().max()
     assert 0 < err < 0.05                                                       # bf16 matmuls: close, not identical
+    assert (half.float() - auto.float()).abs().max() / full.abs().max() < 0.02
     p = [[5, 6, 7, 8], [9, 10]]
     a = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True)
     b = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True, precision="bf16")
