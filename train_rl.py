@@ -16,6 +16,14 @@ One step:
    updates, so GSPO's ratio and clipping are live from the second one on;
    `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy.
 
+With `--train-layers N` the lower layers are frozen, so their output (the residual stream
+entering layer L − N) is a constant of the rollout batch: the sampler keeps it while it
+generates (`generate(keep_layers=…)`; else one no-grad pass computes it), and the old
+log-probs and every update run the top N layers only, from it. Old and new log-probs
+both come from the same cached trunk, so the ratio is still exactly 1 at update 0; the
+trunk carries the sampler's rounding (bf16 projections, fp32 attention), which is below
+what bf16 training sees anyway. `--no-trunk-cache` runs the whole model in every forward.
+
 Departures from the paper:
 1. Without `rl_prompts.jsonl` (from `build_data.py`), prompts come from synthetic users.
 2. Without a PRMU model (`--prmu`, else `<run>/prmu/model`) the guided stage has no R_p term
@@ -75,7 +83,8 @@ class RLConfig:
     synthetic_users: int = 100
     precision: str = "auto"                   # forward matmuls (rollouts too): "auto" (bf16 on CUDA), "fp32", "bf16"
     train_layers: int = -1                    # train only the top N decoder layers + final norm (-1: all)
-    trunk_cache: bool = True                  # with train_layers: the frozen layers run once per rollout batch
+    trunk_cache: bool = True                  # with train_layers: the frozen layers' output computed once per rollout
+                                              # batch (kept by the sampler where it can), not in every forward
 
 
 PRESETS = {
@@ -224,7 +233,8 @@ def main(argv=None):
                 for j in range(per_rank * cfg.group)]
         model.eval()
         roll = generate(model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=precision)
+                        cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=precision,
+                        keep_layers=frozen)
         model.train()
         t1 = time.perf_counter()
         # 2. rewards and advantages
@@ -242,9 +252,9 @@ def main(argv=None):
         minis = [[int(r) - first for r in mini if first <= int(r) < first + len(x)] for mini in chunks]  # this rank's
         later = sorted(r for mini in minis[1:] for r in mini)
         old = torch.zeros(len(x), x.shape[1] - 1, device=d.device)
-        trunk = None
+        trunk = roll.kept_rows(x.shape[1]) if frozen else None  # the sampler's: no pass of its own
         with torch.no_grad(), autocast(d.device, precision):
-            if frozen:
+            if frozen and trunk is None:  # the sampler could not keep it (transformers' fallback path)
                 trunk = torch.zeros(*x.shape, lm.config.hidden_size, device=d.device)
                 for idx in padded_micro_batches(list(range(len(x))), cfg.micro_batch):
                     h = model(x[idx or [0]], attn[idx or [0]], upto=frozen)  # an empty one keeps FSDP in step

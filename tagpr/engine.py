@@ -106,7 +106,7 @@ class GroupCache:
     """Per layer: the prompts' keys/values once per group, and preallocated buffers for the responses."""
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, group: int,
-                 max_new_tokens: int):
+                 max_new_tokens: int, keep: int = 0, hidden_size: int = 0):
         # [(kᵀ, v)]: kᵀ (B/G, KV, D, P) and v (B/G, KV, P, D), both contiguous, so no step copies them again
         self.prefix = [(k.transpose(-1, -2).contiguous(), v.contiguous()) for k, v in prefix]
         Bp, KV, _, D = prefix[0][0].shape
@@ -115,10 +115,14 @@ class GroupCache:
         bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
         self.prefix_bias = bias.masked_fill(~prompt_mask.bool(), float("-inf"))[:, None, None, :]  # (B/G, 1, 1, P)
         self.group, self.length = group, 0
+        # keep > 0: every step's residual stream after `keep` layers is kept here (B, max_new_tokens, hidden)
+        self.keep = keep
+        self.kept = bias.new_zeros(B, max_new_tokens, hidden_size) if keep else None
 
 
-def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
-    """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32)."""
+def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int = 0):
+    """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32, the residual
+    stream after `keep` layers (B/G, P, hidden) or None when keep = 0)."""
     m = lm.model
     h = m.embed_tokens(ids)
     cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos))
@@ -126,8 +130,8 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # pads see themselves
     allowed = allowed[:, None]                                                  # (B/G, 1, P, P)
-    kv = []
-    for layer, w in zip(m.layers, W.layers):
+    kv, kept = [], None
+    for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         a = layer.self_attn
         q, k, v = _qkv(a, w, layer.input_layernorm(h), cos, sin, W.dtype)
         kv.append((k, v))
@@ -135,7 +139,9 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
                                            enable_gqa=k.shape[1] != q.shape[1])
         h = _attn_out(w, o.transpose(1, 2).reshape(h.shape[0], P, -1), h)
         h = _mlp_block(layer, w, h)
-    return F.linear(m.norm(h[:, -1]).to(W.dtype), *W.head), kv
+        if i + 1 == keep:
+            kept = h.clone()
+    return F.linear(m.norm(h[:, -1]).to(W.dtype), *W.head), kv, kept
 
 
 def _cascade(q: torch.Tensor, pkt, pv, gk, gv, bias: torch.Tensor, G: int, scale: float) -> torch.Tensor:
@@ -160,7 +166,8 @@ def _cascade(q: torch.Tensor, pkt, pv, gk, gv, bias: torch.Tensor, G: int, scale
 
 
 def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
-    """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache`."""
+    """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache` (and with
+    `cache.keep`, the tokens' residual stream after that many layers to `cache.kept`)."""
     m = lm.model
     h = m.embed_tokens(tokens[:, None])                                         # (B, 1, hidden)
     cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos[:, None]))
@@ -175,5 +182,7 @@ def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: 
         o = _cascade(q, pkt, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
         h = _attn_out(w, o[:, None], h)
         h = _mlp_block(layer, w, h)
+        if i + 1 == cache.keep:
+            cache.kept[:, t] = h[:, 0]
     cache.length = t + 1
     return F.linear(m.norm(h[:, 0]).to(W.dtype), *W.head)

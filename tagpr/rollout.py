@@ -32,10 +32,28 @@ class Rollouts:
     response_mask: torch.Tensor        # (B, T) 1 on generated tokens up to and including the first EOS
     texts: list[str]                   # decoded responses, EOS and special tokens dropped
     finished: torch.Tensor             # (B,) reached EOS before max_new_tokens
+    # with `keep_layers`: the residual stream after that many layers, as the sampler computed it: the prompts'
+    # (B/G, P, hidden), left-padded like the prompt batch, and the responses' (B, T, hidden); a response's last
+    # token is never fed back, so its row there is 0. None on the transformers fallback path.
+    prompt_hidden: torch.Tensor | None = None
+    response_hidden: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(1)
+
+    def kept_rows(self, T: int) -> torch.Tensor | None:
+        """The kept hidden states laid out like the training batch: row b = prompt b then its response
+        (up to and including EOS), right-padded with zeros to T: (B, T, hidden). None if none were kept."""
+        if self.prompt_hidden is None or self.response_hidden is None:
+            return None
+        B, G = len(self.prompt_ids), len(self.prompt_ids) // self.prompt_hidden.shape[0]
+        P = self.prompt_hidden.shape[1]
+        out = self.response_hidden.new_zeros(B, T, self.response_hidden.shape[-1])
+        for b, (p, n) in enumerate(zip(self.prompt_ids, self.lengths.tolist())):
+            out[b, :len(p)] = self.prompt_hidden[b // G, P - len(p):]
+            out[b, len(p):len(p) + n] = self.response_hidden[b, :n]
+        return out
 
 
 @contextlib.contextmanager
@@ -143,7 +161,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 class _Transformers:
     """The fallback path for models `tagpr.engine` does not cover: transformers' own forward and cache."""
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision):
+    prompt_hidden = response_hidden = None  # keeping hidden states is the engine's alone
+
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
         res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (B/G, V)
         if G > 1:
@@ -163,13 +183,14 @@ class _Transformers:
 class _Engine:
     """`tagpr.engine`: the group's prompt cached once, cascade attention, preallocated buffers."""
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision):
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
         self.lm = lm
         dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
         self.weights = engine.Weights(lm, dtype, fuse=ids.device.type == "cpu")
         with torch.autocast(ids.device.type, enabled=False):
-            self.logits, prefix = engine.prefill(lm, self.weights, ids, attn, pos)
-        self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens)
+            self.logits, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep)
+        self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens, keep, lm.config.hidden_size)
+        self.response_hidden = self.cache.kept
 
     def step(self, tok, pos, t):
         with torch.autocast(tok.device.type, enabled=False):
@@ -180,7 +201,7 @@ class _Engine:
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int = 1, precision: str = "fp32") -> Rollouts:
+             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
     Each prompt is prefilled once and the group shares its keys/values (see
@@ -188,7 +209,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     cache repeated per row). `generator`: one for the batch, or one per output row (see
     `sample_next`). `precision="bf16"` runs the matmuls under bf16 autocast (attention
     and sampling stay fp32). `model` is a transformers causal LM (or an FSDP2-wrapped
-    one: it is unsharded once).
+    one: it is unsharded once). `keep_layers` > 0: also return the residual stream after
+    that many layers (see `Rollouts`; GSPO's frozen-trunk cache takes it from here).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -210,7 +232,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     sampled = not (greedy or temperature == 0)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), autocast(device, precision):
-        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision)
+        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,
+                                                                      keep_layers)
         logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
         next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)
         for t in range(max_new_tokens):
@@ -228,4 +251,5 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     texts = []
     if tokenizer is not None:
         texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(B)]
-    return Rollouts([list(p) for p in prompt_ids for _ in range(G)], out, mask, texts, done)
+    kept = runner.response_hidden[:, :T] if runner.response_hidden is not None else None
+    return Rollouts([list(p) for p in prompt_ids for _ in range(G)], out, mask, texts, done, runner.prompt_hidden, kept)

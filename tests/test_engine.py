@@ -61,7 +61,7 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse):
     conts = [torch.randint(1, 97, (steps,), generator=g).tolist() for _ in range(len(prompts) * G)]  # per row
     ids, mask, pos = left_pad(prompts)
     with torch.no_grad():
-        logits, prefix = engine.prefill(lm, W, ids, mask, pos)
+        logits, prefix, _ = engine.prefill(lm, W, ids, mask, pos)
         cache = engine.GroupCache(prefix, mask, G, steps)
         got = [logits.repeat_interleave(G, 0)]
         next_pos = pos[:, -1].repeat_interleave(G) + 1
@@ -81,8 +81,8 @@ def test_bf16_stays_close_and_matches_autocast():
     lm = MODELS["llama"]
     ids, mask, pos = left_pad([[5, 6, 7, 8], [9, 10]])
     with torch.no_grad():
-        full, _ = engine.prefill(lm, engine.Weights(lm, torch.float32, True), ids, mask, pos)
-        half, _ = engine.prefill(lm, engine.Weights(lm, torch.bfloat16, True), ids, mask, pos)
+        full, _, _ = engine.prefill(lm, engine.Weights(lm, torch.float32, True), ids, mask, pos)
+        half, _, _ = engine.prefill(lm, engine.Weights(lm, torch.bfloat16, True), ids, mask, pos)
         with torch.autocast("cpu", torch.bfloat16):
             auto = torch.stack([lm(input_ids=torch.tensor([p])).logits[0, -1] for p in ([5, 6, 7, 8], [9, 10])])
     assert half.dtype == torch.bfloat16

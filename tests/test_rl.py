@@ -57,17 +57,22 @@ def test_garbage_rollouts_are_finite(runs):
 
 
 def test_trunk_cache_changes_nothing(tmp_path):
-    """--train-layers 1: the frozen layers run once per rollout batch (default) or in every forward (off);
-    every logged number and the trained weights are the same, and only the top layer and the norm moved."""
+    """--train-layers 1: the frozen layers' output kept by the sampler (default) or recomputed in every forward
+    (--no-trunk-cache): the same samples, rewards and updates up to the sampler's fp32 rounding; only the top
+    layer and the final norm move."""
     import torch
 
     on = run(tmp_path, "on", "--max-steps", "2", "--lr", "1e-3", "--train-layers", "1")
     off = run(tmp_path, "off", "--max-steps", "2", "--lr", "1e-3", "--train-layers", "1", "--no-trunk-cache")
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
-    assert [drop(r) for r in on] == [drop(r) for r in off]
+    for x, y in zip(on, off):
+        for k, v in x.items():
+            if isinstance(v, float) and not k.startswith(("time/", "tokens_per_s")):
+                assert v == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+            elif not k.startswith(("time/", "tokens_per_s")):
+                assert v == y[k], k
     assert any(r["clip_frac_low/u1"] + r["clip_frac_high/u1"] > 0 for r in on)  # the updates did something
     wa, wb = weights(tmp_path / "on"), weights(tmp_path / "off")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all((wa[k] - wb[k]).abs().max() <= 0.05 * 1e-3 for k in wa)
     start = weights_of("tiny")
     moved = sorted(k for k in wa if not torch.equal(wa[k], start[k]))
     assert moved and all(k.startswith("model.layers.3.") or k == "model.norm.weight" for k in moved), moved

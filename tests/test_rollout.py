@@ -120,3 +120,31 @@ def test_sampling_is_seeded(tiny):
     b = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
     c = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_kept_hidden_states_equal_the_training_trunk():
+    """generate(keep_layers=k) hands back the residual stream after k layers for every prompt and response
+    token, laid out like the training batch: it equals `trunk_hidden` of the training path on the same rows
+    (fp32), except at a response's last token, which the sampler never feeds back (0 there)."""
+    from tagpr.models import load_model, trunk_hidden
+    from tagpr.training import pad_batch
+
+    lm, tok = load_model("tiny", device="cpu")
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    roll = rollout.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
+                            generator=gens, n_per_prompt=2, keep_layers=2)
+    assert roll.prompt_hidden.shape == (3, 5, lm.config.hidden_size)
+    seqs = [p + r[:n] for p, r, n in zip(roll.prompt_ids, roll.response_ids.tolist(), roll.lengths.tolist())]
+    ids, attn, _ = pad_batch(seqs, seqs, tok.pad_token_id, "cpu")
+    kept = roll.kept_rows(ids.shape[1])
+    with torch.no_grad():
+        want = trunk_hidden(lm, ids, attn, 2)
+    for b, s in enumerate(seqs):
+        n = len(s) - 1  # the last token: never fed back
+        torch.testing.assert_close(kept[b, :n], want[b, :n], atol=1e-5, rtol=1e-5)
+        assert kept[b, n:].abs().max() == 0
+    assert want.abs().max() > 0.1
+    plain = rollout.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
+                             generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
+    assert torch.equal(plain.response_ids, roll.response_ids) and plain.kept_rows(4) is None
