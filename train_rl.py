@@ -175,11 +175,10 @@ def main(argv=None):
     lm.train()
     precision = resolve_precision(cfg.precision, d.device)
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
-    n_layers = len(lm.get_decoder().layers) if hasattr(lm.get_decoder(), "layers") else 0
     # the frozen lower layers' output is a constant of the rollout batch: computed once, it feeds the old
-    # log-probs and every update (identical numbers; the top layers alone run per update)
-    frozen = n_layers - cfg.train_layers if cfg.trunk_cache and 0 < cfg.train_layers < n_layers and can_split(lm) \
-        else 0
+    # log-probs and every update (the top layers alone run per update); 0: no cache
+    frozen = max(0, len(lm.get_decoder().layers) - cfg.train_layers) \
+        if cfg.trunk_cache and cfg.train_layers > 0 and can_split(lm) else 0
     ref = None
     if cfg.kl_coef:
         ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval()

@@ -279,6 +279,8 @@ def can_split(model) -> bool:
 @contextlib.contextmanager
 def _layer_range(base, lo: int, hi: int, final_norm: bool):
     """Let the decoder's own forward (masks, rotary tables, attention backend) run layers [lo, hi) only."""
+    if base.config.model_type not in SPLITTABLE:
+        raise ValueError(f"{base.config.model_type}: layers cannot run in two parts (supported: {SPLITTABLE})")
     layers, norm = base.layers, base.norm
     base.layers = torch.nn.ModuleList(list(layers)[lo:hi])
     if not final_norm:
@@ -297,8 +299,6 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     is trained on, so GSPO computes it once per batch and `token_logprobs(start=upto, hidden=…)`
     runs only the top layers for the old log-probs and every update.
     """
-    if not can_split(model):
-        raise ValueError(f"{model.config.model_type}: layers cannot run in two parts (supported: {SPLITTABLE})")
     base = model.get_decoder()
     with _layer_range(base, 0, upto, final_norm=False):
         return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -329,8 +329,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     if hidden is None:
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     else:
-        if not can_split(model):
-            raise ValueError(f"{model.config.model_type}: layers cannot run in two parts (supported: {SPLITTABLE})")
         with _layer_range(base, start, len(base.layers), final_norm=True):
             out = base(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False)

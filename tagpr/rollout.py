@@ -164,7 +164,9 @@ class _Transformers:
     prompt_hidden = response_hidden = None  # keeping hidden states is the engine's alone
 
     def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
-        res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.amp = lambda: autocast(ids.device, precision)  # transformers' forward takes the precision from autocast
+        with self.amp():
+            res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (B/G, V)
         if G > 1:
             self.cache.batch_repeat_interleave(G)
@@ -174,8 +176,9 @@ class _Transformers:
         self.P = ids.shape[1]
 
     def step(self, tok, pos, t):
-        res = self.lm(input_ids=tok[:, None], attention_mask=self.attn[:, :self.P + t + 1], position_ids=pos[:, None],
-                      past_key_values=self.cache, use_cache=True)
+        with self.amp():
+            res = self.lm(input_ids=tok[:, None], attention_mask=self.attn[:, :self.P + t + 1],
+                          position_ids=pos[:, None], past_key_values=self.cache, use_cache=True)
         self.cache = res.past_key_values
         return res.logits[:, -1]
 
@@ -187,14 +190,12 @@ class _Engine:
         self.lm = lm
         dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
         self.weights = engine.Weights(lm, dtype, fuse=ids.device.type == "cpu")
-        with torch.autocast(ids.device.type, enabled=False):
-            self.logits, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep)
+        self.logits, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep)
         self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens, keep, lm.config.hidden_size)
         self.response_hidden = self.cache.kept
 
     def step(self, tok, pos, t):
-        with torch.autocast(tok.device.type, enabled=False):
-            return engine.decode_step(self.lm, self.weights, tok, pos, self.cache)
+        return engine.decode_step(self.lm, self.weights, tok, pos, self.cache)
 
 
 @torch.no_grad()
@@ -231,7 +232,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     done = torch.zeros(B, dtype=torch.bool, device=device)
     sampled = not (greedy or temperature == 0)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
-    with gathered(model), autocast(device, precision):
+    with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
         runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,
                                                                       keep_layers)
         logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
