@@ -336,3 +336,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    dist.exit_process()
