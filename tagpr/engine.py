@@ -5,13 +5,16 @@ in a loop of its own, so that two things a generic forward cannot know about are
 cheap:
 
 * **Groups share their prompt.** The G rollouts of a prompt attend to one copy of its
-  keys/values (the prefix, `[B/G, kv_heads, P, D]`), not G copies: a decode step's
-  queries for the whole group (G × heads-per-kv-head rows) meet the prefix in one
-  matmul, and only the generated part (`[B, kv_heads, t, D]`) is per row. The two
-  score blocks are normalised together in one softmax — the same numbers as
-  attention over the concatenated cache ("cascade" attention).
-* **The cache never moves.** Generated keys/values go into buffers sized for
-  `max_new_tokens` up front; a step writes one column in place.
+  keys/values, not G copies. Per prompt and kv head, one buffer holds the prompt's P
+  keys followed by the generated ones, time-major and interleaved across the group
+  (column P + s·G + j: row j's token s); the whole group's queries (G × heads-per-kv-head
+  rows) meet it in one matmul, and a fixed mask lets row j see the prompt and only its
+  own generated columns. A decode step's attention is then one matmul, one mask add, one
+  softmax and one matmul — the same numbers as per-row attention over
+  prompt + own tokens — instead of a dozen small ops per layer on separate blocks.
+* **The cache never moves.** The buffers are sized for `max_new_tokens` up front (the
+  same memory as per-row caches: P per prompt + T per row); a step writes G columns in
+  place and reads the first P + (t + 1)·G.
 * **Weights are prepared once per generation** (`Weights`): every projection in the
   compute dtype, so no step casts a weight (bf16 autocast caches its casts only for
   parameters that require grad: the frozen layers of `--train-layers` were cast again
@@ -47,11 +50,18 @@ def _norm(mod, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, mod.weight.shape, mod.weight.to(x.dtype), mod.variance_epsilon)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, T, D): rotate pairs (i, i + D/2), as transformers' rotate_half."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def _rotary(m, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rotary tables at `pos` in fp32: (cos, sin with its first half negated), so that
+    rotate_half(x)·sin = roll(x, D/2)·sin' (see `_rope`)."""
+    cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos))
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) as transformers' rotate_half: x·cos + cat(−x₂, x₁)·sin, written as
+    x·cos + roll(x, D/2)·sin' (three ops, not six). cos/sin broadcast against x (..., D)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def _linears(mods, dtype: torch.dtype, fuse: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -80,58 +90,100 @@ class Weights:
         self.head = _linears([lm.lm_head], dtype, False)[0]
 
 
-def _project(x: torch.Tensor, pairs, splits) -> list[torch.Tensor]:
-    """x through the (fused or separate) projections → one output per original projection."""
+def _project(x: torch.Tensor, pairs, splits, joined: bool = False):
+    """x through the (fused or separate) projections → one output per original projection, or with
+    `joined` their outputs side by side in one tensor."""
     if len(pairs) == 1:
-        return list(F.linear(x, *pairs[0]).split(splits, dim=-1))
-    return [F.linear(x, w, b) for w, b in pairs]
+        y = F.linear(x, *pairs[0])
+        return y if joined else list(y.split(splits, dim=-1))
+    ys = [F.linear(x, w, b) for w, b in pairs]
+    return torch.cat(ys, dim=-1) if joined else ys
 
 
 def _qkv(attn, w: dict, x: torch.Tensor, cos, sin, dtype):
-    """Projections → (optional Qwen3 q/k norms) → rotary (fp32 cos/sin). Returns fp32 q (B, H, T, D), k, v (B, KV, T, D)."""
+    """Projections → (optional Qwen3 q/k norms) → rotary on q and k together, in fp32. x (B, T, hidden);
+    cos/sin (B, T, D) from `_rotary`. Returns views q (B, T, H, D), k and v (B, T, KV, D)."""
     B, T, _ = x.shape
     D = attn.head_dim
-    q, k, v = (t.reshape(B, T, -1, D) for t in _project(x.to(dtype), w["qkv"], w["splits"]))
+    H, KV = w["splits"][0] // D, w["splits"][1] // D
+    qkv = _project(x.to(dtype), w["qkv"], w["splits"], joined=True).float().view(B, T, H + 2 * KV, D)
+    qk = qkv[:, :, :H + KV]
     if hasattr(attn, "q_norm"):
-        q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+        qk = torch.cat((_norm(attn.q_norm, qk[:, :, :H]), _norm(attn.k_norm, qk[:, :, H:])), dim=2)
+    qk = _rope(qk, cos[:, :, None], sin[:, :, None])
+    return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
 
 
 def _attn_out(w: dict, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return h + F.linear(o.to(w["o"][0].dtype), *w["o"]).to(h.dtype)
+    return h + F.linear(o.to(w["o"][0].dtype), *w["o"])                        # fp32 + bf16 adds in fp32
 
 
 def _mlp_block(layer, w: dict, h: torch.Tensor) -> torch.Tensor:
     x = _norm(layer.post_attention_layernorm, h).to(w["down"][0].dtype)
     gate, up = _project(x, w["gate_up"], w["mlp_splits"])
-    return h + F.linear(w["act"](gate) * up, *w["down"]).to(h.dtype)
+    return h + F.linear(w["act"](gate) * up, *w["down"])
 
 
 class GroupCache:
-    """Per layer: the prompts' keys/values once per group, and preallocated buffers for the responses."""
+    """Per layer and prompt: one key buffer (transposed) and one value buffer holding the prompt's P positions,
+    then the group's generated tokens time-major (column P + s·G + j: row j's token s), sized for
+    `max_new_tokens` up front; and the mask that lets row j's queries see the prompt and its own columns."""
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, group: int,
                  max_new_tokens: int, keep: int = 0, hidden_size: int = 0):
-        # [(kᵀ, v)]: kᵀ (B/G, KV, D, P) and v (B/G, KV, P, D), both contiguous, so no step copies them again
-        self.prefix = [(k.transpose(-1, -2).contiguous(), v.contiguous()) for k, v in prefix]
-        Bp, KV, _, D = prefix[0][0].shape
-        B = Bp * group
-        self.gen = [(k.new_empty(B, KV, max_new_tokens, D), k.new_empty(B, KV, max_new_tokens, D)) for k, _ in prefix]
-        bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
-        self.prefix_bias = bias.masked_fill(~prompt_mask.bool(), float("-inf"))[:, None, None, :]  # (B/G, 1, 1, P)
-        self.group, self.length = group, 0
+        Bp, KV, P, D = prefix[0][0].shape
+        G, T = group, max_new_tokens
+        Wd = P + G * T
+        self.kt, self.v = [], []
+        for k, v in prefix:
+            kt = k.new_zeros(Bp, KV, D, Wd)      # zeros: masked columns are read (score −inf, weight 0), never NaN
+            kt[..., :P] = k.transpose(-1, -2)
+            vb = v.new_zeros(Bp, KV, Wd, D)
+            vb[:, :, :P] = v
+            self.kt.append(kt)
+            self.v.append(vb)
+        self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill(
+            ~prompt_mask.bool(), float("-inf"))                                   # (B/G, P)
+        self.bias = None                                                          # made at the first step
+        self.P, self.group, self.T, self.length = P, G, T, 0
         # keep > 0: every step's residual stream after `keep` layers is kept here (B, max_new_tokens, hidden)
         self.keep = keep
-        self.kept = bias.new_zeros(B, max_new_tokens, hidden_size) if keep else None
+        self.kept = self.prompt_bias.new_zeros(Bp * G, T, hidden_size) if keep else None
+
+    def _mask(self, g: int) -> torch.Tensor:
+        """(B/G, 1, G·g, P + G·T): 0 where a group row may look, −inf elsewhere — the prompt's padding for
+        every row; generated column P + s·G + j for the g query rows of rollout j only."""
+        G, T, pre = self.group, self.T, self.prompt_bias
+        Bp, P = pre.shape
+        own = torch.arange(G, device=pre.device).repeat_interleave(g)[:, None]      # group row r is rollout r // g
+        col = torch.arange(G, device=pre.device).repeat(T)[None]                    # column P + c is rollout c % G
+        gen = torch.zeros(G * g, G * T, device=pre.device).masked_fill(own != col, float("-inf"))
+        return torch.cat((pre[:, None, None, :].expand(Bp, 1, G * g, P), gen.expand(Bp, 1, G * g, G * T)), dim=-1)
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Layer i at step `length`: store k/v (B, KV, D) in the group's columns, then attention for
+        q (B, H, D). Returns (B, H·D); row b = prompt b // G, head h reads kv head h // (H / KV)."""
+        B, H, D = q.shape
+        kt, vb, G = self.kt[i], self.v[i], self.group
+        Bp, KV = kt.shape[:2]
+        g = H // KV
+        if self.bias is None:
+            self.bias = self._mask(g)
+        c0, w = self.P + self.length * G, self.P + (self.length + 1) * G
+        kt[..., c0:w] = k.view(Bp, G, KV, D).permute(0, 2, 3, 1)
+        vb[:, :, c0:w] = v.view(Bp, G, KV, D).transpose(1, 2)
+        qg = torch.mul(q.view(Bp, G, KV, g, D).transpose(1, 2), scale).reshape(Bp, KV, G * g, D)  # the group's queries
+        s = torch.matmul(qg, kt[..., :w]).add_(self.bias[..., :w])                  # (B/G, KV, G·g, w)
+        o = torch.matmul(torch.softmax(s, dim=-1), vb[:, :, :w])                     # (B/G, KV, G·g, D)
+        return o.view(Bp, KV, G, g, D).transpose(1, 2).reshape(B, H * D)
 
 
 def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int = 0):
-    """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32, the residual
-    stream after `keep` layers (B/G, P, hidden) or None when keep = 0)."""
+    """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32 (B/G, KV, P, D),
+    the residual stream after `keep` layers (B/G, P, hidden) or None when keep = 0)."""
     m = lm.model
     h = m.embed_tokens(ids)
-    cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos))
+    cos, sin = _rotary(m, h, pos)
     P = ids.shape[1]
     causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # pads see themselves
@@ -139,7 +191,7 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     kv, kept = [], None
     for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         a = layer.self_attn
-        q, k, v = _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype)
+        q, k, v = (t.transpose(1, 2) for t in _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype))
         kv.append((k, v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scaling,
                                            enable_gqa=k.shape[1] != q.shape[1])
@@ -150,42 +202,17 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     return F.linear(_norm(m.norm, h[:, -1]).to(W.dtype), *W.head), kv, kept
 
 
-def _cascade(q: torch.Tensor, pkt, pv, gk, gv, bias: torch.Tensor, G: int, scale: float) -> torch.Tensor:
-    """One decode step's attention. q (B, H, 1, D); prefix keysᵀ pkt (B/G, KV, D, P) and values pv
-    (B/G, KV, P, D); generated gk/gv (B, KV, t, D).
-
-    Returns (B, H·D). Row b = prompt b // G; head h reads kv head h // (H / KV).
-    """
-    B, H, _, D = q.shape
-    Bp, KV, _, P = pkt.shape
-    g = H // KV
-    qr = q.view(B, KV, g, D)                                                    # (B, KV, g, D)
-    qp = q.view(Bp, G, KV, g, D).transpose(1, 2).reshape(Bp, KV, G * g, D)     # the group's queries together
-    s_pre = torch.matmul(qp, pkt) * scale + bias                                # (B/G, KV, G·g, P)
-    s_pre = s_pre.view(Bp, KV, G, g, P).transpose(1, 2).reshape(B, KV, g, P)
-    s_gen = torch.matmul(qr, gk.transpose(-1, -2)) * scale                      # (B, KV, g, t)
-    p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1), dim=-1)
-    p_pre = p[..., :P].reshape(Bp, G, KV, g, P).transpose(1, 2).reshape(Bp, KV, G * g, P)
-    o = torch.matmul(p_pre, pv).view(Bp, KV, G, g, D).transpose(1, 2).reshape(B, KV, g, D)
-    o = o + torch.matmul(p[..., P:], gv)
-    return o.reshape(B, H * D)
-
-
 def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
     """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache` (and with
     `cache.keep`, the tokens' residual stream after that many layers to `cache.kept`)."""
     m = lm.model
     h = m.embed_tokens(tokens[:, None])                                         # (B, 1, hidden)
-    cos, sin = (c.float() for c in m.rotary_emb(h, position_ids=pos[:, None]))
+    cos, sin = _rotary(m, h, pos[:, None])
     t = cache.length
     for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         a = layer.self_attn
         q, k, v = _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype)
-        gk, gv = cache.gen[i]
-        gk[:, :, t] = k[:, :, 0]
-        gv[:, :, t] = v[:, :, 0]
-        pkt, pv = cache.prefix[i]
-        o = _cascade(q, pkt, pv, gk[:, :, :t + 1], gv[:, :, :t + 1], cache.prefix_bias, cache.group, a.scaling)
+        o = cache.attend(i, q[:, 0], k[:, 0], v[:, 0], a.scaling)
         h = _attn_out(w, o[:, None], h)
         h = _mlp_block(layer, w, h)
         if i + 1 == cache.keep:
