@@ -143,7 +143,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     """
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)                # (B, V)
+    x = logits.float()
+    probs = torch.softmax(x if temperature == 1.0 else x / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)                   # (B, V)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p                           # keep the smallest prefix ≥ top_p
@@ -155,7 +156,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tok = tok.clamp(max=probs.shape[1] - 1)
     bad = probs.gather(1, tok[:, None]).squeeze(1) == 0                         # u · total rounded to the top
-    return torch.where(bad, probs.argmax(-1), tok)
+    return torch.where(bad, probs.argmax(-1), tok) if bool(bad.any()) else tok  # (rare: skip the argmax pass)
 
 
 class _Transformers:

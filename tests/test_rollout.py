@@ -87,6 +87,10 @@ def test_top_p_and_temperature():
     assert (draws == 2).sum() == 0 and (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
     draws = rollout.sample_next(logits, temperature=2.0, generator=[torch.Generator().manual_seed(i) for i in range(4000)])
     assert torch.allclose(torch.bincount(draws, minlength=3).float() / len(draws), want, atol=0.03)
+    # u · total at the very top of the CDF (u = 1 − 1e-9 is 1.0 in fp32) finds no entry above it: the clamp lands
+    # on the last token, which top-p cut (p 0) — never drawn; the fallback is the most likely token
+    edge = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
+    assert rollout.sample_next(edge, top_p=0.6, u=torch.tensor([1 - 1e-9, 0.7])).tolist() == [0, 1]
 
 
 def test_per_row_generators_make_rows_independent_of_the_batch(tiny):
