@@ -11,7 +11,9 @@ cheap:
   rows) meet it in one matmul, and a fixed mask lets row j see the prompt and only its
   own generated columns. A decode step's attention is then one matmul, one mask add, one
   softmax and one matmul — the same numbers as per-row attention over
-  prompt + own tokens — instead of a dozen small ops per layer on separate blocks.
+  prompt + own tokens — instead of a dozen small ops per layer on separate blocks. The
+  price: each query also meets its siblings' generated keys (masked), G× the FLOPs on
+  that part, while the bytes read stay those of per-row caches (what bounds a GPU).
 * **The cache never moves.** The buffers are sized for `max_new_tokens` up front (the
   same memory as per-row caches: P per prompt + T per row); a step writes G columns in
   place and reads the first P + (t + 1)·G.

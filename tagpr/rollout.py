@@ -185,7 +185,7 @@ class _Transformers:
 
 
 class _Engine:
-    """`tagpr.engine`: the group's prompt cached once, cascade attention, preallocated buffers."""
+    """`tagpr.engine`: the group's prompt cached once, one shared preallocated buffer per prompt, rotary on q/k together."""
 
     def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
         self.lm = lm

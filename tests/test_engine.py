@@ -1,4 +1,4 @@
-"""tagpr.engine (group-shared prompt cache, cascade attention) against transformers' own forward."""
+"""tagpr.engine (group-shared prompt and generated keys in one masked buffer) against transformers' own forward."""
 import pytest
 import torch
 
@@ -48,16 +48,19 @@ def reference_logits(lm, prompt, continuation):
     return logits[len(prompt) - 1:]                                             # (len(continuation) + 1, V)
 
 
+@pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2"])
-def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse):
+def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, G):
+    """Every row's logits at every step = transformers on that row alone (its prompt unpadded + its own tokens):
+    left padding, the group's shared buffer and its mask (a row sees none of its siblings' tokens)."""
     lm = MODELS[family]
     assert engine.supported(lm)
     W = engine.Weights(lm, torch.float32, fuse)
     assert len(W.layers[0]["qkv"]) == (1 if fuse else 3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]
-    G, steps = 2, 5
+    steps = 5
     conts = [torch.randint(1, 97, (steps,), generator=g).tolist() for _ in range(len(prompts) * G)]  # per row
     ids, mask, pos = left_pad(prompts)
     with torch.no_grad():
