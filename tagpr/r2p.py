@@ -103,16 +103,19 @@ class Trace:
 
 
 def generate_guided(backend: Backend, messages: Sequence[list[dict]], tasks: Sequence[lamp.Task],
-                    s: Settings = Settings(), temperature: float = 0.0, sample: int = 0,
+                    s: Settings = Settings(), temperature: float = 0.0, sample: int | Sequence[int] = 0,
                     progress: str | None = None) -> list[Trace]:
-    """Chunked generation with intervention for a batch of conversations (the template already in the prompt)."""
+    """Chunked generation with intervention for a batch of conversations (the template already in the prompt).
+    `sample`: the sample index of every conversation, or one per conversation (several samples of a prompt
+    in one batch)."""
+    samples = [sample] * len(messages) if isinstance(sample, int) else list(sample)
     traces = [Trace(text="<think>\n") for _ in messages]
     rounds = -(-s.max_tokens // s.chunk) + s.max_interventions
     for _ in range(rounds):
         live = [i for i, t in enumerate(traces) if not t.done]
         if not live:
             break
-        reqs = [Request(messages[i], {"role": "r2p"}, temperature, s.chunk, sample, prefix=traces[i].text)
+        reqs = [Request(messages[i], {"role": "r2p"}, temperature, s.chunk, samples[i], prefix=traces[i].text)
                 for i in live]
         for i, rep in zip(live, backend.chat(reqs, progress=progress)):
             t = traces[i]
@@ -146,8 +149,12 @@ def r2p(backend: Backend, prompts: Sequence[str], tasks: Sequence[lamp.Task], s:
     """R2P for a batch: candidates with intervention, then a reconciled answer. One dict per prompt:
     answer, output (the reconciliation's text), candidates (texts), interventions (kinds, all rounds)."""
     user = [f"{p}\n\n{TEMPLATE}" for p in prompts]
-    cands = [generate_guided(backend, [[{"role": "user", "content": u}] for u in user], tasks, s, s.temperature,
-                             sample=j, progress=f"r2p candidate {j + 1}") for j in range(s.candidates)]
+    n, C = len(user), s.candidates
+    # every candidate of every prompt in one batch (C × n conversations per round, not C rounds of n)
+    flat = generate_guided(backend, [[{"role": "user", "content": u}] for _ in range(C) for u in user],
+                           list(tasks) * C, s, s.temperature, sample=[j for j in range(C) for _ in user],
+                           progress="r2p candidates")
+    cands = [flat[j * n:(j + 1) * n] for j in range(C)]
     final_user = [reconcile_prompt(u, [c[i].text for c in cands]) for i, u in enumerate(user)]
     final = generate_guided(backend, [[{"role": "user", "content": u}] for u in final_user], tasks, s, 0.0,
                             progress="r2p reconcile")

@@ -87,8 +87,14 @@ def test_self_referencing_sees_all_candidates():
         label = ("action", "fantasy", "romance")[req.sample]
         return Reply(f"Step 1 - Request: a Step 2 - Profile: b Step 3 - Response: c\n</think>\n{label}")
 
-    b = Scripted(fn)
+    class Batches(Scripted):
+        def _chat(self, requests):
+            self.calls = getattr(self, "calls", []) + [[r.sample for r in requests]]
+            return super()._chat(requests)
+
+    b = Batches(fn)
     [res] = r2p.r2p(b, ["Which tag? description: a film"], [T2], r2p.Settings(candidates=3))
+    assert b.calls[0] == [0, 1, 2]                        # the candidates are sampled together, in one batch
     final = [r for r in b.seen if "candidate responses" in r.messages[-1]["content"]]
     assert len(final) == 1
     for j in range(3):  # each candidate's full text, numbered
@@ -96,6 +102,16 @@ def test_self_referencing_sees_all_candidates():
         assert ("action", "fantasy", "romance")[j] in final[0].messages[-1]["content"]
     assert res["answer"] == "comedy" and len(res["candidates"]) == 3
     assert {r.temperature for r in b.seen if r not in final} == {0.7} and final[0].temperature == 0.0
+    # two prompts: each result holds its own prompt's candidates, in sample order
+    def fn2(req):
+        content = req.messages[-1]["content"]
+        what = "film" if "a film" in content.split("Here are")[0] else "show"
+        return Reply(f"Step 1 - Request: a Step 2 - Profile: b Step 3 - Response: c\n</think>\n{what}{req.sample}")
+
+    two = r2p.r2p(Scripted(fn2), ["Which tag? description: a film", "Which tag? description: a show"], [T2, T2],
+                  r2p.Settings(candidates=3))
+    assert [[c.split("</think>\n")[-1] for c in res["candidates"]] for res in two] == [
+        ["film0", "film1", "film2"], ["show0", "show1", "show2"]]
 
 
 # ----------------------------------------------------------------------------- scoring bad answers
