@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tagpr import config, datagen, llm, synthetic
 from tagpr.files import write_json
+from tagpr.training import keep_freed_memory
 
 TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"   # the paper's six (LaMP-6 needs a licensed corpus)
 
@@ -70,6 +71,7 @@ PRESETS = {
 
 
 def main(argv=None) -> dict:
+    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, preset = config.parse(BuildConfig, PRESETS, argv, description=__doc__.split("\n")[0])
     if preset is None and not cfg.lamp_dir:  # synthetic users without a preset: the offline default's sizes

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tagpr import config, evaluation, lamp, llm, r2p, synthetic, tags
 from tagpr.files import atomic_write_text, write_json
+from tagpr.training import keep_freed_memory
 
 SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "dense"]}
 
@@ -68,6 +69,7 @@ def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
 
 
 def main(argv=None) -> dict:
+    keep_freed_memory()
     cfg, _ = config.parse(EvalConfig, {}, argv, description=__doc__.split("\n")[0])
     t0 = time.time()
     lamp_dir = Path(cfg.lamp_dir) if cfg.lamp_dir else Path("runs/default/data/synthetic_lamp")

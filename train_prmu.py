@@ -32,7 +32,8 @@ from tqdm import tqdm
 from tagpr import checkpoint, config, dist, prmu, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.losses import bradley_terry_loss
-from tagpr.training import epoch_batches, grad_norm_and_clip, held_out, lr_at, rank_micro_batches, start_run
+from tagpr.training import (epoch_batches, grad_norm_and_clip, held_out, keep_freed_memory, lr_at, rank_micro_batches,
+                            start_run)
 
 
 @dataclass
@@ -103,6 +104,7 @@ def score_pairs(model, encoded, idx, device, pad_id):
 
 
 def main(argv=None):
+    keep_freed_memory()
     cfg, preset = config.parse(PRMUConfig, PRESETS, argv, description=__doc__.split("\n")[0])
     d = dist.init()
     torch.manual_seed(cfg.seed)

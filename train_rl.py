@@ -45,8 +45,8 @@ from tagpr.losses import group_advantages, gspo_loss
 from tagpr.prompts import RLPrompt, read_rl_prompts
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
 from tagpr.rollout import generate
-from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, resolve_precision,
-                            start_run, train_top_layers)
+from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, keep_freed_memory, lr_at, pad_batch,
+                            resolve_precision, start_run, train_top_layers)
 
 
 @dataclass
@@ -161,6 +161,7 @@ def sequences(roll, device, pad_id):
 
 
 def main(argv=None):
+    keep_freed_memory()
     cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__.split("\n")[0])
     d = dist.init()
     torch.manual_seed(cfg.seed)

@@ -31,8 +31,8 @@ from tagpr import checkpoint, config, dist, prompts, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, held_out, lr_at, pack_rows, packed_batch,
-                            pad_batch, rank_micro_batches, resolve_precision, start_run, train_top_layers)
+from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, held_out, keep_freed_memory, lr_at, pack_rows,
+                            packed_batch, pad_batch, rank_micro_batches, resolve_precision, start_run, train_top_layers)
 
 
 @dataclass
@@ -155,6 +155,7 @@ def tokens_in(micro, packed: bool):
 
 
 def main(argv=None):
+    keep_freed_memory()
     cfg, preset = config.parse(SFTConfig, PRESETS, argv, description=__doc__.split("\n")[0])
     d = dist.init()
     torch.manual_seed(cfg.seed)

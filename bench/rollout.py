@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagpr import lamp, prompts, synthetic  # noqa: E402
+from tagpr.training import keep_freed_memory  # noqa: E402
 from tagpr.models import load_model  # noqa: E402
 from tagpr.rollout import generate  # noqa: E402
 
@@ -48,6 +49,7 @@ def matmul_rate(device, dtype=torch.float32, n=2048) -> float:
 
 
 def main():
+    keep_freed_memory()  # process-wide, so both engines get it
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch", type=int, default=32)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tagpr import checkpoint, prompts, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.models import LogprobModel, load_model
-from tagpr.training import epoch_batches, lr_at, rank_micro_batches
+from tagpr.training import epoch_batches, keep_freed_memory, lr_at, rank_micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -59,6 +59,14 @@ def test_schedule_and_batching():
     assert rank_micro_batches(list(range(7)), 2, 0, 2) == [[0, 2], [4, 6]]
     assert rank_micro_batches(list(range(7)), 2, 1, 2) == [[1, 3], [5]]
     assert rank_micro_batches([0], 2, 1, 2) == [[]]  # a rank without data still runs one (empty) micro-batch
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_keep_freed_memory_is_accepted_by_glibc():
+    """glibc takes both settings (mallopt returns 1). Their effect is a speed matter (fewer page faults on
+    large tensors, not deterministic enough to count in a test): bench/README.md."""
+    assert keep_freed_memory() is True
+    assert keep_freed_memory() is True                                          # idempotent
 
 
 def test_malformed_sft_lines(tmp_path):
