@@ -23,6 +23,9 @@ cheap:
   at every step), and on a CPU q/k/v and gate/up fused into one matmul each (at a
   decode step's 32 rows a GEMM's fixed cost is a large share of it). On a GPU the
   projections are used as they are when their dtype already matches (no copy).
+  With `pack` (a CPU with oneDNN) every weight is also reordered once into oneDNN's
+  blocked layout (`_Linear`): F.linear lays its weight out for the GEMM at every call,
+  which at a decode step's few rows is a large share of it (bf16 and fp32 alike).
 
 Attention runs in fp32 whatever the projections run in (with `dtype` bf16 the
 projections and MLPs take bf16 operands, as under bf16 autocast, ~2.5× faster on a CPU
@@ -66,39 +69,64 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def _linears(mods, dtype: torch.dtype, fuse: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """[(weight, bias)] in `dtype`: one fused pair for all of `mods` (their outputs side by side), or one each."""
+def can_pack() -> bool:
+    """Whether this torch has oneDNN's prepacked linear (the ops inductor uses for frozen CPU weights)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _Linear:
+    """y = x·Wᵀ + b with W, b in the compute dtype. `pack`: W reordered once into oneDNN's blocked layout
+    (CPU only; bf16 results identical to F.linear, fp32 equal up to summation order)."""
+
+    __slots__ = ("weight", "bias", "dtype", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.dtype, self.bias, self.packed = weight.dtype, bias, pack
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if pack else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _linears(mods, dtype: torch.dtype, fuse: bool, pack: bool) -> list[_Linear]:
+    """One `_Linear` for all of `mods` (their outputs side by side), or one each."""
     bias = lambda m: None if m.bias is None else m.bias.to(dtype)
     if not fuse or len(mods) == 1:
-        return [(m.weight.to(dtype), bias(m)) for m in mods]
+        return [_Linear(m.weight.to(dtype), bias(m), pack) for m in mods]
     b = None if mods[0].bias is None else torch.cat([m.bias for m in mods]).to(dtype)
-    return [(torch.cat([m.weight for m in mods]).to(dtype), b)]
+    return [_Linear(torch.cat([m.weight for m in mods]).to(dtype), b, pack)]
 
 
 class Weights:
-    """The projections of every layer and the lm_head in the compute dtype, for one generation."""
+    """The projections of every layer and the lm_head in the compute dtype, for one generation. `pack`
+    (default: on a CPU where oneDNN can) prepacks them (`_Linear`)."""
 
-    def __init__(self, lm, dtype: torch.dtype, fuse: bool):
-        self.dtype = dtype
+    def __init__(self, lm, dtype: torch.dtype, fuse: bool, pack: bool | None = None):
+        if pack is None:
+            pack = lm.lm_head.weight.device.type == "cpu" and can_pack()
+        self.dtype, self.packed = dtype, pack
         self.layers = []
         for layer in lm.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            self.layers.append({"qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse),
+            self.layers.append({"qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse, pack),
                                 "splits": [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features],
-                                "o": _linears([a.o_proj], dtype, False)[0],
-                                "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse),
+                                "o": _linears([a.o_proj], dtype, False, pack)[0],
+                                "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse, pack),
                                 "mlp_splits": [mlp.gate_proj.out_features, mlp.up_proj.out_features],
-                                "down": _linears([mlp.down_proj], dtype, False)[0], "act": mlp.act_fn})
-        self.head = _linears([lm.lm_head], dtype, False)[0]
+                                "down": _linears([mlp.down_proj], dtype, False, pack)[0], "act": mlp.act_fn})
+        self.head = _linears([lm.lm_head], dtype, False, pack)[0]
 
 
 def _project(x: torch.Tensor, pairs, splits, joined: bool = False):
     """x through the (fused or separate) projections → one output per original projection, or with
     `joined` their outputs side by side in one tensor."""
     if len(pairs) == 1:
-        y = F.linear(x, *pairs[0])
+        y = pairs[0](x)
         return y if joined else list(y.split(splits, dim=-1))
-    ys = [F.linear(x, w, b) for w, b in pairs]
+    ys = [lin(x) for lin in pairs]
     return torch.cat(ys, dim=-1) if joined else ys
 
 
@@ -117,13 +145,13 @@ def _qkv(attn, w: dict, x: torch.Tensor, cos, sin, dtype):
 
 
 def _attn_out(w: dict, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return h + F.linear(o.to(w["o"][0].dtype), *w["o"])                        # fp32 + bf16 adds in fp32
+    return h + w["o"](o.to(w["o"].dtype))                        # fp32 + bf16 adds in fp32
 
 
 def _mlp_block(layer, w: dict, h: torch.Tensor) -> torch.Tensor:
-    x = _norm(layer.post_attention_layernorm, h).to(w["down"][0].dtype)
+    x = _norm(layer.post_attention_layernorm, h).to(w["down"].dtype)
     gate, up = _project(x, w["gate_up"], w["mlp_splits"])
-    return h + F.linear(w["act"](gate) * up, *w["down"])
+    return h + w["down"](w["act"](gate) * up)
 
 
 class GroupCache:
@@ -201,7 +229,7 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
         h = _mlp_block(layer, w, h)
         if i + 1 == keep:
             kept = h.clone()
-    return F.linear(_norm(m.norm, h[:, -1]).to(W.dtype), *W.head), kv, kept
+    return W.head(_norm(m.norm, h[:, -1]).to(W.dtype)), kv, kept
 
 
 def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
@@ -220,4 +248,4 @@ def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: 
         if i + 1 == cache.keep:
             cache.kept[:, t] = h[:, 0]
     cache.length = t + 1
-    return F.linear(_norm(m.norm, h[:, 0]).to(W.dtype), *W.head)
+    return W.head(_norm(m.norm, h[:, 0]).to(W.dtype))

@@ -48,16 +48,21 @@ def reference_logits(lm, prompt, continuation):
     return logits[len(prompt) - 1:]                                             # (len(continuation) + 1, V)
 
 
+PACK = [False] + ([True] if engine.can_pack() else [])
+
+
 @pytest.mark.parametrize("G", [1, 3])
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("fuse,pack", [(True, p) for p in PACK] + [(False, False)])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2"])
-def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, G):
+def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, G):
     """Every row's logits at every step = transformers on that row alone (its prompt unpadded + its own tokens):
-    left padding, the group's shared buffer and its mask (a row sees none of its siblings' tokens)."""
+    left padding, the group's shared buffer and its mask (a row sees none of its siblings' tokens); with the
+    weights prepacked for oneDNN or not."""
     lm = MODELS[family]
     assert engine.supported(lm)
-    W = engine.Weights(lm, torch.float32, fuse)
+    W = engine.Weights(lm, torch.float32, fuse, pack)
     assert len(W.layers[0]["qkv"]) == (1 if fuse else 3)
+    assert W.packed == pack and W.head.packed == pack
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]
     steps = 5
@@ -76,6 +81,28 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, G):
         want = reference_logits(lm, prompts[b // G], conts[b])
         assert want.abs().max() > 1.0                                           # not a trivially flat model
         torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not engine.can_pack(), reason="this torch has no oneDNN prepacked linear")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepacked_linear_equals_f_linear(dtype):
+    """oneDNN's prepacked weight gives F.linear's numbers: identical in bf16, to summation order in fp32; with a
+    bias, on 2-D and 3-D inputs, at a decode step's row count and a prefill's."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    for bias in (None, b):
+        packed, plain = engine._Linear(w, bias, pack=True), engine._Linear(w, bias, pack=False)
+        assert packed.weight.is_mkldnn and not plain.weight.is_mkldnn
+        for shape in ((3, 24), (2, 5, 24), (64, 24)):
+            x = torch.randn(*shape, generator=g).to(dtype)
+            want = torch.nn.functional.linear(x, w, bias)
+            got = packed(x)
+            assert got.dtype == dtype and got.shape == want.shape
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(plain(x), want)
 
 
 def test_bf16_stays_close_and_matches_autocast():
