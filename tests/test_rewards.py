@@ -30,9 +30,9 @@ def test_format_reward():
 
 def test_repetition_reward():
     r = rewards.repetition_reward(["a b c d e", "x y x y x y x y", "a b", "", None])
-    # "a b c d e": 2 distinct 4-grams of 2 → 2/(2+ε) − 1 = −ε/(2+ε)
-    assert r[0] == pytest.approx(-1e-6 / (2 + 1e-6), abs=1e-15)
-    # 8 tokens → 5 four-grams alternating between 2 distinct ones: 2/5 − 1 = −0.6
+    # "a b c d e": 2 distinct 4-grams of 2 → exactly 0 (no repetition), whatever the length
+    assert r[0] == 0.0 and rewards.repetition_reward([" ".join(map(str, range(40)))]) == [0.0]
+    # 8 tokens → 5 four-grams alternating between 2 distinct ones: (2 − 5)/(5 + ε) = −0.6
     assert r[1] == pytest.approx(-0.6, abs=1e-6)
     assert r[2:] == [0.0, 0.0, 0.0]  # fewer than n tokens: nothing can repeat
     # the tag loop: 153 tokens → 150 four-grams; distinct: the first, the 3 of the cycle, the last two = 6
