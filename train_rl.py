@@ -45,8 +45,8 @@ from tagpr.losses import group_advantages, gspo_loss
 from tagpr.prompts import RLPrompt, read_rl_prompts
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
 from tagpr.rollout import generate
-from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, keep_freed_memory, lr_at, pad_batch,
-                            resolve_precision, start_run, train_top_layers)
+from tagpr.training import (MetricsLog, autocast, epoch_batches, grad_norm_and_clip, keep_freed_memory, lr_at,
+                            pad_batch, resolve_precision, start_run, train_top_layers)
 
 
 @dataclass
@@ -77,6 +77,7 @@ class RLConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     save_every: int = 10
+    rollouts_every: int = 1                   # every rollout of every Nth step → rollouts.jsonl (0: none)
     keep: int = 2
     resume: str = "auto"
     seed: int = 0
@@ -93,7 +94,7 @@ PRESETS = {
                  max_steps=4),
     "smollm2": dict(policy="smollm2-135m", out="runs/smollm2/rl", lr=1e-6, global_batch=8, group=4, mini_batches=2,
                     micro_batch=8, max_new_tokens=128, synthetic_users=20),
-    "qwen3-8b": dict(global_batch=128, group=5, mini_batches=4, micro_batch=4, max_new_tokens=1024),
+    "qwen3-8b": dict(global_batch=128, group=5, mini_batches=4, micro_batch=4, max_new_tokens=1024, rollouts_every=10),
 }
 
 
@@ -212,6 +213,7 @@ def main(argv=None):
                 "guided_steps": guided, "prompts": len(data), "precision": precision, "trainable_params": trainable,
                 "params": n_params}
     start, log = start_run(out, cfg.resume, model, opt, resolved)
+    samples = MetricsLog(out / "rollouts.jsonl", resume_step=start or None) if cfg.rollouts_every > 0 else None
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
                 f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), {precision}, "
                 f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
@@ -290,7 +292,9 @@ def main(argv=None):
                     w = len(idx) / n_mini  # metrics: this rank's share of the global mini-batch
                     for key, v in m.items():
                         name = f"{key}/u{k}"
-                        if key == "ratio_min":
+                        if key == "loss":  # already divided by the global mini-batch size: a plain sum
+                            stats[name] = stats.get(name, 0.0) + float(v)
+                        elif key == "ratio_min":
                             stats[name] = min(stats.get(name, math.inf), float(v))
                         elif key == "ratio_max":
                             stats[name] = max(stats.get(name, -math.inf), float(v))
@@ -320,10 +324,18 @@ def main(argv=None):
                "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
                "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
         for k in range(cfg.mini_batches):  # the same keys on every rank: these are collectives
-            for key in ("clip_frac_low", "clip_frac_high", "ratio_mean") + (("kl",) if ref is not None else ()):
+            for key in ("loss", "clip_frac_low", "clip_frac_high", "ratio_mean") + (("kl",) if ref is not None else ()):
                 row[f"{key}/u{k}"] = dist.sum_scalar(stats.get(f"{key}/u{k}", 0.0))
             row[f"ratio_min/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_min/u{k}", math.inf)), "min").item()
             row[f"ratio_max/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_max/u{k}", -math.inf)), "max").item()
+        if samples is not None and step % cfg.rollouts_every == 0:
+            mini_of = {int(r): k for k, c in enumerate(chunks) for r in c}
+            mine = [{"step": step, "stage": stage, "row": first + j, "prompt_id": batch[j // cfg.group].id,
+                     "user_id": batch[j // cfg.group].user_id, "task": batch[j // cfg.group].task, "gold": batch[j // cfg.group].gold, "text": text,
+                     "reward": total_r[j], "parts": {k: v[j] for k, v in parts.items()},
+                     "advantage": float(adv[j]), "tokens": int(rmask[j].sum()), "finished": bool(roll.finished[j]),
+                     "mini_batch": mini_of[first + j]} for j, text in enumerate(roll.texts)]
+            samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
         log.write(row)
         bar.update(1)
         bar.set_postfix(stage=stage[0], reward=f"{row['reward']:.3f}", clip=f"{row.get('clip_frac_high/u1', 0):.2f}")

@@ -112,6 +112,15 @@ def any_true(flag: bool) -> bool:
     return bool(all_reduce(torch.tensor(int(flag), device=_comm_device()), "max").item())
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

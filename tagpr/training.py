@@ -107,8 +107,8 @@ def packed_batch(rows: Sequence[Sequence[int]], seqs, masks, pad_id: int, device
 
 
 class MetricsLog:
-    """`metrics.jsonl`, one object per step, written by rank 0. On resume, lines after the
-    resumed step are dropped so the file reads as one uninterrupted run."""
+    """`metrics.jsonl` (or any JSONL of objects with a `step`), written by rank 0. On resume, lines
+    after the resumed step are dropped so the file reads as one uninterrupted run."""
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
@@ -123,9 +123,13 @@ class MetricsLog:
             self.path.write_text("".join(l + "\n" for l in keep))
 
     def write(self, row: dict) -> None:
-        if self.main:
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[dict]) -> None:
+        """Several objects (each with its `step`) in one append."""
+        if self.main and rows:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -25,20 +25,21 @@ def run(tmp_path, name, *extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Two identical 2-step runs of the tiny preset: (metrics of a, metrics of b, a's folder)."""
     t = tmp_path_factory.mktemp("rl")
     a = run(t, "a", "--max-steps", "2", "--lr", "1e-3")
     b = run(t, "b", "--max-steps", "2", "--lr", "1e-3")
-    return a, b
+    return a, b, t / "a"
 
 
 def test_steps_are_reproducible(runs):
-    a, b = runs
+    a, b, _ = runs
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
     assert [drop(r) for r in a] == [drop(r) for r in b]
 
 
 def test_ratio_is_one_then_moves_and_clips(runs):
-    a, _ = runs
+    a = runs[0]
     for row in a:
         # the first update of a rollout batch is on-policy: every ratio is exactly 1, nothing clips
         assert row["ratio_min/u0"] == row["ratio_max/u0"] == 1.0
@@ -49,11 +50,54 @@ def test_ratio_is_one_then_moves_and_clips(runs):
 
 
 def test_garbage_rollouts_are_finite(runs):
-    a, _ = runs
+    a = runs[0]
     for row in a:  # a random tiny model writes garbage: no tags, no answer
         assert row["tag_valid"] == 0.0 and row["reward/format"] == 0.0
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
         assert row["stage"] == "guided"
+
+
+def test_rollout_log_gives_the_step_metrics_by_hand(runs):
+    """rollouts.jsonl holds every rollout of every step in global row order. From it, by hand: each reward (the
+    logged text scored against the logged gold), each group's advantages (Eq. 10 on the fp32 rewards: Bessel
+    std, ε 1e-6, 0 for a flat group), the step's mean reward, mean |advantage| and length, and the first update's loss — at ratio
+    exactly 1 every sequence's GSPO term is its advantage, so the loss is −Σ Â over the mini-batch's rows with
+    tokens, divided by the mini-batch's size."""
+    import statistics
+    import struct
+
+    from tagpr import rewards, tags
+
+    metrics, out = runs[0], runs[2]
+    cfg = json.loads((out / "config.json").read_text())
+    G, n = cfg["group"], cfg["global_batch"] * cfg["group"]
+    logged = [json.loads(l) for l in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(logged) == len(metrics) * n
+    assert any(abs(r["advantage"]) > 0.1 for r in logged)        # not a vacuous check: the groups do vary
+    for m in metrics:
+        rows_ = [r for r in logged if r["step"] == m["step"]]
+        assert [r["row"] for r in rows_] == list(range(n)) and {r["stage"] for r in rows_} == {m["stage"]}
+        texts, golds, tasks = ([r[k] for r in rows_] for k in ("text", "gold", "task"))
+        if m["stage"] == "guided":   # the tiny preset has no PRMU: no R_p
+            w = rewards.RewardWeights(w_format=cfg["w_format"], w_personal=0.0)
+            total, _ = rewards.composite_reward(texts, golds, tasks, None, w, tags.DEFAULT_TAGS, cfg["min_tags"],
+                                                cfg["ngram"])
+        else:
+            total, _ = rewards.foundation_reward(texts, golds, tasks, cfg["ngram"])
+        assert [r["reward"] for r in rows_] == pytest.approx(total, abs=1e-12)
+        for g in range(0, n, G):
+            rs = [struct.unpack("f", struct.pack("f", r["reward"]))[0] for r in rows_[g:g + G]]  # grouped in fp32
+            mu, sd = sum(rs) / G, statistics.stdev(rs)
+            want = [0.0] * G if len(set(rs)) == 1 else [(x - mu) / (sd + 1e-6) for x in rs]
+            assert [r["advantage"] for r in rows_[g:g + G]] == pytest.approx(want, abs=1e-5)
+        assert m["reward"] == pytest.approx(sum(r["reward"] for r in rows_) / n, abs=1e-9)
+        assert m["adv_abs_mean"] == pytest.approx(sum(abs(r["advantage"]) for r in rows_) / n, abs=1e-6)
+        assert m["response_len"] == pytest.approx(sum(r["tokens"] for r in rows_) / n)
+        assert m["finished_frac"] == pytest.approx(sum(r["finished"] for r in rows_) / n)
+        first = [r for r in rows_ if r["mini_batch"] == 0]
+        assert len(first) == n // cfg["mini_batches"]
+        want_loss = -sum(r["advantage"] for r in first if r["tokens"] > 0) / len(first)
+        assert m["loss/u0"] == pytest.approx(want_loss, abs=1e-5)
 
 
 def test_trunk_cache_changes_nothing(tmp_path):
@@ -132,6 +176,12 @@ def test_one_rank_equals_two_ranks(tmp_path, layers):
         for k, v in x.items():
             if isinstance(v, float):
                 assert v == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    la, lb = ([json.loads(l) for l in (tmp_path / d / "rollouts.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert len(la) == len(lb) > 0       # both ranks' rollouts, gathered in global row order
+    for x, y in zip(la, lb):
+        assert (x["step"], x["row"], x["text"], x["tokens"], x["mini_batch"]) == \
+            (y["step"], y["row"], y["text"], y["tokens"], y["mini_batch"])
+        assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in wa:
         diff = (wa[k] - wb[k]).abs()  # Adam amplifies reduction-order noise in a few elements (see test_sft)
@@ -152,6 +202,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert checkpoint.latest(tmp_path / "kill" / "ckpt") is not None and not (tmp_path / "kill" / "model").exists()
     script(tmp_path / "kill")
     assert rows(tmp_path / "kill") == rows(tmp_path / "full")
+    # the rollout log too: the killed run's lines past its checkpoint were dropped and written again
+    assert (tmp_path / "kill" / "rollouts.jsonl").read_text() == (tmp_path / "full" / "rollouts.jsonl").read_text()
     wa, wb = weights(tmp_path / "full"), weights(tmp_path / "kill")
     assert all(__import__("torch").equal(wa[k], wb[k]) for k in wa)
 
