@@ -329,12 +329,15 @@ def main(argv=None):
             row[f"ratio_min/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_min/u{k}", math.inf)), "min").item()
             row[f"ratio_max/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_max/u{k}", -math.inf)), "max").item()
         if samples is not None and step % cfg.rollouts_every == 0:
-            mini_of = {int(r): k for k, c in enumerate(chunks) for r in c}
-            mine = [{"step": step, "stage": stage, "row": first + j, "prompt_id": batch[j // cfg.group].id,
-                     "user_id": batch[j // cfg.group].user_id, "task": batch[j // cfg.group].task, "gold": batch[j // cfg.group].gold, "text": text,
-                     "reward": total_r[j], "parts": {k: v[j] for k, v in parts.items()},
-                     "advantage": float(adv[j]), "tokens": int(rmask[j].sum()), "finished": bool(roll.finished[j]),
-                     "mini_batch": mini_of[first + j]} for j, text in enumerate(roll.texts)]
+            mini_of = {j: k for k, mini in enumerate(minis) for j in mini}     # this rank's row → its mini-batch
+            tokens = rmask.sum(1).tolist()
+            mine = []
+            for j, text in enumerate(roll.texts):
+                p = batch[j // cfg.group]
+                mine.append({"step": step, "stage": stage, "row": first + j, "prompt_id": p.id, "user_id": p.user_id,
+                             "task": p.task, "gold": p.gold, "text": text, "reward": total_r[j],
+                             "parts": {k: v[j] for k, v in parts.items()}, "advantage": float(adv[j]),
+                             "tokens": int(tokens[j]), "finished": bool(roll.finished[j]), "mini_batch": mini_of[j]})
             samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
         log.write(row)
         bar.update(1)

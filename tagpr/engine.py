@@ -120,13 +120,13 @@ class Weights:
         self.head = _linears([lm.lm_head], dtype, False, pack)[0]
 
 
-def _project(x: torch.Tensor, pairs, splits, joined: bool = False):
+def _project(x: torch.Tensor, lins: list[_Linear], splits, joined: bool = False):
     """x through the (fused or separate) projections → one output per original projection, or with
     `joined` their outputs side by side in one tensor."""
-    if len(pairs) == 1:
-        y = pairs[0](x)
+    if len(lins) == 1:
+        y = lins[0](x)
         return y if joined else list(y.split(splits, dim=-1))
-    ys = [lin(x) for lin in pairs]
+    ys = [lin(x) for lin in lins]
     return torch.cat(ys, dim=-1) if joined else ys
 
 

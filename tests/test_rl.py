@@ -60,9 +60,9 @@ def test_garbage_rollouts_are_finite(runs):
 def test_rollout_log_gives_the_step_metrics_by_hand(runs):
     """rollouts.jsonl holds every rollout of every step in global row order. From it, by hand: each reward (the
     logged text scored against the logged gold), each group's advantages (Eq. 10 on the fp32 rewards: Bessel
-    std, ε 1e-6, 0 for a flat group), the step's mean reward, mean |advantage| and length, and the first update's loss — at ratio
-    exactly 1 every sequence's GSPO term is its advantage, so the loss is −Σ Â over the mini-batch's rows with
-    tokens, divided by the mini-batch's size."""
+    std, ε 1e-6, 0 for a flat group), the step's mean reward, mean |advantage| and length, and the first
+    update's loss — at ratio exactly 1 every sequence's GSPO term is its advantage, so the loss is −Σ Â over
+    the mini-batch's rows with tokens, divided by the mini-batch's size."""
     import statistics
     import struct
 
@@ -176,7 +176,8 @@ def test_one_rank_equals_two_ranks(tmp_path, layers):
         for k, v in x.items():
             if isinstance(v, float):
                 assert v == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
-    la, lb = ([json.loads(l) for l in (tmp_path / d / "rollouts.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    la, lb = ([json.loads(l) for l in (tmp_path / d / "rollouts.jsonl").read_text().splitlines()]
+              for d in ("one", "two"))
     assert len(la) == len(lb) > 0       # both ranks' rollouts, gathered in global row order
     for x, y in zip(la, lb):
         assert (x["step"], x["row"], x["text"], x["tokens"], x["mini_batch"]) == \
