@@ -1,13 +1,16 @@
 """Rollout throughput: our KV-cache sampler vs transformers `generate`, side by side, and the limit.
 
     python bench/rollout.py                    # SmolLM2-135M, batch 32, 64 new tokens, T=1.0, top-p 1.0, CPU
+    python bench/rollout.py --top-p 0.9        # + our sampler with the nucleus found by a full vocabulary sort
 
 Both generate exactly `--new` tokens per sequence (EOS disabled), from the same
 left-padded prompts, `--group` rollouts per prompt as in GSPO (`generate` with
 `num_return_sequences`, which expands the prompts before its prefill; ours prefills each
 prompt once and shares its KV cache), sampling at the same temperature / top-p. The limit per decode
 step is the larger of its FLOPs (2 · parameters · batch) at the square-matmul rate and
-its weight bytes at the memory bandwidth, both measured in this run.
+its weight bytes at the memory bandwidth, both measured in this run. With `--top-p` below 1 a third
+engine runs too: ours with `rollout.NUCLEUS_WIDTHS = ()`, i.e. the nucleus from a full sort of the
+vocabulary at every step instead of from each row's top 256 / 4096 tokens (the same tokens come out).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tagpr import lamp, prompts, synthetic  # noqa: E402
 from tagpr.training import keep_freed_memory  # noqa: E402
 from tagpr.models import load_model  # noqa: E402
+from tagpr import rollout  # noqa: E402
 from tagpr.rollout import generate  # noqa: E402
 
 
@@ -57,6 +61,7 @@ def main():
     ap.add_argument("--k", type=int, default=2, help="profile items in each prompt")
     ap.add_argument("--group", type=int, default=4, help="rollouts per prompt (batch = prompts × group)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, interleaved; the best counts")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: both engines under bf16 autocast (weights stay fp32)")
     a = ap.parse_args()
@@ -73,22 +78,31 @@ def main():
         model.generate(**batch, do_sample=True, max_new_tokens=2, pad_token_id=tok.pad_token_id)
     generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=2, precision=a.precision)
 
-    def ours_once():
-        out = generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0,
-                       top_p=1.0, generator=torch.Generator().manual_seed(0), n_per_prompt=a.group,
-                       precision=a.precision)
+    def ours_once(widths=rollout.NUCLEUS_WIDTHS):
+        saved, rollout.NUCLEUS_WIDTHS = rollout.NUCLEUS_WIDTHS, widths
+        try:
+            out = generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0,
+                           top_p=a.top_p, generator=torch.Generator().manual_seed(0), n_per_prompt=a.group,
+                           precision=a.precision)
+        finally:
+            rollout.NUCLEUS_WIDTHS = saved
         assert int(out.lengths.min()) == a.new
+        return out.response_ids
 
     def hf_once():
         torch.manual_seed(0)
         with torch.autocast("cpu", torch.bfloat16, enabled=a.precision == "bf16"):
-            out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=a.new,
+            out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=a.top_p, top_k=0, max_new_tokens=a.new,
                                  min_new_tokens=a.new, pad_token_id=tok.pad_token_id, num_return_sequences=a.group)
         assert out.shape == (a.batch, batch["input_ids"].shape[1] + a.new)
 
-    times = {"ours": [], "hf": []}
-    for _ in range(a.repeats):  # interleaved, so a slow spell of a shared machine hits both
-        for name, fn in (("ours", ours_once), ("hf", hf_once)):
+    engines = [("ours", ours_once), ("hf", hf_once)]
+    if a.top_p < 1.0:
+        engines.append(("sort", lambda: ours_once(widths=())))
+        assert torch.equal(ours_once(), ours_once(widths=())), "the windowed nucleus sampled other tokens"
+    times = {name: [] for name, _ in engines}
+    for _ in range(a.repeats):  # interleaved, so a slow spell of a shared machine hits all
+        for name, fn in engines:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -100,12 +114,15 @@ def main():
     step_limit = max(2 * params * a.batch / rate, params * (2 if half else 4) / bw)
     prompt_len = sum(map(len, ids)) / len(ids)
     print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, {a.new} new tokens, "
-          f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p=1.0, {a.precision}, CPU, best of {a.repeats}")
+          f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}")
     print(f"measured: matmul {rate / 1e9:.0f} GFLOP/s, memory {bw / 1e9:.1f} GB/s → decode limit "
           f"{a.batch / step_limit:.0f} tokens/s (prefill not included)")
     print("| engine | s | tokens/s | × generate | fraction of the decode limit |")
     print("|---|---|---|---|---|")
-    for name, t in (("transformers generate", t_hf), ("tagpr.rollout", t_ours)):
+    rows = [("transformers generate", t_hf), ("tagpr.rollout", t_ours)]
+    if "sort" in times:
+        rows.insert(1, ("tagpr.rollout, nucleus by full sort", min(times["sort"])))
+    for name, t in rows:
         print(f"| {name} | {t:.1f} | {n_tokens / t:.0f} | {t_hf / t:.2f} | {n_tokens / t * step_limit / a.batch:.0%} |")
 
 

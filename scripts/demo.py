@@ -7,7 +7,8 @@ Every stage is one of the project's own commands, run as a subprocess (the RL st
 `torchrun --nproc_per_node=2`); a stage whose export exists is skipped, an interrupted one
 resumes from its checkpoints. At the end `<run>/report.md` holds the table on held-out synthetic
 users, the reward curve and the data manifest's filter counts; `<run>/timings.json` the time
-each stage took. Sizes are chosen to fit a 2-core CPU; they are flags.
+each stage took. Sizes are chosen to fit a 2-core CPU; they are flags. Each trainer keeps only its
+latest checkpoint (`--keep 1`: a run needs ~6 GB of disk instead of ~10).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def main(argv=None):
                 [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
                  "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
                  "--max-steps", str(a.sft_steps), "--epochs", "10", "--max-len", "1024", "--eval-frac", "0.02",
-                 "--eval-every", "1000", "--save-every", "6", "--warmup-ratio", "0.1", "--precision", prec],
+                 "--eval-every", "1000", "--save-every", "6", "--keep", "1", "--warmup-ratio", "0.1", "--precision", prec],
                 logs / "train_sft.log")
     timer.stage("3 train_prmu", prmu / "model" / "users.json",
                 [PY, "train_prmu.py", "--preset", "tiny", "--prp", str(data / "prp.jsonl"), "--pqp",
@@ -112,7 +113,7 @@ def main(argv=None):
                      "--out", str(rl), "--seed", str(s), "--lr", str(a.rl_lr), "--global-batch", str(a.rl_prompts),
                      "--group", str(a.rl_group), "--mini-batches", "2", "--micro-batch", "8", "--max-new-tokens",
                      str(a.rl_max_new), "--max-steps", str(a.rl_steps), "--guided-epochs", "100",
-                     "--save-every", "2", "--precision", prec, "--train-layers", str(a.rl_train_layers)],
+                     "--save-every", "2", "--keep", "1", "--precision", prec, "--train-layers", str(a.rl_train_layers)],
                     logs / f"train_rl_seed{s}.log")
         if (rl / "metrics.jsonl").is_file():
             subprocess.run([PY, "-m", "tagpr.plot", str(rl / "metrics.jsonl")], cwd=ROOT, check=True,

@@ -128,6 +128,33 @@ def uniforms(n_rows: int, n: int, generator: torch.Generator | Sequence[torch.Ge
     return torch.rand(n_rows, n, generator=generator).to(device)
 
 
+NUCLEUS_WIDTHS = (256, 4096)  # see `nucleus`; () = always the full sort (bench/rollout.py --top-p compares)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, widths: Sequence[int] | None = None) -> torch.Tensor:
+    """probs (B, V) with every token outside its row's nucleus set to 0: the nucleus is the smallest
+    prefix of the tokens sorted by probability whose mass reaches `top_p` (a token is kept while the
+    mass before it is ≤ top_p).
+
+    A language model's nucleus is usually a few dozen tokens, so it is looked for among each row's
+    `widths[0]` most probable tokens first (a partial selection, `topk`; default `NUCLEUS_WIDTHS`), then `widths[1]`, and only
+    then in a full sort of the vocabulary — which took ~115 ms of a ~150 ms CPU decode step at 32 rows
+    × 49k entries. A width is used when, for every row, the mass of its top tokens exceeds `top_p`:
+    then every token beyond them has more than `top_p` before it and is dropped by the full sort too,
+    so the kept set is the same (up to the order of exactly tied probabilities).
+    """
+    for k in [w for w in (NUCLEUS_WIDTHS if widths is None else widths) if w < probs.shape[-1]]:
+        top, order = probs.topk(k, dim=-1)                                      # (B, k), sorted
+        mass = top.cumsum(-1)
+        if bool((mass[:, -1] > top_p).all()):
+            break
+    else:  # some row's nucleus is wider than every width
+        top, order = probs.sort(dim=-1, descending=True)                        # (B, V)
+        mass = top.cumsum(-1)
+    top = top.masked_fill(mass - top > top_p, 0.0)                              # keep while the mass before ≤ top_p
+    return torch.zeros_like(probs).scatter_(-1, order, top)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 u: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,10 +173,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     x = logits.float()
     probs = torch.softmax(x if temperature == 1.0 else x / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)                   # (B, V)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p                           # keep the smallest prefix ≥ top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = nucleus(probs, top_p)
     if u is None:
         u = uniforms(probs.shape[0], 1, generator, probs.device)[:, 0]
     cdf = probs.cumsum(-1)

@@ -34,6 +34,7 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     assert "== 1 build_data: done already" in done.stdout and "== 2 train_sft: done already" in done.stdout
     rows = [json.loads(l) for l in (run / "rl_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]        # one uninterrupted-looking run
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000004"]  # --keep 1: the latest checkpoint only
     report = (run / "report.md").read_text()
     for row in ("Base model: zero-shot", "Base model: R2P", "After SFT (tagged reasoning)",
                 "After SFT + RL (TagPR), seeds 0,1", "Oracle ceiling"):

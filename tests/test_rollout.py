@@ -93,6 +93,39 @@ def test_top_p_and_temperature():
     assert rollout.sample_next(edge, top_p=0.6, u=torch.tensor([1 - 1e-9, 0.7])).tolist() == [0, 1]
 
 
+def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
+    """`nucleus` looks among each row's top 256 (then 4096) tokens before sorting the whole vocabulary;
+    the kept tokens and their probabilities must be those of the plain definition, on rows whose
+    nucleus is narrow (peaked), wide (flat: the fallbacks) and mixed in one batch."""
+    def reference(p, top_p):  # the definition, one row at a time: sorted, kept while the mass before ≤ top_p
+        out = torch.zeros_like(p)
+        for i, row in enumerate(p):
+            vals, idx = row.sort(descending=True)
+            before = 0.0
+            for v, j in zip(vals.tolist(), idx.tolist()):
+                if before > top_p:
+                    break
+                out[i, j] = v
+                before += v
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    V = 6000
+    peaked = torch.randn(3, V, generator=g) * 6.0      # nucleus of a few tokens
+    middling = torch.randn(2, V, generator=g) * 1.5    # hundreds to thousands of tokens
+    flat = torch.randn(2, V, generator=g) * 0.2        # most of the vocabulary
+    for rows in (peaked, torch.cat([peaked, middling]), torch.cat([peaked, flat])):
+        probs = torch.softmax(rows.double(), -1)       # float64: the reference's Python sums match to ~1e-16
+        for top_p in (0.3, 0.9, 0.99):
+            got = rollout.nucleus(probs, top_p)
+            want = reference(probs, top_p)
+            assert torch.equal(got > 0, want > 0), (rows.shape, top_p)
+            assert torch.allclose(got, want, rtol=0, atol=0)
+    # which width was used: the narrow one for peaked rows (no row needs more than 256 tokens)
+    assert (rollout.nucleus(torch.softmax(peaked.double(), -1), 0.9) > 0).sum(-1).max() < 256
+    assert (rollout.nucleus(torch.softmax(flat.double(), -1), 0.9) > 0).sum(-1).min() > 4096
+
+
 def test_per_row_generators_make_rows_independent_of_the_batch(tiny):
     model, tok = tiny
     ps = prompts(tok)
