@@ -132,27 +132,28 @@ NUCLEUS_WIDTHS = (256, 4096)  # see `nucleus`; () = always the full sort (bench/
 
 
 def nucleus(probs: torch.Tensor, top_p: float, widths: Sequence[int] | None = None) -> torch.Tensor:
-    """probs (B, V) with every token outside its row's nucleus set to 0: the nucleus is the smallest
-    prefix of the tokens sorted by probability whose mass reaches `top_p` (a token is kept while the
-    mass before it is ≤ top_p).
+    """probs (B, V) with every token outside its row's nucleus set to 0. The nucleus: the tokens sorted by
+    probability, kept while the mass before them is ≤ `top_p` (the smallest prefix whose mass reaches
+    top_p), and every token exactly as probable as the last one kept — so the set does not depend on how
+    a sort orders equal probabilities, which bf16 logits produce often.
 
     A language model's nucleus is usually a few dozen tokens, so it is looked for among each row's
-    `widths[0]` most probable tokens first (a partial selection, `topk`; default `NUCLEUS_WIDTHS`), then `widths[1]`, and only
-    then in a full sort of the vocabulary — which took ~115 ms of a ~150 ms CPU decode step at 32 rows
-    × 49k entries. A width is used when, for every row, the mass of its top tokens exceeds `top_p`:
-    then every token beyond them has more than `top_p` before it and is dropped by the full sort too,
-    so the kept set is the same (up to the order of exactly tied probabilities).
+    `widths[0]` most probable tokens first (a partial selection, `topk`; default `NUCLEUS_WIDTHS`), then
+    `widths[1]`, and only then in a full sort of the vocabulary — which took ~115 ms of a ~150 ms CPU
+    decode step at 32 rows × 49k entries. A width is used when, for every row, the mass of its top tokens
+    exceeds `top_p`: every token beyond them then has more than `top_p` before it, so the cut-off
+    probability, and with it the set, is the one the full sort gives.
     """
     for k in [w for w in (NUCLEUS_WIDTHS if widths is None else widths) if w < probs.shape[-1]]:
-        top, order = probs.topk(k, dim=-1)                                      # (B, k), sorted
+        top = probs.topk(k, dim=-1).values                                      # (B, k), descending
         mass = top.cumsum(-1)
         if bool((mass[:, -1] > top_p).all()):
             break
     else:  # some row's nucleus is wider than every width
-        top, order = probs.sort(dim=-1, descending=True)                        # (B, V)
+        top = probs.sort(dim=-1, descending=True).values                        # (B, V)
         mass = top.cumsum(-1)
-    top = top.masked_fill(mass - top > top_p, 0.0)                              # keep while the mass before ≤ top_p
-    return torch.zeros_like(probs).scatter_(-1, order, top)
+    floor = top.masked_fill(mass - top > top_p, float("inf")).amin(-1)         # (B,) the last kept probability
+    return probs.masked_fill(probs < floor[:, None], 0.0)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,

@@ -95,33 +95,37 @@ def test_top_p_and_temperature():
 
 def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
     """`nucleus` looks among each row's top 256 (then 4096) tokens before sorting the whole vocabulary;
-    the kept tokens and their probabilities must be those of the plain definition, on rows whose
-    nucleus is narrow (peaked), wide (flat: the fallbacks) and mixed in one batch."""
-    def reference(p, top_p):  # the definition, one row at a time: sorted, kept while the mass before ≤ top_p
+    the kept tokens and their probabilities must be those of the definition, on rows whose nucleus is
+    narrow (peaked), wide (flat: the fallbacks), mixed in one batch, and full of exact ties (bf16 logits)."""
+    def reference(p, top_p):  # the definition, one row at a time, in Python
         out = torch.zeros_like(p)
-        for i, row in enumerate(p):
-            vals, idx = row.sort(descending=True)
-            before = 0.0
-            for v, j in zip(vals.tolist(), idx.tolist()):
+        for i, row in enumerate(p.tolist()):
+            vals, before, floor = sorted(row, reverse=True), 0.0, None
+            for v in vals:
                 if before > top_p:
                     break
-                out[i, j] = v
-                before += v
+                floor, before = v, before + v
+            out[i] = torch.tensor([v if v >= floor else 0.0 for v in row], dtype=p.dtype)
         return out
 
+    # by hand: the tie at the cut is kept whole — (0.4, 0.3, 0.3) at top-p 0.45 keeps all three (the mass before
+    # the first 0.3 is 0.4); (0.5, 0.3, 0.2) keeps 0.5 alone at 0.45, and two at 0.6 (the mass before 0.2 is 0.8)
+    hand = torch.tensor([[0.3, 0.4, 0.3], [0.5, 0.2, 0.3]], dtype=torch.float64)
+    assert rollout.nucleus(hand, 0.45).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.0]]
+    assert rollout.nucleus(hand, 0.6).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.3]]
     g = torch.Generator().manual_seed(0)
     V = 6000
     peaked = torch.randn(3, V, generator=g) * 6.0      # nucleus of a few tokens
     middling = torch.randn(2, V, generator=g) * 1.5    # hundreds to thousands of tokens
     flat = torch.randn(2, V, generator=g) * 0.2        # most of the vocabulary
-    for rows in (peaked, torch.cat([peaked, middling]), torch.cat([peaked, flat])):
+    tied = (torch.randn(3, V, generator=g) * 3.0).bfloat16().double()  # bf16 logits: many equal probabilities
+    for rows in (peaked, torch.cat([peaked, middling]), torch.cat([peaked, flat]), tied):
         probs = torch.softmax(rows.double(), -1)       # float64: the reference's Python sums match to ~1e-16
         for top_p in (0.3, 0.9, 0.99):
             got = rollout.nucleus(probs, top_p)
-            want = reference(probs, top_p)
-            assert torch.equal(got > 0, want > 0), (rows.shape, top_p)
-            assert torch.allclose(got, want, rtol=0, atol=0)
-    # which width was used: the narrow one for peaked rows (no row needs more than 256 tokens)
+            assert torch.equal(got, reference(probs, top_p)), (rows.shape, top_p)
+            assert torch.equal(got, rollout.nucleus(probs, top_p, widths=()))
+    # which width was used: the narrow one for peaked rows (no row needs more than 256 tokens), the sort for flat ones
     assert (rollout.nucleus(torch.softmax(peaked.double(), -1), 0.9) > 0).sum(-1).max() < 256
     assert (rollout.nucleus(torch.softmax(flat.double(), -1), 0.9) > 0).sum(-1).min() > 4096
 
