@@ -330,7 +330,7 @@ def main(argv=None):
             row[f"ratio_max/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_max/u{k}", -math.inf)), "max").item()
         if samples is not None and step % cfg.rollouts_every == 0:
             mini_of = {j: k for k, mini in enumerate(minis) for j in mini}     # this rank's row → its mini-batch
-            tokens = rmask.sum(1).tolist()
+            tokens = roll.lengths.tolist()
             mine = []
             for j, text in enumerate(roll.texts):
                 p = batch[j // cfg.group]
