@@ -46,7 +46,7 @@ from tagpr.prompts import RLPrompt, read_rl_prompts
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
 from tagpr.rollout import generate
 from tagpr.training import (MetricsLog, autocast, epoch_batches, grad_norm_and_clip, keep_freed_memory, lr_at,
-                            pad_batch, resolve_precision, start_run, train_top_layers)
+                            pad_batch, resolve_precision, start_run, stratified_batches, train_top_layers)
 
 
 @dataclass
@@ -66,6 +66,8 @@ class RLConfig:
     max_steps: int = -1
     temperature: float = 1.0                  # paper
     top_p: float = 1.0                        # paper
+    stratify: str = "none"                    # rollout batches: "none" a plain shuffle (paper); "task": each task its
+                                              # share of every batch; "gold": each (task, gold answer) its share
     max_new_tokens: int = 512
     clip_low: float = 3e-4                    # paper
     clip_high: float = 4e-4                   # paper
@@ -118,6 +120,17 @@ def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
     dist.barrier()
     dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
     return read_rl_prompts(made)
+
+
+def prompt_strata(data: list[RLPrompt], stratify: str) -> list[str] | None:
+    """The class of each prompt that `--stratify` balances rollout batches over (None: a plain shuffle)."""
+    if stratify == "none":
+        return None
+    if stratify == "task":
+        return [p.task for p in data]
+    if stratify == "gold":
+        return [f"{p.task}\t{p.gold}" for p in data]
+    raise SystemExit(f"--stratify {stratify!r}: expected none, task or gold")
 
 
 def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
@@ -205,6 +218,7 @@ def main(argv=None):
     if per_rank * d.world_size != cfg.global_batch:
         raise SystemExit(f"--global-batch {cfg.global_batch} must be divisible by the {d.world_size} ranks")
     steps_per_epoch = max(1, len(data) // cfg.global_batch)
+    strata = prompt_strata(data, cfg.stratify)
     guided = steps_per_epoch * cfg.guided_epochs
     total = guided + steps_per_epoch * cfg.exploratory_epochs
     total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
@@ -224,7 +238,8 @@ def main(argv=None):
     while step < total:
         stage = "guided" if step < guided else "exploratory"
         epoch, pos = divmod(step, steps_per_epoch)
-        order = epoch_batches([0] * len(data), cfg.global_batch, epoch, cfg.seed, group_by_length=False)[pos]
+        order = (stratified_batches(strata, cfg.global_batch, epoch, cfg.seed) if strata else
+                 epoch_batches([0] * len(data), cfg.global_batch, epoch, cfg.seed, group_by_length=False))[pos]
         batch = [data[i] for i in order[d.rank * per_rank:(d.rank + 1) * per_rank]]
         t0 = time.perf_counter()
         # 1. rollouts; every rollout has its own generator seeded by (seed, step, its row in the global

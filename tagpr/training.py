@@ -43,6 +43,29 @@ def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int, gro
     return batches
 
 
+def stratified_batches(keys: Sequence[str], batch: int, epoch: int, seed: int) -> list[list[int]]:
+    """Indices of one epoch cut into batches in which every class of `keys` has about its share of the data
+    (B·n_c/N of a batch of B, for a class with n_c of the N items).
+
+    Systematic sampling: class c's members, shuffled, sit at positions (i + u_c)/n_c, i = 0 … n_c − 1, with one
+    random offset u_c ∈ [0, 1) per class; the epoch is every item sorted by position. Each class is thus spread
+    evenly over the epoch: with two classes a full batch holds ⌊B·n_c/N⌋ or ⌈B·n_c/N⌉ of each, with more classes a
+    class can miss its share by a little more (under 1.5 for three, ~2 for five, measured). Deterministic in
+    (seed, epoch).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    classes: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        classes.setdefault(k, []).append(i)
+    placed = []
+    for k in sorted(classes):
+        members = [classes[k][j] for j in torch.randperm(len(classes[k]), generator=g).tolist()]
+        u = torch.rand((), generator=g).item()
+        placed += [((i + u) / len(members), torch.rand((), generator=g).item(), m) for i, m in enumerate(members)]
+    order = [m for _, _, m in sorted(placed)]  # the second key breaks ties between classes at random
+    return [order[a:a + batch] for a in range(0, len(order), batch)]
+
+
 def rank_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
     """This rank's share of a global batch, as micro-batches; every rank gets the same count
     (a rank short of data gets empty micro-batches, which the trainer runs with zero loss so

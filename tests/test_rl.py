@@ -241,3 +241,45 @@ def test_rewards_rise_on_a_learnable_task(tmp_path, monkeypatch):
     first = sum(r["reward"] for r in rows_[:5]) / 5
     last = sum(r["reward"] for r in rows_[-5:]) / 5
     assert last > first + 0.15, (first, last)
+
+
+def test_stratified_batches_give_each_class_its_share():
+    """By hand: 8 A + 8 B in batches of 4 alternate, so every batch is 2 + 2; 12 A + 4 B put one B in every
+    quarter of the epoch, so every batch is 3 A + 1 B. Random two-class epochs: every full batch holds the floor or
+    the ceiling of its share. Always a permutation; deterministic in (seed, epoch)."""
+    import random
+
+    from tagpr.training import stratified_batches
+
+    for keys, want in ((["A"] * 8 + ["B"] * 8, 2), (["B"] * 4 + ["A"] * 12, 3)):
+        for epoch in range(5):
+            bs = stratified_batches(keys, 4, epoch, seed=7)
+            assert sorted(i for b in bs for i in b) == list(range(16))
+            assert [sum(keys[i] == "A" for i in b) for b in bs] == [want] * 4
+    keys = ["A"] * 8 + ["B"] * 8
+    assert stratified_batches(keys, 4, 1, 3) == stratified_batches(keys, 4, 1, 3) != stratified_batches(keys, 4, 2, 3)
+    for trial in range(50):
+        r = random.Random(trial)
+        n, batch = r.randint(10, 200), r.choice([4, 8, 16])
+        keys = ["[1]" if r.random() < r.uniform(0.1, 0.9) else "[2]" for _ in range(n)]
+        share = batch * keys.count("[1]") / n
+        for b in stratified_batches(keys, batch, trial, 0)[:n // batch]:
+            assert math.floor(share) <= sum(keys[i] == "[1]" for i in b) <= math.ceil(share)
+
+
+def test_stratify_gold_balances_the_rollout_batches(tmp_path):
+    """--stratify gold: each step's prompts (the rollout log) are the stratified batch of (task, gold) classes."""
+    from tagpr.training import stratified_batches
+    from train_rl import prompt_strata
+
+    run(tmp_path, "s", "--max-steps", "2", "--global-batch", "6", "--group", "2", "--stratify", "gold")
+    data = read_rl_prompts(tmp_path / "data" / "rl_prompts_synthetic.jsonl")
+    logged = [json.loads(l) for l in (tmp_path / "s" / "rollouts.jsonl").read_text().splitlines()]
+    keys = prompt_strata(data, "gold")
+    assert keys == [f"{p.task}\t{p.gold}" for p in data] and prompt_strata(data, "none") is None
+    want = stratified_batches(keys, 6, 0, 0)
+    for step in (0, 1):   # logged from 1
+        ids = [r["prompt_id"] for r in logged if r["step"] == step + 1][::2]
+        assert ids == [data[i].id for i in want[step]]
+    with pytest.raises(SystemExit, match="--stratify 'label'"):
+        prompt_strata(data, "label")
