@@ -43,3 +43,22 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     timings = json.loads((run / "timings.json").read_text())
     assert {"1 build_data", "2 train_sft", "3 train_prmu", "4 train_rl seed 0", "4 train_rl seed 1",
             "5 evaluate base", "5 evaluate sft", "5 evaluate rl_seed0"} <= set(timings)
+
+
+def test_malloc_env(monkeypatch):
+    """--malloc: system → nothing; auto → jemalloc preloaded (after any LD_PRELOAD already set) with its pages
+    kept, or nothing where the machine has none; jemalloc where there is none → a clear error."""
+    import ctypes.util
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    monkeypatch.setenv("LD_PRELOAD", "libfoo.so")
+    assert demo.malloc_env("system") == {}
+    assert demo.malloc_env("auto") == {"LD_PRELOAD": "libfoo.so libjemalloc.so.2",
+                                       "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert demo.malloc_env("auto") == {}
+    with pytest.raises(SystemExit, match="no libjemalloc"):
+        demo.malloc_env("jemalloc")
