@@ -28,9 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-STAGE_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def malloc_env(choice: str) -> dict[str, str]:
     """Environment that makes the stages allocate with jemalloc, where the machine has it (`auto`, `jemalloc`).
 
@@ -57,7 +54,7 @@ def run(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                             env={**os.environ, **STAGE_ENV})
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
         for line in p.stdout:
             f.write(line)
             if "it/s]" not in line and "s/it]" not in line:  # progress bars go to the log only
@@ -106,12 +103,13 @@ def main(argv=None):
     ap.add_argument("--malloc", default="auto", choices=("auto", "jemalloc", "system"),
                     help="allocator of the stages: jemalloc where the machine has it (auto), or glibc's (system)")
     a = ap.parse_args(argv)
-    STAGE_ENV.update(malloc_env(a.malloc))
+    allocator = malloc_env(a.malloc)
+    os.environ.update(allocator)  # the stages inherit it
     sys.path.insert(0, str(ROOT))
     from tagpr.training import cpu_has_bf16
 
     prec = a.precision or ("bf16" if cpu_has_bf16() else "fp32")
-    print(f"stages allocate with {'jemalloc' if 'LD_PRELOAD' in STAGE_ENV else 'glibc malloc'}; matmuls in {prec}")
+    print(f"stages allocate with {'jemalloc' if allocator else 'glibc malloc'}; matmuls in {prec}")
     run_dir = ROOT / a.run
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"

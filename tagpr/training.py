@@ -60,9 +60,9 @@ def stratified_batches(keys: Sequence[str], batch: int, epoch: int, seed: int) -
     placed = []
     for k in sorted(classes):
         members = [classes[k][j] for j in torch.randperm(len(classes[k]), generator=g).tolist()]
-        u = torch.rand((), generator=g).item()
-        placed += [((i + u) / len(members), torch.rand((), generator=g).item(), m) for i, m in enumerate(members)]
-    order = [m for _, _, m in sorted(placed)]  # the second key breaks ties between classes at random
+        u, *ties = torch.rand(len(members) + 1, generator=g).tolist()  # the offset, then a tie-break per member
+        placed += [((i + u) / len(members), t, m) for i, (m, t) in enumerate(zip(members, ties))]
+    order = [m for _, _, m in sorted(placed)]  # ties between classes broken at random
     return [order[a:a + batch] for a in range(0, len(order), batch)]
 
 
