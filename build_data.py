@@ -17,11 +17,12 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from tagpr import config, datagen, llm, synthetic
 from tagpr.files import write_json
-from tagpr.training import keep_freed_memory
+from tagpr.hardware import keep_freed_memory
 
 TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"   # the paper's six (LaMP-6 needs a licensed corpus)
 
@@ -29,35 +30,36 @@ TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"   # the paper's six (LaMP-6 
 @dataclass
 class BuildConfig:
     lamp_dir: str = ""                   # LaMP folder; empty: synthetic users written to <out>/synthetic_lamp
-    out: str = "runs/default/data"
-    tasks: str = TASKS
-    instances_per_task: int = 1000       # paper
+    out: str = "runs/default/data"       # output folder: the data files, manifest.json, cache/ of every reply
+    tasks: str = TASKS                   # comma-separated task names
+    instances_per_task: int = 1000       # LaMP train instances sampled per task (paper)
     chains: int = 16                     # teacher samples per instance (paper)
     k: int = 8                           # profile items (paper: 8 most recent)
-    retriever: str = "recency"
+    retriever: Literal["recency", "bm25", "random"] = "recency"  # which k profile items a prompt shows
     rouge_threshold: float = 0.3         # generation accuracy filter (ours)
     judge_threshold: int = 15            # keep composite > 15 (paper)
-    n_tags: int = 9                      # primary tags (paper)
-    kmeans_restarts: int = 50
-    min_tags: int = 3                    # paper
-    rl_per_task: int = 1024              # paper
-    rl_lamp2: int = 3200                 # paper
-    spot_check: int = 20
-    teacher_temperature: float = 1.0
-    max_tokens: int = 4096
-    teacher: str = "simulated"           # openai:MODEL@URL | hf:NAME | simulated
-    judge: str = "simulated"
-    tagger: str = "simulated"
-    embedder: str = "hashing"            # openai:MODEL@URL | hf:NAME | hashing | simulated
-    teacher_key_env: str = "OPENAI_API_KEY"   # the environment variable holding the key (never logged)
-    judge_key_env: str = "OPENAI_API_KEY"
-    tagger_key_env: str = "OPENAI_API_KEY"
-    embedder_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 16
+    n_tags: int = 9                      # primary tags the free tags are clustered into (paper)
+    kmeans_restarts: int = 50            # k-means runs from random starts; the best is kept
+    min_tags: int = 3                    # format filter: fewest tags a chain must use (paper)
+    rl_per_task: int = 1024              # RL prompts per task (paper)
+    rl_lamp2: int = 3200                 # RL prompts for LaMP-2 (paper)
+    spot_check: int = 20                 # chains written to spot_check.md for a person to read
+    teacher_temperature: float = 1.0     # sampling temperature of the teacher's chains
+    max_tokens: int = 4096               # per reply of teacher, judge or tagger
+    teacher: str = "simulated"           # backend: openai:MODEL@URL (any OpenAI-compatible server) | hf:NAME (a local
+                                         # model folder, smollm2-135m, tiny) | simulated (synthetic users only)
+    judge: str = "simulated"             # the judge's backend (same forms as --teacher)
+    tagger: str = "simulated"            # the tagger's backend (same forms as --teacher)
+    embedder: str = "hashing"            # tag-name embedder: openai:MODEL@URL | hf:NAME | hashing (lexical) | simulated
+    teacher_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never logged)
+    judge_key_env: str = "OPENAI_API_KEY"  # the judge's key variable (as --teacher-key-env)
+    tagger_key_env: str = "OPENAI_API_KEY"  # the tagger's key variable (as --teacher-key-env)
+    embedder_key_env: str = "OPENAI_API_KEY"  # the embedder's key variable (as --teacher-key-env)
+    concurrency: int = 16                # HTTP requests in flight at once, per backend
     timeout: float = 600.0               # seconds per HTTP request (long thinking chains)
-    retries: int = 5
+    retries: int = 5                     # on 429 / 5xx / timeouts / malformed replies
     backoff: float = 2.0                 # seconds; doubles per retry, with jitter
-    seed: int = 0
+    seed: int = 0                        # instance sampling, teacher sampling, k-means
     synthetic_users: int = 150           # synthetic mode: train users per task (4 questions each)
 
 
@@ -73,7 +75,7 @@ PRESETS = {
 def main(argv=None) -> dict:
     keep_freed_memory()
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, preset = config.parse(BuildConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    cfg, preset = config.parse(BuildConfig, PRESETS, argv, description=__doc__)
     if preset is None and not cfg.lamp_dir:  # synthetic users without a preset: the offline default's sizes
         cfg, preset = config.parse(BuildConfig, PRESETS, ["--preset", "synthetic", *argv])
     out = Path(cfg.out)
@@ -108,4 +110,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)

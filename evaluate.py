@@ -19,11 +19,14 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
+
+import torch
 
 from tagpr import config, evaluation, lamp, llm, r2p, synthetic, tags
 from tagpr.files import atomic_write_text, write_json
-from tagpr.training import keep_freed_memory
+from tagpr.hardware import keep_freed_memory, resolve_precision
 
 SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "dense"]}
 
@@ -31,30 +34,30 @@ SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "de
 @dataclass
 class EvalConfig:
     model: str = "smollm2-135m"         # HF folder, smollm2-135m, tiny, or openai:MODEL@BASE_URL
-    methods: str = "zero-shot,rag,rag-r,r2p"
-    tasks: str = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"
-    split: str = "dev"
+    methods: str = "zero-shot,rag,rag-r,r2p"  # comma-separated: zero-shot, rag, rag-r, pag, r2p, tagpr, oracle
+    tasks: str = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"  # comma-separated task names (LaMP_2N: news)
+    split: Literal["train", "dev", "test"] = "dev"  # test golds are private: the paper evaluates on dev
     lamp_dir: str = ""                  # empty: runs/default/data/synthetic_lamp if present, else synthetic users
     out: str = ""                       # empty: runs/default/eval/<model name>
     limit: int = 0                      # questions per task (0: all)
     k: int = 8                          # paper: the 8 most recent items
-    retriever: str = "recency"
+    retriever: Literal["recency", "bm25", "random", "dense"] = "recency"  # which k profile items a prompt shows
     dense_model: str = ""               # a local encoder folder for --retriever dense
-    sweep: str = ""                     # "", "k" or "retriever"
+    sweep: Literal["", "k", "retriever"] = ""  # "k": k in 2, 4, 8, 16, 32; "retriever": each retriever
     tags: str = ""                      # tags.json for the TagPR prompt; empty: beside the RL prompts, else default
     paper: bool = False                 # add the paper's Table 1 rows (quoted, labelled)
-    batch_size: int = 16
-    precision: str = "fp32"             # a local model's matmuls: "fp32" or "bf16" (autocast; ~2× faster on AVX512-BF16)
-    max_new_direct: int = 48
-    max_new_reason: int = 320
-    r2p_candidates: int = 3
-    r2p_chunk: int = 48
-    r2p_max_tokens: int = 384
-    r2p_budget_words: int = 180
+    batch_size: int = 16                # a local model's prompts per generation batch
+    precision: Literal["fp32", "bf16"] = "fp32"  # a local model's matmuls; bf16 (~2× faster) needs AVX512-BF16 / AMX
+    max_new_direct: int = 48            # new tokens for methods that answer directly
+    max_new_reason: int = 320           # new tokens for methods that reason first (rag-r, tagpr)
+    r2p_candidates: int = 3             # R2P: candidate responses before self-referencing
+    r2p_chunk: int = 48                 # R2P: tokens generated between two intervention checks
+    r2p_max_tokens: int = 384           # R2P: new tokens per candidate at most
+    r2p_budget_words: int = 180         # R2P: reasoning words before a "too long" intervention
     r2p_interventions: int = 3          # corrections per response at most
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 16
-    seed: int = 0
+    api_key_env: str = "OPENAI_API_KEY"  # with openai: the environment variable that holds the key (never logged)
+    concurrency: int = 16               # with openai: requests in flight at once
+    seed: int = 0                       # sampling (R2P candidates) and the random retriever
 
 
 def slug(name: str) -> str:
@@ -65,12 +68,14 @@ def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
     if cfg.model.startswith("openai:"):
         return llm.from_spec(cfg.model, "model", cache, cfg.api_key_env, cfg.concurrency)
     return llm.HFBackend(cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size,
-                         precision=cfg.precision)
+                         precision=resolve_precision(cfg.precision, torch.device("cpu")))
 
 
 def main(argv=None) -> dict:
     keep_freed_memory()
-    cfg, _ = config.parse(EvalConfig, {}, argv, description=__doc__.split("\n")[0])
+    cfg, _ = config.parse(EvalConfig, {}, argv, description=__doc__)
+    if not cfg.model.startswith("openai:"):
+        resolve_precision(cfg.precision, torch.device("cpu"))  # before any work: a CPU may not take bf16
     t0 = time.time()
     lamp_dir = Path(cfg.lamp_dir) if cfg.lamp_dir else Path("runs/default/data/synthetic_lamp")
     if not cfg.lamp_dir and not (lamp_dir / "LaMP_2" / cfg.split).is_dir():
@@ -134,4 +139,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.run(main)

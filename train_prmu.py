@@ -29,40 +29,40 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tagpr import checkpoint, config, dist, prmu, synthetic
+from tagpr import checkpoint, config, dist, prmu, records, synthetic
 from tagpr.files import DataError, write_jsonl
+from tagpr.hardware import keep_freed_memory
 from tagpr.losses import bradley_terry_loss
-from tagpr.training import (epoch_batches, grad_norm_and_clip, held_out, keep_freed_memory, lr_at, rank_micro_batches,
-                            start_run)
+from tagpr.training import epoch_batches, grad_norm_and_clip, held_out, lr_at, rank_micro_batches, start_run
 
 
 @dataclass
 class PRMUConfig:
     backbone: str = "smollm2-135m"   # reward-model / causal-LM folder, "smollm2-135m" or "tiny"
-    prp: str = ""                    # empty: <run>/data/prp.jsonl (else synthetic pairs)
-    pqp: str = ""
-    out: str = "runs/default/prmu"
-    use_user_embeddings: bool = True
-    lr: float = 1e-5                 # backbone
-    ue_lr: float = 1e-3              # user embeddings
+    prp: str = ""                    # prp.jsonl; empty: <run>/data/prp.jsonl (else synthetic pairs)
+    pqp: str = ""                    # pqp.jsonl; empty: <run>/data/pqp.jsonl (else synthetic pairs)
+    out: str = "runs/default/prmu"   # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
+    use_user_embeddings: bool = True  # the learnable user-embedding token (--no-use-user-embeddings: "w/o UE")
+    lr: float = 1e-5                 # the backbone's learning rate
+    ue_lr: float = 1e-3              # the user embeddings' learning rate
     global_batch: int = 64           # pairs per optimizer step
     micro_batch: int = 4             # pairs per forward/backward on one rank
-    epochs: int = 1
-    max_steps: int = -1
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    margin: float = 0.0
-    center_coef: float = 0.0
-    max_len: int = 2048
-    eval_frac: float = 0.1
-    eval_every: int = 50
-    save_every: int = 100
-    keep: int = 2
-    resume: str = "auto"
-    seed: int = 0
-    synthetic_users: int = 200
+    epochs: int = 1                  # passes over the pairs
+    max_steps: int = -1              # stop early (quick runs); -1: all epochs
+    warmup_ratio: float = 0.03       # share of the steps with a linear LR warmup
+    min_lr_ratio: float = 0.1        # the cosine schedule ends at this share of --lr
+    weight_decay: float = 0.0        # AdamW's weight decay
+    grad_clip: float = 1.0           # clip the global gradient norm to this (0: no clipping)
+    margin: float = 0.0              # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
+    center_coef: float = 0.0         # + coef * mean((r_chosen + r_rejected)^2), keeps rewards near 0 (~0.01)
+    max_len: int = 2048              # tokens per scored input (user turn + response); longer ones lose their start
+    eval_frac: float = 0.1           # held-out share of the pairs (by pair id hash)
+    eval_every: int = 50             # held-out pair accuracy every N steps (and at the end)
+    save_every: int = 100            # checkpoint every N steps (and at the end)
+    keep: int = 2                    # checkpoints kept (older ones removed after a new one is in place)
+    resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    seed: int = 0                    # batch order and the tiny backbone's weights
+    synthetic_users: int = 200       # when falling back to synthetic users: users per task
 
 
 PRESETS = {
@@ -74,11 +74,11 @@ PRESETS = {
 }
 
 
-def load_pairs(cfg: PRMUConfig, out: Path) -> list[prmu.Pair]:
+def load_pairs(cfg: PRMUConfig, out: Path) -> list[records.Pair]:
     data = out.parent / "data"
     paths = [Path(cfg.prp) if cfg.prp else data / "prp.jsonl", Path(cfg.pqp) if cfg.pqp else data / "pqp.jsonl"]
     if all(p.is_file() for p in paths):
-        return prmu.read_pairs(paths[0]) + prmu.read_pairs(paths[1])
+        return records.read_pairs(paths[0]) + records.read_pairs(paths[1])
     if cfg.prp or cfg.pqp:
         missing = [str(p) for p in paths if not p.is_file()]
         raise DataError(f"{', '.join(missing)}: not found; make them with `python build_data.py`")
@@ -90,7 +90,7 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[prmu.Pair]:
         write_jsonl(made, [p.to_json() for p in synthetic.preference_pairs(lamp_dir)])
     dist.barrier()
     dist.print0(f"no {paths[0]} / {paths[1]}: training on synthetic users' pairs ({made})")
-    return prmu.read_pairs(made)
+    return records.read_pairs(made)
 
 
 
@@ -105,7 +105,7 @@ def score_pairs(model, encoded, idx, device, pad_id):
 
 def main(argv=None):
     keep_freed_memory()
-    cfg, preset = config.parse(PRMUConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    cfg, preset = config.parse(PRMUConfig, PRESETS, argv, description=__doc__)
     d = dist.init()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -200,5 +200,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)
     dist.exit_process()

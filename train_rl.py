@@ -31,9 +31,11 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -41,50 +43,54 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
 from tagpr.files import DataError, write_jsonl
+from tagpr.hardware import autocast, keep_freed_memory, resolve_precision
 from tagpr.losses import group_advantages, gspo_loss
-from tagpr.prompts import RLPrompt, read_rl_prompts
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
+from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.rollout import generate
-from tagpr.training import (MetricsLog, autocast, epoch_batches, grad_norm_and_clip, keep_freed_memory, lr_at,
-                            pad_batch, resolve_precision, start_run, stratified_batches, train_top_layers)
+from tagpr.training import (MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, start_run,
+                            stratified_batches, train_top_layers)
 
 
 @dataclass
 class RLConfig:
-    policy: str = "runs/default/sft/model"   # HF folder (the SFT export), "smollm2-135m" or "tiny"
+    policy: str = "runs/default/sft/model"    # HF folder (the SFT export), "smollm2-135m" or "tiny"
     prompts: str = ""                         # rl_prompts.jsonl; empty: <run>/data/rl_prompts.jsonl, else synthetic
     prmu: str = ""                            # PRMU export (R_p); empty: <run>/prmu/model if there; "none": no R_p
+                                              # term (the guided reward without λ2·R_p)
     tags: str = ""                            # tags.json (R_tag's vocabulary); empty: beside the prompts, else the default
-    out: str = "runs/default/rl"
-    lr: float = 1e-6                          # paper
+    out: str = "runs/default/rl"              # output folder: config.json, metrics.jsonl, rollouts.jsonl, ckpt/
+    lr: float = 1e-6                          # learning rate (paper)
     global_batch: int = 128                   # prompts per rollout batch (paper)
     group: int = 5                            # rollouts per prompt (paper)
     mini_batches: int = 4                     # optimizer updates per rollout batch (paper)
     micro_batch: int = 8                      # sequences per forward/backward on one rank
-    guided_epochs: int = 13                   # paper
-    exploratory_epochs: int = 2               # paper
-    max_steps: int = -1
-    temperature: float = 1.0                  # paper
-    top_p: float = 1.0                        # paper
-    stratify: str = "none"                    # rollout batches: "none" a plain shuffle (paper); "task": each task its
-                                              # share of every batch; "gold": each (task, gold answer) its share
-    max_new_tokens: int = 512
-    clip_low: float = 3e-4                    # paper
-    clip_high: float = 4e-4                   # paper
-    kl_coef: float = 0.0
-    w_format: float = 0.5                     # λ1 (ours; lost from the paper's text)
-    w_personal: float = 0.5                   # λ2 (ours)
-    ngram: int = 4                            # paper
-    min_tags: int = 3                         # paper
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    save_every: int = 10
+    guided_epochs: int = 13                   # epochs of the guided stage (paper)
+    exploratory_epochs: int = 2               # epochs of the exploratory stage (paper)
+    max_steps: int = -1                       # stop early (quick runs); -1: both stages' epochs
+    temperature: float = 1.0                  # sampling temperature of the rollouts (paper)
+    top_p: float = 1.0                        # nucleus sampling of the rollouts (paper: 1, off)
+    stratify: Literal["none", "task", "gold"] = "none"  # rollout batches: "none" a plain shuffle (paper);
+                                              # "task": each task its share of every batch; "gold": each
+                                              # (task, gold answer) its share
+    max_new_tokens: int = 512                 # per rollout; unfinished rollouts are cut here (no answer: R_v 0)
+    clip_low: float = 3e-4                    # GSPO ε_low: the ratio is clipped below at 1 - ε_low (paper)
+    clip_high: float = 4e-4                   # GSPO ε_high: clipped above at 1 + ε_high (paper)
+    kl_coef: float = 0.0                      # k3 KL to the frozen start policy (paper: none)
+    w_format: float = 0.5                     # λ1, the weight of R_f (ours; lost from the paper's text)
+    w_personal: float = 0.5                   # λ2, the weight of R_p (ours; lost from the paper's text)
+    ngram: int = 4                            # R_rep's n-gram length (paper)
+    min_tags: int = 3                         # R_tag: fewest tags a chain must use (paper)
+    warmup_steps: int = 0                     # linear LR warmup over N optimizer updates (then constant)
+    grad_clip: float = 1.0                    # clip the global gradient norm to this (0: no clipping)
+    save_every: int = 10                      # checkpoint every N steps (and at the end)
     rollouts_every: int = 1                   # every rollout of every Nth step → rollouts.jsonl (0: none)
-    keep: int = 2
-    resume: str = "auto"
-    seed: int = 0
-    synthetic_users: int = 100
-    precision: str = "auto"                   # forward matmuls (rollouts too): "auto" (bf16 on CUDA), "fp32", "bf16"
+    keep: int = 2                             # checkpoints kept (older ones removed after a new one is in place)
+    resume: str = "auto"                      # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    seed: int = 0                             # prompt order and every rollout's sampling
+    synthetic_users: int = 100                # without rl_prompts.jsonl: synthetic train users per task
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls, rollouts too: auto = bf16 on CUDA, fp32 on
+                                              # a CPU; bf16 on a CPU needs AVX512-BF16 or AMX (else: stops at once)
     train_layers: int = -1                    # train only the top N decoder layers + final norm (-1: all)
     trunk_cache: bool = True                  # with train_layers: the frozen layers' output computed once per rollout
                                               # batch (kept by the sampler where it can), not in every forward
@@ -120,6 +126,19 @@ def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
     dist.barrier()
     dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
     return read_rl_prompts(made)
+
+
+def fit_batch(n_prompts: int, global_batch: int, world_size: int) -> int:
+    """Prompts per rollout batch: `global_batch`, or, when the file holds fewer prompts, the most of them that
+    the ranks share evenly (said in the log). Errors say what is needed."""
+    if global_batch % world_size:
+        raise config.ConfigError(f"--global-batch {global_batch} must be divisible by the {world_size} ranks")
+    if n_prompts >= global_batch:
+        return global_batch
+    if n_prompts < world_size:
+        raise DataError(f"{n_prompts} prompt(s) for {world_size} ranks: each rank needs at least one "
+                        f"(--global-batch {global_batch} wants {global_batch})")
+    return n_prompts - n_prompts % world_size
 
 
 def prompt_strata(data: list[RLPrompt], stratify: str) -> list[str] | None:
@@ -176,8 +195,9 @@ def sequences(roll, device, pad_id):
 
 def main(argv=None):
     keep_freed_memory()
-    cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__)
     d = dist.init()
+    precision = resolve_precision(cfg.precision, d.device)  # before any work: a CPU may not take bf16
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if cfg.policy not in ("tiny", "smollm2-135m") and not (Path(cfg.policy) / "config.json").is_file():
@@ -188,7 +208,6 @@ def main(argv=None):
     else:
         (lm, tok), full = load_model(cfg.policy, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
-    precision = resolve_precision(cfg.precision, d.device)
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
     # the frozen lower layers' output is a constant of the rollout batch: computed once, it feeds the old
     # log-probs and every update (the top layers alone run per update); 0: no cache
@@ -214,9 +233,12 @@ def main(argv=None):
                     "stage's reward has no R_p term; `python train_prmu.py` trains one")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
+    batch = fit_batch(len(data), cfg.global_batch, d.world_size)
+    if batch != cfg.global_batch:
+        dist.print0(f"only {len(data)} prompts: rollout batches of {batch} prompts instead of --global-batch "
+                    f"{cfg.global_batch}")
+        cfg = dataclasses.replace(cfg, global_batch=batch)
     per_rank = cfg.global_batch // d.world_size
-    if per_rank * d.world_size != cfg.global_batch:
-        raise SystemExit(f"--global-batch {cfg.global_batch} must be divisible by the {d.world_size} ranks")
     steps_per_epoch = max(1, len(data) // cfg.global_batch)
     strata = prompt_strata(data, cfg.stratify)
     guided = steps_per_epoch * cfg.guided_epochs
@@ -366,5 +388,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)
     dist.exit_process()

@@ -22,45 +22,48 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tagpr import checkpoint, config, dist, prompts, synthetic
+from tagpr import checkpoint, config, dist, prompts, records, synthetic
 from tagpr.files import DataError, write_jsonl
+from tagpr.hardware import autocast, keep_freed_memory, resolve_precision
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.training import (autocast, epoch_batches, grad_norm_and_clip, held_out, keep_freed_memory, lr_at, pack_rows,
-                            packed_batch, pad_batch, rank_micro_batches, resolve_precision, start_run, train_top_layers)
+from tagpr.training import (epoch_batches, grad_norm_and_clip, held_out, lr_at, pack_rows, packed_batch, pad_batch,
+                            rank_micro_batches, start_run, train_top_layers)
 
 
 @dataclass
 class SFTConfig:
     model: str = "smollm2-135m"      # HF folder, "smollm2-135m" or "tiny"
     sft: str = ""                    # sft.jsonl; empty: <run>/data/sft.jsonl, else synthetic expert chains
-    out: str = "runs/default/sft"
-    lr: float = 1e-5                 # paper
+    out: str = "runs/default/sft"    # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
+    lr: float = 1e-5                 # peak learning rate (paper)
     global_batch: int = 64           # sequences per optimizer step, all ranks (paper)
     micro_batch: int = 4             # sequences per forward/backward on one rank
-    epochs: int = 2                  # paper
+    epochs: int = 2                  # passes over the chains (paper)
     max_steps: int = -1              # stop early (quick runs); -1: all epochs
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_len: int = 2048
-    skip_long: bool = False
-    group_by_length: bool = True
-    pack: str = "auto"               # pack sequences into rows of max_len: "auto" (when flash-attn is used), "on", "off"
+    warmup_ratio: float = 0.03       # share of the steps with a linear LR warmup
+    min_lr_ratio: float = 0.1        # the cosine schedule ends at this share of --lr
+    weight_decay: float = 0.0        # AdamW's weight decay
+    grad_clip: float = 1.0           # clip the global gradient norm to this (0: no clipping)
+    max_len: int = 2048              # tokens per sequence (prompt + chain + answer)
+    skip_long: bool = False          # drop records longer than --max-len (counted) instead of stopping with an error
+    group_by_length: bool = True     # batches of similar lengths (less padding); the batch order stays random
+    pack: Literal["auto", "on", "off"] = "auto"  # pack sequences into rows of --max-len (auto: when flash-attn is used)
     eval_frac: float = 0.05          # held-out share of the records (by id hash)
-    eval_every: int = 50
-    save_every: int = 100
-    keep: int = 2
+    eval_every: int = 50             # held-out loss every N steps (and at the end)
+    save_every: int = 100            # checkpoint every N steps (and at the end)
+    keep: int = 2                    # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
-    seed: int = 0
-    activation_checkpointing: bool = False
-    precision: str = "auto"          # forward matmuls: "auto" (bf16 on CUDA, fp32 on a CPU), "fp32", "bf16" (autocast)
+    seed: int = 0                    # batch order and the tiny model's weights
+    activation_checkpointing: bool = False  # recompute each layer in the backward (memory for time)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls: auto = bf16 on CUDA, fp32 on a CPU; bf16
+                                     # (autocast) on a CPU needs AVX512-BF16 or AMX, else the run stops before any work
     train_layers: int = -1           # train only the top N decoder layers + final norm (-1: all; quick CPU runs)
     synthetic_users: int = 200       # when falling back to synthetic users: train users per task
 
@@ -75,10 +78,10 @@ PRESETS = {
 }
 
 
-def load_records(cfg: SFTConfig, out: Path) -> list[prompts.SFTRecord]:
+def load_records(cfg: SFTConfig, out: Path) -> list[records.SFTRecord]:
     path = Path(cfg.sft) if cfg.sft else out.parent / "data" / "sft.jsonl"
     if path.is_file():
-        return prompts.read_sft(path)
+        return records.read_sft(path)
     if cfg.sft:
         raise DataError(f"{path}: file not found; make it with `python build_data.py`")
     # no data yet: synthetic users' expert chains (written once, by rank 0)
@@ -90,7 +93,7 @@ def load_records(cfg: SFTConfig, out: Path) -> list[prompts.SFTRecord]:
         write_jsonl(made, [r.to_json() for r in synthetic.sft_records(lamp_dir)])
     dist.barrier()
     dist.print0(f"no {path}: training on synthetic users' expert chains ({made}); `build_data.py` makes real data")
-    return prompts.read_sft(made)
+    return records.read_sft(made)
 
 
 def tokenize(records, tok, cfg: SFTConfig):
@@ -156,8 +159,9 @@ def tokens_in(micro, packed: bool):
 
 def main(argv=None):
     keep_freed_memory()
-    cfg, preset = config.parse(SFTConfig, PRESETS, argv, description=__doc__.split("\n")[0])
+    cfg, preset = config.parse(SFTConfig, PRESETS, argv, description=__doc__)
     d = dist.init()
+    precision = resolve_precision(cfg.precision, d.device)  # before any work: a CPU may not take bf16
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if d.distributed:  # meta on every rank, weights read once by rank 0 and broadcast shard by shard
@@ -165,7 +169,6 @@ def main(argv=None):
     else:
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
-    precision = resolve_precision(cfg.precision, d.device)
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
     records = load_records(cfg, out)
     train_recs = [r for r in records if not held_out(r.id, cfg.eval_frac)]
@@ -239,5 +242,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)
     dist.exit_process()

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tagpr import lamp, prompts, synthetic  # noqa: E402
-from tagpr.training import keep_freed_memory  # noqa: E402
+from tagpr.hardware import keep_freed_memory  # noqa: E402
 from tagpr.models import load_model  # noqa: E402
 from tagpr import rollout  # noqa: E402
 from tagpr.rollout import generate  # noqa: E402

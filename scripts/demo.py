@@ -3,8 +3,8 @@
     python scripts/demo.py                      # runs/demo; rerun to resume after an interruption
     python scripts/demo.py --seeds 0,1,2        # RL from the same SFT policy with three seeds: mean ± spread
 
-Every stage is one of the project's own commands, run as a subprocess (the RL stage under
-`torchrun --nproc_per_node=2`); a stage whose export exists is skipped, an interrupted one
+Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL
+stage under `python -m torch.distributed.run --nproc_per_node=2`, torchrun's module: nothing needs to be on PATH); a stage whose export exists is skipped, an interrupted one
 resumes from its checkpoints. At the end `<run>/report.md` holds the table on held-out synthetic
 users, the reward curve and the data manifest's filter counts; `<run>/timings.json` the time
 each stage took. Sizes are chosen to fit a 2-core CPU; they are flags. Each trainer keeps only its
@@ -13,7 +13,6 @@ the machine has it (`--malloc`; `scripts/demo.sh` installs it as root on Debian/
 """
 from __future__ import annotations
 
-import argparse
 import ctypes.util
 import json
 import os
@@ -22,9 +21,16 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tagpr import config, hardware  # noqa: E402  (the repository root first: the demo runs from a checkout)
+
 PY = sys.executable
 
 
@@ -42,7 +48,7 @@ def malloc_env(choice: str) -> dict[str, str]:
     lib = ctypes.util.find_library("jemalloc")
     if lib is None:
         if choice == "jemalloc":
-            raise SystemExit("--malloc jemalloc: no libjemalloc on this machine (Debian/Ubuntu: apt install libjemalloc2)")
+            raise config.ConfigError("--malloc jemalloc: no libjemalloc on this machine (Debian/Ubuntu: apt install libjemalloc2)")
         return {}
     preload = " ".join(x for x in (os.environ.get("LD_PRELOAD", ""), lib) if x)
     return {"LD_PRELOAD": preload, "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
@@ -79,37 +85,41 @@ class Timer:
         self.path.write_text(json.dumps(self.t, indent=1))
 
 
+@dataclass
+class DemoConfig:
+    run: str = "runs/demo"              # the run folder (rerun the same command to resume)
+    policy: str = "smollm2-135m"        # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
+    tasks: str = "LaMP_2,LaMP_3"        # comma-separated synthetic tasks
+    k: int = 2                          # profile items in every prompt
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage: auto = bf16 where the CPU has
+                                        # AVX512-BF16 / AMX, else fp32; bf16 elsewhere stops before any work
+    sft_steps: int = 12                 # SFT optimizer steps
+    sft_batch: int = 8                  # SFT sequences per step
+    sft_lr: float = 1e-4                # SFT learning rate
+    prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
+    rl_steps: int = 4                   # GSPO steps per seed
+    rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
+    rl_prompts: int = 4                 # prompts per rollout batch (all ranks)
+    rl_group: int = 4                   # rollouts per prompt (G)
+    rl_lr: float = 1e-5                 # GSPO learning rate
+    rl_max_new: int = 128               # new tokens per rollout at most
+    seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows their mean ± half range
+    eval_limit: int = 8                 # dev questions per task
+    nproc: int = 2                      # ranks of the RL stage (torch.distributed.run)
+    malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
+                                        # it (auto), or glibc's (system)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="runs/demo")
-    ap.add_argument("--policy", default="smollm2-135m")
-    ap.add_argument("--tasks", default="LaMP_2,LaMP_3")
-    ap.add_argument("--k", type=int, default=2, help="profile items in every prompt")
-    ap.add_argument("--precision", default="", help="fp32 or bf16 (autocast); default: bf16 where the CPU has "
-                                                     "AVX512-BF16/AMX, else fp32")
-    ap.add_argument("--sft-steps", type=int, default=12)
-    ap.add_argument("--sft-batch", type=int, default=8)
-    ap.add_argument("--sft-lr", type=float, default=1e-4)
-    ap.add_argument("--prmu-steps", type=int, default=20)
-    ap.add_argument("--rl-steps", type=int, default=4)
-    ap.add_argument("--rl-train-layers", type=int, default=4, help="RL trains the top N decoder layers (-1: all)")
-    ap.add_argument("--rl-prompts", type=int, default=4, help="prompts per rollout batch (all ranks)")
-    ap.add_argument("--rl-group", type=int, default=4)
-    ap.add_argument("--rl-lr", type=float, default=1e-5)
-    ap.add_argument("--rl-max-new", type=int, default=128)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--eval-limit", type=int, default=8, help="dev questions per task")
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--malloc", default="auto", choices=("auto", "jemalloc", "system"),
-                    help="allocator of the stages: jemalloc where the machine has it (auto), or glibc's (system)")
-    a = ap.parse_args(argv)
+    a, _ = config.parse(DemoConfig, {}, argv, description=__doc__)
     allocator = malloc_env(a.malloc)
     os.environ.update(allocator)  # the stages inherit it
-    sys.path.insert(0, str(ROOT))
-    from tagpr.training import cpu_has_bf16
-
-    prec = a.precision or ("bf16" if cpu_has_bf16() else "fp32")
-    print(f"stages allocate with {'jemalloc' if allocator else 'glibc malloc'}; matmuls in {prec}")
+    if a.precision == "auto":
+        prec = "bf16" if hardware.bf16_matmul() else "fp32"
+    else:
+        prec = hardware.resolve_precision(a.precision, torch.device("cpu"))
+    print(f"stages allocate with {'jemalloc' if allocator else 'glibc malloc'}; matmuls in {prec} "
+          f"(CPU: {hardware.describe()})")
     run_dir = ROOT / a.run
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
@@ -135,7 +145,7 @@ def main(argv=None):
     for s in seeds:
         rl = run_dir / f"rl_seed{s}"
         timer.stage(f"4 train_rl seed {s}", rl / "model" / "config.json",
-                    ["torchrun", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py", "--policy",
+                    [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py", "--policy",
                      str(sft / "model"), "--prmu", str(prmu / "model"), "--prompts", str(data / "rl_prompts.jsonl"),
                      "--out", str(rl), "--seed", str(s), "--lr", str(a.rl_lr), "--global-batch", str(a.rl_prompts),
                      "--group", str(a.rl_group), "--mini-batches", "2", "--micro-batch", "8", "--max-new-tokens",
@@ -161,7 +171,6 @@ def main(argv=None):
 
 
 def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
-    sys.path.insert(0, str(ROOT))
     from tagpr.evaluation import COLUMNS
 
     res = lambda name: json.loads((run_dir / "eval" / name / "metrics.json").read_text())
@@ -206,4 +215,4 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)

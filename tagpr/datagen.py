@@ -40,7 +40,8 @@ from . import lamp, retrieval, tags
 from .files import write_json, write_jsonl, atomic_write_text
 from .llm import Backend, Request
 from .metrics import label_index, rouge_pairs
-from .prompts import RLPrompt, SFTRecord, tagpr_prompt
+from .prompts import tagpr_prompt
+from .records import Pair, RLPrompt, SFTRecord
 
 class NoData(RuntimeError):
     """A stage left nothing for the next one; the manifest written so far says where it went."""
@@ -408,7 +409,6 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
     pairs_st = Stage("pairs", len(prp_rej) + len(pqp_rej))
     tagged_rej = restrict(prp_rej + pqp_rej, "restrict_rejected", False, pairs_st)
     stages["7_pair_tagging"] = pairs_st.as_dict()
-    from .prmu import Pair
 
     prp, pqp = [], []
     for r in tagged_rej:

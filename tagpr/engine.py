@@ -23,7 +23,7 @@ cheap:
   at every step), and on a CPU q/k/v and gate/up fused into one matmul each (at a
   decode step's 32 rows a GEMM's fixed cost is a large share of it). On a GPU the
   projections are used as they are when their dtype already matches (no copy).
-  With `pack` (a CPU with oneDNN) every weight is also reordered once into oneDNN's
+  With `pack` (a CPU whose oneDNN can take the dtype) every weight is also reordered once into oneDNN's
   blocked layout (`_Linear`): F.linear lays its weight out for the GEMM at every call,
   which at a decode step's few rows is a large share of it (bf16 and fp32 alike).
 
@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import hardware
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -69,12 +71,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def can_pack() -> bool:
-    """Whether this torch has oneDNN's prepacked linear (the ops inductor uses for frozen CPU weights)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class _Linear:
     """y = x·Wᵀ + b with W, b in the compute dtype. `pack`: W reordered once into oneDNN's blocked layout
     (CPU only; bf16 results identical to F.linear, fp32 equal up to summation order)."""
@@ -102,11 +98,12 @@ def _linears(mods, dtype: torch.dtype, fuse: bool, pack: bool) -> list[_Linear]:
 
 class Weights:
     """The projections of every layer and the lm_head in the compute dtype, for one generation. `pack`
-    (default: on a CPU where oneDNN can) prepacks them (`_Linear`)."""
+    (default: on a CPU whose oneDNN can hold `dtype` prepacked, `hardware.can_prepack`) prepacks them
+    (`_Linear`); elsewhere F.linear gives the same numbers (bf16: identical; fp32: up to summation order)."""
 
     def __init__(self, lm, dtype: torch.dtype, fuse: bool, pack: bool | None = None):
         if pack is None:
-            pack = lm.lm_head.weight.device.type == "cpu" and can_pack()
+            pack = lm.lm_head.weight.device.type == "cpu" and hardware.can_prepack(dtype)
         self.dtype, self.packed = dtype, pack
         self.layers = []
         for layer in lm.model.layers:

@@ -122,6 +122,24 @@ def task_for_input(task: Task | str, text: str) -> Task:
     return task
 
 
+def answer_problem(task: Task, value: str) -> str | None:
+    """Why `value` cannot be a gold answer of `task` (None: it can): a classification gold must be one of the
+    task's labels, a rating a number from 1 to 5; a generation gold any non-empty text."""
+    if task.is_classification:
+        if value.strip() not in task.labels:
+            return f"{value!r} is not a {task.name} label (expected one of: {', '.join(task.labels)})"
+    elif task.kind == "rating":
+        try:
+            x = float(value)
+        except ValueError:
+            return f"{value!r} is not a rating (expected a number from 1 to 5)"
+        if not 1 <= x <= 5:
+            return f"{value!r} is outside the rating range 1-5"
+    elif not value.strip():
+        return "is empty"
+    return None
+
+
 # ----------------------------------------------------------------------------- records
 
 @dataclass(frozen=True)
@@ -315,6 +333,10 @@ def load_split(lamp_dir: str | os.PathLike, task: Task | str, split: str, time_b
     if opath.is_file():
         _, golds = read_outputs(opath, task)
         check_prediction_ids(golds, {q.id: "" for q in questions}, qpath, opath)
+        for q in questions:
+            problem = answer_problem(task_for_input(task, q.input), golds[q.id])
+            if problem:
+                raise DataError(f"{opath}: id={q.id}: field 'output': {problem}")
     elif require_golds:
         raise DataError(f"{opath}: file not found (golds for {task.name} {split})")
     return Split(task, questions, golds, qpath, opath if golds is not None else None)

@@ -21,56 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .files import DataError, iter_jsonl
 
 UNKNOWN = 0
-
-
-# ----------------------------------------------------------------------------- pair data
-
-@dataclass
-class Pair:
-    """One line of `prp.jsonl` / `pqp.jsonl` (shared with build_data.py).
-
-    id: pair id; set: "prp" (made with the profile ≻ made without) or "pqp" (correct or
-    higher ROUGE ≻ worse); user_id; task; prompt (query + profile, the user turn);
-    chosen / rejected: the two responses (reasoning chain + answer).
-    """
-    id: str
-    set: str
-    user_id: str
-    task: str
-    prompt: str
-    chosen: str
-    rejected: str
-
-    FIELDS = ("id", "set", "user_id", "task", "prompt", "chosen", "rejected")
-
-    def to_json(self) -> dict:
-        return {f: getattr(self, f) for f in self.FIELDS}
-
-
-def read_pairs(path: str | os.PathLike) -> list[Pair]:
-    out = []
-    for lineno, obj in iter_jsonl(path):
-        for f in Pair.FIELDS:
-            if f not in obj:
-                raise DataError(f"{path}:{lineno}: missing field '{f}' (a pair needs {', '.join(Pair.FIELDS)})")
-            if obj[f] is not None and not isinstance(obj[f], str):
-                raise DataError(f"{path}:{lineno}: field '{f}' must be a string")
-        if obj["set"] not in ("prp", "pqp"):
-            raise DataError(f"{path}:{lineno}: field 'set' must be 'prp' or 'pqp', got {obj['set']!r}")
-        out.append(Pair(*(obj[f] if obj[f] is not None else "" for f in Pair.FIELDS)))
-    if not out:
-        raise DataError(f"{path}: no pairs")
-    return out
 
 
 # ----------------------------------------------------------------------------- model

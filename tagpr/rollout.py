@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from . import engine
-from .training import autocast
+from .hardware import autocast
 
 
 @dataclass

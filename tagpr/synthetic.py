@@ -36,6 +36,8 @@ from pathlib import Path
 
 from . import lamp
 from .files import write_json
+from .prompts import tagpr_prompt
+from .records import Pair, SFTRecord
 
 # ----------------------------------------------------------------------------- shared pools
 
@@ -469,7 +471,6 @@ def expert_chain(task: str, items: list[lamp.Item], latent: dict) -> tuple[list[
 def sft_records(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "train", k: int = 8,
                 retriever: str = "recency") -> list:
     """`sft.jsonl` records from synthetic users' latent rules (until build_data.py writes real ones)."""
-    from .prompts import SFTRecord, tagpr_prompt
     from .retrieval import retrieve
     from .tags import render
 
@@ -493,7 +494,6 @@ def preference_pairs(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "
     most users would give). PQP: the correct chain ≻ the same chain under another rule
     whose answer differs (a wrong answer with a plausible rationale).
     """
-    from .prmu import Pair
     from .prompts import tagpr_prompt
     from .retrieval import retrieve
     from .tags import render

@@ -1,11 +1,9 @@
-"""What every trainer shares: the LR schedule, batching, the metrics log, parameter counts, CPU settings."""
+"""What every trainer shares: the LR schedule, batching, the metrics log, parameter counts, resume."""
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-import sys
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -153,52 +151,6 @@ class MetricsLog:
         if self.main and rows:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing it back to the OS; every script calls it first.
-
-    By default a block over 128 KB (any activation of a prefill or a training batch) is a fresh `mmap`, and
-    freed blocks are returned, so the next tensor may page-fault on every page it touches (glibc raises its
-    threshold as it goes, so how often depends on the history of the process). On the 2-core dev box a bf16
-    prefill (8 × 326 tokens) took 3.0–3.3 s when it faulted and 2.2–2.4 s when not (rotary 0.27 vs 0.06 s).
-    With blocks up to 32 MB taken from the heap and no trimming, freed memory is reused; resident memory then
-    stays at the process's peak instead of shrinking. Linux/glibc only (returns False elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:                                                              # not glibc (e.g. musl)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX; Linux's /proc/cpuinfo flags).
-    There bf16 matmuls ran 2.4–3.3× faster than fp32 (measured on the 2-core EPYC dev box)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on CUDA, fp32 on a CPU; "bf16" on a CPU pays off where `cpu_has_bf16()`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the forward pass (matmuls in bf16, parameters, optimizer and losses in fp32)."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_top_layers(model, n: int) -> tuple[int, int]:

@@ -11,8 +11,7 @@ from tagpr.cluster import cluster_tags, kmeans
 from tagpr.expert import SYNONYMS, SimulatedExpert
 from tagpr.files import DataError
 from tagpr.llm import Cache, HashingEmbedder, OpenAIBackend, Request
-from tagpr.prmu import read_pairs
-from tagpr.prompts import read_rl_prompts, read_sft
+from tagpr.records import read_pairs, read_rl_prompts, read_sft
 
 from llm_server import Server
 

@@ -18,7 +18,10 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     args = [sys.executable, "scripts/demo.py", "--run", str(run), "--policy", "tiny", "--sft-steps", "2",
             "--sft-batch", "4", "--prmu-steps", "2", "--rl-steps", "4", "--rl-prompts", "2", "--rl-group", "2",
             "--rl-max-new", "8", "--eval-limit", "2", "--seeds", "0,1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # as a user who runs the venv's python without activating it: no venv on PATH (so no `torchrun` there)
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)
+    env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "PATH": path, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     ckpt = run / "rl_seed0" / "ckpt"
@@ -60,5 +63,5 @@ def test_malloc_env(monkeypatch):
                                        "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert demo.malloc_env("auto") == {}
-    with pytest.raises(SystemExit, match="no libjemalloc"):
+    with pytest.raises(demo.config.ConfigError, match="no libjemalloc"):
         demo.malloc_env("jemalloc")

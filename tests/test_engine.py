@@ -1,8 +1,11 @@
 """tagpr.engine (group-shared prompt and generated keys in one masked buffer) against transformers' own forward."""
+import os
+from unittest import mock
+
 import pytest
 import torch
 
-from tagpr import engine, rollout
+from tagpr import engine, hardware, rollout
 
 
 def llama_and_qwen3():
@@ -48,7 +51,13 @@ def reference_logits(lm, prompt, continuation):
     return logits[len(prompt) - 1:]                                             # (len(continuation) + 1, V)
 
 
-PACK = [False] + ([True] if engine.can_pack() else [])
+def machine(probe, *args):
+    """Ask the machine itself, whatever TAGPR_CPU forces (these tests call the packed path by name)."""
+    with mock.patch.dict(os.environ, {hardware.FORCE_ENV: "auto"}):
+        return probe(*args)
+
+
+PACK = [False] + ([True] if machine(hardware.can_prepack, torch.float32) else [])
 
 
 @pytest.mark.parametrize("G", [1, 3])
@@ -83,11 +92,12 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, G):
         torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not engine.can_pack(), reason="this torch has no oneDNN prepacked linear")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prepacked_linear_equals_f_linear(dtype):
     """oneDNN's prepacked weight gives F.linear's numbers: identical in bf16, to summation order in fp32; with a
     bias, on 2-D and 3-D inputs, at a decode step's row count and a prefill's."""
+    if not machine(hardware.can_prepack, dtype):
+        pytest.skip(f"oneDNN on this CPU cannot prepack {dtype} weights ({machine(hardware.describe)})")
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
     for bias in (None, b):

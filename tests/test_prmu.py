@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagpr import prmu
+from tagpr import prmu, records
 from tagpr.files import DataError, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ def opposite_tastes(n_prompts=40, seed=0):
     for i in range(n_prompts):
         prompt = f"What does this user think of {rng.choice(things)} number {i}?"
         good, bad = "They loved it, a wonderful film.", "They hated it, a dreadful film."
-        pairs.append(prmu.Pair(f"a{i}", "prp", "A", "LaMP_2", prompt, good, bad))
-        pairs.append(prmu.Pair(f"b{i}", "pqp", "B", "LaMP_2", prompt, bad, good))
+        pairs.append(records.Pair(f"a{i}", "prp", "A", "LaMP_2", prompt, good, bad))
+        pairs.append(records.Pair(f"b{i}", "pqp", "B", "LaMP_2", prompt, bad, good))
     return pairs
 
 
@@ -114,14 +114,14 @@ def test_pair_files(tmp_path):
     p = tmp_path / "prp.jsonl"
     good = {"id": "1", "set": "prp", "user_id": None, "task": "LaMP_2", "prompt": "q", "chosen": "a", "rejected": "b"}
     p.write_text(json.dumps(good) + "\n")
-    assert prmu.read_pairs(p)[0].user_id == ""  # a missing user id → the unknown user
+    assert records.read_pairs(p)[0].user_id == ""  # a missing user id → the unknown user
     assert prmu.user_map(["b", "a", "", "a"]) == {"a": 1, "b": 2}
     p.write_text(json.dumps({**good, "set": "other"}) + "\n")
     with pytest.raises(DataError, match=r"prp\.jsonl:1: field 'set' must be 'prp' or 'pqp'"):
-        prmu.read_pairs(p)
+        records.read_pairs(p)
     p.write_text(json.dumps({k: v for k, v in good.items() if k != "rejected"}) + "\n")
     with pytest.raises(DataError, match=r"prp\.jsonl:1: missing field 'rejected'"):
-        prmu.read_pairs(p)
+        records.read_pairs(p)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train_rl import RLPrompt, read_rl_prompts
+from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.files import DataError
 
 
@@ -133,7 +133,7 @@ def test_prompt_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"rl_prompts\.jsonl:2: malformed JSON"):
         read_rl_prompts(p)
     p.write_text(json.dumps({"id": "1", "task": "LaMP_2", "user_id": "u", "prompt": "q"}) + "\n")
-    with pytest.raises(DataError, match=r"rl_prompts\.jsonl:1: field 'gold' missing"):
+    with pytest.raises(DataError, match=r"rl_prompts\.jsonl:1: missing field 'gold'"):
         read_rl_prompts(p)
 
 

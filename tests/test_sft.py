@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tagpr import checkpoint, prompts, synthetic
+from tagpr import checkpoint, records, synthetic
 from tagpr.files import DataError, write_jsonl
+from tagpr.hardware import keep_freed_memory
 from tagpr.models import LogprobModel, load_model
-from tagpr.training import epoch_batches, keep_freed_memory, lr_at, rank_micro_batches
+from tagpr.training import epoch_batches, lr_at, rank_micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -70,23 +71,23 @@ def test_keep_freed_memory_is_accepted_by_glibc():
 
 
 def test_malformed_sft_lines(tmp_path):
-    good = {"id": "1", "task": "LaMP_2", "user_id": "u", "prompt": "p", "chain": "<think></think>", "answer": "a"}
+    good = {"id": "1", "task": "LaMP_2", "user_id": "u", "prompt": "p", "chain": "<think></think>", "answer": "comedy"}
     p = tmp_path / "sft.jsonl"
     p.write_text(json.dumps(good) + "\n\n" + "{not json\n")
     with pytest.raises(DataError, match=r"sft\.jsonl:3: malformed JSON"):
-        prompts.read_sft(p)
+        records.read_sft(p)
     p.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != "chain"}) + "\n")
     with pytest.raises(DataError, match=r"sft\.jsonl:2: missing field 'chain'"):
-        prompts.read_sft(p)
+        records.read_sft(p)
     p.write_text(json.dumps({**good, "answer": 5}) + "\n")
     with pytest.raises(DataError, match=r"sft\.jsonl:1: field 'answer' must be a string"):
-        prompts.read_sft(p)
+        records.read_sft(p)
     p.write_text(json.dumps({**good, "task": "LaMP_9"}) + "\n")
     with pytest.raises(DataError, match="unknown task"):
-        prompts.read_sft(p)
+        records.read_sft(p)
     p.write_text("")
     with pytest.raises(DataError, match="no records"):
-        prompts.read_sft(p)
+        records.read_sft(p)
 
 
 def test_micro_batch_split_gives_same_gradients(sft_file):
@@ -94,7 +95,7 @@ def test_micro_batch_split_gives_same_gradients(sft_file):
 
     lm, tok = load_model("tiny", device="cpu")
     model = LogprobModel(lm)
-    recs = prompts.read_sft(sft_file)[:8]
+    recs = records.read_sft(sft_file)[:8]
     cfg = train_sft.SFTConfig(max_len=1024)
     data, _ = train_sft.tokenize(recs, tok, cfg)
     n_tok = sum(sum(m) for _, m in data)
@@ -115,7 +116,7 @@ def test_packing_and_activation_checkpointing_change_nothing(sft_file, tmp_path)
 
     assert pack_rows([0, 1, 2, 3], [5, 3, 4, 2], 8) == [[0, 1], [2, 3]]  # first-fit decreasing: 5+3, 4+2
     lm, tok = load_model("tiny", device="cpu")
-    recs = prompts.read_sft(sft_file)[:6]
+    recs = records.read_sft(sft_file)[:6]
     cfg = train_sft.SFTConfig(max_len=1024, micro_batch=2)
     data, _ = train_sft.tokenize(recs, tok, cfg)
     n_tok = sum(sum(m) for _, m in data)
@@ -204,9 +205,17 @@ def test_dist_helpers_alone_are_identities():
 
 
 def test_top_layers_only_and_bf16_autocast(sft_file, tmp_path):
-    """--train-layers 1: only the top decoder layer and the final norm move; bf16 autocast still learns."""
+    """--train-layers 1: only the top decoder layer and the final norm move; bf16 autocast still learns. A CPU
+    without bf16 hardware (or TAGPR_CPU=plain) refuses --precision bf16 before any work, naming the fix."""
     import train_sft
 
+    from tagpr import hardware
+
+    if not hardware.bf16_matmul():
+        with pytest.raises(hardware.PrecisionError, match=r"AVX512-BF16 or AMX.*--precision fp32"):
+            train_sft.main(args(sft_file, tmp_path / "top", "--precision", "bf16"))
+        assert not (tmp_path / "top").exists()                                  # nothing written
+        return
     train_sft.main(args(sft_file, tmp_path / "top", "--max-steps", "8", "--epochs", "100", "--lr", "3e-3",
                         "--train-layers", "1", "--precision", "bf16", "--save-every", "100"))
     l = losses(tmp_path / "top")

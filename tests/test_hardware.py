@@ -1,0 +1,101 @@
+"""tagpr.hardware: the CPU probes answer as the machine's own flags say, TAGPR_CPU=plain turns every one off,
+and both sides of each switch give the same numbers (the plain path is what an AVX2-only laptop runs)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tagpr import engine, hardware, rollout
+from tagpr.models import load_model
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@pytest.fixture
+def auto(monkeypatch):
+    monkeypatch.setenv(hardware.FORCE_ENV, "auto")
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    monkeypatch.setenv(hardware.FORCE_ENV, "plain")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny", device="cpu", dtype=torch.float32, seed=0)[0]
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo to check the probes against")
+def test_probes_agree_with_the_cpu_flags(auto):
+    """torch's capability checks against Linux's own list of the CPU's flags (an independent source)."""
+    flags = cpu_flags()
+    assert hardware.bf16_matmul() == bool({"avx512_bf16", "amx_bf16"} & flags)
+    onednn_bf16 = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    if torch.backends.mkldnn.is_available():
+        assert hardware.can_prepack(torch.bfloat16) == onednn_bf16
+        assert hardware.can_prepack(torch.float32)                              # fp32 prepacking: any x86-64
+    want = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    if want:
+        assert hardware.describe() == want
+    elif "avx512f" not in flags and "avx2" in flags:
+        assert hardware.describe() == "AVX2 only"
+
+
+def test_forced_plain_turns_every_probe_off(plain, lm):
+    assert not hardware.bf16_matmul()
+    assert not hardware.can_prepack(torch.float32) and not hardware.can_prepack(torch.bfloat16)
+    assert "TAGPR_CPU=plain" in hardware.describe()
+    for dtype in (torch.float32, torch.bfloat16):
+        w = engine.Weights(lm, dtype, fuse=True)                                # default: ask the probe
+        assert not w.packed and not w.head.packed and not w.layers[0]["o"].weight.is_mkldnn
+    # --precision: bf16 on a CPU without bf16 hardware stops with the fix; auto is fp32; CUDA is not asked
+    with pytest.raises(hardware.PrecisionError, match=r"needs a CPU with bf16 matmul hardware \(AVX512-BF16 or "
+                                                      r"AMX\); this one: probes forced.*Use --precision fp32"):
+        hardware.resolve_precision("bf16", torch.device("cpu"))
+    assert hardware.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert hardware.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert hardware.resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    with pytest.raises(hardware.PrecisionError, match="must be one of auto, fp32, bf16"):
+        hardware.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_the_probe_on_side_where_the_machine_has_it(auto):
+    if not hardware.bf16_matmul():
+        pytest.skip(f"this CPU has no bf16 matmul hardware ({hardware.describe()}): only the plain side runs here")
+    assert hardware.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert hardware.can_prepack(torch.bfloat16)
+
+
+def test_an_unknown_force_value_is_an_error(monkeypatch):
+    monkeypatch.setenv(hardware.FORCE_ENV, "avx9")
+    with pytest.raises(ValueError, match="TAGPR_CPU='avx9': expected 'auto' or 'plain'"):
+        hardware.bf16_matmul()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plain_and_probed_paths_sample_the_same_tokens(monkeypatch, lm, precision):
+    """The sampler with the machine's fast paths (prepacked weights where oneDNN takes them) and with every probe
+    forced off: the same tokens, and the same first-step logits (bf16: identical, prepacking changes no rounding;
+    fp32: up to summation order). On a CPU that cannot prepack, both runs take the plain path."""
+    p = [[5, 6, 7, 8, 9], [10, 11]]
+    runs = {}
+    for mode in ("auto", "plain"):
+        monkeypatch.setenv(hardware.FORCE_ENV, mode)
+        g = [torch.Generator().manual_seed(i) for i in range(6)]
+        r = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=8, generator=g, n_per_prompt=3,
+                             precision=precision)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ids = torch.tensor([[0] * 3 + p[0], [0] * 6 + p[1]])
+        mask = (ids != 0).long()
+        with torch.no_grad():
+            logits, _, _ = engine.prefill(lm, engine.Weights(lm, dtype, True), ids, mask, (mask.cumsum(1) - 1).clamp(min=0))
+        runs[mode] = (r.response_ids, logits.float())
+    assert torch.equal(runs["auto"][0], runs["plain"][0])
+    if precision == "bf16":
+        assert torch.equal(runs["auto"][1], runs["plain"][1])
+    else:
+        torch.testing.assert_close(runs["auto"][1], runs["plain"][1], atol=1e-5, rtol=1e-5)
