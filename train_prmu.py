@@ -193,7 +193,7 @@ def main(argv=None):
     bar.close()
     full = checkpoint.full_state_dict(model)
     if d.is_main:
-        path = prmu.save(model, tok, users, out / "model", full)
+        path = prmu.save(model, tok, users, out / "model", full, max_len=cfg.max_len)
         dist.print0(f"exported {path}")
     dist.barrier()
     dist.destroy()

@@ -8,7 +8,7 @@ One step:
 1. draw `global_batch` prompts (tasks mixed), each rank its share; sample G rollouts each
    with the KV-cache sampler (one prefill per group; FSDP unsharded once);
 2. rewards through `tagpr.rewards`: guided R = R_v + λ1·R_f + R_rep + R_tag + λ2·R_p (Eq. 5,
-   R_p from PRMU's `Scorer`), exploratory R = R_v + R_f + R_rep (Eq. 11);
+   R_p from PRMU's `Scorer`), exploratory R = R_v + λ1·R_f + R_rep (Eq. 11, the same λ1);
 3. group advantages (Eq. 10), then the old log-probs, recomputed once by the training
    model through the fused log-prob op at the sampling temperature (the first mini-batch's
    come from update 0's own forward: the policy has not moved yet);
@@ -77,7 +77,7 @@ class RLConfig:
     clip_low: float = 3e-4                    # GSPO ε_low: the ratio is clipped below at 1 - ε_low (paper)
     clip_high: float = 4e-4                   # GSPO ε_high: clipped above at 1 + ε_high (paper)
     kl_coef: float = 0.0                      # k3 KL to the frozen start policy (paper: none)
-    w_format: float = 0.5                     # λ1, the weight of R_f (ours; lost from the paper's text)
+    w_format: float = 0.5                     # λ1, the weight of R_f in both stages (ours; lost from the paper)
     w_personal: float = 0.5                   # λ2, the weight of R_p (ours; lost from the paper's text)
     ngram: int = 4                            # R_rep's n-gram length (paper)
     min_tags: int = 3                         # R_tag: fewest tags a chain must use (paper)
@@ -167,7 +167,7 @@ def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], sco
     golds = [p.gold for p in batch for _ in range(cfg.group)]
     tasks = [p.task for p in batch for _ in range(cfg.group)]
     if stage == "exploratory":
-        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram)
+        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram, cfg.w_format)
     personal = None
     if scorer is not None:
         users = [p.user_id for p in batch for _ in range(cfg.group)]

@@ -122,8 +122,10 @@ def user_map(user_ids: Sequence[str]) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- saved model and scoring
 
-def save(model: PRMU, tok, users: dict[str, int], out_dir: str | os.PathLike, full_state: dict | None = None) -> Path:
-    """`<out>/backbone` (a transformers folder), `user_embeddings.safetensors`, `users.json`, `prmu.json`."""
+def save(model: PRMU, tok, users: dict[str, int], out_dir: str | os.PathLike, full_state: dict | None = None,
+         max_len: int = 2048) -> Path:
+    """`<out>/backbone` (a transformers folder), `user_embeddings.safetensors`, `users.json`, `prmu.json` (with the
+    input length `max_len` the model was trained at, which the `Scorer` then uses)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -141,16 +143,19 @@ def save(model: PRMU, tok, users: dict[str, int], out_dir: str | os.PathLike, fu
               str(tmp / "user_embeddings.safetensors"))
     (tmp / "users.json").write_text(json.dumps(users, indent=1))
     (tmp / "prmu.json").write_text(json.dumps({"use_user_embeddings": model.use_user_embeddings,
-                                               "n_users": len(users)}))
+                                               "n_users": len(users), "max_len": max_len}))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out
 
 
 class Scorer:
-    """The scoring API for RL: `score(user_ids, prompts, responses) → σ(r)` per response."""
+    """The scoring API for RL: `score(user_ids, prompts, responses) → σ(r)` per response.
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", max_len: int = 2048,
+    Inputs are encoded as in training: at the `max_len` saved in the export (`max_len` here overrides it; an
+    export from before it was saved is read at 2048, the trainer's default then)."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", max_len: int | None = None,
                  batch_size: int = 8):
         from safetensors.torch import load_file
         from transformers import AutoModelForSequenceClassification
@@ -172,7 +177,8 @@ class Scorer:
         self.model.user_embeddings.weight.data.copy_(load_file(str(path / "user_embeddings.safetensors"))["weight"])
         self.device = torch.device(device)
         self.model.to(self.device).eval()
-        self.encode = Encoder(self.tok, max_len)
+        self.max_len = max_len or meta.get("max_len", 2048)
+        self.encode = Encoder(self.tok, self.max_len)
         self.batch_size = batch_size
 
     def rows(self, user_ids: Sequence[str | None]) -> list[int]:

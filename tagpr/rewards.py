@@ -121,9 +121,6 @@ class RewardWeights:
     w_personal: float = 0.5
 
 
-FOUNDATION = RewardWeights(w_verifiable=1.0, w_format=1.0, w_repetition=1.0, w_tag=0.0, w_personal=0.0)
-
-
 def _finite(xs: Sequence[float]) -> list[float]:
     return [float(x) if x is not None and math.isfinite(float(x)) else 0.0 for x in xs]
 
@@ -152,7 +149,9 @@ def composite_reward(outputs: Sequence[str], golds: Sequence[str], tasks, person
     return totals, parts
 
 
-def foundation_reward(outputs: Sequence[str], golds: Sequence[str], tasks, ngram: int = 4
+def foundation_reward(outputs: Sequence[str], golds: Sequence[str], tasks, ngram: int = 4, w_format: float = 0.5
                       ) -> tuple[list[float], dict[str, list[float]]]:
-    """R_found (Eq. 11) = R_v + R_f + R_rep: the exploratory stage's reward."""
-    return composite_reward(outputs, golds, tasks, None, FOUNDATION, ngram=ngram)
+    """R_found (Eq. 11) = R_v + λ1·R_f + R_rep: the exploratory stage's reward. Eq. 11 is the guided reward
+    without R_tag and R_p, so λ1 is the guided stage's (`w_format`, one value for both stages)."""
+    weights = RewardWeights(w_verifiable=1.0, w_format=w_format, w_repetition=1.0, w_tag=0.0, w_personal=0.0)
+    return composite_reward(outputs, golds, tasks, None, weights, ngram=ngram)

@@ -139,3 +139,23 @@ def test_two_ranks_run(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(0 <= row["train_acc"] <= 1 for row in rows) and "eval_acc/all" in rows[-1]
     assert (tmp_path / "o" / "model" / "user_embeddings.safetensors").is_file()
+
+
+def test_the_scorer_reads_at_the_length_it_was_trained_at(small_prmu, tmp_path):
+    """The export carries the training `max_len`; RL's Scorer (which passes none) encodes at it: a prompt of
+    ~400 tokens is cut to 96 tokens as in training, and scores as the model does on that cut input."""
+    model, tok, _ = small_prmu
+    path = prmu.save(model, tok, {"A": 1, "B": 2}, tmp_path / "model", max_len=96)
+    assert json.loads((path / "prmu.json").read_text())["max_len"] == 96
+    scorer = prmu.Scorer(path)
+    assert scorer.max_len == 96 and prmu.Scorer(path, max_len=512).max_len == 512      # an explicit one wins
+    prompt = " ".join(f"item{i}" for i in range(200)) + " which tag?"
+    ids, mask = prmu.pad_right([prmu.Encoder(tok, 96)(prompt, "comedy")], tok.pad_token_id, "cpu")
+    assert ids.shape[1] == 96
+    with torch.no_grad():
+        want = model(ids, mask, torch.tensor([1]))
+    torch.testing.assert_close(scorer.logits(["A"], [prompt], ["comedy"]), want, atol=1e-5, rtol=1e-5)
+    legacy = json.loads((path / "prmu.json").read_text())
+    del legacy["max_len"]
+    (path / "prmu.json").write_text(json.dumps(legacy))
+    assert prmu.Scorer(path).max_len == 2048                                   # exports from before: the old default

@@ -59,9 +59,12 @@ def test_composite_and_foundation():
     assert total[0] == pytest.approx(1.9 + r_rep, abs=1e-12)
     w = rewards.RewardWeights(w_verifiable=2, w_format=0, w_repetition=0, w_tag=0, w_personal=1)
     assert rewards.composite_reward([out], ["comedy"], "LaMP_2", [0.25], w)[0] == [2.25]
-    # foundation (Eq. 11): R_v + R_f + R_rep, no tag or PRMU term even for broken tags
-    f, parts = rewards.foundation_reward([T.replace("make_decision", "guess") + "comedy"], ["comedy"], "LaMP_2")
-    assert f[0] == pytest.approx(2.0 + parts["repetition"][0], abs=1e-12) and parts["tag"] == [0.0]
+    # foundation (Eq. 11): R_v + λ1·R_f + R_rep with the guided stage's λ1, no tag or PRMU term even for broken tags
+    broken = [T.replace("make_decision", "guess") + "comedy"]
+    f, parts = rewards.foundation_reward(broken, ["comedy"], "LaMP_2")            # λ1 = 0.5: 1 + 0.5·1 + R_rep
+    assert f[0] == pytest.approx(1.5 + parts["repetition"][0], abs=1e-12) and parts["tag"] == [0.0]
+    f, parts = rewards.foundation_reward(broken, ["comedy"], "LaMP_2", w_format=0.2)  # 1 + 0.2·1 + R_rep
+    assert f[0] == pytest.approx(1.2 + parts["repetition"][0], abs=1e-12)
     # non-finite PRMU scores count as 0
     t, parts = rewards.composite_reward([out, out], ["comedy"] * 2, "LaMP_2", [float("nan"), float("inf")])
     assert parts["personal"] == [0.0, 0.0]

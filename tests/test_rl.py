@@ -83,7 +83,7 @@ def test_rollout_log_gives_the_step_metrics_by_hand(runs):
             total, _ = rewards.composite_reward(texts, golds, tasks, None, w, tags.DEFAULT_TAGS, cfg["min_tags"],
                                                 cfg["ngram"])
         else:
-            total, _ = rewards.foundation_reward(texts, golds, tasks, cfg["ngram"])
+            total, _ = rewards.foundation_reward(texts, golds, tasks, cfg["ngram"], cfg["w_format"])
         assert [r["reward"] for r in rows_] == pytest.approx(total, abs=1e-12)
         for g in range(0, n, G):
             rs = [struct.unpack("f", struct.pack("f", r["reward"]))[0] for r in rows_[g:g + G]]  # grouped in fp32
