@@ -34,7 +34,10 @@ def field_help(cls) -> dict[str, str]:
     indented below it. Fields without a comment are missing from the result."""
     out: dict[str, str] = {}
     current = None
-    lines = inspect.getsource(cls).splitlines(keepends=True)
+    try:
+        lines = inspect.getsource(cls).splitlines(keepends=True)
+    except (OSError, TypeError):                                             # no source (e.g. typed at a prompt)
+        return out
     for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
         if tok.type == tokenize.NAME and tok.start[1] == 4 and current != tok.string and \
                 lines[tok.start[0] - 1][4:].startswith(tok.string + ":"):
