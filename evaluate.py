@@ -68,7 +68,7 @@ def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
     if cfg.model.startswith("openai:"):
         return llm.from_spec(cfg.model, "model", cache, cfg.api_key_env, cfg.concurrency)
     return llm.HFBackend(cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size,
-                         precision=resolve_precision(cfg.precision, torch.device("cpu")))
+                         precision=cfg.precision)  # checked by main
 
 
 def main(argv=None) -> dict:

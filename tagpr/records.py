@@ -118,7 +118,7 @@ def _read(path: str | os.PathLike, cls: type[R], check: Callable[[dict, str], No
     return out
 
 
-def _sft_check(obj: dict, where: str) -> None:
+def _prompt_check(obj: dict, where: str) -> None:
     if not obj["prompt"].strip():
         raise DataError(f"{where}: field 'prompt' is empty")
 
@@ -129,11 +129,11 @@ def _pair_check(obj: dict, where: str) -> None:
 
 
 def read_sft(path: str | os.PathLike) -> list[SFTRecord]:
-    return _read(path, SFTRecord, _sft_check)
+    return _read(path, SFTRecord, _prompt_check)
 
 
 def read_rl_prompts(path: str | os.PathLike) -> list[RLPrompt]:
-    return _read(path, RLPrompt, _sft_check)
+    return _read(path, RLPrompt, _prompt_check)
 
 
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
