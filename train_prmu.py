@@ -8,15 +8,21 @@ Pairs come from `prp.jsonl` (response made with the profile ≻ without) and `pq
 (correct / higher ROUGE ≻ worse); each is scored as r(user, prompt, response) and the
 loss is −log σ(r_chosen − r_rejected) averaged over the global batch of pairs. The
 backbone and the user embeddings train jointly, the embeddings with their own learning
-rate. Held-out pairwise accuracy is logged per set and per task. Export:
+rate. Two held-out sets: pairs of users seen in training (`--eval-frac`, by pair id) and every
+pair of users held out whole (`--eval-user-frac`, by user id), which the model scores through
+the unknown-user row, as RL scores a user PRMU never saw. Each is also scored with every user
+replaced by the unknown row ("no_ue": what the model knows without the user). Export:
 `<out>/model/{backbone/, user_embeddings.safetensors, users.json, prmu.json}`, read by
 `tagpr.prmu.Scorer` (the RL reward).
 
 Departures from the paper:
 1. Without the pair files of `build_data.py`, pairs come from synthetic users
    (`tagpr.synthetic.preference_pairs`), said in the log.
-2. `--no-user-embeddings` trains the "PRMU w/o UE" ablation.
+2. `--no-use-user-embeddings` trains the "PRMU w/o UE" ablation.
 3. Under torchrun every rank loads the (small) backbone on CPU before sharding.
+4. Row 0 of the user table, the unknown user, is trained: each training pair's user is replaced
+   by it with probability `--unknown-user-rate` (0.1; drawn per pair and epoch from a hash, the
+   same on every rank and after a resume), so an unseen user's score comes from a learned row.
 """
 from __future__ import annotations
 
@@ -56,7 +62,11 @@ class PRMUConfig:
     margin: float = 0.0              # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
     center_coef: float = 0.0         # + coef * mean((r_chosen + r_rejected)^2), keeps rewards near 0 (~0.01)
     max_len: int = 2048              # tokens per scored input (user turn + response); longer ones lose their start
-    eval_frac: float = 0.1           # held-out share of the pairs (by pair id hash)
+    eval_frac: float = 0.1           # held-out share of the seen users' pairs (by pair id hash)
+    eval_user_frac: float = 0.1      # held-out share of the users (by user id hash): all their pairs, scored as
+                                     # users PRMU never saw (through the unknown-user row)
+    unknown_user_rate: float = 0.1   # each training pair's user replaced by the unknown row with this probability
+                                     # (per epoch), so that row is trained for users PRMU never saw
     eval_every: int = 50             # held-out pair accuracy every N steps (and at the end)
     save_every: int = 100            # checkpoint every N steps (and at the end)
     keep: int = 2                    # checkpoints kept (older ones removed after a new one is in place)
@@ -94,10 +104,27 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[records.Pair]:
 
 
 
-def score_pairs(model, encoded, idx, device, pad_id):
-    """r(chosen), r(rejected) for pairs `idx`: one forward over 2·b sequences."""
+def split_pairs(pairs: list[records.Pair], eval_frac: float, eval_user_frac: float
+                ) -> tuple[list[records.Pair], list[records.Pair]]:
+    """(train, held-out): every pair of a held-out user (by user id hash), and a share of the other users'
+    pairs (by pair id hash). Pairs without a user belong to nobody and split by pair id."""
+    gone = lambda p: bool(p.user_id) and held_out(f"user:{p.user_id}", eval_user_frac)
+    evals = [p for p in pairs if gone(p) or held_out(p.id, eval_frac)]
+    return [p for p in pairs if not (gone(p) or held_out(p.id, eval_frac))], evals
+
+
+def summary(acc: dict) -> str:
+    """The held-out accuracies a reader compares: seen / unseen users, each with and without the user."""
+    part = lambda who: (f"{who} users {acc[f'eval_acc/{who}']:.3f} (as unknown user {acc[f'eval_acc/{who}_no_ue']:.3f})"
+                        if f"eval_acc/{who}" in acc else f"{who} users: none held out")
+    return f"{part('seen')}, {part('unseen')}"
+
+
+def score_pairs(model, encoded, idx, device, pad_id, unknown: set[int] = frozenset()):
+    """r(chosen), r(rejected) for pairs `idx`: one forward over 2·b sequences; pairs in `unknown` are scored
+    as the unknown user (row 0)."""
     seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
-    rows = torch.tensor([encoded[i][2] for i in idx] * 2, device=device)
+    rows = torch.tensor([prmu.UNKNOWN if i in unknown else encoded[i][2] for i in idx] * 2, device=device)
     ids, mask = prmu.pad_right(seqs, pad_id, device)
     r = model(ids, mask, rows)                                                     # (2b,)
     return r[:len(idx)], r[len(idx):]
@@ -110,8 +137,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     pairs = load_pairs(cfg, out)
-    train = [p for p in pairs if not held_out(p.id, cfg.eval_frac)]
-    evals = [p for p in pairs if held_out(p.id, cfg.eval_frac)]
+    train, evals = split_pairs(pairs, cfg.eval_frac, cfg.eval_user_frac)
     users = prmu.user_map([p.user_id for p in train])
     backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)
     model = prmu.PRMU(backbone, len(users), cfg.use_user_embeddings)
@@ -129,30 +155,38 @@ def main(argv=None):
     rest = [p for n, p in model.named_parameters() if not n.startswith("user_embeddings")]
     opt = torch.optim.AdamW([{"params": rest, "base_lr": cfg.lr}, {"params": ue, "base_lr": cfg.ue_lr}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    unseen = sum(p.user_id not in users for p in evals)
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "train_pairs": len(train), "eval_pairs": len(evals), "users": len(users)}
+                "train_pairs": len(train), "eval_pairs": len(evals), "eval_pairs_unseen_users": unseen,
+                "users": len(users)}
     start, log = start_run(out, cfg.resume, model, opt, resolved)
     dist.print0(f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
-                f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs, {total} steps")
+                f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs ({len(evals) - unseen} of seen "
+                f"users, {unseen} of held-out users), {total} steps")
 
     def evaluate() -> dict:
-        """Held-out pairwise accuracy, overall, per set and per task (all ranks together)."""
+        """Held-out pairwise accuracy (all ranks together): overall, per set and per task; of seen users (by
+        pair) and of held-out users (by user); and those two with every user as the unknown row (`_no_ue`)."""
         model.eval()
         hits, counts = defaultdict(float), defaultdict(float)
         with torch.no_grad():
             for mb in rank_micro_batches(list(range(len(evals))), cfg.micro_batch, d.rank, d.world_size):
                 idx = mb or [0]
                 rc, rr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id)
+                nc, nr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id, unknown=set(idx))
                 if not mb:
                     continue
-                for i, c, r in zip(mb, rc.tolist(), rr.tolist()):
-                    for key in ("all", f"set/{evals[i].set}", f"task/{evals[i].task}"):
-                        hits[key] += float(c > r) + 0.5 * float(c == r)
+                for i, c, r, c0, r0 in zip(mb, rc.tolist(), rr.tolist(), nc.tolist(), nr.tolist()):
+                    who = "seen" if evals[i].user_id in users else "unseen"
+                    for key, (a, b) in (("all", (c, r)), (f"set/{evals[i].set}", (c, r)),
+                                        (f"task/{evals[i].task}", (c, r)), (who, (c, r)), (f"{who}_no_ue", (c0, r0))):
+                        hits[key] += float(a > b) + 0.5 * float(a == b)
                         counts[key] += 1
         model.train()
         keys = sorted(dist.broadcast_object(sorted(counts)))  # rank 0's keys: every rank sees every set and task
         return {f"eval_acc/{k}": dist.sum_scalar(hits[k]) / max(dist.sum_scalar(counts[k]), 1) for k in keys}
 
+    last_eval: dict = {}
     bar = tqdm(total=total, initial=start, desc="prmu", disable=not d.is_main, dynamic_ncols=True)
     step = start
     while step < total:
@@ -163,8 +197,9 @@ def main(argv=None):
         micro = rank_micro_batches(batch, cfg.micro_batch, d.rank, d.world_size)
         n_pairs = len(batch)
         loss_sum, acc_sum = 0.0, 0.0
+        dropped = {i for i in batch if held_out(f"{cfg.seed}:{epoch}:{train[i].id}", cfg.unknown_user_rate)}
         for mb in micro:
-            rc, rr = score_pairs(model, train_enc, mb or [batch[0]], d.device, tok.pad_token_id)
+            rc, rr = score_pairs(model, train_enc, mb or [batch[0]], d.device, tok.pad_token_id, dropped)
             loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=n_pairs)
             if not mb:
                 loss = loss * 0.0  # keeps FSDP's collectives in step on a rank short of data
@@ -183,7 +218,8 @@ def main(argv=None):
                "lr": cfg.lr * scale, "ue_lr": cfg.ue_lr * scale, "grad_norm": gnorm,
                "pairs_per_s": n_pairs / (time.perf_counter() - t0)}
         if evals and (step % cfg.eval_every == 0 or step == total):
-            row.update(evaluate())
+            last_eval = evaluate()
+            row.update(last_eval)
         log.write(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", **({"eval_acc": f"{row['eval_acc/all']:.3f}"} if "eval_acc/all" in row else {}))
@@ -191,6 +227,8 @@ def main(argv=None):
             checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved,
                             cfg.keep)
     bar.close()
+    if last_eval:
+        dist.print0("held-out pairwise accuracy: " + summary(last_eval))
     full = checkpoint.full_state_dict(model)
     if d.is_main:
         path = prmu.save(model, tok, users, out / "model", full, max_len=cfg.max_len)

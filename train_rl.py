@@ -227,7 +227,9 @@ def main(argv=None):
     if cfg.prmu != "none" and (cfg.prmu or (Path(prmu) / "users.json").is_file()):
         from tagpr.prmu import Scorer
         scorer = Scorer(prmu, device=d.device)
-        dist.print0(f"R_p from the PRMU reward model in {prmu}")
+        known = sum(p.user_id in scorer.users for p in data)
+        dist.print0(f"R_p from the PRMU reward model in {prmu}: {known} of {len(data)} prompts' users have a trained "
+                    "embedding, the rest score as PRMU's unknown user")
     else:
         dist.print0(f"no PRMU model ({'--prmu none' if cfg.prmu == 'none' else f'nothing in {prmu}'}): the guided "
                     "stage's reward has no R_p term; `python train_prmu.py` trains one")
@@ -246,8 +248,9 @@ def main(argv=None):
     total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
     updates = total * cfg.mini_batches
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "guided_steps": guided, "prompts": len(data), "precision": precision, "trainable_params": trainable,
-                "params": n_params}
+                "guided_steps": guided, "prompts": len(data),
+                "prompts_with_trained_user": known if scorer is not None else 0, "precision": precision,
+                "trainable_params": trainable, "params": n_params}
     start, log = start_run(out, cfg.resume, model, opt, resolved)
     samples = MetricsLog(out / "rollouts.jsonl", resume_step=start or None) if cfg.rollouts_every > 0 else None
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "

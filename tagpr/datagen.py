@@ -24,8 +24,11 @@ Departures and choices (the paper leaves these open):
    needs a well-formed tagging, not ≥ 3 tags from the vocabulary.
 5. PQP: chosen = the kept chain with the best accuracy score (ties: judge composite), rejected =
    the instance's worst-scoring chain that has an answer, when its score is lower.
-6. RL prompts come from train questions not used for SFT first; when a task runs out, the
-   manifest says how many it got.
+6. RL prompts come from train questions not used for SFT, those of users with PRP / PQP pairs
+   first (so PRMU has learned their embedding: R_p knows the user), then the rest; when a task
+   runs out, the manifest says how many it got, and how many have a user with pairs. Where every
+   user has one question (LaMP's user-based splits) no RL prompt's user has pairs: R_p then scores
+   through PRMU's trained unknown-user row (`train_prmu.py`, departure 4).
 """
 from __future__ import annotations
 
@@ -421,12 +424,15 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
 
     rl, rl_counts = [], {}
     used = {c.inst.id for c in final}
+    pair_users = {p.user_id for p in prp + pqp}
     for task in chosen:
         want = s.rl_lamp2 if task.startswith("LaMP_2") else s.rl_per_task
         pool = rest[task] + [i for i in chosen[task] if i.id not in used]
+        pool.sort(key=lambda i: i.user_id not in pair_users)  # stable: the users PRMU learns first
         got = pool[:want]
         rl += [RLPrompt(i.id, task, i.user_id, prompt_of(i), i.gold) for i in got]
-        rl_counts[task] = {"wanted": want, "written": len(got)}
+        rl_counts[task] = {"wanted": want, "written": len(got),
+                           "user_has_pairs": sum(i.user_id in pair_users for i in got)}
     write_jsonl(out / "rl_prompts.jsonl", [r.to_json() for r in rl])
     stages["7_emit"] = {"sft": len(sft), "prp": len(prp), "pqp": len(pqp), "rl_prompts": rl_counts,
                         "sft_per_task": dict(Counter(r.task for r in sft))}

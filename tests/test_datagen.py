@@ -156,7 +156,7 @@ def test_every_filter_does_counted_work(simulated_run, lamp_dir):
     assert (out / "spot_check.md").read_text().count("## ") == 5
 
 
-def test_pairs_and_rl_prompts(simulated_run):
+def test_pairs_and_rl_prompts(simulated_run, lamp_dir):
     out, m = simulated_run
     prp, pqp = read_pairs(out / "prp.jsonl"), read_pairs(out / "pqp.jsonl")
     rl = read_rl_prompts(out / "rl_prompts.jsonl")
@@ -169,6 +169,18 @@ def test_pairs_and_rl_prompts(simulated_run):
     assert counts["LaMP_2"] == 25 and counts["LaMP_1"] == 20
     sft_ids = {r.id.rsplit("-c", 1)[0] for r in read_sft(out / "sft.jsonl")}
     assert not sft_ids & {r.id for r in rl}   # RL prompts are questions the SFT data did not use
+    # RL prompts of users PRMU learns (they have pairs) come first, and the manifest counts them
+    pair_users = {p.user_id for p in prp + pqp}
+    emitted = m["stages"]["7_emit"]["rl_prompts"]
+    for task, n in counts.items():
+        have = sum(r.user_id in pair_users for r in rl if r.task == task)
+        assert emitted[task]["user_has_pairs"] == have > 0, task
+        if have < n:  # some prompts lack a pair user: then none with one was left out of the pool
+            split = lamp.load_split(lamp_dir, task, "train")
+            taken = {r.id for r in rl}
+            left = [q.id for q in split.questions if q.profile and q.id not in taken and q.id not in sft_ids
+                    and (q.user_id or q.id) in pair_users]
+            assert not left, (task, left[:5])
 
 
 def test_simulated_expert_refuses_real_data(tmp_path, lamp_dir):

@@ -43,6 +43,14 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
                 "After SFT + RL (TagPR), seeds 0,1", "Oracle ceiling"):
         assert f"| {row}" in report
     assert "## Data (build_data.py manifest)" in report and (run / "reward_seed0.png").is_file()
+    # every RL prompt's user has preference pairs; PRMU trained the embeddings of those it did not hold out, and
+    # the RL run counted exactly those
+    emitted = json.loads((run / "data" / "manifest.json").read_text())["stages"]["7_emit"]["rl_prompts"]
+    assert all(c["user_has_pairs"] == c["written"] > 0 for c in emitted.values()), emitted
+    users = json.loads((run / "prmu" / "model" / "users.json").read_text())
+    prompts = [json.loads(l) for l in (run / "data" / "rl_prompts.jsonl").read_text().splitlines()]
+    known = sum(p["user_id"] in users for p in prompts)
+    assert json.loads((run / "rl_seed0" / "config.json").read_text())["prompts_with_trained_user"] == known > 0
     timings = json.loads((run / "timings.json").read_text())
     assert {"1 build_data", "2 train_sft", "3 train_prmu", "4 train_rl seed 0", "4 train_rl seed 1",
             "5 evaluate base", "5 evaluate sft", "5 evaluate rl_seed0"} <= set(timings)

@@ -28,7 +28,7 @@ def opposite_tastes(n_prompts=40, seed=0):
     return pairs
 
 
-def train(tmp, pairs, use_ue, steps=40):
+def train(tmp, pairs, use_ue, steps=40, extra=()):
     import train_prmu
 
     write_jsonl(tmp / "prp.jsonl", [p.to_json() for p in pairs if p.set == "prp"])
@@ -38,7 +38,7 @@ def train(tmp, pairs, use_ue, steps=40):
                      "--out", str(out), "--max-steps", str(steps), "--epochs", "100", "--eval-frac", "0.25",
                      "--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--ue-lr", "3e-2",
                      "--eval-every", "1000", "--save-every", "1000"]
-                    + ([] if use_ue else ["--no-use-user-embeddings"]))
+                    + ([] if use_ue else ["--no-use-user-embeddings"]) + list(extra))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return rows[-1], out
 
@@ -58,6 +58,50 @@ def test_user_embeddings_beat_the_ablation(tmp_path):
     q = "What does this user think of a brand new film?"
     s = scorer.score(["A", "A", "B", "B"], [q] * 4, [good, bad, good, bad])
     assert s[0] > s[1] and s[3] > s[2]
+
+
+def tastes_and_a_shared_rule(n_prompts=24):
+    """Six users on the same prompts. Taste pairs: ann, fay, bob prefer the enthusiastic reply, cat, gus, dan the
+    critical one (only the user tells which). Shared pairs: every user prefers a clear reply to garbled text.
+    bob and dan are the users `--eval-user-frac 0.25` holds out whole (by their id's hash), one of each taste,
+    so a scorer that ignores the user gets exactly half of their taste pairs."""
+    taste = {"ann": 1, "fay": 1, "bob": 1, "cat": -1, "gus": -1, "dan": -1}
+    good, bad = "They loved it, a wonderful film.", "They hated it, a dreadful film."
+    clear, garbled = "A clear reply that answers the question.", "zq xv qq zzv kk qx vvz"
+    pairs = []
+    for i in range(n_prompts):
+        prompt = f"What does this user think of film number {i}?"
+        for u, t in taste.items():
+            liked = (good, bad) if t > 0 else (bad, good)
+            pairs.append(records.Pair(f"{u}{i}-t", "prp", u, "LaMP_2", prompt, *liked))
+            pairs.append(records.Pair(f"{u}{i}-s", "pqp", u, "LaMP_2", prompt, clear, garbled))
+    return pairs
+
+
+@pytest.mark.slow
+def test_unseen_users_score_like_the_model_without_user_embeddings(tmp_path):
+    """Held-out accuracy in three parts (seen users by pair, unseen users by user, each without the user): with
+    user embeddings the seen users' pairs beat the w/o-UE model by ≥ 0.15 (taste pairs it cannot tell apart);
+    unseen users go through the trained unknown row and keep the shared rule: no worse than w/o UE."""
+    import train_prmu
+
+    pairs = tastes_and_a_shared_rule()
+    train_pairs, evals = train_prmu.split_pairs(pairs, 0.25, 0.25)
+    assert {p.user_id for p in train_pairs} == {"ann", "fay", "cat", "gus"}
+    assert {p.user_id for p in evals if p.user_id in ("bob", "dan")} == {"bob", "dan"}
+    extra = ["--eval-user-frac", "0.25", "--unknown-user-rate", "0.2"]
+    ue, out = train(tmp_path, pairs, True, steps=60, extra=extra)
+    no_ue, _ = train(tmp_path, pairs, False, steps=60, extra=extra)
+    for m in (ue, no_ue):
+        assert {"eval_acc/seen", "eval_acc/unseen", "eval_acc/seen_no_ue", "eval_acc/unseen_no_ue"} <= set(m)
+    assert ue["eval_acc/seen"] >= 0.9, ue
+    assert ue["eval_acc/seen"] - no_ue["eval_acc/seen"] >= 0.15, (ue, no_ue)
+    assert ue["eval_acc/seen_no_ue"] <= ue["eval_acc/seen"] - 0.15              # the user is what it learned
+    assert ue["eval_acc/unseen"] >= no_ue["eval_acc/unseen"] - 0.05, (ue, no_ue)
+    assert ue["eval_acc/unseen"] >= 0.7                                         # the shared rule survives
+    assert no_ue["eval_acc/unseen"] == no_ue["eval_acc/unseen_no_ue"]           # w/o UE: the user changes nothing
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eval_pairs_unseen_users"] == 2 * 2 * 24                          # bob and dan, every pair
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +203,27 @@ def test_the_scorer_reads_at_the_length_it_was_trained_at(small_prmu, tmp_path):
     del legacy["max_len"]
     (path / "prmu.json").write_text(json.dumps(legacy))
     assert prmu.Scorer(path).max_len == 2048                                   # exports from before: the old default
+
+
+def test_the_unknown_user_row_is_trained_by_the_dropout(tmp_path):
+    """--unknown-user-rate 1: every training pair goes through row 0, so it moves and the users' rows keep their
+    initial values exactly (AdamW without decay leaves a row with no gradient alone); rate 0: the reverse."""
+    from safetensors.torch import load_file
+
+    import train_prmu
+
+    pairs = opposite_tastes(n_prompts=8)
+    write_jsonl(tmp_path / "prp.jsonl", [p.to_json() for p in pairs if p.set == "prp"])
+    write_jsonl(tmp_path / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
+
+    def table(name, *extra):
+        train_prmu.main(["--preset", "tiny", "--prp", str(tmp_path / "prp.jsonl"), "--pqp", str(tmp_path / "pqp.jsonl"),
+                         "--out", str(tmp_path / name), "--eval-frac", "0", "--eval-user-frac", "0", "--global-batch",
+                         "8", "--micro-batch", "8", "--ue-lr", "1e-2", *extra])
+        return load_file(str(tmp_path / name / "model" / "user_embeddings.safetensors"))["weight"]
+
+    init = table("init", "--max-steps", "0")
+    always, never = (table(f"rate{r}", "--max-steps", "3", "--unknown-user-rate", r) for r in ("1", "0"))
+    assert init.shape[0] == 3                                                   # unknown, A, B
+    assert torch.equal(always[1:], init[1:]) and not torch.equal(always[0], init[0])
+    assert torch.equal(never[0], init[0]) and not torch.equal(never[1], init[1]) and not torch.equal(never[2], init[2])
