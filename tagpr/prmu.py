@@ -9,7 +9,8 @@
   any missing user id). `use_user_embeddings=False` drops the prefix: the paper's
   "PRMU w/o UE" ablation;
 - input: the prompt (query + profile) as the user turn and the response as the
-  assistant turn of the backbone's chat template (Skywork-Reward-V2's format);
+  assistant turn, rendered by the backbone's own chat template (Skywork-Reward-V2's format;
+  a Qwen3 template puts the response's `<think>…</think>` in its reasoning slot);
 - the score is read at the last non-pad token (right padding, the prefix counted).
 Trained with the Bradley–Terry loss (Eq. 2) in `train_prmu.py`.
 
@@ -80,29 +81,39 @@ def load_backbone(name: str | os.PathLike, seed: int = 0):
 
 
 class Encoder:
-    """Renders (prompt, response) with the chat template and cuts over-long inputs (module docstring)."""
+    """(prompt, response) → token ids: the backbone's own chat template renders the conversation (user turn, then
+    assistant turn), so a template that reshapes a reply (Qwen3's moves `<think>…</think>` into its reasoning slot)
+    sees the real response; over-long inputs are cut (module docstring) and rendered again."""
 
     def __init__(self, tok, max_len: int):
         self.tok, self.max_len = tok, max_len
-        marker = "\u0000PROMPT\u0000"
-        text = tok.apply_chat_template([{"role": "user", "content": marker},
-                                        {"role": "assistant", "content": "\u0000RESPONSE\u0000"}], tokenize=False)
-        head, rest = text.split(marker)
-        middle, tail = rest.split("\u0000RESPONSE\u0000")
-        self.head = tok(head, add_special_tokens=False)["input_ids"]
-        self.middle = tok(middle, add_special_tokens=False)["input_ids"]
-        self.tail = tok(tail, add_special_tokens=False)["input_ids"]
+
+    def render(self, prompt: str, response: str) -> list[int]:
+        text = self.tok.apply_chat_template([{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": response}], tokenize=False)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, prompt: str, response: str) -> list[int]:
-        p = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        r = self.tok(response, add_special_tokens=False)["input_ids"]
-        fixed = len(self.head) + len(self.middle) + len(self.tail)
-        room = self.max_len - fixed
+        ids = self.render(prompt, response)
+        if len(ids) <= self.max_len:
+            return ids
+        ids_of = lambda text: self.tok(text, add_special_tokens=False)["input_ids"]
+        p, r = ids_of(prompt), ids_of(response)
+        room = self.max_len - (len(ids) - len(p) - len(r))                  # what the template leaves
         if room <= 0:
-            raise ValueError(f"max_len {self.max_len} leaves no room for the chat template ({fixed} tokens)")
+            raise ValueError(f"max_len {self.max_len} leaves no room for the chat template ({len(ids) - len(p) - len(r)}"
+                             " tokens)")
         r = r[-room:] if len(r) > room else r                # keep the end of the response (its answer)
         p = p[len(p) - (room - len(r)):] if len(p) + len(r) > room else p  # cut the prompt from the left
-        return self.head + p + self.middle + r + self.tail
+        while True:  # decoding a cut and encoding it again can merge tokens differently: cut on until it fits
+            ids = self.render(self.tok.decode(p), self.tok.decode(r))
+            over = len(ids) - self.max_len
+            if over <= 0:
+                return ids
+            if len(p) >= over:
+                p = p[over:]
+            else:
+                r, p = r[over - len(p):], []
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,3 +227,43 @@ def test_the_unknown_user_row_is_trained_by_the_dropout(tmp_path):
     assert init.shape[0] == 3                                                   # unknown, A, B
     assert torch.equal(always[1:], init[1:]) and not torch.equal(always[0], init[0])
     assert torch.equal(never[0], init[0]) and not torch.equal(never[1], init[1]) and not torch.equal(never[2], init[2])
+
+
+# A Qwen3-style chat template, written for this test: an assistant turn's `<think>…</think>` goes into a reasoning
+# slot, and a turn without one gets an empty `<think>\n\n</think>\n\n` (the behaviour of Qwen3's own template).
+QWEN3_STYLE = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set ns = namespace(reasoning='', content=m.content) -%}"
+    "{%- if '</think>' in m.content -%}"
+    "{%- set ns.reasoning = m.content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set ns.content = m.content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + ns.reasoning + '\\n</think>\\n\\n' + ns.content + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def test_the_input_is_the_backbones_own_rendering():
+    """Through a Qwen3-style template, the scored input is exactly the template's rendering of (user turn, the real
+    response): one think block holding the tagged reasoning, not an empty one before it."""
+    import copy
+
+    from tagpr.models import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer("tiny"))
+    tok.chat_template = QWEN3_STYLE
+    prompt = "Which tag does this movie relate to? description: a robot heist"
+    response = "<think>\n<analyze_input>a heist with robots</analyze_input>\n</think>\nsci-fi"
+    want = ("<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n<think>\n"
+            "<analyze_input>a heist with robots</analyze_input>\n</think>\n\nsci-fi<|im_end|>\n")
+    ids = prmu.Encoder(tok, 512)(prompt, response)
+    assert ids == tok(want, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids).count("<think>") == 1
+    # cut to fit, the rendering stays the template's: the prompt loses its start, the answer and think block stay
+    long_prompt = " ".join(f"item{i}" for i in range(300)) + " " + prompt
+    short = prmu.Encoder(tok, 80)(long_prompt, response)
+    text = tok.decode(short)
+    assert len(short) <= 80 and "item0 " not in text and text.count("<think>") == 1 and "sci-fi" in text
