@@ -28,7 +28,9 @@ Departures and choices (the paper leaves these open):
    first (so PRMU has learned their embedding: R_p knows the user), then the rest; when a task
    runs out, the manifest says how many it got, and how many have a user with pairs. Where every
    user has one question (LaMP's user-based splits) no RL prompt's user has pairs: R_p then scores
-   through PRMU's trained unknown-user row (`train_prmu.py`, departure 4).
+   through PRMU's trained unknown-user row (`train_prmu.py`, departure 4). Pairs for the RL
+   instances themselves would need the teacher, judge and tagger on every RL instance too (the
+   paper's 1,024–3,200 RL prompts a task: more calls than the SFT data), so they are not made.
 """
 from __future__ import annotations
 
