@@ -30,6 +30,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -72,6 +73,7 @@ class PRMUConfig:
     keep: int = 2                    # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
     seed: int = 0                    # batch order and the tiny backbone's weights
+    report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard
     synthetic_users: int = 200       # when falling back to synthetic users: users per task
 
 
@@ -159,7 +161,7 @@ def main(argv=None):
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
                 "train_pairs": len(train), "eval_pairs": len(evals), "eval_pairs_unseen_users": unseen,
                 "users": len(users)}
-    start, log = start_run(out, cfg.resume, model, opt, resolved)
+    start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
     dist.print0(f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
                 f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs ({len(evals) - unseen} of seen "
                 f"users, {unseen} of held-out users), {total} steps")

@@ -88,6 +88,8 @@ class RLConfig:
     keep: int = 2                             # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"                      # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
     seed: int = 0                             # prompt order and every rollout's sampling
+    report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard,
+                                              # with one prompt's rollouts as text per --rollouts-every step
     synthetic_users: int = 100                # without rl_prompts.jsonl: synthetic train users per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls, rollouts too: auto = bf16 on CUDA, fp32 on
                                               # a CPU; bf16 on a CPU needs AVX512-BF16 or AMX (else: stops at once)
@@ -126,6 +128,13 @@ def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
     dist.barrier()
     dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
     return read_rl_prompts(made)
+
+
+def rollouts_markdown(rows: list[dict]) -> str:
+    """One prompt's group of rollouts (rollouts.jsonl rows) as a TensorBoard text panel."""
+    head = f"prompt `{rows[0]['prompt_id']}` ({rows[0]['task']}, user `{rows[0]['user_id']}`, gold `{rows[0]['gold']}`)"
+    return head + "".join(f"\n\n**reward {r['reward']:.3f}, advantage {r['advantage']:+.3f}, {r['tokens']} tokens**"
+                          f"\n\n    " + r["text"].replace("\n", "\n    ") for r in rows)
 
 
 def fit_batch(n_prompts: int, global_batch: int, world_size: int) -> int:
@@ -251,7 +260,7 @@ def main(argv=None):
                 "guided_steps": guided, "prompts": len(data),
                 "prompts_with_trained_user": known if scorer is not None else 0, "precision": precision,
                 "trainable_params": trainable, "params": n_params}
-    start, log = start_run(out, cfg.resume, model, opt, resolved)
+    start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
     samples = MetricsLog(out / "rollouts.jsonl", resume_step=start or None) if cfg.rollouts_every > 0 else None
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
                 f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), {precision}, "
@@ -379,6 +388,7 @@ def main(argv=None):
                              "parts": {k: v[j] for k, v in parts.items()}, "advantage": float(adv[j]),
                              "tokens": int(tokens[j]), "finished": bool(roll.finished[j]), "mini_batch": mini_of[j]})
             samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
+            log.text("rollouts", rollouts_markdown(mine[:cfg.group]), step)
         log.write(row)
         bar.update(1)
         bar.set_postfix(stage=stage[0], reward=f"{row['reward']:.3f}", clip=f"{row.get('clip_frac_high/u1', 0):.2f}")

@@ -61,6 +61,7 @@ class SFTConfig:
     keep: int = 2                    # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
     seed: int = 0                    # batch order and the tiny model's weights
+    report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard
     activation_checkpointing: bool = False  # recompute each layer in the backward (memory for time)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls: auto = bf16 on CUDA, fp32 on a CPU; bf16
                                      # (autocast) on a CPU needs AVX512-BF16 or AMX, else the run stops before any work
@@ -190,7 +191,7 @@ def main(argv=None):
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
                 "train_records": len(train), "eval_records": len(evals), "skipped_long": skipped, "packed": packed,
                 "precision": precision, "trainable_params": trainable, "params": n_params}
-    start, log = start_run(out, cfg.resume, model, opt, resolved)
+    start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
     dist.print0(f"SFT {cfg.model}: {len(train)} train / {len(evals)} eval sequences, {total} steps of "
                 f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}, {precision}, "
                 f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")

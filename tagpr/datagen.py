@@ -42,14 +42,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import lamp, retrieval, tags
-from .files import write_json, write_jsonl, atomic_write_text
+from .files import DataError, atomic_write_text, write_json, write_jsonl
 from .llm import Backend, Request
 from .metrics import label_index, rouge_pairs
 from .prompts import tagpr_prompt
 from .records import Pair, RLPrompt, SFTRecord
 
-class NoData(RuntimeError):
-    """A stage left nothing for the next one; the manifest written so far says where it went."""
+
+class NoData(DataError):
+    """A stage left nothing for the next one; the manifest written so far says where it went (a user-facing error:
+    the input or the backends, not the code)."""
 
 
 JUDGE_KEYS = ("logical_consistency", "factual_accuracy", "completeness", "conciseness")

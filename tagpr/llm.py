@@ -13,6 +13,9 @@ Every backend answers `chat(requests)` with one `Reply` per request, in order, a
 an exception, so one bad record cannot stop a 96,000-call run; it is not cached, so a
 rerun asks again.
 
+A reply that continues a partial assistant message (R2P) is stored as its continuation whatever the
+server's convention (`continuation`: vLLM returns only the new text, llama.cpp the prefix too).
+
 `openai`: bounded concurrency (a thread pool), retries with exponential backoff and
 jitter on 429 / 5xx / timeouts / connection errors / malformed replies (honouring
 `Retry-After`), the key read from an environment variable and never logged or cached.
@@ -178,6 +181,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- openai
 
+def continuation(content: str, prefix: str) -> str:
+    """The new text of a reply that continued the assistant's `prefix`. Servers differ: vLLM
+    (`continue_final_message`) returns the continuation alone; llama.cpp's server treats a trailing assistant
+    message as a prefill and returns prefix + continuation. A reply that starts with the whole (non-empty)
+    prefix is taken as the second kind — a continuation that repeats a prefix of tens of characters word
+    for word is not what a sampler produces."""
+    return content[len(prefix):] if prefix and content.startswith(prefix) else content
+
+
 class OpenAIBackend(Backend):
     """An OpenAI-compatible HTTP server. `base_url` ends before `/chat/completions` (e.g. `http://h:8000/v1`)."""
 
@@ -242,7 +254,8 @@ class OpenAIBackend(Backend):
                     text = out["choices"][0]["message"]["content"]
                     if not isinstance(text, str):
                         raise TypeError
-                    return Reply(text, finished=out["choices"][0].get("finish_reason", "stop") != "length")
+                    return Reply(continuation(text, r.prefix),
+                                 finished=out["choices"][0].get("finish_reason", "stop") != "length")
                 except (KeyError, IndexError, TypeError):
                     err = f"malformed reply (no choices[0].message.content): {str(out)[:80]}"
                     if attempt < self.retries:

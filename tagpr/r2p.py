@@ -17,8 +17,9 @@ Departures (the R2P paper's exact prompts and thresholds are not public):
    `budget_words` 180, at most `max_interventions` 3 per response) are ours.
 2. A format intervention happens once the model has finished; it removes the invalid answer,
    states the allowed format and reopens the answer.
-3. Continuing a partial reply over an OpenAI-compatible API needs vLLM's `continue_final_message`;
-   local `hf:` models continue natively.
+3. Continuing a partial reply over an OpenAI-compatible API: vLLM's `continue_final_message`, or
+   llama.cpp's server, which continues a trailing assistant message and repeats it in its reply
+   (`tagpr.llm.continuation` keeps the new text either way); local `hf:` models continue natively.
 """
 from __future__ import annotations
 

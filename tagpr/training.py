@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from . import checkpoint, dist
+from .config import ConfigError
 from .files import write_json
 
 
@@ -127,15 +128,34 @@ def packed_batch(rows: Sequence[Sequence[int]], seqs, masks, pad_id: int, device
     return ids.to(device), pos.to(device), tgt[:, 1:].to(device)
 
 
+REPORT_TO = ("none", "tensorboard")
+
+
+def tensorboard_writer(log_dir: str | os.PathLike, resume_step: int | None):
+    """A TensorBoard event writer; after a resume, events past the resumed step are dropped on reading."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: the `tensorboard` extra
+    except ImportError:
+        raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
+                          ) from None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+
 class MetricsLog:
     """`metrics.jsonl` (or any JSONL of objects with a `step`), written by rank 0. On resume, lines
-    after the resumed step are dropped so the file reads as one uninterrupted run."""
+    after the resumed step are dropped so the file reads as one uninterrupted run. With `tensorboard`
+    (a folder), every number of every row is mirrored as a scalar of the same name at its step, and
+    flushed at once, so `tensorboard --logdir` shows the run live."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None,
+                 tensorboard: str | os.PathLike | None = None):
         self.path = Path(path)
         self.main = dist.get().is_main
+        self.tb = None
         if not self.main:
             return
+        if tensorboard:
+            self.tb = tensorboard_writer(tensorboard, resume_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -151,6 +171,18 @@ class MetricsLog:
         if self.main and rows:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
+            if self.tb is not None:
+                for r in rows:
+                    for k, v in r.items():
+                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                            self.tb.add_scalar(k, v, r["step"])
+                self.tb.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text panel (markdown) at `step` in TensorBoard; nothing without it."""
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+            self.tb.flush()
 
 
 def train_top_layers(model, n: int) -> tuple[int, int]:
@@ -192,9 +224,11 @@ def held_out(record_id: str, frac: float) -> bool:
     return zlib.crc32(record_id.encode()) % 10_000 < frac * 10_000
 
 
-def start_run(out: Path, resume: str, model, optimizer, resolved: dict) -> tuple[int, MetricsLog]:
+def start_run(out: Path, resume: str, model, optimizer, resolved: dict, report_to: str = "none"
+              ) -> tuple[int, MetricsLog]:
     """Write `<out>/config.json`, restore the checkpoint `resume` names ("auto": the latest in
-    `<out>/ckpt`, "": none, else a path) and open `metrics.jsonl`. Returns (start step, log)."""
+    `<out>/ckpt`, "": none, else a path) and open `metrics.jsonl` (mirrored into `<out>/tensorboard`
+    with `report_to` "tensorboard"). Returns (start step, log)."""
     if dist.get().is_main:
         write_json(out / "config.json", resolved)
     ckpt = None
@@ -204,4 +238,5 @@ def start_run(out: Path, resume: str, model, optimizer, resolved: dict) -> tuple
     if ckpt is not None:
         start = checkpoint.load(ckpt, model, optimizer)["step"]
         dist.print0(f"resumed from {ckpt} at step {start}")
-    return start, MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    return start, MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None,
+                             tensorboard=out / "tensorboard" if report_to == "tensorboard" else None)

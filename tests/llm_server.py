@@ -4,7 +4,8 @@
 `X-TagPR-Meta` header (role and question id); `/v1/embeddings` from the hashing embedder.
 `faults` is a queue of failures served to the next requests in arrival order: "429" (with
 Retry-After 0), "500", "timeout" (answers after `delay` seconds, past the client's timeout),
-"malformed" (a body that is not JSON) and "no_choices" (JSON without a reply).
+"malformed" (a body that is not JSON) and "no_choices" (JSON without a reply). `echo_prefix`: a
+trailing assistant message is repeated in front of the reply, as llama.cpp's server does (vLLM does not).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from tagpr.llm import HashingEmbedder, Request
 
 
 class Server:
-    def __init__(self, expert, faults=(), delay: float = 1.5, key: str | None = None):
+    def __init__(self, expert, faults=(), delay: float = 1.5, key: str | None = None, echo_prefix: bool = False):
         self.expert, self.faults, self.delay, self.key = expert, list(faults), delay, key
+        self.echo_prefix = echo_prefix
         self.lock = threading.Lock()
         self.requests = 0
         self.served_faults: list[str] = []
@@ -63,7 +65,9 @@ class Server:
                     rep = outer.expert.chat([Request(body["messages"], meta)])[0]
                     if rep.error:
                         return self._send(400, json.dumps({"error": rep.error}).encode())
-                    out = {"choices": [{"index": 0, "message": {"role": "assistant", "content": rep.text}}]}
+                    last = body["messages"][-1]
+                    echo = last["content"] if outer.echo_prefix and last["role"] == "assistant" else ""
+                    out = {"choices": [{"index": 0, "message": {"role": "assistant", "content": echo + rep.text}}]}
                 try:
                     self._send(200, json.dumps(out).encode())
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left

@@ -1,0 +1,82 @@
+"""--report-to tensorboard: the event files hold the numbers of metrics.jsonl, under the same names, at the same
+steps (read back with TensorBoard's own reader); RL adds rollout texts, PRMU its held-out accuracy."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install -e '.[tensorboard]')")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def events(folder: Path) -> EventAccumulator:
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def same_numbers(out: Path) -> EventAccumulator:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    ea = events(out / "tensorboard")
+    tags = set(ea.Tags()["scalars"])
+    n = 0
+    for r in rows:
+        for k, v in r.items():
+            if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            assert k in tags, k
+            got = {e.step: e.value for e in ea.Scalars(k)}
+            assert r["step"] in got, (k, r["step"])
+            if math.isfinite(v):
+                assert got[r["step"]] == pytest.approx(v, rel=1e-6, abs=1e-6), k   # stored as float32
+            n += 1
+    assert n >= 5 * len(rows)                                                   # not a vacuous comparison
+    return ea
+
+
+def test_sft_and_prmu_events_equal_metrics_jsonl(tmp_path):
+    import train_prmu
+    import train_sft
+
+    train_sft.main(["--preset", "tiny", "--out", str(tmp_path / "sft"), "--max-steps", "3", "--report-to",
+                    "tensorboard", "--resume", ""])
+    ea = same_numbers(tmp_path / "sft")
+    assert {"loss", "lr", "grad_norm"} <= set(ea.Tags()["scalars"])
+    train_prmu.main(["--preset", "tiny", "--out", str(tmp_path / "prmu"), "--max-steps", "2", "--eval-every", "1",
+                     "--report-to", "tensorboard", "--resume", ""])
+    ea = same_numbers(tmp_path / "prmu")
+    assert {"eval_acc/all", "eval_acc/seen", "eval_acc/seen_no_ue"} <= set(ea.Tags()["scalars"])
+
+
+def test_rl_events_and_rollout_texts(tmp_path):
+    import train_rl
+
+    out = tmp_path / "rl"
+    train_rl.main(["--preset", "tiny", "--out", str(out), "--max-steps", "2", "--report-to", "tensorboard",
+                   "--resume", ""])
+    ea = same_numbers(out)
+    assert {"reward", "loss/u0", "clip_frac_high/u1"} <= set(ea.Tags()["scalars"])
+    texts = ea.Tensors("rollouts/text_summary")
+    assert [t.step for t in texts] == [1, 2]
+    first = json.loads((out / "rollouts.jsonl").read_text().splitlines()[0])
+    shown = texts[0].tensor_proto.string_val[0].decode()
+    assert f"prompt `{first['prompt_id']}`" in shown and f"reward {first['reward']:.3f}" in shown
+
+
+def test_without_the_package_the_flag_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    from tagpr import config
+    from tagpr.training import tensorboard_writer
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *a, **kw):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(config.ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
+        tensorboard_writer(tmp_path, None)
