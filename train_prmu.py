@@ -40,7 +40,8 @@ from tagpr import checkpoint, config, dist, prmu, records, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import keep_freed_memory
 from tagpr.losses import bradley_terry_loss
-from tagpr.training import epoch_batches, grad_norm_and_clip, held_out, lr_at, rank_micro_batches, start_run
+from tagpr.loop import backward, optimizer_step
+from tagpr.training import epoch_batches, held_out, lr_at, rank_micro_batches, start_run
 
 
 @dataclass
@@ -203,18 +204,11 @@ def main(argv=None):
         for mb in micro:
             rc, rr = score_pairs(model, train_enc, mb or [batch[0]], d.device, tok.pad_token_id, dropped)
             loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=n_pairs)
-            if not mb:
-                loss = loss * 0.0  # keeps FSDP's collectives in step on a rank short of data
-            (loss * d.world_size).backward()
-            loss_sum += loss.item()
+            loss_sum += backward(loss, bool(mb), d.world_size).item()
             acc_sum += m["accuracy"].item() * len(mb)
         loss = dist.sum_scalar(loss_sum)
-        gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
         scale = lr_at(step, total, 1.0, warmup, cfg.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm = optimizer_step(model, opt, [g["base_lr"] * scale for g in opt.param_groups], cfg.grad_clip)
         step += 1
         row = {"step": step, "epoch": epoch, "loss": loss, "train_acc": dist.sum_scalar(acc_sum) / n_pairs,
                "lr": cfg.lr * scale, "ue_lr": cfg.ue_lr * scale, "grad_norm": gnorm,

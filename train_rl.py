@@ -44,12 +44,14 @@ from tqdm import tqdm
 from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
 from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import autocast, keep_freed_memory, resolve_precision
-from tagpr.losses import group_advantages, gspo_loss
+from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
+from tagpr.loop import accumulate, backward, fsdp_micro_batches, optimizer_step, reduce_across_ranks
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
+from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.rollout import generate
-from tagpr.training import (MetricsLog, epoch_batches, grad_norm_and_clip, lr_at, pad_batch, start_run,
-                            stratified_batches, train_top_layers)
+from tagpr.training import (MetricsLog, epoch_batches, lr_at, pad_batch, start_run, stratified_batches,
+                            train_top_layers)
 
 
 @dataclass
@@ -185,13 +187,6 @@ def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], sco
     return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram)
 
 
-def padded_micro_batches(rows: list[int], micro: int) -> list[list[int]]:
-    """`rows` in micro-batches, padded with empty ones to the largest count over the ranks (FSDP's collectives)."""
-    chunks = [rows[a:a + micro] for a in range(0, len(rows), micro)]
-    n = int(dist.all_reduce(torch.tensor(len(chunks)), "max").item())
-    return chunks + [[] for _ in range(n - len(chunks))]
-
-
 def sequences(roll, device, pad_id):
     """prompt + response rows → input ids, attention mask, response mask aligned with next-token log-probs."""
     seqs, masks = [], []
@@ -202,12 +197,70 @@ def sequences(roll, device, pad_id):
     return pad_batch(seqs, masks, pad_id, device)
 
 
-def main(argv=None):
-    keep_freed_memory()
-    cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__)
-    d = dist.init()
-    precision = resolve_precision(cfg.precision, d.device)  # before any work: a CPU may not take bf16
-    torch.manual_seed(cfg.seed)
+@dataclass
+class Run:
+    """What every step uses and no step changes: config, models, optimizer, reward model, data, schedule."""
+    cfg: RLConfig
+    d: dist.Dist
+    lm: torch.nn.Module                  # the policy (for its config and the export)
+    model: torch.nn.Module               # the (FSDP-wrapped) LogprobModel around it
+    tok: object
+    opt: torch.optim.Optimizer
+    ref: torch.nn.Module | None          # the frozen start policy (k3 KL), or None
+    scorer: object | None                # PRMU's Scorer (R_p), or None
+    vocab: tuple[str, ...]               # R_tag's tags
+    precision: str
+    frozen: int                          # layers below the trained top (their output cached per batch); 0: none
+    data: list[RLPrompt]
+    strata: list[str] | None
+    steps_per_epoch: int
+    guided: int                          # steps of the guided stage
+    updates: int                         # optimizer updates in the whole run (the LR schedule's length)
+
+    @property
+    def per_rank(self) -> int:
+        return self.cfg.global_batch // self.d.world_size
+
+
+@dataclass
+class Batch:
+    """One step's rollout batch on this rank."""
+    step: int                            # 0-based
+    stage: str                           # "guided" | "exploratory"
+    prompts: list[RLPrompt]              # this rank's share
+    first: int                           # global row of this rank's first rollout
+
+
+@dataclass
+class Scores:
+    total: list[float]                   # reward per rollout (rows prompt-major)
+    parts: dict[str, list[float]]        # each reward component per rollout
+    adv: torch.Tensor                    # (B,) group advantages
+    zero_variance_frac: float
+
+
+@dataclass
+class Plan:
+    """The rollout batch as training rows, its mini-batches and the log-probs computed before any update."""
+    x: torch.Tensor                      # (B, T) prompt + response ids
+    attn: torch.Tensor                   # (B, T)
+    rmask: torch.Tensor                  # (B, T - 1) response tokens of the next-token log-probs
+    sizes: list[int]                     # each global mini-batch's sequence count
+    minis: list[list[int]]               # this rank's rows of each mini-batch
+    old: torch.Tensor                    # (B, T - 1) old log-probs (mini-batch 0's come from update 0 itself)
+    trunk: torch.Tensor | None           # (B, T, H) the frozen layers' output, or None
+    ref: torch.Tensor | None             # (B, T - 1) reference log-probs, or None
+
+    def top(self, run: Run, rows: list[int]) -> dict:
+        """The model's keyword arguments for `rows`: log-probs at the response tokens only, from the cached trunk
+        through the top layers when there is one."""
+        return dict(where=self.rmask[rows], **({"start": run.frozen, "hidden": self.trunk[rows]} if run.frozen else {}))
+
+
+def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict, int, MetricsLog, MetricsLog | None]:
+    """Load prompts, policy (FSDP), reference, PRMU and optimizer; resume. → (run, resolved config, start step,
+    metrics log, rollout log)."""
+    d = dist.get()
     out = Path(cfg.out)
     if cfg.policy not in ("tiny", "smollm2-135m") and not (Path(cfg.policy) / "config.json").is_file():
         raise SystemExit(f"{cfg.policy}: no policy folder; run `python train_sft.py` first (or pass --policy)")
@@ -222,26 +275,14 @@ def main(argv=None):
     # log-probs and every update (the top layers alone run per update); 0: no cache
     frozen = max(0, len(lm.get_decoder().layers) - cfg.train_layers) \
         if cfg.trunk_cache and cfg.train_layers > 0 and can_split(lm) else 0
-    ref = None
-    if cfg.kl_coef:
-        ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval()
+    ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval() if cfg.kl_coef else None
     model = dist.apply_fsdp(LogprobModel(lm), d.device, full_state=full, from_meta=d.distributed)
     del full
     if d.distributed:  # FSDP initialises lazily from the first module called: make it the root, not the sampler's lm
         with torch.no_grad():
             model(torch.full((1, 2), tok.pad_token_id, device=d.device), torch.ones(1, 2, dtype=torch.long,
                                                                                     device=d.device))
-    scorer = None
-    prmu = cfg.prmu or str(out.parent / "prmu" / "model")
-    if cfg.prmu != "none" and (cfg.prmu or (Path(prmu) / "users.json").is_file()):
-        from tagpr.prmu import Scorer
-        scorer = Scorer(prmu, device=d.device)
-        known = sum(p.user_id in scorer.users for p in data)
-        dist.print0(f"R_p from the PRMU reward model in {prmu}: {known} of {len(data)} prompts' users have a trained "
-                    "embedding, the rest score as PRMU's unknown user")
-    else:
-        dist.print0(f"no PRMU model ({'--prmu none' if cfg.prmu == 'none' else f'nothing in {prmu}'}): the guided "
-                    "stage's reward has no R_p term; `python train_prmu.py` trains one")
+    scorer, known = load_scorer(cfg, out, data)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
     batch = fit_batch(len(data), cfg.global_batch, d.world_size)
@@ -249,153 +290,205 @@ def main(argv=None):
         dist.print0(f"only {len(data)} prompts: rollout batches of {batch} prompts instead of --global-batch "
                     f"{cfg.global_batch}")
         cfg = dataclasses.replace(cfg, global_batch=batch)
-    per_rank = cfg.global_batch // d.world_size
     steps_per_epoch = max(1, len(data) // cfg.global_batch)
-    strata = prompt_strata(data, cfg.stratify)
     guided = steps_per_epoch * cfg.guided_epochs
     total = guided + steps_per_epoch * cfg.exploratory_epochs
     total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
-    updates = total * cfg.mini_batches
     resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "guided_steps": guided, "prompts": len(data),
-                "prompts_with_trained_user": known if scorer is not None else 0, "precision": precision,
-                "trainable_params": trainable, "params": n_params}
+                "guided_steps": guided, "prompts": len(data), "prompts_with_trained_user": known,
+                "precision": precision, "trainable_params": trainable, "params": n_params}
     start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
     samples = MetricsLog(out / "rollouts.jsonl", resume_step=start or None) if cfg.rollouts_every > 0 else None
     dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
-                f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), {precision}, "
-                f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
+                f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), "
+                f"{precision}, {trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
     vocab = load_vocab(cfg, out)
     dist.print0(f"tag vocabulary: {', '.join(vocab)}")
-    bar = tqdm(total=total, initial=start, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
-    step = start
+    run = Run(cfg, d, lm, model, tok, opt, ref, scorer, vocab, precision, frozen, data,
+              prompt_strata(data, cfg.stratify), steps_per_epoch, guided, total * cfg.mini_batches)
+    return run, resolved, start, log, samples
+
+
+def load_scorer(cfg: RLConfig, out: Path, data: list[RLPrompt]) -> tuple[Scorer | None, int]:
+    """PRMU's scorer (None without a model or with --prmu none) and how many prompts' users it has a row for."""
+    prmu = cfg.prmu or str(out.parent / "prmu" / "model")
+    if cfg.prmu == "none" or not (cfg.prmu or (Path(prmu) / "users.json").is_file()):
+        dist.print0(f"no PRMU model ({'--prmu none' if cfg.prmu == 'none' else f'nothing in {prmu}'}): the guided "
+                    "stage's reward has no R_p term; `python train_prmu.py` trains one")
+        return None, 0
+    scorer = Scorer(prmu, device=dist.get().device)
+    known = sum(p.user_id in scorer.users for p in data)
+    dist.print0(f"R_p from the PRMU reward model in {prmu}: {known} of {len(data)} prompts' users have a trained "
+                "embedding, the rest score as PRMU's unknown user")
+    return scorer, known
+
+
+def draw_batch(run: Run, step: int) -> Batch:
+    """This rank's share of step `step`'s prompts: one shuffle (or stratified draw) per epoch, the same on every
+    rank, cut into global batches."""
+    cfg = run.cfg
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    order = (stratified_batches(run.strata, cfg.global_batch, epoch, cfg.seed) if run.strata else
+             epoch_batches([0] * len(run.data), cfg.global_batch, epoch, cfg.seed, group_by_length=False))[pos]
+    r, n = run.d.rank, run.per_rank
+    return Batch(step, "guided" if step < run.guided else "exploratory", [run.data[i] for i in order[r * n:(r + 1) * n]],
+                 r * n * cfg.group)
+
+
+def rollout(run: Run, batch: Batch):
+    """G samples per prompt, one prefill per group. Every rollout has its own generator seeded by (seed, step,
+    its row in the global batch), so what it samples depends neither on the number of ranks nor on a resume."""
+    cfg, tok = run.cfg, run.tok
+    ids = [tok(prompts.chat(tok, p.prompt), add_special_tokens=False)["input_ids"] for p in batch.prompts]
+    gens = [torch.Generator(device=run.d.device).manual_seed(cfg.seed * 1_000_003 + batch.step * 100_003
+                                                             + batch.first + j)
+            for j in range(len(batch.prompts) * cfg.group)]
+    run.model.eval()
+    roll = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
+                    cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=run.precision,
+                    keep_layers=run.frozen)
+    run.model.train()
+    return roll
+
+
+def score(run: Run, batch: Batch, roll) -> Scores:
+    """Rewards (guided: Eq. 5; exploratory: Eq. 11) and group advantages (Eq. 10)."""
+    total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab)
+    adv, m = group_advantages(torch.tensor(total, dtype=torch.float32), run.cfg.group)
+    return Scores(total, parts, adv, float(m["zero_variance_frac"]))
+
+
+def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
+    """The training rows, the mini-batches, and the log-probs every update compares with, at the sampling
+    temperature, by the training model. Mini-batches come from one permutation of the global batch, so 1 rank
+    and N ranks make the same updates. Mini-batch 0 takes its old log-probs from update 0's own forward (the
+    policy has not moved yet: its ratio is exactly 1); the other rows need one no-grad pass now."""
+    cfg, model, dev = run.cfg, run.model, run.d.device
+    x, attn, rmask = sequences(roll, dev, run.tok.pad_token_id)
+    n_global = cfg.global_batch * cfg.group
+    perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + batch.step))
+    chunks = perm.chunk(cfg.mini_batches)                                       # the global mini-batches
+    minis = [[int(r) - batch.first for r in mini if batch.first <= int(r) < batch.first + len(x)] for mini in chunks]
+    plan = Plan(x, attn, rmask, [len(c) for c in chunks], minis, torch.zeros(len(x), x.shape[1] - 1, device=dev),
+                roll.kept_rows(x.shape[1]) if run.frozen else None, None)     # the sampler's trunk: no pass of its own
+    with torch.no_grad(), autocast(dev, run.precision):
+        if run.frozen and plan.trunk is None:  # the sampler could not keep it (transformers' fallback path)
+            plan.trunk = torch.zeros(*x.shape, run.lm.config.hidden_size, device=dev)
+            for rows, real in fsdp_micro_batches(list(range(len(x))), cfg.micro_batch):
+                h = model(x[rows], attn[rows], upto=run.frozen)
+                if real:
+                    plan.trunk[rows] = h
+        for rows, real in fsdp_micro_batches(sorted(r for mini in minis[1:] for r in mini), cfg.micro_batch):
+            lp = model(x[rows], attn[rows], cfg.temperature, **plan.top(run, rows))[0]
+            if real:
+                plan.old[rows] = lp
+        if run.ref is not None:
+            plan.ref = torch.cat([run.ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature,
+                                          where=rmask[a:a + cfg.micro_batch])[0]
+                                  for a in range(0, len(x), cfg.micro_batch)])
+    return plan
+
+
+def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> tuple[dict[str, float], float, float, float]:
+    """Optimizer update `k` on mini-batch k (GSPO's loss, Eq. 10). → (this rank's metrics reduced as GSPO_REDUCE
+    says, entropy sum, token count, grad norm)."""
+    cfg, dev = run.cfg, run.d.device
+    stats: dict[str, float] = {}
+    ent_sum = ent_n = 0.0
+    n_mini = plan.sizes[k]
+    for rows, real in fsdp_micro_batches(plan.minis[k], cfg.micro_batch):
+        with autocast(dev, run.precision):
+            logp, ent = run.model(plan.x[rows], plan.attn[rows], cfg.temperature, **plan.top(run, rows))
+        old = logp.detach() if k == 0 else plan.old[rows]
+        loss, m = gspo_loss(logp, old, scores.adv[rows].to(dev), plan.rmask[rows], cfg.clip_low, cfg.clip_high,
+                            n_mini, plan.ref[rows] if plan.ref is not None else None, cfg.kl_coef)
+        backward(loss, real, run.d.world_size)
+        if real:
+            accumulate(stats, m, GSPO_REDUCE, len(rows) / n_mini)  # weight: this rank's share of the mini-batch
+            ent_sum += float((ent.detach() * plan.rmask[rows]).sum())
+            ent_n += float(plan.rmask[rows].sum())
+    gnorm = optimizer_step(run.model, run.opt, lr_at(batch.step * cfg.mini_batches + k, run.updates, cfg.lr,
+                                                     cfg.warmup_steps, 1.0), cfg.grad_clip)
+    return stats, ent_sum, ent_n, gnorm
+
+
+def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list, times: list[float]) -> dict:
+    """The step's metrics.jsonl row, every number reduced over all ranks (the same keys on every rank: these are
+    collectives)."""
+    cfg = run.cfg
+    parsed = [tags.parse(t) for t in roll.texts]
+    mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
+    t0, t1, t2, t3, t4 = times
+    row = {"step": batch.step + 1, "stage": batch.stage, "lr": run.opt.param_groups[0]["lr"],
+           "grad_norm": updates[-1][3], "reward": mean(scores.total),
+           **{f"reward/{k}": mean(v) for k, v in scores.parts.items()},
+           "adv_mean": mean(scores.adv.tolist()), "adv_abs_mean": mean(scores.adv.abs().tolist()),
+           "zero_variance_frac": dist.sum_scalar(scores.zero_variance_frac) / run.d.world_size,
+           "entropy": dist.sum_scalar(sum(u[1] for u in updates)) / max(dist.sum_scalar(sum(u[2] for u in updates)), 1),
+           "response_len": mean(roll.lengths.tolist()), "finished_frac": mean(roll.finished.float().tolist()),
+           "tag_count": mean([len(p.steps) for p in parsed]),
+           "tag_valid": mean([float(all(tags.check(p, run.vocab, cfg.min_tags).values())) for p in parsed]),
+           "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
+           "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
+    names = [n for n in GSPO_REDUCE if n != "kl" or run.ref is not None]
+    for k, (stats, *_) in enumerate(updates):
+        row.update({f"{n}/u{k}": v for n, v in reduce_across_ranks(stats, names, GSPO_REDUCE).items()})
+    return row
+
+
+def rollout_rows(run: Run, batch: Batch, roll, scores: Scores, plan: Plan) -> list[dict]:
+    """rollouts.jsonl rows of this rank's rollouts: prompt, text, reward and parts, advantage, tokens, mini-batch."""
+    mini_of = {j: k for k, mini in enumerate(plan.minis) for j in mini}         # this rank's row → its mini-batch
+    tokens = roll.lengths.tolist()
+    return [{"step": batch.step + 1, "stage": batch.stage, "row": batch.first + j, "prompt_id": p.id,
+             "user_id": p.user_id, "task": p.task, "gold": p.gold, "text": text, "reward": scores.total[j],
+             "parts": {k: v[j] for k, v in scores.parts.items()}, "advantage": float(scores.adv[j]),
+             "tokens": int(tokens[j]), "finished": bool(roll.finished[j]), "mini_batch": mini_of[j]}
+            for j, text in enumerate(roll.texts) for p in [batch.prompts[j // run.cfg.group]]]
+
+
+def gspo_step(run: Run, step: int, keep_rollouts: bool) -> tuple[dict, list[dict]]:
+    """One GSPO step: rollout → score → old log-probs → `mini_batches` updates (≥ 2: ratio and clipping live)
+    → log. → (metrics row, this rank's rollout rows when `keep_rollouts`)."""
+    batch = draw_batch(run, step)
+    t0 = time.perf_counter()
+    roll = rollout(run, batch)
+    t1 = time.perf_counter()
+    scores = score(run, batch, roll)
+    t2 = time.perf_counter()
+    plan = old_logprobs(run, batch, roll)
+    t3 = time.perf_counter()
+    updates = [update(run, batch, plan, scores, k) for k in range(run.cfg.mini_batches)]
+    t4 = time.perf_counter()
+    row = log_row(run, batch, roll, scores, updates, [t0, t1, t2, t3, t4])
+    return row, rollout_rows(run, batch, roll, scores, plan) if keep_rollouts else []
+
+
+def main(argv=None):
+    keep_freed_memory()
+    cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__)
+    d = dist.init()
+    precision = resolve_precision(cfg.precision, d.device)  # before any work: a CPU may not take bf16
+    torch.manual_seed(cfg.seed)
+    run, resolved, step, log, samples = setup(cfg, preset, precision)
+    cfg, total = run.cfg, resolved["total_steps"]
+    bar = tqdm(total=total, initial=step, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
     while step < total:
-        stage = "guided" if step < guided else "exploratory"
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = (stratified_batches(strata, cfg.global_batch, epoch, cfg.seed) if strata else
-                 epoch_batches([0] * len(data), cfg.global_batch, epoch, cfg.seed, group_by_length=False))[pos]
-        batch = [data[i] for i in order[d.rank * per_rank:(d.rank + 1) * per_rank]]
-        t0 = time.perf_counter()
-        # 1. rollouts; every rollout has its own generator seeded by (seed, step, its row in the global
-        #    batch), so what it samples depends neither on the number of ranks nor on a resume
-        ids = [tok(prompts.chat(tok, p.prompt), add_special_tokens=False)["input_ids"] for p in batch]
-        first = d.rank * per_rank * cfg.group
-        gens = [torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + step * 100_003 + first + j)
-                for j in range(per_rank * cfg.group)]
-        model.eval()
-        roll = generate(model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=precision,
-                        keep_layers=frozen)
-        model.train()
-        t1 = time.perf_counter()
-        # 2. rewards and advantages
-        total_r, parts = compute_rewards(cfg, stage, roll.texts, batch, scorer, vocab)
-        adv, adv_m = group_advantages(torch.tensor(total_r, dtype=torch.float32), cfg.group)
-        t2 = time.perf_counter()
-        # 3. old (and reference) log-probs at the sampling temperature, with the training model. Mini-batches
-        #    come from one permutation of the global batch, so 1 rank and N ranks make the same updates. The
-        #    first mini-batch's rows take their old log-probs from update 0's own forward (the policy has not
-        #    moved yet: the ratio is exactly 1 there); the other rows need one no-grad pass now.
-        x, attn, rmask = sequences(roll, d.device, tok.pad_token_id)
-        n_global = cfg.global_batch * cfg.group
-        perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + step))
-        chunks = perm.chunk(cfg.mini_batches)                                   # the global mini-batches
-        minis = [[int(r) - first for r in mini if first <= int(r) < first + len(x)] for mini in chunks]  # this rank's
-        later = sorted(r for mini in minis[1:] for r in mini)
-        old = torch.zeros(len(x), x.shape[1] - 1, device=d.device)
-        trunk = roll.kept_rows(x.shape[1]) if frozen else None  # the sampler's: no pass of its own
-        with torch.no_grad(), autocast(d.device, precision):
-            if frozen and trunk is None:  # the sampler could not keep it (transformers' fallback path)
-                trunk = torch.zeros(*x.shape, lm.config.hidden_size, device=d.device)
-                for idx in padded_micro_batches(list(range(len(x))), cfg.micro_batch):
-                    h = model(x[idx or [0]], attn[idx or [0]], upto=frozen)  # an empty one keeps FSDP in step
-                    if idx:
-                        trunk[idx] = h
-            # the top layers only, when the trunk is cached; log-probs at the response tokens only
-            top = lambda rows: dict(where=rmask[rows], **({"start": frozen, "hidden": trunk[rows]} if frozen else {}))
-            for idx in padded_micro_batches(later, cfg.micro_batch):
-                lp = model(x[idx or [0]], attn[idx or [0]], cfg.temperature, **top(idx or [0]))[0]
-                if idx:
-                    old[idx] = lp
-            ref_lp = (torch.cat([ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature,
-                                     where=rmask[a:a + cfg.micro_batch])[0]
-                                 for a in range(0, len(x), cfg.micro_batch)]) if ref is not None else None)
-        t3 = time.perf_counter()
-        # 4. several updates per rollout batch
-        stats: dict[str, float] = {}
-        ent_sum = ent_n = 0.0
-        for k, mine in enumerate(minis):
-            n_mini = len(chunks[k])
-            for idx in padded_micro_batches(mine, cfg.micro_batch):
-                rows = idx or [0]  # an empty micro-batch runs one row with zero loss: FSDP's collectives stay in step
-                with autocast(d.device, precision):
-                    logp, ent = model(x[rows], attn[rows], cfg.temperature, **top(rows))
-                old_rows = logp.detach() if k == 0 else old[rows]
-                loss, m = gspo_loss(logp, old_rows, adv[rows].to(d.device), rmask[rows], cfg.clip_low,
-                                    cfg.clip_high, n_mini, ref_lp[rows] if ref_lp is not None else None,
-                                    cfg.kl_coef)
-                if not idx:
-                    loss = loss * 0.0
-                (loss * d.world_size).backward()
-                if idx:
-                    w = len(idx) / n_mini  # metrics: this rank's share of the global mini-batch
-                    for key, v in m.items():
-                        name = f"{key}/u{k}"
-                        if key == "loss":  # already divided by the global mini-batch size: a plain sum
-                            stats[name] = stats.get(name, 0.0) + float(v)
-                        elif key == "ratio_min":
-                            stats[name] = min(stats.get(name, math.inf), float(v))
-                        elif key == "ratio_max":
-                            stats[name] = max(stats.get(name, -math.inf), float(v))
-                        else:
-                            stats[name] = stats.get(name, 0.0) + w * float(v)
-                    ent_sum += float((ent.detach() * rmask[idx]).sum())
-                    ent_n += float(rmask[idx].sum())
-            gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
-            u = step * cfg.mini_batches + k
-            lr = lr_at(u, updates, cfg.lr, cfg.warmup_steps, 1.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        keep = samples is not None and (step + 1) % cfg.rollouts_every == 0
+        row, mine = gspo_step(run, step, keep)
         step += 1
-        parsed = [tags.parse(t) for t in roll.texts]
-        mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
-        row = {"step": step, "stage": stage, "lr": lr, "grad_norm": gnorm,
-               "reward": mean(total_r), **{f"reward/{k}": mean(v) for k, v in parts.items()},
-               "adv_mean": mean(adv.tolist()), "adv_abs_mean": mean(adv.abs().tolist()),
-               "zero_variance_frac": dist.sum_scalar(float(adv_m["zero_variance_frac"])) / d.world_size,
-               "entropy": dist.sum_scalar(ent_sum) / max(dist.sum_scalar(ent_n), 1),
-               "response_len": mean(roll.lengths.tolist()), "finished_frac": mean(roll.finished.float().tolist()),
-               "tag_count": mean([len(p.steps) for p in parsed]),
-               "tag_valid": mean([float(all(tags.check(p, vocab, cfg.min_tags).values())) for p in parsed]),
-               "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
-               "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
-        for k in range(cfg.mini_batches):  # the same keys on every rank: these are collectives
-            for key in ("loss", "clip_frac_low", "clip_frac_high", "ratio_mean") + (("kl",) if ref is not None else ()):
-                row[f"{key}/u{k}"] = dist.sum_scalar(stats.get(f"{key}/u{k}", 0.0))
-            row[f"ratio_min/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_min/u{k}", math.inf)), "min").item()
-            row[f"ratio_max/u{k}"] = dist.all_reduce(torch.tensor(stats.get(f"ratio_max/u{k}", -math.inf)), "max").item()
-        if samples is not None and step % cfg.rollouts_every == 0:
-            mini_of = {j: k for k, mini in enumerate(minis) for j in mini}     # this rank's row → its mini-batch
-            tokens = roll.lengths.tolist()
-            mine = []
-            for j, text in enumerate(roll.texts):
-                p = batch[j // cfg.group]
-                mine.append({"step": step, "stage": stage, "row": first + j, "prompt_id": p.id, "user_id": p.user_id,
-                             "task": p.task, "gold": p.gold, "text": text, "reward": total_r[j],
-                             "parts": {k: v[j] for k, v in parts.items()}, "advantage": float(adv[j]),
-                             "tokens": int(tokens[j]), "finished": bool(roll.finished[j]), "mini_batch": mini_of[j]})
+        if keep:
             samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
             log.text("rollouts", rollouts_markdown(mine[:cfg.group]), step)
         log.write(row)
         bar.update(1)
-        bar.set_postfix(stage=stage[0], reward=f"{row['reward']:.3f}", clip=f"{row.get('clip_frac_high/u1', 0):.2f}")
+        bar.set_postfix(stage=row["stage"][0], reward=f"{row['reward']:.3f}",
+                        clip=f"{row.get('clip_frac_high/u1', 0):.2f}")
         if step % cfg.save_every == 0 or step == total:
-            checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "stage": stage}, resolved, cfg.keep)
+            checkpoint.save(Path(cfg.out) / "ckpt", step, run.model, run.opt,
+                            {"epoch": (step - 1) // run.steps_per_epoch, "stage": row["stage"]}, resolved, cfg.keep)
     bar.close()
-    final = checkpoint.export_hf(model, lm, tok, out / "model")
+    final = checkpoint.export_hf(run.model, run.lm, run.tok, Path(cfg.out) / "model")
     dist.print0(f"exported {final}")
     dist.destroy()
 

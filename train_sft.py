@@ -33,7 +33,8 @@ from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import autocast, keep_freed_memory, resolve_precision
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.training import (epoch_batches, grad_norm_and_clip, held_out, lr_at, pack_rows, packed_batch, pad_batch,
+from tagpr.loop import backward, optimizer_step
+from tagpr.training import (epoch_batches, held_out, lr_at, pack_rows, packed_batch, pad_batch,
                             rank_micro_batches, start_run, train_top_layers)
 
 
@@ -136,10 +137,10 @@ def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, tra
         with autocast(device, precision):
             logp, _ = model(ids, attn, position_ids=pos, where=tgt)            # (b, T−1), 0 off the targets
         loss, _ = sft_loss(logp, tgt, num_tokens)
-        if empty:
-            loss = loss * 0.0
         if train:
-            (loss * world).backward()  # FSDP averages over ranks; ×world turns it into the global token mean
+            loss = backward(loss, not empty, world)
+        elif empty:
+            loss = loss * 0.0
         total += loss.item()
     return total
 
@@ -218,12 +219,8 @@ def main(argv=None):
         n_tok = dist.sum_scalar(sum(sum(train[i][1]) for i in mine))
         loss = dist.sum_scalar(run_batch(model, train, micro, tok.pad_token_id, d.device, n_tok, d.world_size, True,
                                          packed, precision))
-        gnorm = grad_norm_and_clip(model.parameters(), cfg.grad_clip)
         lr = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm = optimizer_step(model, opt, lr, cfg.grad_clip)
         step += 1
         seen = dist.sum_scalar(sum(len(train[i][0]) for i in mine))
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "target_tokens": n_tok,

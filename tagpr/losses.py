@@ -107,6 +107,13 @@ def _k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> to
     return _seq_mean(torch.exp(d) - d - 1, mask)
 
 
+# How gspo_loss's logged metrics combine over micro-batches and ranks: "sum" (the loss is already divided by the
+# global sequence count), "min" / "max", "mean" (each micro-batch weighted by its share of the mini-batch's sequences,
+# then summed: a weighted mean). The trainer reduces by this table; it lists nothing twice.
+GSPO_REDUCE = {"loss": "sum", "clip_frac_low": "mean", "clip_frac_high": "mean", "ratio_mean": "mean", "kl": "mean",
+               "ratio_min": "min", "ratio_max": "max"}
+
+
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               clip_low: float = 3e-4, clip_high: float = 4e-4, num_sequences: int | float | torch.Tensor | None = None,
               ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, max_log_ratio: float = 10.0,

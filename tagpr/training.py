@@ -211,12 +211,6 @@ def train_top_layers(model, n: int) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), total
 
 
-def grad_norm_and_clip(params, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
 
 
 def held_out(record_id: str, frac: float) -> bool:
