@@ -21,6 +21,7 @@ from typing import Literal
 from pathlib import Path
 
 from tagpr import config, datagen, llm, synthetic
+from tagpr.expert import SimulatedExpert
 from tagpr.files import write_json
 from tagpr.hardware import keep_freed_memory
 
@@ -90,8 +91,6 @@ def main(argv=None) -> dict:
                                                              "test": (60, 2)})
         print(f"synthetic users (LaMP format) in {lamp_dir}")
     if "simulated" in (cfg.teacher, cfg.judge, cfg.tagger, cfg.embedder):
-        from tagpr.expert import SimulatedExpert
-
         expert = SimulatedExpert(lamp_dir, tasks)
     cache = out / "cache"
     backends = {role: llm.from_spec(getattr(cfg, role), role, cache, getattr(cfg, f"{role}_key_env"),

@@ -27,6 +27,7 @@ import torch
 from tagpr import config, evaluation, lamp, llm, r2p, synthetic, tags
 from tagpr.files import atomic_write_text, write_json
 from tagpr.hardware import keep_freed_memory, resolve_precision
+from tagpr.retrieval import DenseEncoder
 
 SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "dense"]}
 
@@ -106,7 +107,6 @@ def main(argv=None) -> dict:
             else:
                 raise SystemExit("--retriever dense needs --dense-model (a local encoder folder)")
         else:
-            from tagpr.retrieval import DenseEncoder
             encoder = DenseEncoder(cfg.dense_model)
     results: dict[str, dict] = {}
     for method, k, retriever in settings:

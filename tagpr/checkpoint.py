@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -102,10 +103,9 @@ def load(path: str | os.PathLike, model, optimizer) -> dict:
     return trainer_state
 
 
-def _write_hf_folder(sd: dict, hf_model, tokenizer, folder: Path) -> None:
+def write_hf_folder(sd: dict, hf_model, tokenizer, folder: Path) -> None:
     """safetensors weights (tied lm_head left out; from_pretrained re-ties it), config,
     generation config when the model has one, tokenizer and chat template."""
-    from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
     if getattr(hf_model.config, "tie_word_embeddings", False):
@@ -135,7 +135,7 @@ def export_hf(model, lm, tokenizer, out_dir: str | os.PathLike) -> Path | None:
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _write_hf_folder({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, lm, tokenizer, tmp)
+    write_hf_folder({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, lm, tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     dist.barrier()

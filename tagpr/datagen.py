@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import lamp, retrieval, tags
+from .cluster import cluster_tags
 from .files import DataError, atomic_write_text, write_json, write_jsonl
 from .llm import Backend, Request
 from .metrics import label_index, rouge_pairs
@@ -352,7 +353,6 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
         write_json(out / "manifest.json", manifest)
         raise NoData(f"no chain survived to the exploratory tagging stage: the counts per stage are in "
                      f"{out / 'manifest.json'}")
-    from .cluster import cluster_tags
 
     names = list(free)
     clusters = cluster_tags(dict(free), backends["embedder"].embed(names), s.n_tags, s.kmeans_restarts, s.seed)

@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from .models import decoder_layers, layer_list, reinit_buffers
 
 
 @dataclass(frozen=True)
@@ -135,29 +140,6 @@ def _comm_device() -> torch.device:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def _hf_model(model):
-    """The transformers model itself, or the one a wrapper holds as `.lm` (policy) or `.backbone` (PRMU)."""
-    return getattr(model, "lm", None) or getattr(model, "backbone", None) or model
-
-
-def base_model(model):
-    """The decoder stack under the head (e.g. `LlamaModel` of a `LlamaForCausalLM`): layers, final norm."""
-    inner = _hf_model(model)
-    return getattr(inner, inner.base_model_prefix, inner)
-
-
-def _layer_list(model):
-    layers = getattr(base_model(model), "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find decoder layers in {type(_hf_model(model)).__name__}")
-    return layers
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers decoder (causal LM or sequence classifier, or a wrapper)."""
-    return list(_layer_list(model))
-
-
 def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpointing: bool = False,
                reshard_after_forward: bool = True, full_state: dict | None = None,
                from_meta: bool = False) -> torch.nn.Module:
@@ -170,15 +152,12 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpoi
     """
     layers = decoder_layers(model)
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        parent = _layer_list(model)
+        parent = layer_list(model)
         for i, layer in enumerate(layers):
             parent[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
         layers = list(parent)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model.to(device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -190,9 +169,7 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpoi
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if from_meta:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from .models import reinit_buffers
 
         model.to_empty(device=device)
         prefix = "lm." if hasattr(model, "lm") else ""
@@ -203,6 +180,4 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpoi
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)

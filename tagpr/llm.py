@@ -43,6 +43,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from .models import load_model
+from .rollout import generate
 
 
 class LLMError(RuntimeError):
@@ -170,8 +175,6 @@ class Backend:
 
 
 def _bar(total: int, desc: str | None):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, disable=desc is None, dynamic_ncols=True, leave=False)
 
 
@@ -306,15 +309,11 @@ class HFBackend(Backend):
 
     def _load(self):
         if self._lm is None:
-            from .models import load_model
-
             self._lm, self._tok = load_model(self.spec, device=self.device)
         return self._lm, self._tok
 
     def _chat(self, requests):
-        import torch
 
-        from .rollout import generate
 
         lm, tok = self._load()
         ids = [tok(tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefix,
@@ -327,8 +326,6 @@ class HFBackend(Backend):
         return [Reply(text, finished=bool(f)) for text, f in zip(roll.texts, roll.finished.tolist())]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
-
         lm, tok = self._load()
         vecs = []
         with torch.no_grad():

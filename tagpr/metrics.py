@@ -24,6 +24,7 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from rouge_score import rouge_scorer
 
 from . import lamp
 from .files import DataError
@@ -82,8 +83,6 @@ def rouge_pairs(golds: Sequence[str], preds: Sequence[str]) -> tuple[list[float]
     """Per-example ROUGE-1 and ROUGE-L F (rouge-score, no stemming; both stripped)."""
     global _SCORER
     if _SCORER is None:
-        from rouge_score import rouge_scorer
-
         _SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     r1, rl = [], []
     for g, p in zip(golds, preds):

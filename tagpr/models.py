@@ -27,6 +27,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+
+from kernels.logprob import fused_logprobs
+
+from . import lamp, synthetic
+from .tags import DEFAULT_TAGS
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -78,8 +85,6 @@ def finish_tokenizer(tok):
 
 def _tiny_corpus() -> list[str]:
     """Fixed LaMP-style training text for the tiny tokenizer (no randomness outside the seed)."""
-    from . import lamp, synthetic
-    from .tags import DEFAULT_TAGS
 
     texts = [t.template for t in lamp.TASKS.values()] + [t.phrase for t in lamp.TASKS.values()]
     texts += list(synthetic.vocabulary_text())
@@ -91,9 +96,7 @@ def _tiny_corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _tiny_tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
@@ -104,9 +107,6 @@ def _tiny_tokenizer_json(vocab_size: int) -> str:
 
 
 def tiny_tokenizer(vocab_size: int = 2048):
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
                                   bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   unk_token=None, model_max_length=8192)
@@ -117,8 +117,6 @@ def tiny_tokenizer(vocab_size: int = 2048):
 # ----------------------------------------------------------------------------- models
 
 def tiny_config(vocab_size: int, **overrides):
-    from transformers import Qwen3Config
-
     cfg = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
                tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
@@ -142,7 +140,6 @@ def smollm2_path() -> Path:
     final = cache_dir() / "smollm2-135m-instruct"
     if (final / "config.json").is_file():
         return final
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +188,6 @@ def load_tokenizer(name: str | os.PathLike):
     path = resolve_model_path(name)
     if path == TINY:
         return tiny_tokenizer()
-    from transformers import AutoTokenizer
 
     return finish_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
 
@@ -203,9 +199,7 @@ def _finish_model(model, tok):
     return model
 
 
-def _config(path, tok, **tiny_overrides):
-    from transformers import AutoConfig
-
+def model_config(path, tok, **tiny_overrides):
     if path == TINY:
         return tiny_config(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **tiny_overrides)
     return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -214,7 +208,6 @@ def _config(path, tok, **tiny_overrides):
 def load_model(name: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                seed: int = 0, **tiny_overrides):
     """Return (model, tokenizer) in eval mode on `device` (CUDA if present, else CPU)."""
-    from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -224,7 +217,7 @@ def load_model(name: str | os.PathLike, *, device: torch.device | str | None = N
     if path == TINY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(_config(path, tok, **tiny_overrides), dtype=torch.float32,
+            model = AutoModelForCausalLM.from_config(model_config(path, tok, **tiny_overrides), dtype=torch.float32,
                                                      attn_implementation=attn)
         model.to(dtype)
     else:
@@ -239,13 +232,12 @@ def load_for_sharding(name: str | os.PathLike, is_main: bool, device: torch.devi
     For FSDP: no rank holds a full copy on its device; `dist.apply_fsdp(..., full_state=…)`
     allocates each rank's shard and broadcasts the weights from rank 0.
     """
-    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(name)
     path = resolve_model_path(name)
     full = load_model(name, device="cpu", dtype=torch.float32, seed=seed)[0].state_dict() if is_main else None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_config(path, tok), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_config(model_config(path, tok), dtype=torch.float32,
                                                  attn_implementation=attention_implementation(device))
     return _finish_model(model, tok), tok, full
 
@@ -320,7 +312,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     `where` (B, T − 1) bool: only these positions are scored (the lm_head runs on them alone: the
     response tokens of an RL or SFT row are a fraction of it); the others come back 0.
     """
-    from kernels.logprob import fused_logprobs
 
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
@@ -362,3 +353,28 @@ class LogprobModel(torch.nn.Module):
         logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl, position_ids, start,
                                    hidden, where)
         return logp.clone(), ent.clone()  # not views: FSDP2 hooks the root's outputs for backward
+
+
+# ----------------------------------------------------------------------------- inspection
+
+def hf_model(model):
+    """The transformers model itself, or the one a wrapper holds as `.lm` (policy) or `.backbone` (PRMU)."""
+    return getattr(model, "lm", None) or getattr(model, "backbone", None) or model
+
+
+def base_model(model):
+    """The decoder stack under the head (e.g. `LlamaModel` of a `LlamaForCausalLM`): layers, final norm."""
+    inner = hf_model(model)
+    return getattr(inner, inner.base_model_prefix, inner)
+
+
+def layer_list(model):
+    layers = getattr(base_model(model), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(hf_model(model)).__name__}")
+    return layers
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers decoder (causal LM or sequence classifier, or a wrapper)."""
+    return list(layer_list(model))

@@ -7,15 +7,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
 from .files import DataError, iter_jsonl
 
 
 def plot(metrics: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     rows = [r for _, r in iter_jsonl(metrics)]
     if not rows:
         raise DataError(f"{metrics}: no rows")

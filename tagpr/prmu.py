@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .checkpoint import write_hf_folder
+from .models import TINY, finish_tokenizer, load_tokenizer, model_config, resolve_model_path
 
 
 UNKNOWN = 0
@@ -61,14 +67,12 @@ class PRMU(nn.Module):
 def load_backbone(name: str | os.PathLike, seed: int = 0):
     """A sequence-classification backbone (one output) and its tokenizer: from a reward-model
     or causal-LM folder, `smollm2-135m` or `tiny` (a fresh score head where there was none)."""
-    from transformers import AutoModelForSequenceClassification
 
-    from .models import TINY, _config, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(name)
     tok = load_tokenizer(name)
     if path == TINY:
-        cfg = _config(path, tok)
+        cfg = model_config(path, tok)
         cfg.num_labels = 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -137,11 +141,8 @@ def save(model: PRMU, tok, users: dict[str, int], out_dir: str | os.PathLike, fu
          max_len: int = 2048) -> Path:
     """`<out>/backbone` (a transformers folder), `user_embeddings.safetensors`, `users.json`, `prmu.json` (with the
     input length `max_len` the model was trained at, which the `Scorer` then uses)."""
-    import shutil
 
-    from safetensors.torch import save_file
 
-    from .checkpoint import _write_hf_folder
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -149,7 +150,7 @@ def save(model: PRMU, tok, users: dict[str, int], out_dir: str | os.PathLike, fu
     tmp.mkdir(parents=True)
     sd = full_state if full_state is not None else model.state_dict()
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    _write_hf_folder(backbone, model.backbone, tok, tmp / "backbone")
+    write_hf_folder(backbone, model.backbone, tok, tmp / "backbone")
     save_file({"weight": sd["user_embeddings.weight"].detach().contiguous().clone()},
               str(tmp / "user_embeddings.safetensors"))
     (tmp / "users.json").write_text(json.dumps(users, indent=1))
@@ -168,16 +169,12 @@ class Scorer:
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", max_len: int | None = None,
                  batch_size: int = 8):
-        from safetensors.torch import load_file
-        from transformers import AutoModelForSequenceClassification
 
-        from .models import finish_tokenizer
 
         path = Path(path)
         for f in ("backbone/config.json", "user_embeddings.safetensors", "users.json", "prmu.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f}: missing; train the reward model with `python train_prmu.py`")
-        from transformers import AutoTokenizer
 
         self.tok = finish_tokenizer(AutoTokenizer.from_pretrained(path / "backbone", local_files_only=True))
         backbone = AutoModelForSequenceClassification.from_pretrained(path / "backbone", local_files_only=True,

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Sequence
 
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from . import lamp
 
@@ -67,8 +68,6 @@ class DenseEncoder:
     """A local transformers encoder: mean-pooled last hidden states, dot-product scores."""
 
     def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 32, max_length: int = 512):
-        from transformers import AutoModel, AutoTokenizer
-
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token or self.tok.unk_token

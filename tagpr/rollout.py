@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers.cache_utils import DynamicLayer
 
 from . import engine
@@ -59,10 +60,6 @@ class Rollouts:
 @contextlib.contextmanager
 def gathered(model):
     """Unshard every FSDP2 unit once for a whole generation phase; reshard after. No-op without FSDP."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.unshard()

@@ -30,14 +30,18 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import zlib
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
 from . import lamp
-from .files import write_json
+from .files import read_json, write_json
+from .metrics import evaluate
 from .prompts import tagpr_prompt
 from .records import Pair, SFTRecord
+from .retrieval import retrieve
+from .tags import render
 
 # ----------------------------------------------------------------------------- shared pools
 
@@ -415,7 +419,6 @@ def write_split(out: str | Path, task: str, split: str, examples: list[Example])
 
 def read_latent(lamp_dir: str | Path, task: str, split: str) -> dict[str, dict]:
     """{question id: {"user_id", "rule", "explanation", "content"}} of a synthetic split."""
-    from .files import read_json
 
     qpath, _ = lamp.split_files(lamp_dir, task, split)
     return {r["id"]: r for r in read_json(qpath.parent / f"{split}_latent.json")}
@@ -471,8 +474,6 @@ def expert_chain(task: str, items: list[lamp.Item], latent: dict) -> tuple[list[
 def sft_records(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "train", k: int = 8,
                 retriever: str = "recency") -> list:
     """`sft.jsonl` records from synthetic users' latent rules (until build_data.py writes real ones)."""
-    from .retrieval import retrieve
-    from .tags import render
 
     out = []
     for task in tasks:
@@ -494,9 +495,6 @@ def preference_pairs(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "
     most users would give). PQP: the correct chain ≻ the same chain under another rule
     whose answer differs (a wrong answer with a plausible rationale).
     """
-    from .prompts import tagpr_prompt
-    from .retrieval import retrieve
-    from .tags import render
 
     out = []
     for task in tasks:
@@ -526,8 +524,6 @@ def preference_pairs(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "
 
 
 def zlib_index(key: str, n: int) -> int:
-    import zlib
-
     return zlib.crc32(key.encode()) % n
 
 
@@ -575,7 +571,6 @@ def predict(task: str, example: Example, mode: str, k: int = 8, style: str | Non
 
 def measure(examples_by_task: dict[str, list[Example]], k: int = 8) -> dict[str, dict[str, dict]]:
     """Official metrics of the floor / profile-identified / oracle predictors per task."""
-    from .metrics import evaluate
 
     out = {}
     for task, examples in examples_by_task.items():

@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import DataError, read_json
+
 PAPER_TAGS = ("analyze_input", "examine_examples", "identify_patterns", "compare_entities", "make_decision")
 OUR_TAGS = ("summarize_profile", "infer_preference", "apply_pattern", "verify_answer")  # ours, not the paper's
 DEFAULT_TAGS = PAPER_TAGS + OUR_TAGS
@@ -123,7 +125,6 @@ def render(steps: list[tuple[str, str]], answer: str) -> str:
 
 def load_tags(path: str | Path) -> tuple[str, ...]:
     """Read a vocabulary: `tags.json` as written by build_data (`{"tags": [{"name": …}, …]}`) or a list of names."""
-    from .files import DataError, read_json
 
     data = read_json(path)
     items = data.get("tags") if isinstance(data, dict) else data

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from . import checkpoint, dist
+from .models import base_model, decoder_layers
 from .config import ConfigError
 from .files import write_json
 
@@ -192,7 +193,6 @@ def train_top_layers(model, n: int) -> tuple[int, int]:
     lowest trainable layer, so a step's backward covers only the top. Returns (trainable,
     total) parameter counts.
     """
-    from .dist import base_model, decoder_layers
 
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
