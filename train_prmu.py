@@ -38,9 +38,8 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
 from tagpr.files import DataError, write_jsonl
-from tagpr.hardware import keep_freed_memory
 from tagpr.losses import bradley_terry_loss
-from tagpr.loop import backward, optimizer_step
+from tagpr.loop import backward, begin, optimizer_step
 from tagpr.training import epoch_batches, held_out, lr_at, rank_micro_batches, start_run
 
 
@@ -134,10 +133,7 @@ def score_pairs(model, encoded, idx, device, pad_id, unknown: set[int] = frozens
 
 
 def main(argv=None):
-    keep_freed_memory()
-    cfg, preset = config.parse(PRMUConfig, PRESETS, argv, description=__doc__)
-    d = dist.init()
-    torch.manual_seed(cfg.seed)
+    cfg, preset, d, _ = begin(PRMUConfig, PRESETS, argv, __doc__)
     out = Path(cfg.out)
     pairs = load_pairs(cfg, out)
     train, evals = split_pairs(pairs, cfg.eval_frac, cfg.eval_user_frac)

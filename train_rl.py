@@ -32,7 +32,6 @@ Departures from the paper:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -43,9 +42,9 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
 from tagpr.files import DataError, write_jsonl
-from tagpr.hardware import autocast, keep_freed_memory, resolve_precision
+from tagpr.hardware import autocast
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
-from tagpr.loop import accumulate, backward, fsdp_micro_batches, optimizer_step, reduce_across_ranks
+from tagpr.loop import accumulate, backward, begin, fsdp_micro_batches, optimizer_step, reduce_across_ranks
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
@@ -465,11 +464,7 @@ def gspo_step(run: Run, step: int, keep_rollouts: bool) -> tuple[dict, list[dict
 
 
 def main(argv=None):
-    keep_freed_memory()
-    cfg, preset = config.parse(RLConfig, PRESETS, argv, description=__doc__)
-    d = dist.init()
-    precision = resolve_precision(cfg.precision, d.device)  # before any work: a CPU may not take bf16
-    torch.manual_seed(cfg.seed)
+    cfg, preset, d, precision = begin(RLConfig, PRESETS, argv, __doc__)
     run, resolved, step, log, samples = setup(cfg, preset, precision)
     cfg, total = run.cfg, resolved["total_steps"]
     bar = tqdm(total=total, initial=step, desc="gspo", disable=not d.is_main, dynamic_ncols=True)

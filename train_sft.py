@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prompts, records, synthetic
 from tagpr.files import DataError, write_jsonl
-from tagpr.hardware import autocast, keep_freed_memory, resolve_precision
+from tagpr.hardware import autocast
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.loop import backward, optimizer_step
+from tagpr.loop import backward, begin, optimizer_step
 from tagpr.training import (epoch_batches, held_out, lr_at, pack_rows, packed_batch, pad_batch,
                             rank_micro_batches, start_run, train_top_layers)
 
@@ -160,11 +160,7 @@ def tokens_in(micro, packed: bool):
 
 
 def main(argv=None):
-    keep_freed_memory()
-    cfg, preset = config.parse(SFTConfig, PRESETS, argv, description=__doc__)
-    d = dist.init()
-    precision = resolve_precision(cfg.precision, d.device)  # before any work: a CPU may not take bf16
-    torch.manual_seed(cfg.seed)
+    cfg, preset, d, precision = begin(SFTConfig, PRESETS, argv, __doc__)
     out = Path(cfg.out)
     if d.distributed:  # meta on every rank, weights read once by rank 0 and broadcast shard by shard
         lm, tok, full = load_for_sharding(cfg.model, d.is_main, d.device, cfg.seed)

@@ -14,7 +14,19 @@ from typing import Iterator
 
 import torch
 
-from . import dist
+from . import config, dist
+from .hardware import keep_freed_memory, resolve_precision
+
+
+def begin(cls, presets: dict, argv, doc: str | None):
+    """The start of every trainer: the allocator setting, the config from the command line, the process group,
+    the precision (checked before any work: a CPU may not take bf16) and the seed. → (cfg, preset, dist, precision)."""
+    keep_freed_memory()
+    cfg, preset = config.parse(cls, presets, argv, description=doc)
+    d = dist.init()
+    precision = resolve_precision(getattr(cfg, "precision", "fp32"), d.device)
+    torch.manual_seed(cfg.seed)
+    return cfg, preset, d, precision
 
 
 def fsdp_micro_batches(rows: list[int], micro: int) -> Iterator[tuple[list[int], bool]]:
