@@ -246,19 +246,37 @@ def sample_instances(lamp_dir, s: Settings) -> tuple[dict[str, list[Instance]], 
 
 
 def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: Callable[[str], None] = print) -> dict:
-    """Run every stage; write the outputs and `manifest.json` under `out`; return the manifest."""
+    """Run every stage (the table in the module docstring); write the outputs and `manifest.json` under `out`;
+    return the manifest."""
     work = out / "work"
     manifest: dict = {"lamp_dir": str(lamp_dir), "backends": {r: b.describe() for r, b in backends.items()},
                       "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
                       "stages": {}}
     stages = manifest["stages"]
-
-    # 1. sample
     chosen, rest, stages["1_sample"] = sample_instances(lamp_dir, s)
     insts = [i for task in chosen.values() for i in task]
     log(f"1 sample: {len(insts)} instances from {len(chosen)} tasks")
+    parsed, blind, stages["2_teacher"] = teacher_stage(insts, s, backends["teacher"], work, log)
+    passed, stages["3_accuracy"] = accuracy_stage(chosen, parsed, blind, s, log)
+    judged, stages["4_judge"] = judge_stage(passed, s, backends["judge"], work, log)
+    free, stages["5_explore"] = explore_stage(judged, s, backends["tagger"], work)
+    if not free:
+        manifest["calls"] = {role: b.stats() for role, b in backends.items()}
+        write_json(out / "manifest.json", manifest)
+        raise NoData(f"no chain survived to the exploratory tagging stage: the counts per stage are in "
+                     f"{out / 'manifest.json'}")
+    vocab = primary_tags(free, s, backends["embedder"], out, stages["5_explore"], log)
+    final, stages["6_restrict"] = restrict_stage(judged, vocab, s, backends["tagger"], out, work, log)
+    stages.update(emit(chosen, rest, parsed, blind, final, vocab, s, backends["tagger"], out, log))
+    manifest["calls"] = {role: b.stats() for role, b in backends.items()}
+    write_json(out / "manifest.json", manifest)
+    return manifest
 
-    # 2. teacher rollouts: K with the profile, one without
+
+def teacher_stage(insts: list[Instance], s: Settings, teacher: Backend, work: Path, log
+                  ) -> tuple[list[Chain], dict[str, Chain], dict]:
+    """2: K chains per instance with the profile and one without. → (parsed chains, the no-profile chain per
+    instance, manifest entry)."""
     reqs, chains = [], []
     for inst in insts:
         for k in range(s.chains):
@@ -268,10 +286,9 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
         reqs.append(Request([{"role": "user", "content": teacher_prompt(inst.task, inst.question, [], False)}],
                             inst.meta("teacher_blind", sample=0), s.teacher_temperature, s.max_tokens, 0))
         chains.append(Chain(inst, -1))
-    replies = backends["teacher"].chat(reqs, progress="2 teacher")
     st = Stage("teacher", len(reqs))
     parsed, blind = [], {}
-    for c, rep in zip(chains, replies):
+    for c, rep in zip(chains, teacher.chat(reqs, progress="2 teacher")):
         if rep.error:
             st.drop("llm_error")
             continue
@@ -284,11 +301,15 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
             blind[c.inst.id] = c
         else:
             parsed.append(c)
-    stages["2_teacher"] = st.as_dict()
     write_jsonl(work / "teacher.jsonl", [c.row() for c in parsed + list(blind.values())])
     log(f"2 teacher: {st.n_out} of {st.n_in} replies parsed")
+    return parsed, blind, st.as_dict()
 
-    # 3. accuracy filter
+
+def accuracy_stage(chosen: dict[str, list[Instance]], parsed: list[Chain], blind: dict[str, Chain], s: Settings,
+                   log) -> tuple[list[Chain], dict]:
+    """3: score every chain (the no-profile ones too, for the pairs) against the gold; keep the correct ones
+    (generation: ROUGE-1 ≥ threshold). → (passed chains, manifest entry)."""
     st = Stage("accuracy", len(parsed))
     for task in chosen:
         mine = [c for c in parsed + list(blind.values()) if c.inst.task.name == task]
@@ -303,16 +324,18 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
             st.n_out += 1
         else:
             st.drop("rouge_below_threshold" if c.inst.task.is_generation else "wrong_answer")
-    stages["3_accuracy"] = st.as_dict()
     log(f"3 accuracy: {st.n_out} of {st.n_in} correct")
+    return passed, st.as_dict()
 
-    # 4. judge
+
+def judge_stage(passed: list[Chain], s: Settings, judge: Backend, work: Path, log) -> tuple[list[Chain], dict]:
+    """4: the judge's four 1–5 scores per chain; keep a composite above the threshold. → (kept, manifest entry)."""
     reqs = [Request([{"role": "user", "content": judge_prompt(c.inst.task, c.inst.question, c.inst.items,
                                                                c.reasoning, c.answer, c.inst.gold)}],
                     c.inst.meta("judge", sample=c.sample), 0.0, 256, c.sample) for c in passed]
     st = Stage("judge", len(passed))
     judged = []
-    for c, rep in zip(passed, backends["judge"].chat(reqs, progress="4 judge")):
+    for c, rep in zip(passed, judge.chat(reqs, progress="4 judge")):
         scores = None if rep.error else parse_judge(rep.text)
         if rep.error:
             st.drop("llm_error")
@@ -325,17 +348,20 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
             c.judge = scores
             judged.append(c)
             st.n_out += 1
-    stages["4_judge"] = st.as_dict()
     write_jsonl(work / "judged.jsonl", [c.row() for c in passed])
     log(f"4 judge: {st.n_out} of {st.n_in} above {s.judge_threshold}")
+    return judged, st.as_dict()
 
-    # 5. exploratory tagging → clustering → the primary tags
+
+def explore_stage(judged: list[Chain], s: Settings, tagger: Backend, work: Path) -> tuple[Counter, dict]:
+    """5a: free-form tags per step of every judged chain. → (count of each normalised free tag name, manifest
+    entry)."""
     reqs = [Request([{"role": "user", "content": explore_prompt(c.reasoning)}], c.inst.meta("explore", sample=c.sample),
                     0.0, s.max_tokens, c.sample) for c in judged]
     st = Stage("explore", len(judged))
     free: Counter = Counter()
     explored = []
-    for c, rep in zip(judged, backends["tagger"].chat(reqs, progress="5 explore")):
+    for c, rep in zip(judged, tagger.chat(reqs, progress="5 explore")):
         p = parse_tagged(rep.text) if not rep.error else None
         if p is None:
             st.drop("llm_error")
@@ -345,61 +371,87 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
             free.update(normalise_tag(t) for t in p.tags if normalise_tag(t))
             explored.append({"id": c.inst.id, "sample": c.sample, "tags": p.tags})
             st.n_out += 1
-    stages["5_explore"] = st.as_dict()
-    stages["5_explore"]["note"] = "a drop here only keeps a chain's tags out of the clustering; stage 6 re-tags every judged chain"
+    entry = st.as_dict()
+    entry["note"] = "a drop here only keeps a chain's tags out of the clustering; stage 6 re-tags every judged chain"
     write_jsonl(work / "explore.jsonl", explored)
-    if not free:
-        manifest["calls"] = {role: b.stats() for role, b in backends.items()}
-        write_json(out / "manifest.json", manifest)
-        raise NoData(f"no chain survived to the exploratory tagging stage: the counts per stage are in "
-                     f"{out / 'manifest.json'}")
+    return free, entry
 
+
+def primary_tags(free: Counter, s: Settings, embedder: Backend, out: Path, entry: dict, log) -> tuple[str, ...]:
+    """5b: embed the free tag names, cluster them (weighted k-means), name each cluster by its most used member;
+    `tags.json`. → the primary tags."""
     names = list(free)
-    clusters = cluster_tags(dict(free), backends["embedder"].embed(names), s.n_tags, s.kmeans_restarts, s.seed)
+    clusters = cluster_tags(dict(free), embedder.embed(names), s.n_tags, s.kmeans_restarts, s.seed)
     vocab = tuple(c.name for c in clusters)
     write_json(out / "tags.json", {"tags": [{"name": c.name, "count": c.count, "members": c.members}
                                             for c in clusters]})
-    stages["5_explore"]["free_tag_names"] = len(names)
-    stages["5_explore"]["primary_tags"] = {c.name: c.count for c in clusters}
+    entry["free_tag_names"] = len(names)
+    entry["primary_tags"] = {c.name: c.count for c in clusters}
     log(f"5 explore: {len(names)} free tag names → {len(vocab)} primary tags: {', '.join(vocab)}")
+    return vocab
 
-    # 6. restricted tagging + format filter
-    def restrict(cs: list[Chain], role: str, strict: bool, st: Stage) -> list[Chain]:
-        rq = [Request([{"role": "user", "content": restrict_prompt(c.reasoning, vocab, s.min_tags)}],
-                      c.inst.meta(role, sample=c.sample), 0.0, s.max_tokens, c.sample) for c in cs]
-        good = []
-        for c, rep in zip(cs, backends["tagger"].chat(rq, progress=f"6 {role}")):
-            if rep.error:
-                st.drop("llm_error")
-                continue
-            p = parse_tagged(rep.text)
-            checks = tags.check(p, vocab, s.min_tags)
-            failed = [k for k in ("format", "vocab", "count") if not checks[k]] if strict else \
-                ([] if checks["format"] and p.steps else ["format"])
-            if failed:
-                st.drop(f"tag_{failed[0]}")
-                continue
-            c.steps = [(x.tag, x.text) for x in p.steps]
-            good.append(c)
-            st.n_out += 1
-        return good
 
+def retag(cs: list[Chain], vocab: tuple[str, ...], role: str, strict: bool, st: Stage, s: Settings,
+          tagger: Backend) -> list[Chain]:
+    """Tag each chain's steps with the primary tags only; `strict`: the whole format filter (format, vocabulary,
+    at least `min_tags`), else a well-formed tagging. → the chains that pass, with their steps."""
+    rq = [Request([{"role": "user", "content": restrict_prompt(c.reasoning, vocab, s.min_tags)}],
+                  c.inst.meta(role, sample=c.sample), 0.0, s.max_tokens, c.sample) for c in cs]
+    good = []
+    for c, rep in zip(cs, tagger.chat(rq, progress=f"6 {role}")):
+        if rep.error:
+            st.drop("llm_error")
+            continue
+        p = parse_tagged(rep.text)
+        checks = tags.check(p, vocab, s.min_tags)
+        failed = [k for k in ("format", "vocab", "count") if not checks[k]] if strict else \
+            ([] if checks["format"] and p.steps else ["format"])
+        if failed:
+            st.drop(f"tag_{failed[0]}")
+            continue
+        c.steps = [(x.tag, x.text) for x in p.steps]
+        good.append(c)
+        st.n_out += 1
+    return good
+
+
+def restrict_stage(judged: list[Chain], vocab: tuple[str, ...], s: Settings, tagger: Backend, out: Path, work: Path,
+                   log) -> tuple[list[Chain], dict]:
+    """6: restricted re-tagging with the format filter; `spot_check.md`. → (the final chains, manifest entry)."""
     st = Stage("restrict", len(judged))
-    final = restrict(judged, "restrict", True, st)
-    stages["6_restrict"] = st.as_dict()
+    final = retag(judged, vocab, "restrict", True, st, s, tagger)
     write_jsonl(work / "tagged.jsonl", [c.row() for c in final])
     log(f"6 restrict: {st.n_out} of {st.n_in} pass the format filter")
     spot = random.Random(s.seed).sample(final, min(s.spot_check, len(final)))
     atomic_write_text(out / "spot_check.md", "# Spot check: a random sample of the final tagged chains\n\n" + "\n".join(
         f"## {c.inst.id} (sample {c.sample}, {c.inst.task.name}, judge {sum(c.judge.values())})\n\n```\n"
         f"{tags.render(c.steps, c.answer)}\n```\ngold: `{c.inst.gold}`\n" for c in spot))
+    return final, st.as_dict()
 
-    # 7. emit: SFT records, PRMU pairs, RL prompts
+
+def emit(chosen, rest, parsed: list[Chain], blind: dict[str, Chain], final: list[Chain], vocab: tuple[str, ...],
+         s: Settings, tagger: Backend, out: Path, log) -> dict:
+    """7: `sft.jsonl`, `prp.jsonl` / `pqp.jsonl` and `rl_prompts.jsonl`. → the manifest entries of this stage."""
     prompt_of = lambda inst: tagpr_prompt(inst.task, inst.question, inst.items, vocab, s.min_tags)
     sft = [SFTRecord(f"{c.inst.id}-c{c.sample}", c.inst.task.name, c.inst.user_id, prompt_of(c.inst),
                      tags.render(c.steps, "").strip(), c.answer) for c in final]
     write_jsonl(out / "sft.jsonl", [r.to_json() for r in sft])
+    (prp, pqp), pair_entry = pairs(parsed, blind, final, vocab, s, tagger, prompt_of)
+    write_jsonl(out / "prp.jsonl", [p.to_json() for p in prp])
+    write_jsonl(out / "pqp.jsonl", [p.to_json() for p in pqp])
+    rl, rl_counts = rl_prompts(chosen, rest, {c.inst.id for c in final}, {p.user_id for p in prp + pqp}, s,
+                               prompt_of)
+    write_jsonl(out / "rl_prompts.jsonl", [r.to_json() for r in rl])
+    log(f"7 emit: {len(sft)} SFT chains, {len(prp)} PRP + {len(pqp)} PQP pairs, {len(rl)} RL prompts → {out}")
+    return {"7_pair_tagging": pair_entry,
+            "7_emit": {"sft": len(sft), "prp": len(prp), "pqp": len(pqp), "rl_prompts": rl_counts,
+                       "sft_per_task": dict(Counter(r.task for r in sft))}}
 
+
+def pairs(parsed: list[Chain], blind: dict[str, Chain], final: list[Chain], vocab: tuple[str, ...], s: Settings,
+          tagger: Backend, prompt_of) -> tuple[tuple[list[Pair], list[Pair]], dict]:
+    """PRP: an instance's best final chain ≻ its no-profile chain; PQP: ≻ its worst-scoring chain, when worse.
+    Rejected chains are re-tagged (departure 4). → ((prp, pqp), manifest entry)."""
     by_inst: dict[str, list[Chain]] = {}
     for c in final:
         by_inst.setdefault(c.inst.id, []).append(c)
@@ -413,34 +465,26 @@ def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: C
         worst = min(every[i], key=lambda c: (c.score, c.sample))
         if worst.score < b.score:
             pqp_rej.append(worst)
-    pairs_st = Stage("pairs", len(prp_rej) + len(pqp_rej))
-    tagged_rej = restrict(prp_rej + pqp_rej, "restrict_rejected", False, pairs_st)
-    stages["7_pair_tagging"] = pairs_st.as_dict()
-
+    st = Stage("pairs", len(prp_rej) + len(pqp_rej))
     prp, pqp = [], []
-    for r in tagged_rej:
+    for r in retag(prp_rej + pqp_rej, vocab, "restrict_rejected", False, st, s, tagger):
         b = best[r.inst.id]
         kind, bucket = ("prp", prp) if r.sample < 0 else ("pqp", pqp)
         bucket.append(Pair(f"{r.inst.id}-{kind}", kind, r.inst.user_id, r.inst.task.name, prompt_of(r.inst),
                            tags.render(b.steps, b.answer), tags.render(r.steps, r.answer)))
-    write_jsonl(out / "prp.jsonl", [p.to_json() for p in prp])
-    write_jsonl(out / "pqp.jsonl", [p.to_json() for p in pqp])
+    return (prp, pqp), st.as_dict()
 
-    rl, rl_counts = [], {}
-    used = {c.inst.id for c in final}
-    pair_users = {p.user_id for p in prp + pqp}
+
+def rl_prompts(chosen, rest, used: set[str], pair_users: set[str], s: Settings, prompt_of
+               ) -> tuple[list[RLPrompt], dict]:
+    """RL prompts per task from the questions SFT did not use, those of users with pairs first (departure 6).
+    → (prompts, per task: wanted, written, with a user that has pairs)."""
+    rl, counts = [], {}
     for task in chosen:
         want = s.rl_lamp2 if task.startswith("LaMP_2") else s.rl_per_task
         pool = rest[task] + [i for i in chosen[task] if i.id not in used]
         pool.sort(key=lambda i: i.user_id not in pair_users)  # stable: the users PRMU learns first
         got = pool[:want]
         rl += [RLPrompt(i.id, task, i.user_id, prompt_of(i), i.gold) for i in got]
-        rl_counts[task] = {"wanted": want, "written": len(got),
-                           "user_has_pairs": sum(i.user_id in pair_users for i in got)}
-    write_jsonl(out / "rl_prompts.jsonl", [r.to_json() for r in rl])
-    stages["7_emit"] = {"sft": len(sft), "prp": len(prp), "pqp": len(pqp), "rl_prompts": rl_counts,
-                        "sft_per_task": dict(Counter(r.task for r in sft))}
-    manifest["calls"] = {role: b.stats() for role, b in backends.items()}
-    write_json(out / "manifest.json", manifest)
-    log(f"7 emit: {len(sft)} SFT chains, {len(prp)} PRP + {len(pqp)} PQP pairs, {len(rl)} RL prompts → {out}")
-    return manifest
+        counts[task] = {"wanted": want, "written": len(got), "user_has_pairs": sum(i.user_id in pair_users for i in got)}
+    return rl, counts
