@@ -39,8 +39,8 @@ from tqdm import tqdm
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.losses import bradley_terry_loss
-from tagpr.loop import backward, begin, optimizer_step
-from tagpr.training import epoch_batches, held_out, lr_at, rank_micro_batches, start_run
+from tagpr.loop import backward, begin, fsdp_micro_batches, optimizer_step
+from tagpr.training import epoch_batches, held_out, lr_at, start_run
 
 
 @dataclass
@@ -169,13 +169,12 @@ def main(argv=None):
         model.eval()
         hits, counts = defaultdict(float), defaultdict(float)
         with torch.no_grad():
-            for mb in rank_micro_batches(list(range(len(evals))), cfg.micro_batch, d.rank, d.world_size):
-                idx = mb or [0]
+            for idx, real in fsdp_micro_batches(list(range(d.rank, len(evals), d.world_size)), cfg.micro_batch):
                 rc, rr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id)
                 nc, nr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id, unknown=set(idx))
-                if not mb:
+                if not real:
                     continue
-                for i, c, r, c0, r0 in zip(mb, rc.tolist(), rr.tolist(), nc.tolist(), nr.tolist()):
+                for i, c, r, c0, r0 in zip(idx, rc.tolist(), rr.tolist(), nc.tolist(), nr.tolist()):
                     who = "seen" if evals[i].user_id in users else "unseen"
                     for key, (a, b) in (("all", (c, r)), (f"set/{evals[i].set}", (c, r)),
                                         (f"task/{evals[i].task}", (c, r)), (who, (c, r)), (f"{who}_no_ue", (c0, r0))):
@@ -193,15 +192,14 @@ def main(argv=None):
         lengths = [len(x[0]) + len(x[1]) for x in train_enc]
         batch = epoch_batches(lengths, cfg.global_batch, epoch, cfg.seed)[pos]
         t0 = time.perf_counter()
-        micro = rank_micro_batches(batch, cfg.micro_batch, d.rank, d.world_size)
         n_pairs = len(batch)
         loss_sum, acc_sum = 0.0, 0.0
         dropped = {i for i in batch if held_out(f"{cfg.seed}:{epoch}:{train[i].id}", cfg.unknown_user_rate)}
-        for mb in micro:
-            rc, rr = score_pairs(model, train_enc, mb or [batch[0]], d.device, tok.pad_token_id, dropped)
+        for rows, real in fsdp_micro_batches(batch[d.rank::d.world_size], cfg.micro_batch):
+            rc, rr = score_pairs(model, train_enc, rows, d.device, tok.pad_token_id, dropped)
             loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=n_pairs)
-            loss_sum += backward(loss, bool(mb), d.world_size).item()
-            acc_sum += m["accuracy"].item() * len(mb)
+            loss_sum += backward(loss, real, d.world_size).item()
+            acc_sum += m["accuracy"].item() * len(rows) if real else 0.0
         loss = dist.sum_scalar(loss_sum)
         scale = lr_at(step, total, 1.0, warmup, cfg.min_lr_ratio)
         gnorm = optimizer_step(model, opt, [g["base_lr"] * scale for g in opt.param_groups], cfg.grad_clip)

@@ -33,9 +33,9 @@ from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import autocast
 from tagpr.losses import sft_loss
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.loop import backward, begin, optimizer_step
-from tagpr.training import (epoch_batches, held_out, lr_at, pack_rows, packed_batch, pad_batch,
-                            rank_micro_batches, start_run, train_top_layers)
+from tagpr.loop import backward, begin, fsdp_micro_batches, optimizer_step
+from tagpr.training import (epoch_batches, held_out, lr_at, pack_rows, packed_batch, pad_batch, start_run,
+                            train_top_layers)
 
 
 @dataclass
@@ -146,13 +146,11 @@ def run_batch(model, data, micro_batches, pad_id, device, num_tokens, world, tra
 
 
 def plan_micro_batches(batch, data, cfg, d, packed: bool):
-    """This rank's micro-batches of a global batch; the same count on every rank."""
-    if not packed:
-        return rank_micro_batches(batch, cfg.micro_batch, d.rank, d.world_size)
-    rows = pack_rows(batch[d.rank::d.world_size], [len(x[0]) for x in data], cfg.max_len)
-    micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
-    n = int(dist.all_reduce(torch.tensor(len(micro)), "max").item())
-    return micro + [[] for _ in range(n - len(micro))]
+    """This rank's micro-batches of a global batch (of sequences, or with `packed` of packed rows); the same
+    count on every rank, an empty one where a rank is short (`run_batch` runs it with zero loss)."""
+    mine = batch[d.rank::d.world_size]
+    units = pack_rows(mine, [len(x[0]) for x in data], cfg.max_len) if packed else mine
+    return [mb if real else [] for mb, real in fsdp_micro_batches(units, cfg.micro_batch)]
 
 
 def tokens_in(micro, packed: bool):

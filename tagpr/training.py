@@ -66,16 +66,6 @@ def stratified_batches(keys: Sequence[str], batch: int, epoch: int, seed: int) -
     return [order[a:a + batch] for a in range(0, len(order), batch)]
 
 
-def rank_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, as micro-batches; every rank gets the same count
-    (a rank short of data gets empty micro-batches, which the trainer runs with zero loss so
-    FSDP's collectives stay in step)."""
-    mine = batch[rank::world]
-    per_rank = math.ceil(len(batch) / world)
-    n_micro = max(1, math.ceil(per_rank / micro))
-    return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
-
-
 def pad_batch(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int, device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad → input_ids (B, T), attention_mask (B, T), loss_mask (B, T − 1) aligned with

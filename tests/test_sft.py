@@ -16,7 +16,8 @@ from tagpr import checkpoint, records, synthetic
 from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import keep_freed_memory
 from tagpr.models import LogprobModel, load_model
-from tagpr.training import epoch_batches, lr_at, rank_micro_batches
+from tagpr.loop import fsdp_micro_batches
+from tagpr.training import epoch_batches, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -56,10 +57,20 @@ def test_schedule_and_batching():
     a = epoch_batches(lengths, 8, epoch=1, seed=3)
     assert a == epoch_batches(lengths, 8, epoch=1, seed=3) and a != epoch_batches(lengths, 8, epoch=2, seed=3)
     assert sorted(i for b in a for i in b) == list(range(50))
-    # 7 sequences over 2 ranks in micro-batches of 2: rank 0 gets 4 (2 micro), rank 1 gets 3 (+ the same count)
-    assert rank_micro_batches(list(range(7)), 2, 0, 2) == [[0, 2], [4, 6]]
-    assert rank_micro_batches(list(range(7)), 2, 1, 2) == [[1, 3], [5]]
-    assert rank_micro_batches([0], 2, 1, 2) == [[]]  # a rank without data still runs one (empty) micro-batch
+    # 5 rows in micro-batches of 2: 3 real ones; alone, nothing is padded
+    assert list(fsdp_micro_batches(list(range(5)), 2)) == [([0, 1], True), ([2, 3], True), ([4], True)]
+    assert list(fsdp_micro_batches([], 2)) == []
+
+
+def test_fsdp_micro_batches_pad_to_the_busiest_rank(monkeypatch):
+    """Another rank has 3 micro-batches: this one (2 rows → 1) runs 2 more, each one row (index 0) marked not
+    real, so every rank makes the same number of forwards and backwards; the count is asked of all ranks."""
+    from tagpr import dist, loop
+
+    asked = []
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda t, op: asked.append((int(t), op)) or torch.tensor(3))
+    assert list(fsdp_micro_batches([7, 9], 2)) == [([7, 9], True), ([0], False), ([0], False)]
+    assert asked == [(1, "max")] and dist is loop.dist
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
@@ -102,7 +113,7 @@ def test_micro_batch_split_gives_same_gradients(sft_file):
     grads = []
     for micro in (1, 4):  # 8 × 1 vs 2 × 4
         model.zero_grad()
-        mbs = rank_micro_batches(list(range(8)), micro, 0, 1)
+        mbs = [rows for rows, _ in fsdp_micro_batches(list(range(8)), micro)]
         train_sft.run_batch(model, data, mbs, tok.pad_token_id, torch.device("cpu"), n_tok, 1, train=True)
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
