@@ -4,17 +4,18 @@
     torchrun --nproc_per_node=2 train_rl.py --preset tiny
     torchrun --nproc_per_node=8 train_rl.py --preset qwen3-8b --policy runs/lamp/sft/model --prmu runs/lamp/prmu/model
 
-One step:
-1. draw `global_batch` prompts (tasks mixed), each rank its share; sample G rollouts each
-   with the KV-cache sampler (one prefill per group; FSDP unsharded once);
-2. rewards through `tagpr.rewards`: guided R = R_v + λ1·R_f + R_rep + R_tag + λ2·R_p (Eq. 5,
+One step (`gspo_step`, each phase a function below):
+1. `draw_batch`: `global_batch` prompts (tasks mixed), each rank its share; `rollout`: G samples
+   each with the KV-cache sampler (one prefill per group; FSDP unsharded once);
+2. `score`: rewards through `tagpr.rewards`: guided R = R_v + λ1·R_f + R_rep + R_tag + λ2·R_p (Eq. 5,
    R_p from PRMU's `Scorer`), exploratory R = R_v + λ1·R_f + R_rep (Eq. 11, the same λ1);
-3. group advantages (Eq. 10), then the old log-probs, recomputed once by the training
+3. group advantages (Eq. 10), then `old_logprobs`, recomputed once by the training
    model through the fused log-prob op at the sampling temperature (the first mini-batch's
    come from update 0's own forward: the policy has not moved yet);
-4. the rollout batch is split into `mini_batches` (paper: 4) → that many optimizer
+4. `update` × `mini_batches` (paper: 4): the rollout batch split into that many optimizer
    updates, so GSPO's ratio and clipping are live from the second one on;
-   `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy.
+   `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy;
+5. `log_row`: the step's metrics, reduced over ranks as `losses.GSPO_REDUCE` declares.
 
 With `--train-layers N` the lower layers are frozen, so their output (the residual stream
 entering layer L − N) is a constant of the rollout batch: the sampler keeps it while it
@@ -27,7 +28,10 @@ what bf16 training sees anyway. `--no-trunk-cache` runs the whole model in every
 Departures from the paper:
 1. Without `rl_prompts.jsonl` (from `build_data.py`), prompts come from synthetic users.
 2. Without a PRMU model (`--prmu`, else `<run>/prmu/model`) the guided stage has no R_p term
-   (said in the log).
+   (said in the log). A prompt whose user PRMU has no row for is scored as its unknown user
+   (a trained row; the log counts such prompts).
+3. The exploratory stage's R_f weight is the guided stage's λ1 (`--w-format`): Eq. 11 is the
+   guided reward without R_tag and R_p.
 """
 from __future__ import annotations
 
