@@ -62,6 +62,9 @@ class BuildConfig:
     backoff: float = 2.0                 # seconds; doubles per retry, with jitter
     seed: int = 0                        # instance sampling, teacher sampling, k-means
     synthetic_users: int = 150           # synthetic mode: train users per task (4 questions each)
+    difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
+                                         # or "easy" ones whose evidence is lexical (LaMP_2 only; docs/synthetic.md)
+    eval_users: int = 60                 # synthetic mode: dev and test users per task (2 questions each)
 
 
 PRESETS = {
@@ -87,8 +90,9 @@ def main(argv=None) -> dict:
     if not lamp_dir:
         lamp_dir = out / "synthetic_lamp"
         if not (lamp_dir / tasks[0] / "train" / "train_questions.json").is_file():
-            synthetic.generate(lamp_dir, tasks, cfg.seed, {"train": (cfg.synthetic_users, 4), "dev": (60, 2),
-                                                             "test": (60, 2)})
+            synthetic.generate(lamp_dir, tasks, cfg.seed, {"train": (cfg.synthetic_users, 4),
+                                                             "dev": (cfg.eval_users, 2), "test": (cfg.eval_users, 2)},
+                               cfg.difficulty)
         print(f"synthetic users (LaMP format) in {lamp_dir}")
     if "simulated" in (cfg.teacher, cfg.judge, cfg.tagger, cfg.embedder):
         expert = SimulatedExpert(lamp_dir, tasks)

@@ -2,12 +2,14 @@
 
     python evaluate.py --model smollm2-135m --methods zero-shot,rag,rag-r,r2p --limit 24
     python evaluate.py --model runs/default/rl/model --methods tagpr
+    python evaluate.py --model runs/default/rl/model --methods tagpr,floor,oracle --samples 2 --swap --limit 64
     python evaluate.py --model runs/default/rl/model --methods tagpr --sweep k          # k ∈ {2, 4, 8, 16, 32}
     python evaluate.py --model runs/default/rl/model --methods tagpr --sweep retriever  # recency, bm25, random, dense
     python evaluate.py --model openai:gpt-4o@https://api.openai.com/v1 --lamp-dir /data/LaMP --methods rag --paper
 
 Writes `<out>/<setting>/<task>/` predictions.json (the official outputs format), golds.json,
-traces.jsonl (prompt, full output, answer), metrics.json; and `<out>/metrics.json`,
+traces.jsonl (prompt, full output, answer), scores.json (each question's accuracy, |error| or ROUGE-1),
+metrics.json (with `n` and the primary metric's 95 % bootstrap interval); and `<out>/metrics.json`,
 `<out>/table.md` (+ `sweep.png` for sweeps). Rerunning resumes: finished (setting, task)
 folders are reused and model replies come from `<out>/cache/`.
 Methods and how each departs from its paper: `tagpr/evaluation.py`, `tagpr/r2p.py`.
@@ -34,7 +36,8 @@ SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "de
 @dataclass
 class EvalConfig:
     model: str = "smollm2-135m"         # HF folder, smollm2-135m, tiny, or openai:MODEL@BASE_URL
-    methods: str = "zero-shot,rag,rag-r,r2p"  # comma-separated: zero-shot, rag, rag-r, pag, r2p, tagpr, oracle
+    methods: str = "zero-shot,rag,rag-r,r2p"  # comma-separated: zero-shot, rag, rag-r, pag, r2p, tagpr, oracle,
+                                        # floor (oracle and floor: synthetic users' latent rules, no model)
     tasks: str = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"  # comma-separated task names (LaMP_2N: news)
     split: Literal["train", "dev", "test"] = "dev"  # test golds are private: the paper evaluates on dev
     lamp_dir: str = ""                  # empty: runs/default/data/synthetic_lamp if present, else synthetic users
@@ -58,6 +61,11 @@ class EvalConfig:
     api_key_env: str = "OPENAI_API_KEY"  # with openai: the environment variable that holds the key (never logged)
     concurrency: int = 16               # with openai: requests in flight at once
     seed: int = 0                       # sampling (R2P candidates) and the random retriever
+    samples: int = 0                    # also score each model method on k samples per question at --temperature
+                                        # (setting "<method>@sampled": the mean over the k; 0: greedy only)
+    temperature: float = 1.0            # the sampled setting's temperature (the RL rollouts' by default)
+    swap: bool = False                  # also score each model method with every question shown another user's
+                                        # profile (setting "<method>@swap", greedy): the personalization control
 
 
 def slug(name: str) -> str:
@@ -90,9 +98,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--methods: unknown {m!r}; expected {', '.join(evaluation.METHODS)}")
     tags_path = Path(cfg.tags) if cfg.tags else Path("runs/default/data/tags.json")
     vocab = tags.load_tags(tags_path) if tags_path.is_file() else tags.DEFAULT_TAGS
-    backend = make_backend(cfg, out / "cache") if set(methods) - {"oracle"} else None
+    backend = make_backend(cfg, out / "cache") if set(methods) - set(evaluation.NO_MODEL) else None
     encoder = None
     settings = [(m, cfg.k, cfg.retriever) for m in methods]
+    if cfg.sweep and (cfg.samples or cfg.swap):
+        raise SystemExit("--samples and --swap score one setting; run them without --sweep")
     if cfg.sweep:
         if cfg.sweep not in SWEEPS:
             raise SystemExit(f"--sweep: expected one of {', '.join(SWEEPS)}")
@@ -108,19 +118,27 @@ def main(argv=None) -> dict:
         else:
             encoder = DenseEncoder(cfg.dense_model)
     results: dict[str, dict] = {}
+    runs = []  # (setting name, method, k, retriever, samples, swap)
     for method, k, retriever in settings:
-        name = method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}"
+        runs.append((method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}", method, k,
+                     retriever, 0, False))
+        if method not in evaluation.NO_MODEL:
+            runs += [(f"{method}@sampled", method, k, retriever, cfg.samples, False)] if cfg.samples else []
+            runs += [(f"{method}@swap", method, k, retriever, 0, True)] if cfg.swap else []
+    for name, method, k, retriever, samples, swap in runs:
         s = evaluation.Settings(k, retriever, cfg.seed, cfg.max_new_direct, cfg.max_new_reason, vocab,
                                 r2p.Settings(chunk=cfg.r2p_chunk, budget_words=cfg.r2p_budget_words,
                                              candidates=cfg.r2p_candidates, max_tokens=cfg.r2p_max_tokens,
-                                             max_interventions=cfg.r2p_interventions))
+                                             max_interventions=cfg.r2p_interventions),
+                                temperature=cfg.temperature if samples else 0.0)
         results[name] = {}
         for task in [t for t in cfg.tasks.split(",") if t]:
             split = lamp.load_split(lamp_dir, task, cfg.split)
             m = evaluation.evaluate_split(backend, method, split, out / slug(name), s, cfg.limit, encoder, lamp_dir,
-                                          cfg.split)
+                                          cfg.split, samples, swap)
             results[name][split.task.name] = m
-            print(json.dumps({"setting": name, "task": split.task.name, **{k_: round(v, 4) for k_, v in m.items()}}))
+            print(json.dumps({"setting": name, "task": split.task.name, **{
+                k_: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k_, v in m.items()}}))
     write_json(out / "metrics.json", results)
     pretty = {(evaluation.LABELS.get(n.split("@")[0], n) + (f" @ {n.split('@')[1]}" if "@" in n else "")): r
               for n, r in results.items()}

@@ -9,28 +9,35 @@
 | r2p | rag + R2P's template, intervention and self-referencing (`tagpr.r2p`) | after `</think>` |
 | tagpr | the TagPR prompt (`tagpr.prompts.tagpr_prompt`) for a trained policy | after `</think>` |
 | oracle | synthetic users only: each question's latent rule applied (no model): the ceiling | |
+| floor | synthetic users only: the answer most users would give to the input, profile unseen (no model) | |
 
-All model calls are greedy (R2P's candidates are sampled, as R2P does) and go through a
-`tagpr.llm` backend (`hf:` our KV-cache sampler, or an OpenAI-compatible endpoint), whose
+Model calls are greedy (R2P's candidates are sampled, as R2P does); `Settings.temperature` and
+`sample` make them the k-th sample at that temperature instead (`evaluate_split(samples=k)` scores
+the mean over k samples: the score RL optimises). `swap_profiles` gives every question another
+held-out user's profile: the control that tells personalization from a task's global answer.
+Every metric comes with its per-question scores (`scores.json`) and a 95 % bootstrap interval.
+Calls go through a `tagpr.llm` backend (`hf:` our KV-cache sampler, or an OpenAI-compatible endpoint), whose
 request cache makes a killed evaluation resume where it stopped. Answers are only stripped:
 an invalid or missing prediction is scored by the official rules (a miss; the worst rating),
 never dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from . import lamp, metrics, prompts, r2p, retrieval, synthetic
-from .files import write_json, write_jsonl
+from .files import read_json, write_json, write_jsonl
 from .llm import Backend, Request
 from .rewards import extract_answer
 from .tags import DEFAULT_TAGS
 
-METHODS = ("zero-shot", "rag", "rag-r", "pag", "r2p", "tagpr", "oracle")
+METHODS = ("zero-shot", "rag", "rag-r", "pag", "r2p", "tagpr", "oracle", "floor")
 LABELS = {"zero-shot": "Zero-shot", "rag": "RAG", "rag-r": "RAG-R (base)", "pag": "PAG", "r2p": "R2P",
-          "tagpr": "TagPR", "oracle": "Oracle (latent rule)"}
+          "tagpr": "TagPR", "oracle": "Oracle (latent rule)", "floor": "No-profile floor"}
+NO_MODEL = ("oracle", "floor")  # methods that read the synthetic users' latent rules instead of asking a model
 REASON = ("First reason step by step about the user's history and the input inside <think> ... </think>, then "
           "after </think> write only the answer, formatted exactly as the question asks.")
 PAG_SUMMARY = ("Here is a user's history: {items}.\n\nIn two or three sentences, summarize what this history shows "
@@ -61,6 +68,8 @@ class Settings:
     max_new_reason: int = 320
     vocab: Sequence[str] = DEFAULT_TAGS
     r2p: r2p.Settings = field(default_factory=r2p.Settings)
+    temperature: float = 0.0    # 0: greedy; else every model call samples at it
+    sample: int = 0             # which sample (a seed of its own, a cache key of its own)
 
 
 def _user(content: str) -> list[dict]:
@@ -73,13 +82,17 @@ def run_method(backend: Backend | None, method: str, split: lamp.Split, question
     task = split.task
     items = [retrieval.retrieve(task, q, s.k, s.retriever, s.seed, encoder) for q in questions]
     rag = [lamp.augment(task, q.input, it) for q, it in zip(questions, items)]
-    greedy = lambda texts, n, tag: backend.chat([Request(_user(t), {"role": method}, 0.0, n) for t in texts],
-                                                progress=f"{method} {task.name}{tag}")
-    if method == "oracle":
+    greedy = lambda texts, n, tag: backend.chat([Request(_user(t), {"role": method}, s.temperature, n, s.sample)
+                                                 for t in texts], progress=f"{method} {task.name}{tag}")
+    if method in NO_MODEL:
         latent = synthetic.read_latent(lamp_dir, task.name, split_name)
-        gen = synthetic.GENERATORS[task.name]
-        return [{"id": q.id, "prompt": "", "output": "", "answer": gen.answer(latent[q.id]["rule"], synthetic._restore(
-            latent[q.id]["content"]))} for q in questions]
+        out = []
+        for q in questions:
+            lat, c = latent[q.id], synthetic._restore(latent[q.id]["content"])
+            answer = (synthetic.latent_generator(task.name, lat).answer(lat["rule"], c) if method == "oracle" else
+                      synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard")))
+            out.append({"id": q.id, "prompt": "", "output": "", "answer": answer})
+        return out
     if method == "r2p":
         res = r2p.r2p(backend, rag, [task] * len(rag), s.r2p)
         return [{"id": q.id, "prompt": p, **r} for q, p, r in zip(questions, rag, res)]
@@ -105,27 +118,63 @@ def run_method(backend: Backend | None, method: str, split: lamp.Split, question
             for q, t, r in zip(questions, texts, replies)]
 
 
-def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settings, limit: int = 0, encoder=None,
-                   lamp_dir=None, split_name: str = "dev") -> dict:
-    """Run one method on one task; write predictions (official format), traces and metrics; return the metrics.
+def swap_profiles(questions: Sequence[lamp.Question]) -> list[lamp.Question]:
+    """The profile-swap control: every question keeps its input and gold but shows the profile of another user
+    of the same list (users in order of first appearance; user i gets user i + 1's, the last the first's).
+    A model that personalizes loses accuracy; one that learned the task's global answer does not."""
+    first: dict[str, lamp.Question] = {}
+    for q in questions:
+        first.setdefault(q.user_id or q.id, q)
+    users = list(first)
+    if len(users) < 2:
+        raise ValueError("the profile-swap control needs questions of at least two users")
+    other = {u: first[users[(i + 1) % len(users)]].profile for i, u in enumerate(users)}
+    return [lamp.Question(q.id, q.input, other[q.user_id or q.id], q.user_id) for q in questions]
 
-    A finished (method, task) folder is reused as it is; an unfinished one resumes from the backend's cache.
+
+def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settings, limit: int = 0, encoder=None,
+                   lamp_dir=None, split_name: str = "dev", samples: int = 0, swap: bool = False) -> dict:
+    """Run one method on one task; write predictions (official format), traces, per-question scores and metrics;
+    return the metrics, with `n` (questions) and `<primary>_ci95` (95 % bootstrap interval).
+
+    `samples` = k > 0: k samples per question at `s.temperature`; the metrics are the mean over the k
+    samples' metrics, a question's score the mean of its k, predictions.json holds sample 0's answers.
+    `swap`: every question shows another user's profile (`swap_profiles`). A finished (method, task)
+    folder is reused as it is; an unfinished one resumes from the backend's cache.
     """
     qs = split.questions[:limit] if limit else split.questions
     golds = {q.id: split.golds[q.id] for q in qs}
     d = out / split.task.name
-    if (d / "metrics.json").is_file() and (d / "predictions.json").is_file():
-        _, preds = lamp.read_outputs(d / "predictions.json", split.task)
-        if set(preds) == set(golds):
-            return metrics.evaluate(split.task, golds, preds)
-    traces = run_method(backend, method, split, qs, s, encoder, lamp_dir, split_name)
-    preds = {t["id"]: t["answer"] for t in traces}
-    lamp.write_outputs(d / "predictions.json", split.task, preds)
+    if (d / "metrics.json").is_file() and (d / "scores.json").is_file():
+        m = read_json(d / "metrics.json")
+        if m.get("n") == len(qs):
+            return m
+    shown = swap_profiles(qs) if swap else list(qs)
+    runs = [dataclasses.replace(s, sample=j) for j in range(samples)] if samples else [s]
+    traces = [run_method(backend, method, split, shown, r, encoder, lamp_dir, split_name) for r in runs]
+    ids = [q.id for q in qs]
+    g = [golds[i] for i in ids]
+    per_run = [{t["id"]: t["answer"] for t in tr} for tr in traces]
+    lamp.write_outputs(d / "predictions.json", split.task, per_run[0])
     lamp.write_outputs(d / "golds.json", split.task, golds)
-    write_jsonl(d / "traces.jsonl", traces)
-    m = metrics.evaluate(split.task, golds, preds, golds_path=d / "golds.json", preds_path=d / "predictions.json")
+    write_jsonl(d / "traces.jsonl", [{**t, "sample": j} for j, tr in enumerate(traces) for t in tr] if samples
+                else traces[0])
+    ms = [metrics.evaluate(split.task, golds, p, golds_path=d / "golds.json", preds_path=d / "predictions.json")
+          for p in per_run]
+    m = {k: sum(x[k] for x in ms) / len(ms) for k in ms[0]}
+    per_q = [metrics.per_question(split.task, g, [p[i] for i in ids]) for p in per_run]
+    scores = [sum(col) / len(col) for col in zip(*per_q)]
+    primary = metrics.PRIMARY[split.task.kind]
+    m.update({"n": len(ids), f"{primary}_ci95": list(metrics.bootstrap_ci(scores)), "samples": max(samples, 1)})
+    write_json(d / "scores.json", dict(zip(ids, scores)))
     write_json(d / "metrics.json", m)
     return m
+
+
+def cell(m: dict, key: str) -> str:
+    """"0.344 [0.234, 0.453]": a metric and, where evaluate_split gave it one, its 95 % bootstrap interval."""
+    ci = m.get(f"{key}_ci95")
+    return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str = "") -> str:
@@ -136,7 +185,7 @@ def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str =
     head = "| method | " + " | ".join(c[2] for c in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     rows = []
     for name, r in results.items():
-        cells = [f"{r[t][m]:.3f}" if t in r and m in r[t] else "–" for t, m, _ in cols]
+        cells = [cell(r[t], m) if t in r and m in r[t] else "–" for t, m, _ in cols]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     if paper:
         for name, vals in PAPER_TABLE1.items():

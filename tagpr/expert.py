@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-import statistics
 from pathlib import Path
 
 from . import lamp, synthetic
@@ -130,7 +129,7 @@ class SimulatedExpert(Backend):
 
     def teacher(self, meta: dict, prompt: str) -> str:
         task, q, lat = self.questions[meta["id"]]
-        gen = synthetic.GENERATORS[task.name]
+        gen = synthetic.latent_generator(task.name, lat)
         key = (_digest(prompt), meta.get("sample", 0))
         rule = lat["rule"]
         if _u("wrong", *key) < RATES["teacher_wrong_rule"]:
@@ -163,13 +162,9 @@ class SimulatedExpert(Backend):
     def teacher_blind(self, meta: dict, prompt: str) -> str:
         """Without the profile: the answer most users would give (the mode over rules; median rating)."""
         task, q, lat = self.questions[meta["id"]]
-        gen = synthetic.GENERATORS[task.name]
+        gen = synthetic.latent_generator(task.name, lat)
         c = synthetic._restore(lat["content"])
-        answers = [gen.answer(r, c) for r in gen.rules]
-        if task.kind == "rating":
-            floor = str(int(statistics.median(int(a) for a in answers)))
-        else:
-            floor = answers[0] if task.is_generation else max(answers, key=answers.count)
+        floor = synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard"))
         return (f"1. {KINDS['analyze_input'][0]} the input is {gen.summary(c)}.\n"
                 f"2. {KINDS['make_decision'][0]} with nothing known about the user, the usual answer is {floor}.\n"
                 f"Answer: {floor}")

@@ -109,6 +109,30 @@ def rouge(golds: Sequence[str], preds: Sequence[str], bootstrap: int = 0, seed: 
     return {"rouge-1": float(np.mean(r1)), "rouge-L": float(np.mean(rl))}
 
 
+PRIMARY = {"classification": "accuracy", "rating": "MAE", "generation": "rouge-1"}  # the per-question metric
+
+
+def per_question(task: lamp.Task | str, golds: Sequence[str], preds: Sequence[str]) -> list[float]:
+    """Each question's share of the task's primary metric (`PRIMARY`): 1/0 correct, |error| (the official rule for
+    an unparsable rating), ROUGE-1 F. Their mean is the official accuracy, MAE or ROUGE-1."""
+    task = lamp.get_task(task) if isinstance(task, str) else task
+    if task.kind == "classification":
+        return [float(label_index(task.labels, g) == label_index(task.labels, p) >= 0) for g, p in zip(golds, preds)]
+    if task.kind == "rating":
+        return [abs(parse_rating(p, float(g)) - float(g)) for g, p in zip(golds, preds)]
+    return rouge_pairs(golds, preds)[0]
+
+
+def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (questions resampled with replacement)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return (0.0, 0.0)
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(n, v.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return (float(lo), float(hi))
+
+
 def evaluate(task: lamp.Task | str, golds: Mapping[str, str], preds: Mapping[str, str], bootstrap: int = 0,
              golds_path="<golds>", preds_path="<predictions>") -> dict[str, float]:
     """Score predictions against golds with the task's official metric.

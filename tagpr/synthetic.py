@@ -28,9 +28,11 @@ most recent profile items: the first rule consistent with all of them) and the
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -186,6 +188,52 @@ class LaMP2:
 
     def summary(self, c):
         return f"a {c['genre']} movie, its story device is {c['story']}, its theme is {c['theme']}"
+
+
+class LaMP2Easy(LaMP2):
+    """LaMP-2 at difficulty "easy": the evidence is lexical. Every movie names its genre in so many words, a user
+    watches two genres and gives each its own tag (one of the ten story / theme tags), and the two most recent
+    profile items are one of each genre. The answer is the tag the user gave the profile item whose genre word
+    matches the input's: find the matching word, copy the tag next to it. Without the profile the tag is a guess
+    among ten (floor ≈ 0.1); another user's profile points to another user's tags."""
+
+    GENRES = tuple(LaMP2.LENSES["genre"])
+    LABELS = tuple(LaMP2.LENSES["story"]) + tuple(LaMP2.LENSES["theme"])
+    rules = {f"{g0}={l0};{g1}={l1}": f'This user tags {g0} movies "{l0}" and {g1} movies "{l1}".'
+             for (g0, g1), (l0, l1) in itertools.product(itertools.combinations(GENRES, 2),
+                                                         itertools.permutations(LABELS, 2))}
+
+    @staticmethod
+    def parse(rule: str) -> dict[str, str]:
+        """"sci-fi=classic;comedy=violence" → {"sci-fi": "classic", "comedy": "violence"}."""
+        return dict(part.split("=") for part in rule.split(";"))
+
+    def content(self, rng, genre: str | None = None):
+        c = super().content(rng)
+        if genre is not None:
+            c["genre"] = genre
+            c["phrases"]["genre"] = rng.choice(self.LENSES["genre"][genre])
+        return c
+
+    def content_for(self, rule, rng):
+        return self.content(rng, rng.choice(list(self.parse(rule))))
+
+    def profile_content(self, rule, j, n_items, rng):
+        """Item j of n (by date): the most recent two are one of each of the user's genres, the rest alternate."""
+        genres = list(self.parse(rule))
+        return self.content(rng, genres[(n_items - 1 - j) % 2])
+
+    def _description(self, c):  # the genre named, and one phrase of it: nothing else to read
+        return f"A {c['genre']} movie: {c['who']} fights to survive {c['phrases']['genre']}."
+
+    def answer(self, rule, c):
+        return self.parse(rule).get(c["genre"], self.LABELS[0])
+
+    def item(self, rule, c, rng):
+        return {"description": self._description(c), "tag": self.answer(rule, c)}
+
+    def summary(self, c):
+        return f"a {c['genre']} movie"
 
 
 class LaMP3:
@@ -358,6 +406,24 @@ class LaMP7:
 
 GENERATORS = {g.task: g for g in (LaMP1(), LaMP2(), LaMP3(), LaMP4(), LaMP5(), LaMP7())}
 SYNTHETIC_TASKS = tuple(GENERATORS)
+# difficulty → the tasks that have a generator at that level ("hard" is every task's default: GENERATORS)
+DIFFICULTIES = {"hard": GENERATORS, "easy": {"LaMP_2": LaMP2Easy()}}
+
+
+def generator(task: str, difficulty: str = "hard"):
+    """The generator of a task at a difficulty (docs/synthetic.md says what each level measures)."""
+    name = lamp.get_task(task).name
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown synthetic difficulty {difficulty!r}; expected one of {', '.join(DIFFICULTIES)}")
+    if name not in DIFFICULTIES[difficulty]:
+        raise ValueError(f"{name} has no {difficulty!r} synthetic users; {difficulty!r} exists for "
+                         f"{', '.join(DIFFICULTIES[difficulty])}")
+    return DIFFICULTIES[difficulty][name]
+
+
+def latent_generator(task: str, latent: dict):
+    """The generator that wrote a question, from its latent record (files written before difficulties: hard)."""
+    return generator(task, latent.get("difficulty", "hard"))
 
 
 # ----------------------------------------------------------------------------- users and files
@@ -369,6 +435,7 @@ class Example:
     rule: str
     content: dict
     profile_contents: list[dict] = field(default_factory=list)  # aligned with question.profile
+    difficulty: str = "hard"
 
 
 def _content_for(gen, rule, rng):
@@ -376,10 +443,10 @@ def _content_for(gen, rule, rng):
 
 
 def generate_split(task: str, split: str, n_users: int, questions_per_user: int, seed: int,
-                   profile_size: tuple[int, int] = (8, 20)) -> list[Example]:
-    """Users of one task and split; deterministic in (task, split, seed)."""
-    gen = GENERATORS[lamp.get_task(task).name]
-    rng = random.Random(f"tagpr-synthetic:{gen.task}:{split}:{seed}")
+                   profile_size: tuple[int, int] = (8, 20), difficulty: str = "hard") -> list[Example]:
+    """Users of one task and split; deterministic in (task, split, seed, difficulty)."""
+    gen = generator(task, difficulty)
+    rng = random.Random(f"tagpr-synthetic:{gen.task}:{split}:{seed}" + ("" if difficulty == "hard" else f":{difficulty}"))
     rules = list(gen.rules)
     examples = []
     for u in range(n_users):
@@ -389,7 +456,7 @@ def generate_split(task: str, split: str, n_users: int, questions_per_user: int,
         day = date(2015, 1, 1) + timedelta(days=rng.randrange(365))
         contents, items = [], []
         for j in range(n_items):
-            c = gen.content(rng)
+            c = gen.profile_content(rule, j, n_items, rng) if hasattr(gen, "profile_content") else gen.content(rng)
             day += timedelta(days=rng.randint(1, 40))
             items.append(lamp.Item(f"{uid}-p{j}", gen.item(rule, c, rng), day.isoformat()))
             contents.append(c)
@@ -401,18 +468,19 @@ def generate_split(task: str, split: str, n_users: int, questions_per_user: int,
         for q in range(questions_per_user):
             c = _content_for(gen, rule, rng)
             question = lamp.Question(f"{split}-{gen.task[5:]}-{u:05d}-{q}", gen.input(c), items, uid)
-            examples.append(Example(question, gen.answer(rule, c), rule, c, contents))
+            examples.append(Example(question, gen.answer(rule, c), rule, c, contents, difficulty))
     return examples
 
 
 def write_split(out: str | Path, task: str, split: str, examples: list[Example]) -> Path:
     t = lamp.get_task(task)
-    gen = GENERATORS[t.name]
     d = Path(out) / t.name / split
     lamp.write_questions(d / f"{split}_questions.json", [e.question for e in examples])
     lamp.write_outputs(d / f"{split}_outputs.json", t, {e.question.id: e.gold for e in examples})
     write_json(d / f"{split}_latent.json", [{"id": e.question.id, "user_id": e.question.user_id, "rule": e.rule,
-                                             "explanation": gen.rules[e.rule], "content": e.content}
+                                             "explanation": generator(t.name, e.difficulty).rules[e.rule],
+                                             "content": e.content,
+                                             **({"difficulty": e.difficulty} if e.difficulty != "hard" else {})}
                                             for e in examples])
     return d
 
@@ -427,8 +495,8 @@ def read_latent(lamp_dir: str | Path, task: str, split: str) -> dict[str, dict]:
 DEFAULT_SIZES = {"train": (200, 4), "dev": (60, 2), "test": (60, 2)}
 
 
-def generate(out: str | Path, tasks=SYNTHETIC_TASKS, seed: int = 0, sizes: dict | None = None
-             ) -> dict[str, dict[str, list[Example]]]:
+def generate(out: str | Path, tasks=SYNTHETIC_TASKS, seed: int = 0, sizes: dict | None = None,
+             difficulty: str = "hard") -> dict[str, dict[str, list[Example]]]:
     """Write every split of every task under `out`; returns the examples for measurement."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     result: dict[str, dict[str, list[Example]]] = {}
@@ -436,7 +504,7 @@ def generate(out: str | Path, tasks=SYNTHETIC_TASKS, seed: int = 0, sizes: dict 
         name = lamp.get_task(task).name
         result[name] = {}
         for split, (users, per_user) in sizes.items():
-            ex = generate_split(name, split, users, per_user, seed)
+            ex = generate_split(name, split, users, per_user, seed, difficulty=difficulty)
             write_split(out, name, split, ex)
             result[name][split] = ex
     return result
@@ -457,7 +525,7 @@ def expert_chain(task: str, items: list[lamp.Item], latent: dict) -> tuple[list[
     make_decision (the rule applied). Returns (steps, answer).
     """
     t = lamp.get_task(task)
-    gen = GENERATORS[t.name]
+    gen = latent_generator(t.name, latent)
     c = _restore(latent["content"])
     field = t.answer_field or "title"
     shown = "; ".join(f'"{it[field]}"' for it in items[:4]) or "none"
@@ -499,17 +567,17 @@ def preference_pairs(lamp_dir: str | Path, tasks=SYNTHETIC_TASKS, split: str = "
     out = []
     for task in tasks:
         s = lamp.load_split(lamp_dir, task, split)
-        gen = GENERATORS[s.task.name]
         latent = read_latent(lamp_dir, task, split)
         for q in s.questions:
             items = retrieve(s.task, q, k, retriever)
             lat = latent[q.id]
+            gen = latent_generator(s.task.name, lat)
             c = _restore(lat["content"])
             steps, answer = expert_chain(s.task.name, items, lat)
             good = render(steps, answer)
             prompt = tagpr_prompt(s.task, q, items)
             answers = [gen.answer(r, c) for r in gen.rules]
-            floor = max(answers, key=answers.count) if not s.task.is_generation else answers[0]
+            floor = Counter(answers).most_common(1)[0][0] if not s.task.is_generation else answers[0]
             blind = render([("analyze_input", f"The input: {gen.summary(c)}."),
                             ("make_decision", f"Without looking at this user's history, the usual answer: {floor}")],
                            floor)
@@ -542,7 +610,7 @@ def _answer_field(task: str) -> str:
 
 def predict(task: str, example: Example, mode: str, k: int = 8, style: str | None = None) -> str:
     """One of the reference predictors: 'floor', 'profile' or 'oracle'."""
-    gen = GENERATORS[task]
+    gen = generator(task, example.difficulty)
     rules = list(gen.rules)
     c = example.content
     if mode == "oracle":
@@ -560,13 +628,21 @@ def predict(task: str, example: Example, mode: str, k: int = 8, style: str | Non
                 return gen.answer(r, c)
         return gen.answer(rules[0], c)
     if mode == "floor":
-        answers = [gen.answer(r, c) for r in rules]
-        if task == "LaMP_3":
-            return str(int(statistics.median(int(a) for a in answers)))
-        if lamp.TASKS[task].is_generation:
-            return gen.answer(style or rules[0], c)
-        return max(answers, key=answers.count)  # mode; ties → first rule's answer
+        return floor_answer(task, c, example.difficulty, style)
     raise ValueError(f"unknown predictor {mode!r}")
+
+
+def floor_answer(task: str, content: dict, difficulty: str = "hard", style: str | None = None) -> str:
+    """The no-profile floor's answer to an input: the answer most rules give (ties: the first rule's), the median
+    rating for LaMP-3, and for generation one style (`style`, else the first rule's) for everyone."""
+    gen = generator(task, difficulty)
+    rules = list(gen.rules)
+    if lamp.TASKS[task].is_generation:
+        return gen.answer(style or rules[0], content)
+    answers = [gen.answer(r, content) for r in rules]
+    if task == "LaMP_3":
+        return str(int(statistics.median(int(a) for a in answers)))
+    return Counter(answers).most_common(1)[0][0]  # ties: the first seen, i.e. the first rule's answer
 
 
 def measure(examples_by_task: dict[str, list[Example]], k: int = 8) -> dict[str, dict[str, dict]]:
@@ -578,7 +654,7 @@ def measure(examples_by_task: dict[str, list[Example]], k: int = 8) -> dict[str,
         rows = {}
         if lamp.TASKS[task].is_generation:  # the floor is the single best style for everyone
             best = None
-            for style in GENERATORS[task].rules:
+            for style in generator(task, examples[0].difficulty).rules:
                 m = evaluate(task, golds, {e.question.id: predict(task, e, "floor", style=style) for e in examples})
                 if best is None or m["rouge-1"] > best[1]["rouge-1"]:
                     best = (style, m)
@@ -619,11 +695,13 @@ def main(argv=None) -> None:
     p.add_argument("--dev-users", type=int, default=DEFAULT_SIZES["dev"][0])
     p.add_argument("--test-users", type=int, default=DEFAULT_SIZES["test"][0])
     p.add_argument("--questions-per-user", type=int, default=None, help="default: 4 train, 2 dev/test")
+    p.add_argument("--difficulty", default="hard", choices=list(DIFFICULTIES),
+                   help="hard: today's latent rules (every task); easy: lexical evidence (LaMP_2 only)")
     p.add_argument("--report", action="store_true", help="measure floor / profile / oracle on dev and print the table")
     a = p.parse_args(argv)
     q = a.questions_per_user
     sizes = {"train": (a.train_users, q or 4), "dev": (a.dev_users, q or 2), "test": (a.test_users, q or 2)}
-    result = generate(a.out, [t for t in a.tasks.split(",") if t], a.seed, sizes)
+    result = generate(a.out, [t for t in a.tasks.split(",") if t], a.seed, sizes, a.difficulty)
     print(f"wrote {sum(len(v) for s in result.values() for v in s.values())} questions under {a.out}")
     if a.report:
         table = report_table(measure({t: s["dev"] for t, s in result.items()}))

@@ -146,7 +146,7 @@ def test_every_method_runs_and_the_metrics_cli_agrees(synthetic_dir, tmp_path, c
             "--max-new-direct", "8", "--r2p-candidates", "2", "--r2p-chunk", "8", "--paper"]
     results = evaluate.main(args)
     assert set(results) == set(evaluation.METHODS)
-    assert results["oracle"]["LaMP_3"] == {"MAE": 0.0, "RMSE": 0.0}
+    assert results["oracle"]["LaMP_3"] == {"MAE": 0.0, "RMSE": 0.0, "MAE_ci95": [0.0, 0.0], "n": 2, "samples": 1}
     table = (out / "table.md").read_text()
     assert "| Oracle (latent rule) |" in table and "*paper Table 1: TagPR*" in table
     for setting, per_task in results.items():
@@ -154,7 +154,8 @@ def test_every_method_runs_and_the_metrics_cli_agrees(synthetic_dir, tmp_path, c
             d = out / setting / task
             capsys.readouterr()
             metrics.main(["--golds", str(d / "golds.json"), "--preds", str(d / "predictions.json")])
-            assert json.loads(capsys.readouterr().out) == m == json.loads((d / "metrics.json").read_text())
+            official = json.loads(capsys.readouterr().out)  # evaluate adds n, samples and the interval
+            assert official == {k: m[k] for k in official} and m == json.loads((d / "metrics.json").read_text())
             assert len((d / "traces.jsonl").read_text().splitlines()) == 2
     r2p_trace = json.loads((out / "r2p" / "LaMP_2" / "traces.jsonl").read_text().splitlines()[0])
     assert len(r2p_trace["candidates"]) == 2
@@ -172,3 +173,67 @@ def test_k_sweep_writes_a_table_and_plot(synthetic_dir, tmp_path):
                          "--lamp-dir", str(synthetic_dir), "--out", str(out), "--sweep", "k"])
     assert set(res) == {f"oracle@{k}" for k in (2, 4, 8, 16, 32)}
     assert (out / "sweep.png").stat().st_size > 1000 and "Oracle (latent rule) @ 16" in (out / "table.md").read_text()
+
+
+# ----------------------------------------------------------------------------- sampled scores and the swap control
+
+def test_sampled_setting_scores_the_mean_over_samples(synthetic_dir, tmp_path):
+    """k = 2 samples: sample 0 always right, sample 1 right on the first question only → 0.75 and 1.0 / 0.5."""
+    split = lamp.load_split(synthetic_dir, "LaMP_2", "dev")
+    qs = split.questions[:2]
+    wrong = next(t for t in T2.labels if t not in {split.golds[q.id] for q in qs})
+
+    def fn(req):
+        q = next(q for q in qs if q.input in req.messages[-1]["content"])
+        assert req.temperature == 0.7
+        right = req.sample == 0 or q is qs[0]
+        return Reply(f"<think>x</think>{split.golds[q.id] if right else wrong}")
+
+    b = Scripted(fn)
+    m = evaluation.evaluate_split(b, "rag-r", split, tmp_path, evaluation.Settings(temperature=0.7), limit=2,
+                                  samples=2)
+    assert m["accuracy"] == 0.75 and m["n"] == 2 and m["samples"] == 2
+    assert sorted(r.sample for r in b.seen) == [0, 0, 1, 1]
+    assert json.loads((tmp_path / "LaMP_2" / "scores.json").read_text()) == {qs[0].id: 1.0, qs[1].id: 0.5}
+    assert m["accuracy_ci95"] == [0.5, 1.0]  # two questions: the resampled means are 0.5, 0.75 and 1.0
+    traces = [json.loads(l) for l in (tmp_path / "LaMP_2" / "traces.jsonl").read_text().splitlines()]
+    assert [t["sample"] for t in traces] == [0, 0, 1, 1]
+
+
+def test_swap_gives_each_question_the_next_users_profile(synthetic_dir):
+    split = lamp.load_split(synthetic_dir, "LaMP_2", "dev")
+    qs = split.questions[:6]
+    users = list(dict.fromkeys(q.user_id for q in qs))
+    assert len(users) >= 2
+    swapped = evaluation.swap_profiles(qs)
+    first = {u: next(q for q in qs if q.user_id == u) for u in users}
+    for q, s in zip(qs, swapped):
+        nxt = users[(users.index(q.user_id) + 1) % len(users)]
+        assert (s.id, s.input, s.user_id) == (q.id, q.input, q.user_id)
+        assert s.profile == first[nxt].profile and s.profile != q.profile
+    with pytest.raises(ValueError, match="at least two users"):
+        evaluation.swap_profiles([q for q in qs if q.user_id == users[0]])
+
+
+def test_swap_setting_shows_another_profile_to_a_copying_model(tmp_path):
+    """On easy LaMP-2 users a model that copies the tag of the profile item whose genre matches the input's is
+    perfect with the user's own profile and falls to near chance under the swap."""
+    from tagpr import synthetic
+
+    synthetic.generate(tmp_path / "lamp", ["LaMP_2"], seed=0, sizes={"train": (1, 1), "dev": (16, 2),
+                                                                     "test": (1, 1)}, difficulty="easy")
+    split = lamp.load_split(tmp_path / "lamp", "LaMP_2", "dev")
+
+    def copy_matching_tag(req):
+        text = req.messages[-1]["content"]
+        genre = text.rsplit("description: A ", 1)[1].split(" movie:")[0]
+        for line in text.split('the tag for the movie: "A ')[1:]:
+            if line.startswith(f"{genre} movie:"):
+                return Reply(line.split('" is "')[1].split('"')[0])
+        return Reply("none")
+
+    s = evaluation.Settings(k=2)
+    own = evaluation.evaluate_split(Scripted(copy_matching_tag), "rag", split, tmp_path / "own", s)
+    swap = evaluation.evaluate_split(Scripted(copy_matching_tag), "rag", split, tmp_path / "swap", s, swap=True)
+    assert own["accuracy"] == 1.0 and own["n"] == 32
+    assert swap["accuracy"] < 0.25 and swap["accuracy_ci95"][1] < 0.5

@@ -84,3 +84,24 @@ def test_cli_prints_official_keys(tmp_path, capsys):
     lamp.write_outputs(tmp_path / "p3.json", "LaMP_3", {"1": "2"})
     metrics.main(["--golds", str(tmp_path / "g3.json"), "--preds", str(tmp_path / "p3.json")])  # task from the file
     assert json.loads(capsys.readouterr().out) == {"MAE": 2.0, "RMSE": 2.0}
+
+
+def test_per_question_scores_average_to_the_official_metric():
+    from tagpr import lamp
+
+    assert metrics.per_question("LaMP_2", ["comedy", "sci-fi", "action"], ["comedy", "nonsense", "sci-fi"]) == [
+        1.0, 0.0, 0.0]
+    # an unparsable rating scores the official worst value: |1 − 4| for gold 4
+    assert metrics.per_question("LaMP_3", ["4", "2"], ["five", "2.5"]) == [3.0, 0.5]
+    golds, preds = ["1", "3", "5", "2"], ["2", "3", "x", "5"]
+    assert sum(metrics.per_question("LaMP_3", golds, preds)) / 4 == pytest.approx(
+        metrics.evaluate("LaMP_3", dict(enumerate(golds)), dict(enumerate(preds)))["MAE"])
+    r1 = metrics.per_question(lamp.get_task("LaMP_4"), ["a b c d"], ["a b"])
+    assert r1 == [pytest.approx(2 * 1.0 * 0.5 / 1.5)]  # precision 1, recall 1/2
+
+
+def test_bootstrap_interval_of_a_mean():
+    assert metrics.bootstrap_ci([0.25] * 10) == (0.25, 0.25)
+    lo, hi = metrics.bootstrap_ci([0.0, 1.0] * 32)  # mean 0.5, standard error 0.0625: ≈ 0.5 ± 1.96 · 0.0625
+    assert 0.35 < lo < 0.40 and 0.60 < hi < 0.65
+    assert metrics.bootstrap_ci([0.0, 1.0] * 32, seed=1) != (lo, hi)  # a real resampling, seeded

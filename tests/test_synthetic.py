@@ -63,3 +63,32 @@ def test_rules_decide_golds():
     assert g["LaMP_3"].answer("generous", {"s": 5, "text": ""}) == "5"
     c = {"opener": "I just finished", "thing": "the farmers market", "feeling": "You should come with us next time."}
     assert g["LaMP_7"].answer("abbreviator", c) == "I jst finished da farmers market. u shud cum w uz nxt tym."
+
+
+def test_easy_lamp2_evidence_is_lexical():
+    """Easy LaMP-2 users: two genres, a tag each; the two most recent items show both, so k = 2 pins the rule;
+    no profile: a guess among ten tags; another user's profile: that user's tags."""
+    ex = synthetic.generate_split("LaMP_2", "dev", 60, 2, seed=0, difficulty="easy")
+    res = synthetic.measure({"LaMP_2": ex}, k=2)["LaMP_2"]
+    assert res["oracle"]["accuracy"] == res["profile"]["accuracy"] == 1.0
+    assert res["floor"]["accuracy"] < 0.2
+    gen = synthetic.generator("LaMP_2", "easy")
+    for e in ex:
+        mapping = gen.parse(e.rule)
+        recent = sorted(e.question.profile, key=lambda it: it.date)[-2:]
+        assert {it["description"].split(" movie:")[0][2:] for it in recent} == set(mapping)
+        assert e.gold == mapping[e.content["genre"]] and e.question.input.count(f"A {e.content['genre']} movie:")
+        assert all(it["tag"] == mapping[it["description"].split(" movie:")[0][2:]] for it in e.question.profile)
+    with pytest.raises(ValueError, match="LaMP_3 has no 'easy'"):
+        synthetic.generator("LaMP_3", "easy")
+
+
+def test_hard_files_do_not_change_with_the_difficulty_knob(tmp_path, synthetic_dir):
+    """Latent records carry a difficulty only when it is not the default; hard users are the same as before."""
+    synthetic.generate(tmp_path / "easy", ["LaMP_2"], seed=0, sizes=SMALL, difficulty="easy")
+    lat = synthetic.read_latent(tmp_path / "easy", "LaMP_2", "dev")
+    assert {r["difficulty"] for r in lat.values()} == {"easy"}
+    assert all("difficulty" not in r for r in synthetic.read_latent(synthetic_dir, "LaMP_2", "dev").values())
+    steps, answer = synthetic.expert_chain("LaMP_2", [], next(iter(lat.values())))
+    rule = next(iter(lat.values()))["rule"]
+    assert answer in rule and steps[2][1].startswith("This user tags ")
