@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
-from tagpr import config, datagen, llm, synthetic
+from tagpr import config, datagen, lamp, llm, prompts, synthetic
 from tagpr.expert import SimulatedExpert
-from tagpr.files import write_json
+from tagpr.files import write_json, write_jsonl
+from tagpr.records import RLPrompt
+from tagpr.tags import load_tags
 from tagpr.hardware import keep_freed_memory
 
 TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"   # the paper's six (LaMP-6 needs a licensed corpus)
@@ -65,6 +67,9 @@ class BuildConfig:
     difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
                                          # or "easy" ones whose evidence is lexical (LaMP_2 only; docs/synthetic.md)
     eval_users: int = 60                 # synthetic mode: dev and test users per task (2 questions each)
+    eval_prompts: int = 64               # held-out prompts per task from the dev split (users disjoint from train) →
+                                         # eval_prompts.jsonl and eval_prompts_swap.jsonl (another user's profile),
+                                         # for train_rl.py --eval-prompts; 0: none
 
 
 PRESETS = {
@@ -74,6 +79,23 @@ PRESETS = {
     "tiny": dict(out="runs/tiny/data", instances_per_task=12, chains=2, rl_per_task=8, rl_lamp2=8, synthetic_users=6,
                  spot_check=4),
 }
+
+
+def write_eval_prompts(lamp_dir, out: Path, tasks: list[str], n: int, k: int, retriever: str, min_tags: int) -> int:
+    """The first `n` dev questions of each task as RL prompts with golds (the same prompt as training, with the
+    built vocabulary), and the same questions each shown another user's profile (`lamp.swap_profiles`)."""
+    vocab = load_tags(out / "tags.json")
+    own, swapped = [], []
+    for task in tasks:
+        split = lamp.load_split(lamp_dir, task, "dev")
+        qs = split.questions[:n]
+        for shown, rows in ((qs, own), (lamp.swap_profiles(qs), swapped)):
+            rows += [RLPrompt(q.id, split.task.name, q.user_id or q.id,
+                              prompts.build_prompt(split.task, q, k, retriever, vocab=vocab, min_tags=min_tags),
+                              split.golds[q.id]).to_json() for q in shown]
+    write_jsonl(out / "eval_prompts.jsonl", own)
+    write_jsonl(out / "eval_prompts_swap.jsonl", swapped)
+    return len(own)
 
 
 def main(argv=None) -> dict:
@@ -108,6 +130,9 @@ def main(argv=None) -> dict:
         "kmeans_restarts", "min_tags", "rl_per_task", "rl_lamp2", "spot_check", "teacher_temperature",
         "max_tokens", "seed")})
     manifest = datagen.build(lamp_dir, out, s, backends)
+    if cfg.eval_prompts:
+        n = write_eval_prompts(lamp_dir, out, tasks, cfg.eval_prompts, cfg.k, cfg.retriever, cfg.min_tags)
+        print(f"held-out prompts: {n} per file → {out / 'eval_prompts.jsonl'}, {out / 'eval_prompts_swap.jsonl'}")
     print(f"done in {time.time() - t0:.0f}s; counts per stage in {out / 'manifest.json'}")
     return manifest
 

@@ -134,8 +134,9 @@ def main(argv=None) -> dict:
         results[name] = {}
         for task in [t for t in cfg.tasks.split(",") if t]:
             split = lamp.load_split(lamp_dir, task, cfg.split)
-            m = evaluation.evaluate_split(backend, method, split, out / slug(name), s, cfg.limit, encoder, lamp_dir,
-                                          cfg.split, samples, swap)
+            folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # tagpr@sampled → tagpr_sampled, r2p@16 → r2p_16
+            m = evaluation.evaluate_split(backend, method, split, folder, s, cfg.limit, encoder, lamp_dir, cfg.split,
+                                          samples, swap)
             results[name][split.task.name] = m
             print(json.dumps({"setting": name, "task": split.task.name, **{
                 k_: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k_, v in m.items()}}))

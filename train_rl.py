@@ -32,6 +32,19 @@ Departures from the paper:
    (a trained row; the log counts such prompts).
 3. The exploratory stage's R_f weight is the guided stage's λ1 (`--w-format`): Eq. 11 is the
    guided reward without R_tag and R_p.
+4. `--overlong mask` (off: paper) takes rollouts cut at `--max-new-tokens` out of the loss and out of
+   their group's mean and std (DAPO's overlong filtering), so that "finished" no longer decides the
+   advantages when many rollouts run out of tokens.
+5. `--temperature`, `--group`, `--lr`, `--train-layers`, `--stratify` change the recipe; their defaults are
+   the paper's (the demo's choices and what each was measured to do: docs/rl_experiments.md).
+
+`--eval-prompts FILE --eval-every N` (verl's `val/test_score`) scores held-out prompts
+(`build_data.py` writes `eval_prompts.jsonl` from dev users) before training and every N steps:
+the task's metric of the greedy answer and the mean over `--eval-samples` samples at the rollout
+temperature, as `eval/held_out/<task>/<metric>_greedy|_sampled` in metrics.jsonl, each prompt's
+scores in `<out>/held_out_step<N>.json`. `--eval-swap-prompts` (`eval_prompts_swap.jsonl`: the same
+questions shown another user's profile) adds `eval/swap/…_greedy`, the personalization control.
+It changes no training: a curve of held-out gain against steps from one run.
 """
 from __future__ import annotations
 
@@ -44,8 +57,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tagpr import checkpoint, config, dist, lamp, prompts, rewards, synthetic, tags
-from tagpr.files import DataError, write_jsonl
+from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
+from tagpr.files import DataError, write_json, write_jsonl
 from tagpr.hardware import autocast
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
 from tagpr.loop import accumulate, backward, begin, fsdp_micro_batches, optimizer_step, reduce_across_ranks
@@ -101,6 +114,16 @@ class RLConfig:
     train_layers: int = -1                    # train only the top N decoder layers + final norm (-1: all)
     trunk_cache: bool = True                  # with train_layers: the frozen layers' output computed once per rollout
                                               # batch (kept by the sampler where it can), not in every forward
+    overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
+                                              # "mask" them out of it and out of their group's statistics (DAPO)
+    eval_prompts: str = ""                    # held-out prompts (rl_prompts format, with golds) scored greedy and
+                                              # sampled before training and every --eval-every steps; empty: none
+    eval_swap_prompts: str = ""               # the same questions shown other users' profiles (build_data's
+                                              # eval_prompts_swap.jsonl), scored greedy alongside: the control
+    eval_before: bool = True                  # also score them before the first step (the start policy's row)
+    eval_every: int = 0                       # score the held-out prompts every N steps and at the end (0: only
+                                              # before training and at the end, when --eval-prompts is given)
+    eval_samples: int = 2                     # samples per held-out prompt at the rollout temperature (besides greedy)
 
 
 PRESETS = {
@@ -357,7 +380,8 @@ def rollout(run: Run, batch: Batch):
 def score(run: Run, batch: Batch, roll) -> Scores:
     """Rewards (guided: Eq. 5; exploratory: Eq. 11) and group advantages (Eq. 10)."""
     total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab)
-    adv, m = group_advantages(torch.tensor(total, dtype=torch.float32), run.cfg.group)
+    valid = roll.finished.cpu() if run.cfg.overlong == "mask" else None
+    adv, m = group_advantages(torch.tensor(total, dtype=torch.float32), run.cfg.group, valid=valid)
     return Scores(total, parts, adv, float(m["zero_variance_frac"]))
 
 
@@ -450,6 +474,64 @@ def rollout_rows(run: Run, batch: Batch, roll, scores: Scores, plan: Plan) -> li
             for j, text in enumerate(roll.texts) for p in [batch.prompts[j // run.cfg.group]]]
 
 
+def load_eval_sets(cfg: RLConfig) -> dict[str, tuple[list[RLPrompt], int]]:
+    """{"held_out": (prompts, samples per prompt), "swap": (prompts, 0)} from --eval-prompts / --eval-swap-prompts."""
+    sets = {}
+    for name, f, k in (("held_out", cfg.eval_prompts, cfg.eval_samples), ("swap", cfg.eval_swap_prompts, 0)):
+        if f and not Path(f).is_file():
+            raise DataError(f"{f}: not found; `python build_data.py` writes eval_prompts.jsonl and "
+                            "eval_prompts_swap.jsonl")
+        if f:
+            sets[name] = (read_rl_prompts(f), k)
+    return sets
+
+
+def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path: Path | None = None
+             ) -> dict[str, float]:
+    """Each held-out set's task metric (`metrics.per_question`: accuracy, |error| or ROUGE-1): greedy, and the mean
+    over k samples at the rollout temperature where the set has k > 0. Every rank answers its share (the same
+    count on each, for FSDP); the samples' generators are fixed per prompt, so every evaluation of a run draws
+    the same noise. `scores_path`: also write each prompt's scores there ({set: {id: {greedy, sampled}}})."""
+    cfg, tok, d = run.cfg, run.tok, run.d
+    row: dict[str, float] = {}
+    per_prompt: dict[str, dict[str, dict[str, float]]] = {}
+    run.model.eval()
+    for name, (data, k) in sets.items():
+        per = -(-len(data) // d.world_size)
+        mine = list(range(d.rank * per, min(len(data), (d.rank + 1) * per)))
+        ids = [tok(prompts.chat(tok, data[i].prompt), add_special_tokens=False)["input_ids"] for i in mine]
+        ids += [ids[-1] if ids else tok(prompts.chat(tok, data[0].prompt), add_special_tokens=False)["input_ids"]
+                ] * (per - len(mine))                                           # padding rows, not scored
+        gens = [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j)     # by global prompt index
+                for i in mine + [len(data)] * (per - len(mine)) for j in range(k)]
+        greedy = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, greedy=True,
+                          tokenizer=tok, precision=run.precision)
+        sampled = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
+                           cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=k, precision=run.precision) \
+            if k else None
+        for task in sorted({p.task for p in data}):
+            key = f"eval/{name}/{task}/{metrics.PRIMARY[lamp.get_task(task).kind]}"
+            rows = [(j, data[i]) for j, i in enumerate(mine) if data[i].task == task]
+            g = metrics.per_question(task, [p.gold for _, p in rows],
+                                     [rewards.extract_answer(greedy.texts[j]) for j, _ in rows])
+            n = dist.sum_scalar(len(rows))
+            row[f"{key}_greedy"] = dist.sum_scalar(sum(g)) / n
+            mine_scores = {p.id: {"greedy": x} for (_, p), x in zip(rows, g)}
+            if sampled is not None:
+                s = metrics.per_question(task, [p.gold for _, p in rows for _ in range(k)],
+                                         [rewards.extract_answer(sampled.texts[j * k + x]) for j, _ in rows
+                                          for x in range(k)])
+                row[f"{key}_sampled"] = dist.sum_scalar(sum(s)) / (n * k)
+                for i, (_, p) in enumerate(rows):
+                    mine_scores[p.id]["sampled"] = sum(s[i * k:(i + 1) * k]) / k
+            for part in dist.gather_objects(mine_scores):
+                per_prompt.setdefault(name, {}).update(part)
+    run.model.train()
+    if scores_path is not None and d.is_main:
+        write_json(scores_path, per_prompt)
+    return row
+
+
 def gspo_step(run: Run, step: int, keep_rollouts: bool) -> tuple[dict, list[dict]]:
     """One GSPO step: rollout → score → old log-probs → `mini_batches` updates (≥ 2: ratio and clipping live)
     → log. → (metrics row, this rank's rollout rows when `keep_rollouts`)."""
@@ -471,6 +553,11 @@ def main(argv=None):
     cfg, preset, d, precision = begin(RLConfig, PRESETS, argv, __doc__)
     run, resolved, step, log, samples = setup(cfg, preset, precision)
     cfg, total = run.cfg, resolved["total_steps"]
+    eval_sets = load_eval_sets(cfg)
+    if eval_sets and step == 0 and cfg.eval_before:
+        before = held_out(run, eval_sets, Path(cfg.out) / "held_out_step0.json")
+        log.write({"step": 0, **before})
+        dist.print0("held out, before training: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in before.items()))
     bar = tqdm(total=total, initial=step, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
     while step < total:
         keep = samples is not None and (step + 1) % cfg.rollouts_every == 0
@@ -479,6 +566,10 @@ def main(argv=None):
         if keep:
             samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
             log.text("rollouts", rollouts_markdown(mine[:cfg.group]), step)
+        if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            row.update(held_out(run, eval_sets, Path(cfg.out) / f"held_out_step{step}.json"))
+            dist.print0(f"held out, step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items()
+                                                                if k.startswith("eval/")))
         log.write(row)
         bar.update(1)
         bar.set_postfix(stage=row["stage"][0], reward=f"{row['reward']:.3f}",

@@ -16,8 +16,6 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tagpr import config, hardware  # noqa: E402  (the repository root first: the demo runs from a checkout)
+from tagpr import config, hardware, metrics, plot  # noqa: E402  (the repository root first: the demo runs from a checkout)
+from tagpr.evaluation import LABELS  # noqa: E402
 
 PY = sys.executable
 
@@ -89,7 +88,9 @@ class Timer:
 class DemoConfig:
     run: str = "runs/demo"              # the run folder (rerun the same command to resume)
     policy: str = "smollm2-135m"        # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
-    tasks: str = "LaMP_2,LaMP_3"        # comma-separated synthetic tasks
+    tasks: str = "LaMP_2"               # comma-separated synthetic tasks
+    difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules: "easy" (lexical evidence, LaMP_2 only)
+                                        # or "hard" (docs/synthetic.md)
     k: int = 2                          # profile items in every prompt
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage: auto = bf16 where the CPU has
                                         # AVX512-BF16 / AMX, else fp32; bf16 elsewhere stops before any work
@@ -97,14 +98,19 @@ class DemoConfig:
     sft_batch: int = 8                  # SFT sequences per step
     sft_lr: float = 1e-4                # SFT learning rate
     prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
-    rl_steps: int = 4                   # GSPO steps per seed
+    rl_steps: int = 8                   # GSPO steps per seed
     rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
-    rl_prompts: int = 4                 # prompts per rollout batch (all ranks)
+    rl_prompts: int = 8                 # prompts per rollout batch (all ranks)
     rl_group: int = 4                   # rollouts per prompt (G)
-    rl_lr: float = 1e-5                 # GSPO learning rate
-    rl_max_new: int = 128               # new tokens per rollout at most
-    seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows their mean ± half range
-    eval_limit: int = 8                 # dev questions per task
+    rl_lr: float = 5e-5                 # GSPO learning rate
+    rl_temperature: float = 1.0         # rollout temperature (paper: 1); the sampled score is taken at it
+    rl_max_new: int = 160               # new tokens per rollout (and per held-out answer) at most
+    rl_overlong: Literal["keep", "mask"] = "mask"  # rollouts cut at rl_max_new: out of the loss (DAPO) or kept
+    rl_eval_every: int = 4              # held-out scores every N GSPO steps (and before the first, and at the end)
+    seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows each and their mean
+    eval_questions: int = 64            # held-out dev questions per task (users disjoint from training)
+    eval_samples: int = 2               # samples per held-out question for the sampled score
+    base_methods: str = "zero-shot,rag"  # the base model's rows (evaluate.py methods; r2p, rag-r: slower)
     nproc: int = 2                      # ranks of the RL stage (torch.distributed.run)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
                                         # it (auto), or glibc's (system)
@@ -128,10 +134,10 @@ def main(argv=None):
     seeds = [int(s) for s in a.seeds.split(",") if s]
     t_start = time.time()
 
-    timer.stage("1 build_data", data / "manifest.json",
+    timer.stage("1 build_data", data / "eval_prompts_swap.jsonl",
                 [PY, "build_data.py", "--preset", "synthetic", "--out", str(data), "--tasks", a.tasks, "--k", str(a.k),
-                 "--instances-per-task", "120", "--chains", "2", "--rl-per-task", "64", "--rl-lamp2", "64"],
-                logs / "build_data.log")
+                 "--difficulty", a.difficulty, "--instances-per-task", "200", "--chains", "2", "--rl-per-task", "256",
+                 "--rl-lamp2", "256", "--eval-prompts", str(a.eval_questions)], logs / "build_data.log")
     timer.stage("2 train_sft", sft / "model" / "config.json",
                 [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
                  "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
@@ -142,7 +148,7 @@ def main(argv=None):
                 [PY, "train_prmu.py", "--preset", "tiny", "--prp", str(data / "prp.jsonl"), "--pqp",
                  str(data / "pqp.jsonl"), "--out", str(prmu), "--max-steps", str(a.prmu_steps), "--epochs", "5",
                  "--save-every", "10"], logs / "train_prmu.log")
-    for s in seeds:
+    for i, s in enumerate(seeds):
         rl = run_dir / f"rl_seed{s}"
         timer.stage(f"4 train_rl seed {s}", rl / "model" / "config.json",
                     [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py", "--policy",
@@ -150,68 +156,108 @@ def main(argv=None):
                      "--out", str(rl), "--seed", str(s), "--lr", str(a.rl_lr), "--global-batch", str(a.rl_prompts),
                      "--group", str(a.rl_group), "--mini-batches", "2", "--micro-batch", "8", "--max-new-tokens",
                      str(a.rl_max_new), "--max-steps", str(a.rl_steps), "--guided-epochs", "100",
+                     "--temperature", str(a.rl_temperature), "--overlong", a.rl_overlong,
+                     "--eval-prompts", str(data / "eval_prompts.jsonl"), "--eval-swap-prompts",
+                     str(data / "eval_prompts_swap.jsonl"), "--eval-samples", str(a.eval_samples),
+                     "--eval-every", str(a.rl_eval_every), "--eval-before" if i == 0 else "--no-eval-before",
                      "--save-every", "2", "--keep", "1", "--precision", prec, "--train-layers", str(a.rl_train_layers)],
                     logs / f"train_rl_seed{s}.log")
-        if (rl / "metrics.jsonl").is_file():
-            subprocess.run([PY, "-m", "tagpr.plot", str(rl / "metrics.jsonl")], cwd=ROOT, check=True,
-                           stdout=subprocess.DEVNULL)
-
     lamp_dir = data / "synthetic_lamp"
-    common = ["--lamp-dir", str(lamp_dir), "--tasks", a.tasks, "--limit", str(a.eval_limit), "--k", str(a.k),
-              "--tags", str(data / "tags.json")]
-    evals = {"base": (a.policy, "zero-shot,rag-r,r2p,oracle"), "sft": (str(sft / "model"), "tagpr")}
-    evals.update({f"rl_seed{s}": (str(run_dir / f"rl_seed{s}" / "model"), "tagpr") for s in seeds})
-    for name, (model, methods) in evals.items():
-        out = run_dir / "eval" / name
-        timer.stage(f"5 evaluate {name}", out / "table.md",
-                    [PY, "evaluate.py", "--model", model, "--methods", methods, "--out", str(out),
-                     "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192",
-                     "--r2p-budget-words", "120", "--r2p-interventions", "1", "--precision", prec, *common], logs / f"evaluate_{name}.log")
+    timer.stage("5 evaluate base", run_dir / "eval" / "base" / "table.md",
+                [PY, "evaluate.py", "--model", a.policy, "--methods", f"{a.base_methods},floor,oracle",
+                 "--out", str(run_dir / "eval" / "base"), "--lamp-dir", str(lamp_dir), "--tasks", a.tasks,
+                 "--limit", str(a.eval_questions), "--k", str(a.k), "--tags", str(data / "tags.json"),
+                 "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192", "--r2p-budget-words", "120",
+                 "--r2p-interventions", "1", "--precision", prec], logs / "evaluate_base.log")
     report(run_dir, a, seeds, timer.t, time.time() - t_start, prec)
 
 
-def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
-    from tagpr.evaluation import COLUMNS
+def _scores(path: Path, kind: str) -> dict[str, float]:
+    """{question id: score} of one kind ("greedy", "sampled", "swap": greedy on the swapped profiles) from
+    train_rl's held_out_step<N>.json."""
+    per = json.loads(path.read_text())
+    if kind == "swap":
+        return {i: v["greedy"] for i, v in per["swap"].items()}
+    return {i: v[kind] for i, v in per["held_out"].items()}
 
-    res = lambda name: json.loads((run_dir / "eval" / name / "metrics.json").read_text())
-    base = res("base")
-    rows = [("Base model: zero-shot", base["zero-shot"]), ("Base model: RAG-R", base["rag-r"]),
-            ("Base model: R2P", base["r2p"]), ("After SFT (tagged reasoning)", res("sft")["tagpr"])]
-    rl = [res(f"rl_seed{s}")["tagpr"] for s in seeds]
-    tasks = [t for t in a.tasks.split(",")]
-    cols = [c for c in COLUMNS if c[0] in tasks]
-    lines = ["| | " + " | ".join(c[2] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{r[t][m]:.3f}" for t, m, _ in cols) + " |")
-    cells = []
-    for t, m, _ in cols:
-        vals = [r[t][m] for r in rl]
-        cells.append(f"{statistics.mean(vals):.3f}" + (f" ± {(max(vals) - min(vals)) / 2:.3f}" if len(vals) > 1
-                                                       else ""))
-    lines.append(f"| After SFT + RL (TagPR), seeds {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    lines.append("| Oracle ceiling (latent rule) | " + " | ".join(f"{base['oracle'][t][m]:.3f}" for t, m, _ in cols)
-                 + " |")
+
+def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
+    """report.md: the held-out table (each cell a 95 % bootstrap interval), the claims it supports or not, the
+    curves over seeds, the data filter counts and the time per stage."""
+    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
+    last = {s: max(int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json")) for s, d in rl.items()}
+    sft_file = rl[seeds[0]] / "held_out_step0.json"
+    kinds = ["greedy", "sampled", "swap"]
+    sft = {k: _scores(sft_file, k) for k in kinds}
+    ids = sorted(sft["greedy"])
+    rl_scores = {s: {k: _scores(rl[s] / f"held_out_step{last[s]}.json", k) for k in kinds} for s in seeds}
+    base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
+    task = a.tasks.split(",")[0]
+    mean = lambda xs: sum(xs) / len(xs)
+    fmt = lambda vals: f"{mean(vals):.3f} [{metrics.bootstrap_ci(vals)[0]:.3f}, {metrics.bootstrap_ci(vals)[1]:.3f}]"
+
+    def base_row(name):
+        m = base[name][task]
+        ci = m.get("accuracy_ci95")
+        return f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['accuracy']:.3f}"
+
+    lines = ["| model (held-out users) | greedy accuracy | sampled accuracy (T = "
+             f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) |", "|---|---|---|---|",
+             f"| No-profile floor (latent rules, no model) | {base_row('floor')} | | |"]
+    lines += [f"| Base model: {LABELS.get(m, m)} | {base_row(m)} | | |" for m in a.base_methods.split(",") if m]
+    lines.append(f"| After SFT (tagged reasoning) | {fmt([sft['greedy'][i] for i in ids])} | "
+                 f"{fmt([sft['sampled'][i] for i in ids])} | {fmt([sft['swap'][i] for i in ids])} |")
+    for s in seeds:
+        r = rl_scores[s]
+        lines.append(f"| After SFT + RL, seed {s} ({last[s]} steps) | {fmt([r['greedy'][i] for i in ids])} | "
+                     f"{fmt([r['sampled'][i] for i in ids])} | {fmt([r['swap'][i] for i in ids])} |")
+    avg = {k: [mean([rl_scores[s][k][i] for s in seeds]) for i in ids] for k in kinds}
+    lines.append(f"| After SFT + RL, mean of seeds {','.join(map(str, seeds))} | {fmt(avg['greedy'])} | "
+                 f"{fmt(avg['sampled'])} | {fmt(avg['swap'])} |")
+    lines.append(f"| Oracle ceiling (latent rule) | {base_row('oracle')} | | |")
     table = "\n".join(lines)
+
+    claims = []
+    base_best = max(base[m][task]["accuracy"] for m in a.base_methods.split(",") if m)
+    sft_greedy = mean([sft["greedy"][i] for i in ids])
+    claims.append(f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
+                  f"({'yes' if sft_greedy > base_best else 'no'}).")
+    for k in ("sampled", "greedy"):
+        diff = [avg[k][j] - sft[k][i] for j, i in enumerate(ids)]
+        lo, hi = metrics.bootstrap_ci(diff)
+        gains = [mean([rl_scores[s][k][i] - sft[k][i] for i in ids]) for s in seeds]
+        spread = max(gains) - min(gains)
+        ok = lo > 0 and mean(diff) > spread
+        claims.append(f"- SFT + RL > SFT, {k}: gain {mean(diff):+.3f}, 95 % interval of the paired difference "
+                      f"[{lo:+.3f}, {hi:+.3f}], per seed {', '.join(f'{g:+.3f}' for g in gains)} (spread "
+                      f"{spread:.3f}): {'yes' if ok else 'not shown'} (needs the interval above 0 and the gain "
+                      "above the spread).")
+    for name, own, swap in (("SFT", sft["greedy"], sft["swap"]), ("SFT + RL (mean of seeds)", dict(zip(ids,
+                            avg["greedy"])), dict(zip(ids, avg["swap"])))):
+        diff = [own[i] - swap[i] for i in ids]
+        lo, hi = metrics.bootstrap_ci(diff)
+        claims.append(f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
+                      f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'}).")
+    png = plot.seeds_plot({f"seed {s}": rl[s] / "metrics.jsonl" for s in seeds}, run_dir / "curves.png")
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
     counts = "\n".join(f"| {k} | {v['in']} | {v['out']} | "
                        + ", ".join(f"{r} {n}" for r, n in v["dropped"].items()) + " |"
                        for k, v in manifest["stages"].items() if isinstance(v, dict) and "in" in v)
-    for s in seeds:
-        png = run_dir / f"rl_seed{s}" / "metrics.png"
-        if png.is_file():
-            shutil.copy(png, run_dir / f"reward_seed{s}.png")
-    md = (f"# TagPR demo ({a.policy}, synthetic users, {a.tasks})\n\n"
-          f"Held-out synthetic users (dev), first {a.eval_limit} questions per task, k = {a.k} most recent items, "
-          f"{prec} matmuls. SFT {a.sft_steps} steps × {a.sft_batch}; GSPO {a.rl_steps} steps × "
-          f"{a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} tokens), top {a.rl_train_layers} layers, "
-          f"lr {a.rl_lr}. "
-          f"± is half the range across seeds.\n\n{table}\n\n"
-          + "".join(f"![reward curve, seed {s}](reward_seed{s}.png)\n" for s in seeds)
+    md = (f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
+          f"Held-out synthetic users (dev, disjoint from training): the first {len(ids)} questions, k = {a.k} most "
+          f"recent profile items, {prec} matmuls; CPU: {hardware.describe()}. SFT {a.sft_steps} steps × "
+          f"{a.sft_batch}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} "
+          f"tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), top {a.rl_train_layers} layers, lr {a.rl_lr}. "
+          "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
+          "profile-swap column shows each question another held-out user's profile (a model that personalizes "
+          "falls towards the floor there).\n\n"
+          f"{table}\n\n## What the table shows\n\n" + "\n".join(claims) + "\n\n"
+          f"![held-out scores and training reward over seeds]({png.name})\n"
           + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"
           + "\n## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
           + f"\n- this invocation, wall: {wall:.0f}\n")
     (run_dir / "report.md").write_text(md)
-    print("\n" + table + f"\n\nreport: {run_dir / 'report.md'}")
+    print("\n" + table + "\n\n" + "\n".join(claims) + f"\n\nreport: {run_dir / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 
 Model calls are greedy (R2P's candidates are sampled, as R2P does); `Settings.temperature` and
 `sample` make them the k-th sample at that temperature instead (`evaluate_split(samples=k)` scores
-the mean over k samples: the score RL optimises). `swap_profiles` gives every question another
+the mean over k samples: the score RL optimises). `lamp.swap_profiles` gives every question another
 held-out user's profile: the control that tells personalization from a task's global answer.
 Every metric comes with its per-question scores (`scores.json`) and a 95 % bootstrap interval.
 Calls go through a `tagpr.llm` backend (`hf:` our KV-cache sampler, or an OpenAI-compatible endpoint), whose
@@ -118,20 +118,6 @@ def run_method(backend: Backend | None, method: str, split: lamp.Split, question
             for q, t, r in zip(questions, texts, replies)]
 
 
-def swap_profiles(questions: Sequence[lamp.Question]) -> list[lamp.Question]:
-    """The profile-swap control: every question keeps its input and gold but shows the profile of another user
-    of the same list (users in order of first appearance; user i gets user i + 1's, the last the first's).
-    A model that personalizes loses accuracy; one that learned the task's global answer does not."""
-    first: dict[str, lamp.Question] = {}
-    for q in questions:
-        first.setdefault(q.user_id or q.id, q)
-    users = list(first)
-    if len(users) < 2:
-        raise ValueError("the profile-swap control needs questions of at least two users")
-    other = {u: first[users[(i + 1) % len(users)]].profile for i, u in enumerate(users)}
-    return [lamp.Question(q.id, q.input, other[q.user_id or q.id], q.user_id) for q in questions]
-
-
 def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settings, limit: int = 0, encoder=None,
                    lamp_dir=None, split_name: str = "dev", samples: int = 0, swap: bool = False) -> dict:
     """Run one method on one task; write predictions (official format), traces, per-question scores and metrics;
@@ -139,7 +125,7 @@ def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settin
 
     `samples` = k > 0: k samples per question at `s.temperature`; the metrics are the mean over the k
     samples' metrics, a question's score the mean of its k, predictions.json holds sample 0's answers.
-    `swap`: every question shows another user's profile (`swap_profiles`). A finished (method, task)
+    `swap`: every question shows another user's profile (`lamp.swap_profiles`). A finished (method, task)
     folder is reused as it is; an unfinished one resumes from the backend's cache.
     """
     qs = split.questions[:limit] if limit else split.questions
@@ -149,7 +135,7 @@ def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settin
         m = read_json(d / "metrics.json")
         if m.get("n") == len(qs):
             return m
-    shown = swap_profiles(qs) if swap else list(qs)
+    shown = lamp.swap_profiles(qs) if swap else list(qs)
     runs = [dataclasses.replace(s, sample=j) for j in range(samples)] if samples else [s]
     traces = [run_method(backend, method, split, shown, r, encoder, lamp_dir, split_name) for r in runs]
     ids = [q.id for q in qs]

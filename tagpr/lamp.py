@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from .files import DataError, read_json, write_json
 
@@ -274,6 +274,20 @@ def read_outputs(path: str | os.PathLike, task: Task | str | None = None) -> tup
 def write_outputs(path: str | os.PathLike, task: Task | str, outputs: Mapping[str, str]) -> None:
     official = (get_task(task) if isinstance(task, str) else task).official
     write_json(path, {"task": official, "golds": [{"id": k, "output": v} for k, v in outputs.items()]})
+
+
+def swap_profiles(questions: Sequence[Question]) -> list[Question]:
+    """The profile-swap control: every question keeps its input and gold but shows the profile of another user
+    of the same list (users in order of first appearance; user i gets user i + 1's, the last the first's).
+    A model that personalizes loses accuracy; one that learned the task's global answer does not."""
+    first: dict[str, Question] = {}
+    for q in questions:
+        first.setdefault(q.user_id or q.id, q)
+    users = list(first)
+    if len(users) < 2:
+        raise ValueError("the profile-swap control needs questions of at least two users")
+    other = {u: first[users[(i + 1) % len(users)]].profile for i, u in enumerate(users)}
+    return [Question(q.id, q.input, other[q.user_id or q.id], q.user_id) for q in questions]
 
 
 def check_prediction_ids(golds: Mapping[str, str], preds: Mapping[str, str], preds_path="<predictions>",

@@ -59,16 +59,21 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     return loss, {"loss": loss.detach(), "accuracy": acc.detach(), "margin": diff.mean().detach()}
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "std"
-                     ) -> tuple[torch.Tensor, Metrics]:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "std",
+                     valid: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Â_i = (r_i − mean_g) / (std_g + ε) within each group of G consecutive rollouts (Eq. 10).
 
     rewards: (B,) with B = n_groups·G. std is the unbiased (Bessel) one. A group whose
     rewards are all equal gets exactly 0 (no signal). `scale="none"` returns r − mean_g.
+    `valid` (B,) bool: only these rollouts form their group's mean and std, the others get
+    Â = 0 (DAPO's overlong filtering: truncated rollouts out of the loss); a group with
+    fewer than two valid rollouts, or all of them equal, gets 0.
     Metrics: fraction of zero-variance groups, mean and std of the raw rewards.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    if valid is not None:
+        return _masked_group_advantages(rewards, group_size, eps, scale, valid)
     r = _up(rewards).view(-1, group_size)                        # (n_groups, G)
     mean = r.mean(dim=1, keepdim=True)                              # (n_groups, 1)
     flat = (r == r[:, :1]).all(dim=1, keepdim=True)                 # (n_groups, 1) zero-variance groups
@@ -82,6 +87,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     adv = torch.where(flat, torch.zeros_like(adv), adv).view(-1)    # (B,)
     return adv, {"zero_variance_frac": flat.float().mean(), "reward_mean": r.mean(), "reward_std": r.std()
                  if r.numel() > 1 else torch.zeros(())}
+
+
+def _masked_group_advantages(rewards, group_size, eps, scale, valid) -> tuple[torch.Tensor, Metrics]:
+    r = _up(rewards).view(-1, group_size)                        # (n_groups, G)
+    v = valid.to(torch.bool).view(-1, group_size)                # (n_groups, G)
+    n = v.sum(dim=1, keepdim=True)                               # (n_groups, 1) valid rollouts per group
+    mean = torch.where(v, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    dev = torch.where(v, r - mean, 0.0)                          # (n_groups, G)
+    flat = (n < 2) | (dev.abs().amax(dim=1, keepdim=True) == 0)  # no signal among the valid ones
+    adv = dev
+    if scale == "std":
+        adv = dev / ((dev ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
+    adv = torch.where(flat | ~v, torch.zeros_like(adv), adv).view(-1)
+    return adv, {"zero_variance_frac": flat.float().mean(), "reward_mean": r.mean(), "reward_std": r.std()
+                 if r.numel() > 1 else torch.zeros(()), "valid_frac": v.float().mean()}
 
 
 def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

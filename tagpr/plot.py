@@ -47,6 +47,36 @@ def plot(metrics: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def seeds_plot(runs: dict[str, str | Path], out: str | Path) -> Path:
+    """Runs of the same recipe with different seeds ({label: metrics.jsonl}), mean and range over them per step:
+    the training reward on top, the held-out scores (`train_rl.py --eval-prompts`) below."""
+    rows = {name: [r for _, r in iter_jsonl(path)] for name, path in runs.items()}
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7))
+    panels = [(axes[0], ["reward", "reward/verifiable"], "training reward (batch mean)"),
+              (axes[1], sorted({k for rs in rows.values() for r in rs for k in r if k.startswith("eval/")}),
+               "held-out score")]
+    for ax, keys, label in panels:
+        for key in keys:
+            steps = sorted({r["step"] for rs in rows.values() for r in rs if key in r})
+            vals = [[next((r[key] for r in rs if r["step"] == s and key in r), float("nan")) for rs in rows.values()]
+                    for s in steps]
+            mean = [sum(v) / len(v) for v in vals]
+            line, = ax.plot(steps, mean, marker="o" if label == "held-out score" else None, label=key.replace(
+                "eval/", ""))
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
+        ax.set_ylabel(label)
+        ax.set_xlabel("GSPO step")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"mean and range over {len(runs)} seeds ({', '.join(runs)})", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name("." + out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("metrics")

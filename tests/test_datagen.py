@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import build_data
-from tagpr import datagen, lamp, synthetic, tags
+from tagpr import datagen, lamp, prompts, synthetic, tags
+from tagpr.tags import load_tags
 from tagpr.cluster import cluster_tags, kmeans
 from tagpr.expert import SYNONYMS, SimulatedExpert
 from tagpr.files import DataError
@@ -181,6 +182,30 @@ def test_pairs_and_rl_prompts(simulated_run, lamp_dir):
             left = [q.id for q in split.questions if q.profile and q.id not in taken and q.id not in sft_ids
                     and (q.user_id or q.id) in pair_users]
             assert not left, (task, left[:5])
+
+
+def test_held_out_prompts_and_their_swap_control(simulated_run, lamp_dir):
+    """eval_prompts.jsonl: the dev questions (users disjoint from train) with golds, prompted as RL prompts are;
+    eval_prompts_swap.jsonl: the same questions and golds, each shown the next dev user's profile."""
+    out, _ = simulated_run
+    own, swap = read_rl_prompts(out / "eval_prompts.jsonl"), read_rl_prompts(out / "eval_prompts_swap.jsonl")
+    train_users = {r.user_id for r in read_rl_prompts(out / "rl_prompts.jsonl")}
+    for task in synthetic.SYNTHETIC_TASKS:
+        split = lamp.load_split(lamp_dir, task, "dev")
+        mine = [r for r in own if r.task == task]
+        assert [r.id for r in mine] == [q.id for q in split.questions]  # dev holds 2 users × 1 question here
+        assert [r.gold for r in mine] == [split.golds[q.id] for q in split.questions]
+        theirs = [r for r in swap if r.task == task]
+        assert [(r.id, r.gold) for r in theirs] == [(r.id, r.gold) for r in mine]
+        # two users: each question is shown the other's profile (k = 8, the built vocabulary, as RL prompts)
+        vocab = load_tags(out / "tags.json")
+        q0, q1 = split.questions
+        assert mine[0].prompt == prompts.build_prompt(task, q0, 8, vocab=vocab)
+        assert theirs[0].prompt == prompts.build_prompt(task, lamp.Question(q0.id, q0.input, q1.profile), 8,
+                                                        vocab=vocab) != mine[0].prompt
+        assert theirs[1].prompt == prompts.build_prompt(task, lamp.Question(q1.id, q1.input, q0.profile), 8,
+                                                        vocab=vocab)
+    assert not train_users & {r.user_id for r in own}
 
 
 def test_simulated_expert_refuses_real_data(tmp_path, lamp_dir):

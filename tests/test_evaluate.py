@@ -173,6 +173,8 @@ def test_k_sweep_writes_a_table_and_plot(synthetic_dir, tmp_path):
                          "--lamp-dir", str(synthetic_dir), "--out", str(out), "--sweep", "k"])
     assert set(res) == {f"oracle@{k}" for k in (2, 4, 8, 16, 32)}
     assert (out / "sweep.png").stat().st_size > 1000 and "Oracle (latent rule) @ 16" in (out / "table.md").read_text()
+    # each setting its own folder (they once shared "oracle/", so a sweep reused its first point's results)
+    assert all((out / f"oracle_{k}" / "LaMP_2" / "metrics.json").is_file() for k in (2, 4, 8, 16, 32))
 
 
 # ----------------------------------------------------------------------------- sampled scores and the swap control
@@ -205,14 +207,14 @@ def test_swap_gives_each_question_the_next_users_profile(synthetic_dir):
     qs = split.questions[:6]
     users = list(dict.fromkeys(q.user_id for q in qs))
     assert len(users) >= 2
-    swapped = evaluation.swap_profiles(qs)
+    swapped = lamp.swap_profiles(qs)
     first = {u: next(q for q in qs if q.user_id == u) for u in users}
     for q, s in zip(qs, swapped):
         nxt = users[(users.index(q.user_id) + 1) % len(users)]
         assert (s.id, s.input, s.user_id) == (q.id, q.input, q.user_id)
         assert s.profile == first[nxt].profile and s.profile != q.profile
     with pytest.raises(ValueError, match="at least two users"):
-        evaluation.swap_profiles([q for q in qs if q.user_id == users[0]])
+        lamp.swap_profiles([q for q in qs if q.user_id == users[0]])
 
 
 def test_swap_setting_shows_another_profile_to_a_copying_model(tmp_path):

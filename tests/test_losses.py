@@ -219,3 +219,16 @@ def test_grpo_token_level_variant():
     same = lp.clone()
     assert losses.grpo_loss(same, same, adv, mask)[0].item() == pytest.approx(
         losses.gspo_loss(same, same, adv, mask)[0].item(), abs=1e-14)
+
+
+def test_group_advantages_with_truncated_rollouts_masked():
+    """Overlong filtering by hand: [1, 0, (5 truncated), 0] → mean 1/3 and unbiased std √(1/3) over the three
+    valid ones; the truncated one gets 0. A group with one valid rollout gets 0; all valid = the plain path."""
+    r = torch.tensor([1.0, 0.0, 5.0, 0.0, 2.0, 7.0, 7.0, 7.0])
+    valid = torch.tensor([True, True, False, True, True, False, False, False])
+    adv, m = losses.group_advantages(r, 4, eps=0.0, valid=valid)
+    s = (1 / 3) ** 0.5
+    assert torch.allclose(adv, torch.tensor([(2 / 3) / s, (-1 / 3) / s, 0.0, (-1 / 3) / s, 0, 0, 0, 0]), atol=1e-6)
+    assert float(m["zero_variance_frac"]) == 0.5 and float(m["valid_frac"]) == 0.5
+    plain, _ = losses.group_advantages(r, 4)
+    assert torch.equal(losses.group_advantages(r, 4, valid=torch.ones(8, dtype=torch.bool))[0], plain)

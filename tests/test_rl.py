@@ -283,3 +283,37 @@ def test_stratify_gold_balances_the_rollout_batches(tmp_path):
         assert ids == [data[i].id for i in want[step]]
     with pytest.raises(SystemExit, match="--stratify 'label'"):
         prompt_strata(data, "label")
+
+
+def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path, synthetic_dir):
+    """--eval-prompts/--eval-every: rows at steps 0 (before training), 2 and 4 carry the held-out metric; the last
+    greedy one equals evaluate's path (HFBackend, extract_answer, the official MAE) on the exported model. LaMP-3
+    makes it a real number even for a random tiny model: an unparsable rating scores the worst error."""
+    from tagpr import lamp, llm, metrics, prompts, rewards
+    from tagpr.files import write_jsonl
+
+    split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
+    ev = [RLPrompt(q.id, "LaMP_3", q.user_id, prompts.build_prompt("LaMP_3", q, 2), split.golds[q.id])
+          for q in split.questions[:5]]
+    write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
+    write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])
+    rows = run(tmp_path, "r", "--max-steps", "4", "--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-every", "2",
+               "--eval-swap-prompts", str(tmp_path / "swap.jsonl"))
+    key = "eval/held_out/LaMP_3/MAE"
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [f"{key}_greedy" in r and f"{key}_sampled" in r for r in rows] == [True, False, True, False, True]
+    assert [k for k in rows[0] if k.startswith("eval/swap/")] == ["eval/swap/LaMP_3/MAE_greedy"]
+    assert all(0.0 <= r[k] <= 4.0 for r in rows for k in r if k.startswith("eval/"))
+    # each prompt's scores: their means are the logged metrics (the swap set holds the same prompts: same score)
+    per = json.loads((tmp_path / "r" / "held_out_step4.json").read_text())
+    assert set(per["held_out"]) == {p.id for p in ev}
+    for kind in ("greedy", "sampled"):
+        assert sum(x[kind] for x in per["held_out"].values()) / 5 == pytest.approx(rows[-1][f"{key}_{kind}"])
+    assert rows[-1]["eval/swap/LaMP_3/MAE_greedy"] == pytest.approx(rows[-1][f"{key}_greedy"])
+    backend = llm.HFBackend(str(tmp_path / "r" / "model"), batch_size=8)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    replies = backend.chat([llm.Request([{"role": "user", "content": p.prompt}], {}, 0.0, cfg["max_new_tokens"])
+                            for p in ev])
+    preds = {p.id: rewards.extract_answer(r.text) for p, r in zip(ev, replies)}
+    mae = metrics.evaluate("LaMP_3", {p.id: p.gold for p in ev}, preds)["MAE"]
+    assert rows[-1][f"{key}_greedy"] == pytest.approx(mae, abs=1e-9)
