@@ -58,8 +58,9 @@ def seeds_plot(runs: dict[str, str | Path], out: str | Path) -> Path:
     for ax, keys, label in panels:
         for key in keys:
             steps = sorted({r["step"] for rs in rows.values() for r in rs if key in r})
-            vals = [[next((r[key] for r in rs if r["step"] == s and key in r), float("nan")) for rs in rows.values()]
-                    for s in steps]
+            # a seed without a row at a step (e.g. step 0, scored once for all seeds: the same start policy) is left
+            # out of that step's mean and range
+            vals = [[r[key] for rs in rows.values() for r in rs if r["step"] == s and key in r] for s in steps]
             mean = [sum(v) / len(v) for v in vals]
             line, = ax.plot(steps, mean, marker="o" if label == "held-out score" else None, label=key.replace(
                 "eval/", ""))
