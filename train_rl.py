@@ -65,7 +65,7 @@ from tagpr.loop import accumulate, backward, begin, fsdp_micro_batches, optimize
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
-from tagpr.rollout import generate
+from tagpr.sampler import generate
 from tagpr.training import (MetricsLog, epoch_batches, lr_at, pad_batch, start_run, stratified_batches,
                             train_top_layers)
 

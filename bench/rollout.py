@@ -9,7 +9,7 @@ left-padded prompts, `--group` rollouts per prompt as in GSPO (`generate` with
 prompt once and shares its KV cache), sampling at the same temperature / top-p. The limit per decode
 step is the larger of its FLOPs (2 · parameters · batch) at the square-matmul rate and
 its weight bytes at the memory bandwidth, both measured in this run. With `--top-p` below 1 a third
-engine runs too: ours with `rollout.NUCLEUS_WIDTHS = ()`, i.e. the nucleus from a full sort of the
+engine runs too: ours with `sampler.NUCLEUS_WIDTHS = ()`, i.e. the nucleus from a full sort of the
 vocabulary at every step instead of from each row's top 256 / 4096 tokens (the same tokens come out).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tagpr import lamp, prompts, synthetic  # noqa: E402
 from tagpr.hardware import keep_freed_memory  # noqa: E402
 from tagpr.models import load_model  # noqa: E402
-from tagpr import rollout  # noqa: E402
-from tagpr.rollout import generate  # noqa: E402
+from tagpr import sampler  # noqa: E402
+from tagpr.sampler import generate  # noqa: E402
 
 
 def bandwidth(device) -> float:
@@ -78,14 +78,14 @@ def main():
         model.generate(**batch, do_sample=True, max_new_tokens=2, pad_token_id=tok.pad_token_id)
     generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=2, precision=a.precision)
 
-    def ours_once(widths=rollout.NUCLEUS_WIDTHS):
-        saved, rollout.NUCLEUS_WIDTHS = rollout.NUCLEUS_WIDTHS, widths
+    def ours_once(widths=sampler.NUCLEUS_WIDTHS):
+        saved, sampler.NUCLEUS_WIDTHS = sampler.NUCLEUS_WIDTHS, widths
         try:
             out = generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0,
                            top_p=a.top_p, generator=torch.Generator().manual_seed(0), n_per_prompt=a.group,
                            precision=a.precision)
         finally:
-            rollout.NUCLEUS_WIDTHS = saved
+            sampler.NUCLEUS_WIDTHS = saved
         assert int(out.lengths.min()) == a.new
         return out.response_ids
 
@@ -119,9 +119,9 @@ def main():
           f"{a.batch / step_limit:.0f} tokens/s (prefill not included)")
     print("| engine | s | tokens/s | × generate | fraction of the decode limit |")
     print("|---|---|---|---|---|")
-    rows = [("transformers generate", t_hf), ("tagpr.rollout", t_ours)]
+    rows = [("transformers generate", t_hf), ("tagpr.sampler", t_ours)]
     if "sort" in times:
-        rows.insert(1, ("tagpr.rollout, nucleus by full sort", min(times["sort"])))
+        rows.insert(1, ("tagpr.sampler, nucleus by full sort", min(times["sort"])))
     for name, t in rows:
         print(f"| {name} | {t:.1f} | {n_tokens / t:.0f} | {t_hf / t:.2f} | {n_tokens / t * step_limit / a.batch:.0%} |")
 

@@ -32,7 +32,7 @@ projections and MLPs take bf16 operands, as under bf16 autocast, ~2.5× faster o
 with AVX512-BF16 and the norm on a GPU). The engine makes its dtype explicit and runs
 outside autocast. Grouped-query heads map to kv head `h // (heads / kv_heads)`,
 as transformers' `repeat_kv` does. `supported(lm)` says whether a model can take this
-path; `tagpr.rollout.generate` falls back to transformers' forward otherwise.
+path; `tagpr.sampler.generate` falls back to transformers' forward otherwise.
 """
 from __future__ import annotations
 

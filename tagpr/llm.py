@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from .models import load_model
-from .rollout import generate
+from .sampler import generate
 
 
 class LLMError(RuntimeError):
@@ -287,7 +287,7 @@ class OpenAIBackend(Backend):
 # ----------------------------------------------------------------------------- hf
 
 class HFBackend(Backend):
-    """A local transformers model: chat through `tagpr.rollout.generate` (batched, KV cache);
+    """A local transformers model: chat through `tagpr.sampler.generate` (batched, KV cache);
     sampling seeded per request, so a rerun reproduces; greedy when temperature is 0."""
 
     name = "hf"

@@ -5,7 +5,7 @@ from unittest import mock
 import pytest
 import torch
 
-from tagpr import engine, hardware, rollout
+from tagpr import engine, hardware, sampler
 
 
 def llama_and_qwen3():
@@ -130,11 +130,11 @@ def test_bf16_stays_close_and_matches_autocast():
     assert 0 < err < 0.05                                                       # bf16 matmuls: close, not identical
     assert (half.float() - auto.float()).abs().max() / full.abs().max() < 0.02
     p = [[5, 6, 7, 8], [9, 10]]
-    a = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True)
-    b = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True, precision="bf16")
+    a = sampler.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True)
+    b = sampler.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True, precision="bf16")
     assert a.response_ids.shape == b.response_ids.shape == (2, 6)
     with pytest.raises(ValueError, match="precision"):
-        rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=2, precision="fp16")
+        sampler.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=2, precision="fp16")
 
 
 def test_engine_and_transformers_paths_sample_identically():
@@ -142,20 +142,20 @@ def test_engine_and_transformers_paths_sample_identically():
     lm = MODELS["qwen3"]
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (5, 9)]
-    fast = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, greedy=True, n_per_prompt=3)
+    fast = sampler.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, greedy=True, n_per_prompt=3)
     engine_supported = engine.supported
     try:
         engine.supported = lambda m: False
-        slow = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, greedy=True, n_per_prompt=3)
+        slow = sampler.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, greedy=True, n_per_prompt=3)
     finally:
         engine.supported = engine_supported
     assert torch.equal(fast.response_ids, slow.response_ids)
     # and sampled with per-row generators: identical draws
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
-    fast = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, generator=gens(), n_per_prompt=3)
+    fast = sampler.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, generator=gens(), n_per_prompt=3)
     try:
         engine.supported = lambda m: False
-        slow = rollout.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, generator=gens(), n_per_prompt=3)
+        slow = sampler.generate(lm, prompts, eos_id=-1, pad_id=0, max_new_tokens=8, generator=gens(), n_per_prompt=3)
     finally:
         engine.supported = engine_supported
     assert torch.equal(fast.response_ids, slow.response_ids)
@@ -166,5 +166,5 @@ def test_unsupported_models_are_recognised():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
     assert not engine.supported(gpt2)
-    r = rollout.generate(gpt2, [[1, 2, 3]], eos_id=-1, pad_id=0, max_new_tokens=3, greedy=True)
+    r = sampler.generate(gpt2, [[1, 2, 3]], eos_id=-1, pad_id=0, max_new_tokens=3, greedy=True)
     assert r.response_ids.shape == (1, 3)

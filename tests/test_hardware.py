@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagpr import engine, hardware, rollout
+from tagpr import engine, hardware, sampler
 from tagpr.models import load_model
 
 
@@ -86,7 +86,7 @@ def test_plain_and_probed_paths_sample_the_same_tokens(monkeypatch, lm, precisio
     for mode in ("auto", "plain"):
         monkeypatch.setenv(hardware.FORCE_ENV, mode)
         g = [torch.Generator().manual_seed(i) for i in range(6)]
-        r = rollout.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=8, generator=g, n_per_prompt=3,
+        r = sampler.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=8, generator=g, n_per_prompt=3,
                              precision=precision)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         ids = torch.tensor([[0] * 3 + p[0], [0] * 6 + p[1]])

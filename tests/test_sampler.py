@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tagpr import rollout
+from tagpr import sampler
 
 
 def prompts(tok):
@@ -15,7 +15,7 @@ def prompts(tok):
 def test_greedy_equals_transformers_generate(tiny):
     model, tok = tiny
     ps = prompts(tok)
-    ours = rollout.generate(model, ps, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=12,
+    ours = sampler.generate(model, ps, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=12,
                             greedy=True, tokenizer=tok)
     tok.padding_side = "left"
     batch = tok.pad({"input_ids": ps}, return_tensors="pt")
@@ -27,7 +27,7 @@ def test_greedy_equals_transformers_generate(tiny):
         assert ours.response_ids[i, :n].tolist() == ref[i, :n].tolist()
     # each prompt alone gives the same tokens as in the left-padded batch
     for i, p in enumerate(ps):
-        alone = rollout.generate(model, [p], tok.eos_token_id, tok.pad_token_id, 12, greedy=True)
+        alone = sampler.generate(model, [p], tok.eos_token_id, tok.pad_token_id, 12, greedy=True)
         assert alone.response_ids[0].tolist() == ours.response_ids[i, :alone.response_ids.shape[1]].tolist()
 
 
@@ -52,7 +52,7 @@ class ScriptedLM(torch.nn.Module):
 def test_stops_at_eos_and_masks():
     EOS, PAD = 9, 0
     lm = ScriptedLM([[3, 4, EOS, 5, 5], [3, 3, 3, 3, EOS], [1, 2, 3, 4, 5]])
-    r = rollout.generate(lm, [[5, 6], [7], [5, 6, 7]], eos_id=EOS, pad_id=PAD, max_new_tokens=5, greedy=True)
+    r = sampler.generate(lm, [[5, 6], [7], [5, 6, 7]], eos_id=EOS, pad_id=PAD, max_new_tokens=5, greedy=True)
     assert r.response_ids.tolist() == [[3, 4, EOS, PAD, PAD], [3, 3, 3, 3, EOS], [1, 2, 3, 4, 5]]
     assert r.response_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert r.finished.tolist() == [True, True, False] and r.lengths.tolist() == [3, 5, 5]
@@ -63,7 +63,7 @@ def test_stops_at_eos_and_masks():
     assert ids.tolist() == [[3], [3], [1]] and pos.tolist() == [[2], [1], [3]] and attn.shape == (3, 4)
     # everyone done early: the loop stops and the tensors are trimmed
     lm = ScriptedLM([[EOS], [4, EOS]])
-    r = rollout.generate(lm, [[1], [1]], eos_id=EOS, pad_id=PAD, max_new_tokens=50, greedy=True)
+    r = sampler.generate(lm, [[1], [1]], eos_id=EOS, pad_id=PAD, max_new_tokens=50, greedy=True)
     assert r.response_ids.tolist() == [[EOS, PAD], [4, EOS]] and len(lm.seen) == 2
 
 
@@ -71,26 +71,26 @@ def test_top_p_and_temperature():
     g = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(4000, 3)
     # top-p 0.6 keeps the smallest prefix whose mass reaches 0.6: tokens 0 and 1, renormalised 5/8 and 3/8
-    draws = rollout.sample_next(logits, top_p=0.6, generator=g)
+    draws = sampler.sample_next(logits, top_p=0.6, generator=g)
     assert (draws == 2).sum() == 0
     assert (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
     # temperature 2 flattens: p ∝ (0.5, 0.3, 0.2)^(1/2)
-    draws = rollout.sample_next(logits, temperature=2.0, generator=g)
+    draws = sampler.sample_next(logits, temperature=2.0, generator=g)
     want = torch.tensor([0.5, 0.3, 0.2]).sqrt()
     want = want / want.sum()
     got = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(got, want, atol=0.03)
-    assert rollout.sample_next(logits[:2], greedy=True).tolist() == [0, 0]
+    assert sampler.sample_next(logits[:2], greedy=True).tolist() == [0, 0]
     # per-row generators (Gumbel-max): the same distribution, with top-p too
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    draws = rollout.sample_next(logits, top_p=0.6, generator=gens)
+    draws = sampler.sample_next(logits, top_p=0.6, generator=gens)
     assert (draws == 2).sum() == 0 and (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
-    draws = rollout.sample_next(logits, temperature=2.0, generator=[torch.Generator().manual_seed(i) for i in range(4000)])
+    draws = sampler.sample_next(logits, temperature=2.0, generator=[torch.Generator().manual_seed(i) for i in range(4000)])
     assert torch.allclose(torch.bincount(draws, minlength=3).float() / len(draws), want, atol=0.03)
     # u · total at the very top of the CDF (u = 1 − 1e-9 is 1.0 in fp32) finds no entry above it: the clamp lands
     # on the last token, which top-p cut (p 0) — never drawn; the fallback is the most likely token
     edge = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
-    assert rollout.sample_next(edge, top_p=0.6, u=torch.tensor([1 - 1e-9, 0.7])).tolist() == [0, 1]
+    assert sampler.sample_next(edge, top_p=0.6, u=torch.tensor([1 - 1e-9, 0.7])).tolist() == [0, 1]
 
 
 def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
@@ -111,8 +111,8 @@ def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
     # by hand: the tie at the cut is kept whole — (0.4, 0.3, 0.3) at top-p 0.45 keeps all three (the mass before
     # the first 0.3 is 0.4); (0.5, 0.3, 0.2) keeps 0.5 alone at 0.45, and two at 0.6 (the mass before 0.2 is 0.8)
     hand = torch.tensor([[0.3, 0.4, 0.3], [0.5, 0.2, 0.3]], dtype=torch.float64)
-    assert rollout.nucleus(hand, 0.45).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.0]]
-    assert rollout.nucleus(hand, 0.6).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.3]]
+    assert sampler.nucleus(hand, 0.45).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.0]]
+    assert sampler.nucleus(hand, 0.6).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.3]]
     g = torch.Generator().manual_seed(0)
     V = 6000
     peaked = torch.randn(3, V, generator=g) * 6.0      # nucleus of a few tokens
@@ -122,20 +122,20 @@ def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
     for rows in (peaked, torch.cat([peaked, middling]), torch.cat([peaked, flat]), tied):
         probs = torch.softmax(rows.double(), -1)       # float64: the reference's Python sums match to ~1e-16
         for top_p in (0.3, 0.9, 0.99):
-            got = rollout.nucleus(probs, top_p)
+            got = sampler.nucleus(probs, top_p)
             assert torch.equal(got, reference(probs, top_p)), (rows.shape, top_p)
-            assert torch.equal(got, rollout.nucleus(probs, top_p, widths=()))
+            assert torch.equal(got, sampler.nucleus(probs, top_p, widths=()))
     # which width was used: the narrow one for peaked rows (no row needs more than 256 tokens), the sort for flat ones
-    assert (rollout.nucleus(torch.softmax(peaked.double(), -1), 0.9) > 0).sum(-1).max() < 256
-    assert (rollout.nucleus(torch.softmax(flat.double(), -1), 0.9) > 0).sum(-1).min() > 4096
+    assert (sampler.nucleus(torch.softmax(peaked.double(), -1), 0.9) > 0).sum(-1).max() < 256
+    assert (sampler.nucleus(torch.softmax(flat.double(), -1), 0.9) > 0).sum(-1).min() > 4096
 
 
 def test_per_row_generators_make_rows_independent_of_the_batch(tiny):
     model, tok = tiny
     ps = prompts(tok)
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    together = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=gens([10, 11, 12]))
-    alone = rollout.generate(model, ps[1:2], tok.eos_token_id, tok.pad_token_id, 8, generator=gens([11]))
+    together = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=gens([10, 11, 12]))
+    alone = sampler.generate(model, ps[1:2], tok.eos_token_id, tok.pad_token_id, 8, generator=gens([11]))
     n = int(alone.lengths[0])
     assert together.response_ids[1, :n].tolist() == alone.response_ids[0, :n].tolist()
 
@@ -143,13 +143,13 @@ def test_per_row_generators_make_rows_independent_of_the_batch(tiny):
 def test_group_shares_one_prefill(tiny):
     model, tok = tiny
     ps = prompts(tok)
-    shared = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, greedy=True, n_per_prompt=3)
-    repeated = rollout.generate(model, [p for p in ps for _ in range(3)], tok.eos_token_id, tok.pad_token_id, 10,
+    shared = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, greedy=True, n_per_prompt=3)
+    repeated = sampler.generate(model, [p for p in ps for _ in range(3)], tok.eos_token_id, tok.pad_token_id, 10,
                                 greedy=True)
     assert shared.response_ids.shape[0] == 9 and torch.equal(shared.response_ids, repeated.response_ids)
     assert shared.prompt_ids == repeated.prompt_ids
     # sampled groups differ within a group (the cache is shared, the draws are not)
-    s = rollout.generate(model, ps[:1], tok.eos_token_id, tok.pad_token_id, 10, n_per_prompt=4,
+    s = sampler.generate(model, ps[:1], tok.eos_token_id, tok.pad_token_id, 10, n_per_prompt=4,
                          generator=torch.Generator().manual_seed(0))
     assert len({tuple(r) for r in s.response_ids.tolist()}) > 1
 
@@ -157,9 +157,9 @@ def test_group_shares_one_prefill(tiny):
 def test_sampling_is_seeded(tiny):
     model, tok = tiny
     ps = prompts(tok)
-    a = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
-    b = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
-    c = rollout.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(2))
+    a = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
+    b = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(1))
+    c = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 8, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
 
 
@@ -173,7 +173,7 @@ def test_kept_hidden_states_equal_the_training_trunk():
     lm, tok = load_model("tiny", device="cpu")
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     gens = [torch.Generator().manual_seed(i) for i in range(6)]
-    roll = rollout.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
+    roll = sampler.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
                             generator=gens, n_per_prompt=2, keep_layers=2)
     assert roll.prompt_hidden.shape == (3, 5, lm.config.hidden_size)
     seqs = [p + r[:n] for p, r, n in zip(roll.prompt_ids, roll.response_ids.tolist(), roll.lengths.tolist())]
@@ -186,6 +186,6 @@ def test_kept_hidden_states_equal_the_training_trunk():
         torch.testing.assert_close(kept[b, :n], want[b, :n], atol=1e-5, rtol=1e-5)
         assert kept[b, n:].abs().max() == 0
     assert want.abs().max() > 0.1
-    plain = rollout.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
+    plain = sampler.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
                              generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
     assert torch.equal(plain.response_ids, roll.response_ids) and plain.kept_rows(4) is None

@@ -1,4 +1,4 @@
-"""The rollout engine: batched sampling with a KV cache.
+"""The sampler: batched sampling with a KV cache (rollouts for GSPO, answers for evaluation).
 
 Prompts are left-padded into one batch; the prefill computes logits for the last
 position only (no [B, T, V] prompt logits); each decode step feeds one token per
