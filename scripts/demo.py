@@ -1,15 +1,20 @@
-"""The whole TagPR pipeline on the embedded default, on a CPU: data → SFT → PRMU → GSPO (2 ranks) → evaluation.
+"""The whole TagPR pipeline on the embedded default, on a CPU: data → SFT → PRMU → GSPO (2 ranks, 3 seeds) → evaluation.
 
     python scripts/demo.py                      # runs/demo; rerun to resume after an interruption
-    python scripts/demo.py --seeds 0,1,2        # RL from the same SFT policy with three seeds: mean ± spread
+    python scripts/demo.py --rl-steps 4 --seeds 0,1,2   # fewer GSPO steps per seed
 
 Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL
-stage under `python -m torch.distributed.run --nproc_per_node=2`, torchrun's module: nothing needs to be on PATH); a stage whose export exists is skipped, an interrupted one
-resumes from its checkpoints. At the end `<run>/report.md` holds the table on held-out synthetic
-users, the reward curve and the data manifest's filter counts; `<run>/timings.json` the time
-each stage took. Sizes are chosen to fit a 2-core CPU; they are flags. Each trainer keeps only its
-latest checkpoint (`--keep 1`: a run needs ~6 GB of disk instead of ~10). The stages allocate with jemalloc where
-the machine has it (`--malloc`; `scripts/demo.sh` installs it as root on Debian/Ubuntu): ~17 % less wall time.
+stage under `python -m torch.distributed.run --nproc_per_node=2`, torchrun's module: nothing needs to be on PATH);
+a stage whose export exists is skipped, an interrupted one resumes from its checkpoints. The users are synthetic
+and easy by default (docs/synthetic.md). Evaluation happens on held-out users (`--eval-questions` dev questions):
+the RL stage scores them before its first step (seed 0: the SFT model's row), every `--rl-eval-every` steps and at
+the end (`train_rl.py --eval-prompts`: greedy, sampled at the rollout temperature, and greedy with another user's
+profile, the swap control); `evaluate.py` scores the base model, the no-profile floor and the oracle. At the end
+`<run>/report.md` holds the table (each cell a 95 % bootstrap interval over questions), what it shows and what not
+(paired differences against SFT and the spread over seeds), `curves.png` (training reward and held-out scores,
+mean and range over seeds) and the data manifest's filter counts; `<run>/timings.json` the time each stage took.
+Each trainer keeps only its latest checkpoint (`--keep 1`). The stages allocate with jemalloc where the machine has
+it (`--malloc`; `scripts/demo.sh` installs it as root on Debian/Ubuntu): ~17 % less wall time.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import inspect
 import io
 import os
 import sys
+import textwrap
 import tokenize
 import typing
 from typing import Any
@@ -63,11 +64,19 @@ def _show(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; flag helps wrapped at spaces only, so that a default such as
+    'zero-shot,rag' is never split at its hyphen."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def parser(cls, presets: dict[str, dict[str, Any]], description: str | None = None) -> argparse.ArgumentParser:
     """The script's argparse parser, built from `cls`: one flag a field, help from its comment, default once."""
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     if presets:
         ap.add_argument("--preset", choices=sorted(presets), default=None,
                         help="named sizes (each sets some of the flags below); explicit flags win")
