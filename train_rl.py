@@ -361,11 +361,16 @@ def draw_batch(run: Run, step: int) -> Batch:
                  r * n * cfg.group)
 
 
+def chat_ids(tok, prompt: str) -> list[int]:
+    """A prompt's token ids as the policy sees it: its chat template's user turn, ready for the reply."""
+    return tok(prompts.chat(tok, prompt), add_special_tokens=False)["input_ids"]
+
+
 def rollout(run: Run, batch: Batch):
     """G samples per prompt, one prefill per group. Every rollout has its own generator seeded by (seed, step,
     its row in the global batch), so what it samples depends neither on the number of ranks nor on a resume."""
     cfg, tok = run.cfg, run.tok
-    ids = [tok(prompts.chat(tok, p.prompt), add_special_tokens=False)["input_ids"] for p in batch.prompts]
+    ids = [chat_ids(tok, p.prompt) for p in batch.prompts]
     gens = [torch.Generator(device=run.d.device).manual_seed(cfg.seed * 1_000_003 + batch.step * 100_003
                                                              + batch.first + j)
             for j in range(len(batch.prompts) * cfg.group)]
@@ -499,9 +504,8 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
     for name, (data, k) in sets.items():
         per = -(-len(data) // d.world_size)
         mine = list(range(d.rank * per, min(len(data), (d.rank + 1) * per)))
-        ids = [tok(prompts.chat(tok, data[i].prompt), add_special_tokens=False)["input_ids"] for i in mine]
-        ids += [ids[-1] if ids else tok(prompts.chat(tok, data[0].prompt), add_special_tokens=False)["input_ids"]
-                ] * (per - len(mine))                                           # padding rows, not scored
+        ids = [chat_ids(tok, data[i].prompt) for i in mine]
+        ids += [ids[-1] if ids else chat_ids(tok, data[0].prompt)] * (per - len(mine))  # padding rows, not scored
         gens = [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j)     # by global prompt index
                 for i in mine + [len(data)] * (per - len(mine)) for j in range(k)]
         greedy = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, greedy=True,

@@ -177,13 +177,13 @@ def main(argv=None):
     report(run_dir, a, seeds, timer.t, time.time() - t_start, prec)
 
 
-def _scores(path: Path, kind: str) -> dict[str, float]:
-    """{question id: score} of one kind ("greedy", "sampled", "swap": greedy on the swapped profiles) from
-    train_rl's held_out_step<N>.json."""
+def _scores(path: Path) -> dict[str, dict[str, float]]:
+    """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
+    "swap" (greedy on the swapped profiles)."""
     per = json.loads(path.read_text())
-    if kind == "swap":
-        return {i: v["greedy"] for i, v in per["swap"].items()}
-    return {i: v[kind] for i, v in per["held_out"].items()}
+    return {"greedy": {i: v["greedy"] for i, v in per["held_out"].items()},
+            "sampled": {i: v["sampled"] for i, v in per["held_out"].items()},
+            "swap": {i: v["greedy"] for i, v in per["swap"].items()}}
 
 
 def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
@@ -193,13 +193,16 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
     last = {s: max(int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json")) for s, d in rl.items()}
     sft_file = rl[seeds[0]] / "held_out_step0.json"
     kinds = ["greedy", "sampled", "swap"]
-    sft = {k: _scores(sft_file, k) for k in kinds}
+    sft = _scores(sft_file)
     ids = sorted(sft["greedy"])
-    rl_scores = {s: {k: _scores(rl[s] / f"held_out_step{last[s]}.json", k) for k in kinds} for s in seeds}
+    rl_scores = {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}
     base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
     task = a.tasks.split(",")[0]
     mean = lambda xs: sum(xs) / len(xs)
-    fmt = lambda vals: f"{mean(vals):.3f} [{metrics.bootstrap_ci(vals)[0]:.3f}, {metrics.bootstrap_ci(vals)[1]:.3f}]"
+
+    def fmt(vals):
+        lo, hi = metrics.bootstrap_ci(vals)
+        return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
 
     def base_row(name):
         m = base[name][task]
