@@ -506,24 +506,25 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
         mine = list(range(d.rank * per, min(len(data), (d.rank + 1) * per)))
         ids = [chat_ids(tok, data[i].prompt) for i in mine]
         ids += [ids[-1] if ids else chat_ids(tok, data[0].prompt)] * (per - len(mine))  # padding rows, not scored
-        gens = [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j)     # by global prompt index
-                for i in mine + [len(data)] * (per - len(mine)) for j in range(k)]
-        greedy = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, greedy=True,
-                          tokenizer=tok, precision=run.precision)
-        sampled = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                           cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=k, precision=run.precision) \
-            if k else None
+        # one prefill per prompt: row 0 of its group greedy, rows 1..k sampled (generators by global prompt index)
+        gens = [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
+                for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
+        out = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
+                       cfg.top_p, greedy=[j == 0 for _ in ids for j in range(k + 1)], generator=gens, tokenizer=tok,
+                       n_per_prompt=k + 1, precision=run.precision)
+        greedy = out.texts[::k + 1]
+        sampled = [t for j, t in enumerate(out.texts) if j % (k + 1)] if k else None
         for task in sorted({p.task for p in data}):
             key = f"eval/{name}/{task}/{metrics.PRIMARY[lamp.get_task(task).kind]}"
             rows = [(j, data[i]) for j, i in enumerate(mine) if data[i].task == task]
             g = metrics.per_question(task, [p.gold for _, p in rows],
-                                     [rewards.extract_answer(greedy.texts[j]) for j, _ in rows])
+                                     [rewards.extract_answer(greedy[j]) for j, _ in rows])
             n = dist.sum_scalar(len(rows))
             row[f"{key}_greedy"] = dist.sum_scalar(sum(g)) / n
             mine_scores = {p.id: {"greedy": x} for (_, p), x in zip(rows, g)}
             if sampled is not None:
                 s = metrics.per_question(task, [p.gold for _, p in rows for _ in range(k)],
-                                         [rewards.extract_answer(sampled.texts[j * k + x]) for j, _ in rows
+                                         [rewards.extract_answer(sampled[j * k + x]) for j, _ in rows
                                           for x in range(k)])
                 row[f"{key}_sampled"] = dist.sum_scalar(sum(s)) / (n * k)
                 for i, (_, p) in enumerate(rows):
@@ -559,8 +560,9 @@ def main(argv=None):
     cfg, total = run.cfg, resolved["total_steps"]
     eval_sets = load_eval_sets(cfg)
     if eval_sets and step == 0 and cfg.eval_before:
+        t0 = time.perf_counter()
         before = held_out(run, eval_sets, Path(cfg.out) / "held_out_step0.json")
-        log.write({"step": 0, **before})
+        log.write({"step": 0, **before, "time/held_out": time.perf_counter() - t0})
         dist.print0("held out, before training: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in before.items()))
     bar = tqdm(total=total, initial=step, desc="gspo", disable=not d.is_main, dynamic_ncols=True)
     while step < total:
@@ -571,7 +573,9 @@ def main(argv=None):
             samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
             log.text("rollouts", rollouts_markdown(mine[:cfg.group]), step)
         if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            t0 = time.perf_counter()
             row.update(held_out(run, eval_sets, Path(cfg.out) / f"held_out_step{step}.json"))
+            row["time/held_out"] = time.perf_counter() - t0
             dist.print0(f"held out, step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items()
                                                                 if k.startswith("eval/")))
         log.write(row)

@@ -153,7 +153,8 @@ def nucleus(probs: torch.Tensor, top_p: float, widths: Sequence[int] | None = No
     return probs.masked_fill(probs < floor[:, None], 0.0)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                greedy: bool | torch.Tensor = False,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 u: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) → next tokens (B,).
@@ -164,8 +165,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     cumulative probability exceeds u · total, so a zero-probability token (cut by
     top-p) is never drawn. One uniform per row rather than `multinomial`'s exponential
     draw per vocabulary entry, which was a sixth of a CPU decode step. The fp32 prefix
-    sum over 49k entries moves each token's share by ~1e-6 at most.
+    sum over 49k entries moves each token's share by ~1e-6 at most. `greedy` a (B,) bool tensor: those rows
+    take the argmax, the others sample.
     """
+    if isinstance(greedy, torch.Tensor):
+        if bool(greedy.all()) or temperature == 0:
+            return logits.argmax(-1)
+        tok = sample_next(logits, temperature, top_p, False, generator, u)
+        return torch.where(greedy, logits.argmax(-1), tok) if bool(greedy.any()) else tok
     if greedy or temperature == 0:
         return logits.argmax(-1)
     x = logits.float()
@@ -223,7 +230,7 @@ class _Engine:
 
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
              n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
@@ -235,6 +242,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     and sampling stay fp32). `model` is a transformers causal LM (or an FSDP2-wrapped
     one: it is unsharded once). `keep_layers` > 0: also return the residual stream after
     that many layers (see `Rollouts`; GSPO's frozen-trunk cache takes it from here).
+    `greedy`: every row, or one flag per output row (e.g. one greedy answer and k samples
+    from one prefill); `generator` then still has one entry per row, greedy rows' unused.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -253,7 +262,13 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    sampled = not (greedy or temperature == 0)
+    if not isinstance(greedy, bool):
+        if len(greedy) != B:
+            raise ValueError(f"{len(greedy)} greedy flags for {B} rows")
+        greedy = torch.tensor(list(greedy), dtype=torch.bool, device=device)
+        sampled = not (bool(greedy.all()) or temperature == 0)
+    else:
+        sampled = not (greedy or temperature == 0)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
         runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,

@@ -189,3 +189,22 @@ def test_kept_hidden_states_equal_the_training_trunk():
     plain = sampler.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
                              generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
     assert torch.equal(plain.response_ids, roll.response_ids) and plain.kept_rows(4) is None
+
+
+def test_greedy_and_sampled_rows_from_one_prefill(tiny):
+    """greedy per row: in a group of 3, row 0 is the greedy answer (as greedy=True gives it) and rows 1-2 the
+    samples their generators give alone; a mixed batch is the two runs stitched together."""
+    model, tok = tiny
+    ps = prompts(tok)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(9)]
+    mixed = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, temperature=1.0, n_per_prompt=3,
+                             generator=gens(), greedy=[i % 3 == 0 for i in range(9)], tokenizer=tok)
+    greedy = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, greedy=True, tokenizer=tok)
+    sampled = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, temperature=1.0, n_per_prompt=3,
+                               generator=gens(), tokenizer=tok)
+    for i in range(9):
+        ref = greedy.texts[i // 3] if i % 3 == 0 else sampled.texts[i]
+        assert mixed.texts[i] == ref, i
+    assert len({sampled.texts[i] for i in range(9) if i % 3}) > 1       # the sampled rows do sample
+    with pytest.raises(ValueError, match="2 greedy flags for 9 rows"):
+        sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=3, greedy=[True, False])
