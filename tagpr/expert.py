@@ -24,9 +24,6 @@ Mistakes, at these rates (each drawn independently per request):
 
 The teacher's steps come in nine kinds (the paper's five tags and our four); which of the
 optional kinds a chain uses is drawn per chain, so tag frequencies differ as in the paper.
-For easy users (docs/synthetic.md) the teacher is concise: three steps, `CONCISE` (read the
-input, state the rule, decide), ~70 tokens against ~190: what there is to reason about fits
-in one step, and the chain's length is the demo's generation time.
 The restricted tagger finds, for each step, the offered tag nearest to its kind's name
 (by the lexical embedding), as a reader of the tag list would.
 """
@@ -57,8 +54,6 @@ KINDS = {
     "make_decision": ("Decision:", 1.0),
     "verify_answer": ("Double-checking:", 0.25),
 }
-# the steps of an easy user's chain, all of them every time
-CONCISE = ("analyze_input", "identify_patterns", "make_decision")
 # what a free tagger calls each kind: variants that share a word or a stem with the kind's name
 SYNONYMS = {
     "analyze_input": ("analyze_input", "input_analysis", "analyze_the_input", "analyse_input", "analyze_query_input"),
@@ -156,11 +151,7 @@ class SimulatedExpert(Backend):
             "make_decision": f"the answer is {answer}.",
             "verify_answer": "the answer has the form the question asks for.",
         }
-        if lat.get("difficulty", "hard") == "easy":
-            kinds = list(CONCISE)
-        else:
-            kinds = [k for k, (_, p) in KINDS.items() if p >= 1.0 or _u(k, *key) < p]
-        steps = [f"{KINDS[k][0]} {text[k]}" for k in kinds]
+        steps = [f"{KINDS[k][0]} {text[k]}" for k, (_, p) in KINDS.items() if p >= 1.0 or _u(k, *key) < p]
         if _u("ramble", *key) < RATES["teacher_ramble"]:
             steps[1:2] = [steps[1]] * 3
         lines = [f"{i + 1}. {s}" for i, s in enumerate(steps)]

@@ -285,25 +285,3 @@ def test_hf_backend_tiny_model(lamp_dir, tmp_path):
     m = build(lamp_dir, tmp_path / "hf_embed", "--embedder", "hf:tiny", "--tasks", "LaMP_2,LaMP_3")
     assert m["backends"]["embedder"] == "hf:tiny" and 1 <= len(m["stages"]["5_explore"]["primary_tags"]) <= 9
     assert m["stages"]["7_emit"]["sft"] > 0
-
-
-def test_simulated_teacher_is_concise_for_easy_users(tmp_path):
-    """Easy users' chains have the three CONCISE steps, always (the right rule: its answer ends the chain);
-    hard users' chains keep the drawn optional kinds (some chain has more than the three mandatory ones)."""
-    from tagpr.expert import CONCISE, KINDS
-    for difficulty in ("easy", "hard"):
-        out = tmp_path / difficulty
-        ex = synthetic.generate(out, ["LaMP_2"], seed=1, sizes={"train": (12, 2), "dev": (1, 1), "test": (1, 1)},
-                                difficulty=difficulty)["LaMP_2"]["train"]
-        expert = SimulatedExpert(out, ["LaMP_2"])
-        opened = []
-        for e in ex:
-            text = expert.teacher({"id": e.question.id, "items": [it.id for it in e.question.profile[:2]]}, "p")
-            lines = [l.split(". ", 1)[1] for l in text.splitlines() if l[:1].isdigit()]
-            opened.append([next(k for k, (phrase, _) in KINDS.items() if l.startswith(phrase)) for l in lines])
-        if difficulty == "easy":
-            plain = [o for o in opened if len(o) == 3]   # the ramble mistake repeats step 2 three times
-            assert plain and all(o == list(CONCISE) for o in plain)
-            assert all(o[0] == "analyze_input" and o[-1] == "make_decision" and set(o) == set(CONCISE) for o in opened)
-        else:
-            assert max(len(set(o)) for o in opened) > 3
