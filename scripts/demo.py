@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tagpr import config, hardware, metrics, plot  # noqa: E402  (the repository root first: the demo runs from a checkout)
 from tagpr.evaluation import LABELS  # noqa: E402
+from tagpr.files import atomic_write_text  # noqa: E402
 
 PY = sys.executable
 
@@ -42,10 +43,8 @@ def malloc_env(choice: str) -> dict[str, str]:
     """Environment that makes the stages allocate with jemalloc, where the machine has it (`auto`, `jemalloc`).
 
     PyTorch on a CPU frees and re-allocates its activations every step; glibc hands large blocks back to the
-    kernel and faults them in again. jemalloc told to keep its pages (`retain`, no decay) took the training
-    forward of SmolLM2-135M from 18.0 s to 11.7 s here (8 × 460 tokens, one thread), and the whole demo from
-    988 s to 822 s (an RL seed 115 → 87 s, the base model's evaluation 225 → 191 s, SFT 224 → 213 s), with the
-    same numbers to the last digit; it costs ~1 GB more resident memory per process.
+    kernel and faults them in again, jemalloc told to keep its pages (`retain`, no decay) does not: the same
+    numbers, ~17 % less wall time, ~1 GB more resident memory per process (bench/README.md, "Allocator").
     """
     if choice == "system":
         return {}
@@ -111,7 +110,7 @@ class DemoConfig:
     rl_temperature: float = 1.0         # rollout temperature (paper: 1); the sampled score is taken at it
     rl_max_new: int = 160               # new tokens per rollout (and per held-out answer) at most
     rl_overlong: Literal["keep", "mask"] = "mask"  # rollouts cut at rl_max_new: out of the loss (DAPO) or kept
-    rl_eval_every: int = 4              # held-out scores every N GSPO steps (and before the first, and at the end)
+    rl_eval_every: int = 0              # held-out scores every N GSPO steps too (0: before the first and at the end only)
     seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows each and their mean
     eval_questions: int = 64            # held-out dev questions per task (users disjoint from training)
     eval_samples: int = 2               # samples per held-out question for the sampled score
@@ -177,6 +176,9 @@ def main(argv=None):
     report(run_dir, a, seeds, timer.t, time.time() - t_start, prec)
 
 
+KINDS = ("greedy", "sampled", "swap")
+
+
 def _scores(path: Path) -> dict[str, dict[str, float]]:
     """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
     "swap" (greedy on the swapped profiles)."""
@@ -186,86 +188,103 @@ def _scores(path: Path) -> dict[str, dict[str, float]]:
             "swap": {i: v["greedy"] for i, v in per["swap"].items()}}
 
 
-def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
-    """report.md: the held-out table (each cell a 95 % bootstrap interval), the claims it supports or not, the
-    curves over seeds, the data filter counts and the time per stage."""
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def cell(vals) -> str:
+    """A table cell: the mean over questions and its 95 % bootstrap interval."""
+    lo, hi = metrics.bootstrap_ci(vals)
+    return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
+    """({kind: {question: score}} of the SFT model (seed 0's step 0), the same of each seed's last evaluation,
+    {seed: its last step})."""
     rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
-    last = {s: max(int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json")) for s, d in rl.items()}
-    sft_file = rl[seeds[0]] / "held_out_step0.json"
-    kinds = ["greedy", "sampled", "swap"]
-    sft = _scores(sft_file)
-    ids = sorted(sft["greedy"])
-    rl_scores = {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}
-    base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
-    task = a.tasks.split(",")[0]
-    mean = lambda xs: sum(xs) / len(xs)
+    last = {s: max(int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json"))
+            for s, d in rl.items()}
+    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
+    return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
 
-    def fmt(vals):
-        lo, hi = metrics.bootstrap_ci(vals)
-        return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
 
-    def base_row(name):
+def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tuple[str, dict]:
+    """The held-out table (markdown) and the per-question mean over seeds of each kind."""
+    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
+
+    def base_cell(name):
         m = base[name][task]
         ci = m.get("accuracy_ci95")
         return f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['accuracy']:.3f}"
 
+    row = lambda label, sc: f"| {label} | " + " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS) + " |"
+    avg = {k: {i: mean([rl[s][k][i] for s in seeds]) for i in ids} for k in KINDS}
     lines = ["| model (held-out users) | greedy accuracy | sampled accuracy (T = "
              f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) |", "|---|---|---|---|",
-             f"| No-profile floor (latent rules, no model) | {base_row('floor')} | | |"]
-    lines += [f"| Base model: {LABELS.get(m, m)} | {base_row(m)} | | |" for m in a.base_methods.split(",") if m]
-    lines.append(f"| After SFT (tagged reasoning) | {fmt([sft['greedy'][i] for i in ids])} | "
-                 f"{fmt([sft['sampled'][i] for i in ids])} | {fmt([sft['swap'][i] for i in ids])} |")
-    for s in seeds:
-        r = rl_scores[s]
-        lines.append(f"| After SFT + RL, seed {s} ({last[s]} steps) | {fmt([r['greedy'][i] for i in ids])} | "
-                     f"{fmt([r['sampled'][i] for i in ids])} | {fmt([r['swap'][i] for i in ids])} |")
-    avg = {k: [mean([rl_scores[s][k][i] for s in seeds]) for i in ids] for k in kinds}
-    lines.append(f"| After SFT + RL, mean of seeds {','.join(map(str, seeds))} | {fmt(avg['greedy'])} | "
-                 f"{fmt(avg['sampled'])} | {fmt(avg['swap'])} |")
-    lines.append(f"| Oracle ceiling (latent rule) | {base_row('oracle')} | | |")
-    table = "\n".join(lines)
+             f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | |"]
+    lines += [f"| Base model: {LABELS.get(m, m)} | {base_cell(m)} | | |" for m in a.base_methods.split(",") if m]
+    lines.append(row("After SFT (tagged reasoning)", sft))
+    lines += [row(f"After SFT + RL, seed {s} ({last[s]} steps)", rl[s]) for s in seeds]
+    lines.append(row(f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", avg))
+    lines.append(f"| Oracle ceiling (latent rule) | {base_cell('oracle')} | | |")
+    return "\n".join(lines), avg
 
-    claims = []
+
+def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
+    """What the table shows and what not: SFT against base; RL against SFT (paired interval and seed spread);
+    the profile-swap drops."""
+    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
+    out = []
     base_best = max(base[m][task]["accuracy"] for m in a.base_methods.split(",") if m)
     sft_greedy = mean([sft["greedy"][i] for i in ids])
-    claims.append(f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
-                  f"({'yes' if sft_greedy > base_best else 'no'}).")
+    out.append(f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
+               f"({'yes' if sft_greedy > base_best else 'no'}).")
     for k in ("sampled", "greedy"):
-        diff = [avg[k][j] - sft[k][i] for j, i in enumerate(ids)]
+        diff = [avg[k][i] - sft[k][i] for i in ids]
         lo, hi = metrics.bootstrap_ci(diff)
-        gains = [mean([rl_scores[s][k][i] - sft[k][i] for i in ids]) for s in seeds]
+        gains = [mean([rl[s][k][i] - sft[k][i] for i in ids]) for s in seeds]
         spread = max(gains) - min(gains)
         ok = lo > 0 and mean(diff) > spread
-        claims.append(f"- SFT + RL > SFT, {k}: gain {mean(diff):+.3f}, 95 % interval of the paired difference "
-                      f"[{lo:+.3f}, {hi:+.3f}], per seed {', '.join(f'{g:+.3f}' for g in gains)} (spread "
-                      f"{spread:.3f}): {'yes' if ok else 'not shown'} (needs the interval above 0 and the gain "
-                      "above the spread).")
-    for name, own, swap in (("SFT", sft["greedy"], sft["swap"]), ("SFT + RL (mean of seeds)", dict(zip(ids,
-                            avg["greedy"])), dict(zip(ids, avg["swap"])))):
-        diff = [own[i] - swap[i] for i in ids]
+        out.append(f"- SFT + RL > SFT, {k}: gain {mean(diff):+.3f}, 95 % interval of the paired difference "
+                   f"[{lo:+.3f}, {hi:+.3f}], per seed {', '.join(f'{g:+.3f}' for g in gains)} (spread "
+                   f"{spread:.3f}): {'yes' if ok else 'not shown'} (needs the interval above 0 and the gain "
+                   "above the spread).")
+    for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
+        diff = [sc["greedy"][i] - sc["swap"][i] for i in ids]
         lo, hi = metrics.bootstrap_ci(diff)
-        claims.append(f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
-                      f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'}).")
-    png = plot.seeds_plot({f"seed {s}": rl[s] / "metrics.jsonl" for s in seeds}, run_dir / "curves.png")
+        out.append(f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
+                   f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'}).")
+    return out
+
+
+def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
+    """report.md: the held-out table (each cell a 95 % bootstrap interval), the claims it supports or not, the
+    curves over seeds, the data filter counts and the time per stage."""
+    sft, rl, last = held_out_scores(run_dir, seeds)
+    base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
+    table, avg = results_table(a, base, sft, rl, last, seeds)
+    said = claims(a, base, sft, rl, avg, seeds)
+    png = plot.seeds_plot({f"seed {s}": run_dir / f"rl_seed{s}" / "metrics.jsonl" for s in seeds},
+                          run_dir / "curves.png")
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
     counts = "\n".join(f"| {k} | {v['in']} | {v['out']} | "
                        + ", ".join(f"{r} {n}" for r, n in v["dropped"].items()) + " |"
                        for k, v in manifest["stages"].items() if isinstance(v, dict) and "in" in v)
     md = (f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
-          f"Held-out synthetic users (dev, disjoint from training): the first {len(ids)} questions, k = {a.k} most "
-          f"recent profile items, {prec} matmuls; CPU: {hardware.describe()}. SFT {a.sft_steps} steps × "
+          f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
+          f"{a.k} most recent profile items, {prec} matmuls; CPU: {hardware.describe()}. SFT {a.sft_steps} steps × "
           f"{a.sft_batch}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} "
           f"tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), top {a.rl_train_layers} layers, lr {a.rl_lr}. "
           "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
           "profile-swap column shows each question another held-out user's profile (a model that personalizes "
           "falls towards the floor there).\n\n"
-          f"{table}\n\n## What the table shows\n\n" + "\n".join(claims) + "\n\n"
+          f"{table}\n\n## What the table shows\n\n" + "\n".join(said) + "\n\n"
           f"![held-out scores and training reward over seeds]({png.name})\n"
           + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"
           + "\n## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
           + f"\n- this invocation, wall: {wall:.0f}\n")
-    (run_dir / "report.md").write_text(md)
-    print("\n" + table + "\n\n" + "\n".join(claims) + f"\n\nreport: {run_dir / 'report.md'}")
+    atomic_write_text(run_dir / "report.md", md)
+    print("\n" + table + "\n\n" + "\n".join(said) + f"\n\nreport: {run_dir / 'report.md'}")
 
 
 if __name__ == "__main__":
