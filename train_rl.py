@@ -61,13 +61,14 @@ from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, syn
 from tagpr.files import DataError, write_json, write_jsonl
 from tagpr.hardware import autocast
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
-from tagpr.loop import accumulate, backward, begin, fsdp_micro_batches, optimizer_step, reduce_across_ranks
-from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
+from tagpr.batching import epoch_batches, pad_batch, stratified_batches
+from tagpr.loop import (accumulate, backward, begin, fsdp_micro_batches, lr_at, optimizer_step,
+                        reduce_across_ranks)
+from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model, train_top_layers
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.sampler import generate
-from tagpr.training import (MetricsLog, epoch_batches, lr_at, pad_batch, start_run, stratified_batches,
-                            train_top_layers)
+from tagpr.runlog import MetricsLog, start_run
 
 
 @dataclass
@@ -199,18 +200,19 @@ def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
     return tags.DEFAULT_TAGS
 
 
-def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer, vocab=tags.DEFAULT_TAGS):
+def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer, vocab=tags.DEFAULT_TAGS,
+                    parsed: list[tags.Parsed] | None = None):
     """Rewards per rollout (rows prompt-major, `group` per prompt) and their components."""
     golds = [p.gold for p in batch for _ in range(cfg.group)]
     tasks = [p.task for p in batch for _ in range(cfg.group)]
     if stage == "exploratory":
-        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram, cfg.w_format)
+        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram, cfg.w_format, parsed)
     personal = None
     if scorer is not None:
         users = [p.user_id for p in batch for _ in range(cfg.group)]
         personal = scorer.score(users, [p.prompt for p in batch for _ in range(cfg.group)], texts).tolist()
     w = rewards.RewardWeights(w_format=cfg.w_format, w_personal=cfg.w_personal if scorer is not None else 0.0)
-    return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram)
+    return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram, parsed)
 
 
 def sequences(roll, device, pad_id):
@@ -263,6 +265,7 @@ class Scores:
     parts: dict[str, list[float]]        # each reward component per rollout
     adv: torch.Tensor                    # (B,) group advantages
     zero_variance_frac: float
+    parsed: list[tags.Parsed]            # each rollout's steps and answer (`tags.parse`, once per step)
 
 
 @dataclass
@@ -384,10 +387,11 @@ def rollout(run: Run, batch: Batch):
 
 def score(run: Run, batch: Batch, roll) -> Scores:
     """Rewards (guided: Eq. 5; exploratory: Eq. 11) and group advantages (Eq. 10)."""
-    total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab)
+    parsed = [tags.parse(t) for t in roll.texts]
+    total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab, parsed)
     valid = roll.finished.cpu() if run.cfg.overlong == "mask" else None
     adv, m = group_advantages(torch.tensor(total, dtype=torch.float32), run.cfg.group, valid=valid)
-    return Scores(total, parts, adv, float(m["zero_variance_frac"]))
+    return Scores(total, parts, adv, float(m["zero_variance_frac"]), parsed)
 
 
 def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
@@ -448,7 +452,7 @@ def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list, times: 
     """The step's metrics.jsonl row, every number reduced over all ranks (the same keys on every rank: these are
     collectives)."""
     cfg = run.cfg
-    parsed = [tags.parse(t) for t in roll.texts]
+    parsed = scores.parsed
     mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
     t0, t1, t2, t3, t4 = times
     row = {"step": batch.step + 1, "stage": batch.stage, "lr": run.opt.param_groups[0]["lr"],

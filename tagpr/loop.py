@@ -1,5 +1,5 @@
-"""The training skeleton the trainers share: FSDP-safe micro-batches, the backward, the optimizer step, and the
-reduction of per-micro-batch metrics over ranks.
+"""The training skeleton the trainers share: the start, the LR schedule, FSDP-safe micro-batches, the backward, the
+optimizer step, and the reduction of per-micro-batch metrics over ranks.
 
 FSDP's collectives (the all-gathers of a forward, the reduce-scatters of a backward) must run the same number
 of times on every rank. A rank with fewer rows than another therefore still runs as many micro-batches: an
@@ -16,6 +16,15 @@ import torch
 
 from . import config, dist
 from .hardware import keep_freed_memory, resolve_precision
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine down to `min_ratio·peak` at `total`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def begin(cls, presets: dict, argv, doc: str | None):
