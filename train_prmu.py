@@ -37,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
-from tagpr.files import DataError, write_jsonl
+from tagpr.files import DataError
 from tagpr.losses import bradley_terry_loss
 from tagpr.batching import epoch_batches, held_out
-from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step
+from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.runlog import start_run
 
 
@@ -95,13 +95,9 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[records.Pair]:
     if cfg.prp or cfg.pqp:
         missing = [str(p) for p in paths if not p.is_file()]
         raise DataError(f"{', '.join(missing)}: not found; make them with `python build_data.py`")
-    made = data / "pairs_synthetic.jsonl"
-    if dist.get().is_main and not made.is_file():
-        lamp_dir = data / "synthetic_lamp_prmu"
-        synthetic.generate(lamp_dir, seed=cfg.seed, sizes={"train": (cfg.synthetic_users, 2), "dev": (10, 1),
-                                                           "test": (10, 1)})
-        write_jsonl(made, [p.to_json() for p in synthetic.preference_pairs(lamp_dir)])
-    dist.barrier()
+    made = synthetic_fallback(data / "pairs_synthetic.jsonl", data / "synthetic_lamp_prmu", cfg.seed,
+                              {"train": (cfg.synthetic_users, 2), "dev": (10, 1), "test": (10, 1)},
+                              synthetic.preference_pairs)
     dist.print0(f"no {paths[0]} / {paths[1]}: training on synthetic users' pairs ({made})")
     return records.read_pairs(made)
 

@@ -58,12 +58,12 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
-from tagpr.files import DataError, write_json, write_jsonl
+from tagpr.files import DataError, write_json
 from tagpr.hardware import autocast
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
 from tagpr.loop import (accumulate, backward, begin, fsdp_micro_batches, lr_at, optimizer_step,
-                        reduce_across_ranks)
+                        reduce_across_ranks, synthetic_fallback)
 from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model, train_top_layers
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
@@ -137,24 +137,25 @@ PRESETS = {
 }
 
 
+def synthetic_prompts(lamp_dir: Path) -> list[RLPrompt]:
+    """Every train question of the synthetic users in `lamp_dir` as an RL prompt (k = 8, recency)."""
+    rows = []
+    for task in synthetic.SYNTHETIC_TASKS:
+        s = lamp.load_split(lamp_dir, task, "train")
+        rows += [RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
+                 for q in s.questions]
+    return rows
+
+
 def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
     path = Path(cfg.prompts) if cfg.prompts else out.parent / "data" / "rl_prompts.jsonl"
     if path.is_file():
         return read_rl_prompts(path)
     if cfg.prompts:
         raise DataError(f"{path}: not found; make it with `python build_data.py`")
-    made = out.parent / "data" / "rl_prompts_synthetic.jsonl"
-    if dist.get().is_main and not made.is_file():
-        lamp_dir = out.parent / "data" / "synthetic_lamp_rl"
-        synthetic.generate(lamp_dir, seed=cfg.seed + 1, sizes={"train": (cfg.synthetic_users, 1), "dev": (1, 1),
-                                                               "test": (1, 1)})
-        rows = []
-        for task in synthetic.SYNTHETIC_TASKS:
-            s = lamp.load_split(lamp_dir, task, "train")
-            rows += [RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
-                     for q in s.questions]
-        write_jsonl(made, [r.to_json() for r in rows])
-    dist.barrier()
+    made = synthetic_fallback(out.parent / "data" / "rl_prompts_synthetic.jsonl",
+                              out.parent / "data" / "synthetic_lamp_rl", cfg.seed + 1,
+                              {"train": (cfg.synthetic_users, 1), "dev": (1, 1), "test": (1, 1)}, synthetic_prompts)
     dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
     return read_rl_prompts(made)
 

@@ -29,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prompts, records, synthetic
-from tagpr.files import DataError, write_jsonl
+from tagpr.files import DataError
 from tagpr.hardware import autocast
 from tagpr.losses import sft_loss
 from tagpr.batching import epoch_batches, held_out, pack_rows, packed_batch, pad_batch
-from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step
+from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model, train_top_layers
 from tagpr.runlog import start_run
 
@@ -87,13 +87,9 @@ def load_records(cfg: SFTConfig, out: Path) -> list[records.SFTRecord]:
     if cfg.sft:
         raise DataError(f"{path}: file not found; make it with `python build_data.py`")
     # no data yet: synthetic users' expert chains (written once, by rank 0)
-    lamp_dir = out.parent / "data" / "synthetic_lamp"
-    made = out.parent / "data" / "sft_synthetic.jsonl"
-    if dist.get().is_main and not made.is_file():
-        synthetic.generate(lamp_dir, seed=cfg.seed, sizes={"train": (cfg.synthetic_users, 2), "dev": (20, 2),
-                                                           "test": (20, 2)})
-        write_jsonl(made, [r.to_json() for r in synthetic.sft_records(lamp_dir)])
-    dist.barrier()
+    made = synthetic_fallback(out.parent / "data" / "sft_synthetic.jsonl", out.parent / "data" / "synthetic_lamp",
+                              cfg.seed, {"train": (cfg.synthetic_users, 2), "dev": (20, 2), "test": (20, 2)},
+                              synthetic.sft_records)
     dist.print0(f"no {path}: training on synthetic users' expert chains ({made}); `build_data.py` makes real data")
     return records.read_sft(made)
 

@@ -14,7 +14,11 @@ from typing import Iterator
 
 import torch
 
-from . import config, dist
+from pathlib import Path
+from typing import Callable
+
+from . import config, dist, synthetic
+from .files import write_jsonl
 from .hardware import keep_freed_memory, resolve_precision
 
 
@@ -36,6 +40,16 @@ def begin(cls, presets: dict, argv, doc: str | None):
     precision = resolve_precision(getattr(cfg, "precision", "fp32"), d.device)
     torch.manual_seed(cfg.seed)
     return cfg, preset, d, precision
+
+
+def synthetic_fallback(made: Path, lamp_dir: Path, seed: int, sizes: dict, rows: Callable[[Path], list]) -> Path:
+    """A trainer's data when the user gave none: synthetic users generated into `lamp_dir` and `rows(lamp_dir)`
+    (records with `to_json`) written to `made`, once, by rank 0 (the other ranks wait). → `made`."""
+    if dist.get().is_main and not made.is_file():
+        synthetic.generate(lamp_dir, seed=seed, sizes=sizes)
+        write_jsonl(made, [r.to_json() for r in rows(lamp_dir)])
+    dist.barrier()
+    return made
 
 
 def fsdp_micro_batches(rows: list[int], micro: int) -> Iterator[tuple[list[int], bool]]:
