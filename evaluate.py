@@ -79,27 +79,25 @@ def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
                          precision=cfg.precision)  # checked by main
 
 
-def main(argv=None) -> dict:
-    keep_freed_memory()
-    cfg, _ = config.parse(EvalConfig, {}, argv, description=__doc__)
-    if not cfg.model.startswith("openai:"):
-        resolve_precision(cfg.precision, torch.device("cpu"))  # before any work: a CPU may not take bf16
-    t0 = time.time()
-    lamp_dir = Path(cfg.lamp_dir) if cfg.lamp_dir else Path("runs/default/data/synthetic_lamp")
-    if not cfg.lamp_dir and not (lamp_dir / "LaMP_2" / cfg.split).is_dir():
+def lamp_folder(cfg: EvalConfig) -> Path:
+    """--lamp-dir, or the default run's synthetic users (made here, seed 0, when no run has made them)."""
+    if cfg.lamp_dir:
+        return Path(cfg.lamp_dir)
+    lamp_dir = Path("runs/default/data/synthetic_lamp")
+    if not (lamp_dir / "LaMP_2" / cfg.split).is_dir():
         lamp_dir = Path("runs/default/eval/synthetic_lamp")
         if not (lamp_dir / "LaMP_2" / cfg.split).is_dir():
             synthetic.generate(lamp_dir, seed=0)
-    out = Path(cfg.out or f"runs/default/eval/{slug(cfg.model)}")
-    write_json(out / "config.json", config.to_dict(cfg))
-    methods = [m for m in cfg.methods.split(",") if m]
+    return lamp_dir
+
+
+def plan(cfg: EvalConfig, methods: list[str]) -> tuple[list[tuple], DenseEncoder | None]:
+    """The settings to score, as (setting name, method, k, retriever, samples, swap): each method at --k and
+    --retriever, or at every point of --sweep; with --samples / --swap, a model method's sampled and swapped
+    settings too. And the dense encoder, when a setting retrieves with it."""
     for m in methods:
         if m not in evaluation.METHODS:
             raise SystemExit(f"--methods: unknown {m!r}; expected {', '.join(evaluation.METHODS)}")
-    tags_path = Path(cfg.tags) if cfg.tags else Path("runs/default/data/tags.json")
-    vocab = tags.load_tags(tags_path) if tags_path.is_file() else tags.DEFAULT_TAGS
-    backend = make_backend(cfg, out / "cache") if set(methods) - set(evaluation.NO_MODEL) else None
-    encoder = None
     settings = [(m, cfg.k, cfg.retriever) for m in methods]
     if cfg.sweep and (cfg.samples or cfg.swap):
         raise SystemExit("--samples and --swap score one setting; run them without --sweep")
@@ -108,23 +106,56 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--sweep: expected one of {', '.join(SWEEPS)}")
         settings = [(m, x if cfg.sweep == "k" else cfg.k, x if cfg.sweep == "retriever" else cfg.retriever)
                     for m in methods for x in SWEEPS[cfg.sweep]]
+    encoder = None
     if any(r == "dense" for _, _, r in settings):
         if not cfg.dense_model:
-            if cfg.sweep == "retriever":
-                print("no --dense-model: the retriever sweep skips dense")
-                settings = [x for x in settings if x[2] != "dense"]
-            else:
+            if cfg.sweep != "retriever":
                 raise SystemExit("--retriever dense needs --dense-model (a local encoder folder)")
+            print("no --dense-model: the retriever sweep skips dense")
+            settings = [x for x in settings if x[2] != "dense"]
         else:
             encoder = DenseEncoder(cfg.dense_model)
-    results: dict[str, dict] = {}
-    runs = []  # (setting name, method, k, retriever, samples, swap)
+    runs = []
     for method, k, retriever in settings:
         runs.append((method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}", method, k,
                      retriever, 0, False))
         if method not in evaluation.NO_MODEL:
             runs += [(f"{method}@sampled", method, k, retriever, cfg.samples, False)] if cfg.samples else []
             runs += [(f"{method}@swap", method, k, retriever, 0, True)] if cfg.swap else []
+    return runs, encoder
+
+
+def report(cfg: EvalConfig, results: dict[str, dict], lamp_dir: Path, out: Path) -> str:
+    """metrics.json, table.md (and sweep.png with --sweep); → the table's markdown."""
+    write_json(out / "metrics.json", results)
+    pretty = {(evaluation.LABELS.get(n.split("@")[0], n) + (f" @ {n.split('@')[1]}" if "@" in n else "")): r
+              for n, r in results.items()}
+    title = (f"{cfg.model} on {lamp_dir} ({cfg.split}, k = {cfg.k}, {cfg.retriever}"
+             f"{f', first {cfg.limit} questions per task' if cfg.limit else ''})")
+    md = evaluation.table(pretty, cfg.paper, title)
+    if cfg.sweep:
+        xs = [x for x in SWEEPS[cfg.sweep] if any(n.endswith(f"@{x}") for n in results)]
+        png = evaluation.sweep_plot(results, xs, cfg.sweep, out / "sweep.png")
+        md += f"\n![sweep]({png.name})\n"
+    atomic_write_text(out / "table.md", md)
+    return md
+
+
+def main(argv=None) -> dict:
+    keep_freed_memory()
+    cfg, _ = config.parse(EvalConfig, {}, argv, description=__doc__)
+    if not cfg.model.startswith("openai:"):
+        resolve_precision(cfg.precision, torch.device("cpu"))  # before any work: a CPU may not take bf16
+    t0 = time.time()
+    lamp_dir = lamp_folder(cfg)
+    out = Path(cfg.out or f"runs/default/eval/{slug(cfg.model)}")
+    write_json(out / "config.json", config.to_dict(cfg))
+    methods = [m for m in cfg.methods.split(",") if m]
+    runs, encoder = plan(cfg, methods)
+    tags_path = Path(cfg.tags) if cfg.tags else Path("runs/default/data/tags.json")
+    vocab = tags.load_tags(tags_path) if tags_path.is_file() else tags.DEFAULT_TAGS
+    backend = make_backend(cfg, out / "cache") if set(methods) - set(evaluation.NO_MODEL) else None
+    results: dict[str, dict] = {}
     for name, method, k, retriever, samples, swap in runs:
         s = evaluation.Settings(k, retriever, cfg.seed, cfg.max_new_direct, cfg.max_new_reason, vocab,
                                 r2p.Settings(chunk=cfg.r2p_chunk, budget_words=cfg.r2p_budget_words,
@@ -140,18 +171,7 @@ def main(argv=None) -> dict:
             results[name][split.task.name] = m
             print(json.dumps({"setting": name, "task": split.task.name, **{
                 k_: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k_, v in m.items()}}))
-    write_json(out / "metrics.json", results)
-    pretty = {(evaluation.LABELS.get(n.split("@")[0], n) + (f" @ {n.split('@')[1]}" if "@" in n else "")): r
-              for n, r in results.items()}
-    title = (f"{cfg.model} on {lamp_dir} ({cfg.split}, k = {cfg.k}, {cfg.retriever}"
-             f"{f', first {cfg.limit} questions per task' if cfg.limit else ''})")
-    md = evaluation.table(pretty, cfg.paper, title)
-    if cfg.sweep:
-        xs = [x for x in SWEEPS[cfg.sweep] if any(n.endswith(f"@{x}") for n in results)]
-        png = evaluation.sweep_plot(results, xs, cfg.sweep, out / "sweep.png")
-        md += f"\n![sweep]({png.name})\n"
-    atomic_write_text(out / "table.md", md)
-    print(md)
+    print(report(cfg, results, lamp_dir, out))
     print(f"done in {time.time() - t0:.0f}s → {out}")
     return results
 

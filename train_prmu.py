@@ -37,10 +37,11 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
-from tagpr.files import DataError, write_jsonl
+from tagpr.files import DataError
 from tagpr.losses import bradley_terry_loss
-from tagpr.loop import backward, begin, fsdp_micro_batches, optimizer_step
-from tagpr.training import epoch_batches, held_out, lr_at, start_run
+from tagpr.batching import epoch_batches, held_out
+from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
+from tagpr.runlog import start_run
 
 
 @dataclass
@@ -94,13 +95,9 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[records.Pair]:
     if cfg.prp or cfg.pqp:
         missing = [str(p) for p in paths if not p.is_file()]
         raise DataError(f"{', '.join(missing)}: not found; make them with `python build_data.py`")
-    made = data / "pairs_synthetic.jsonl"
-    if dist.get().is_main and not made.is_file():
-        lamp_dir = data / "synthetic_lamp_prmu"
-        synthetic.generate(lamp_dir, seed=cfg.seed, sizes={"train": (cfg.synthetic_users, 2), "dev": (10, 1),
-                                                           "test": (10, 1)})
-        write_jsonl(made, [p.to_json() for p in synthetic.preference_pairs(lamp_dir)])
-    dist.barrier()
+    made = synthetic_fallback(data / "pairs_synthetic.jsonl", data / "synthetic_lamp_prmu", cfg.seed,
+                              {"train": (cfg.synthetic_users, 2), "dev": (10, 1), "test": (10, 1)},
+                              synthetic.preference_pairs)
     dist.print0(f"no {paths[0]} / {paths[1]}: training on synthetic users' pairs ({made})")
     return records.read_pairs(made)
 
@@ -132,22 +129,37 @@ def score_pairs(model, encoded, idx, device, pad_id, unknown: set[int] = frozens
     return r[:len(idx)], r[len(idx):]
 
 
-def main(argv=None):
-    cfg, preset, d, _ = begin(PRMUConfig, PRESETS, argv, __doc__)
-    out = Path(cfg.out)
-    pairs = load_pairs(cfg, out)
-    train, evals = split_pairs(pairs, cfg.eval_frac, cfg.eval_user_frac)
+@dataclass
+class Run:
+    """Everything a PRMU step reads: the config, the ranks, the model and optimizer, the encoded pairs."""
+    cfg: PRMUConfig
+    d: dist.Dist
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    tok: object
+    users: dict[str, int]                # user id → row of the user table (0: the unknown user)
+    train: list[records.Pair]
+    evals: list[records.Pair]
+    train_enc: list[tuple]               # (chosen ids, rejected ids, user row) per pair
+    eval_enc: list[tuple]
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+def setup(cfg: PRMUConfig, preset: str | None) -> tuple[Run, dict, int, object]:
+    """Pairs (split into train and held-out), backbone + user table (FSDP), optimizer (the user embeddings with
+    their own LR); resume. → (run, resolved config, start step, metrics log)."""
+    d, out = dist.get(), Path(cfg.out)
+    train, evals = split_pairs(load_pairs(cfg, out), cfg.eval_frac, cfg.eval_user_frac)
     users = prmu.user_map([p.user_id for p in train])
     backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)
     model = prmu.PRMU(backbone, len(users), cfg.use_user_embeddings)
     enc = prmu.Encoder(tok, cfg.max_len)
     encode = lambda ps: [(enc(p.prompt, p.chosen), enc(p.prompt, p.rejected), users.get(p.user_id, prmu.UNKNOWN))
                          for p in ps]
-    train_enc, eval_enc = encode(train), encode(evals)
     steps_per_epoch = math.ceil(len(train) / cfg.global_batch)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    warmup = int(cfg.warmup_ratio * total)
-
     model.train()
     model = dist.apply_fsdp(model, d.device)
     ue = [p for n, p in model.named_parameters() if n.startswith("user_embeddings")]
@@ -162,67 +174,82 @@ def main(argv=None):
     dist.print0(f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
                 f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs ({len(evals) - unseen} of seen "
                 f"users, {unseen} of held-out users), {total} steps")
+    run = Run(cfg, d, model, opt, tok, users, train, evals, encode(train), encode(evals), steps_per_epoch, total,
+              int(cfg.warmup_ratio * total))
+    return run, resolved, start, log
 
-    def evaluate() -> dict:
-        """Held-out pairwise accuracy (all ranks together): overall, per set and per task; of seen users (by
-        pair) and of held-out users (by user); and those two with every user as the unknown row (`_no_ue`)."""
-        model.eval()
-        hits, counts = defaultdict(float), defaultdict(float)
-        with torch.no_grad():
-            for idx, real in fsdp_micro_batches(list(range(d.rank, len(evals), d.world_size)), cfg.micro_batch):
-                rc, rr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id)
-                nc, nr = score_pairs(model, eval_enc, idx, d.device, tok.pad_token_id, unknown=set(idx))
-                if not real:
-                    continue
-                for i, c, r, c0, r0 in zip(idx, rc.tolist(), rr.tolist(), nc.tolist(), nr.tolist()):
-                    who = "seen" if evals[i].user_id in users else "unseen"
-                    for key, (a, b) in (("all", (c, r)), (f"set/{evals[i].set}", (c, r)),
-                                        (f"task/{evals[i].task}", (c, r)), (who, (c, r)), (f"{who}_no_ue", (c0, r0))):
-                        hits[key] += float(a > b) + 0.5 * float(a == b)
-                        counts[key] += 1
-        model.train()
-        keys = sorted(dist.broadcast_object(sorted(counts)))  # rank 0's keys: every rank sees every set and task
-        return {f"eval_acc/{k}": dist.sum_scalar(hits[k]) / max(dist.sum_scalar(counts[k]), 1) for k in keys}
 
-    last_eval: dict = {}
-    bar = tqdm(total=total, initial=start, desc="prmu", disable=not d.is_main, dynamic_ncols=True)
-    step = start
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        lengths = [len(x[0]) + len(x[1]) for x in train_enc]
-        batch = epoch_batches(lengths, cfg.global_batch, epoch, cfg.seed)[pos]
-        t0 = time.perf_counter()
-        n_pairs = len(batch)
-        loss_sum, acc_sum = 0.0, 0.0
-        dropped = {i for i in batch if held_out(f"{cfg.seed}:{epoch}:{train[i].id}", cfg.unknown_user_rate)}
-        for rows, real in fsdp_micro_batches(batch[d.rank::d.world_size], cfg.micro_batch):
-            rc, rr = score_pairs(model, train_enc, rows, d.device, tok.pad_token_id, dropped)
-            loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=n_pairs)
-            loss_sum += backward(loss, real, d.world_size).item()
-            acc_sum += m["accuracy"].item() * len(rows) if real else 0.0
-        loss = dist.sum_scalar(loss_sum)
-        scale = lr_at(step, total, 1.0, warmup, cfg.min_lr_ratio)
-        gnorm = optimizer_step(model, opt, [g["base_lr"] * scale for g in opt.param_groups], cfg.grad_clip)
+def evaluate(run: Run) -> dict:
+    """Held-out pairwise accuracy (all ranks together): overall, per set and per task; of seen users (by pair)
+    and of held-out users (by user); and those two with every user as the unknown row (`_no_ue`)."""
+    cfg, d, model, evals = run.cfg, run.d, run.model, run.evals
+    model.eval()
+    hits, counts = defaultdict(float), defaultdict(float)
+    with torch.no_grad():
+        for idx, real in fsdp_micro_batches(list(range(d.rank, len(evals), d.world_size)), cfg.micro_batch):
+            rc, rr = score_pairs(model, run.eval_enc, idx, d.device, run.tok.pad_token_id)
+            nc, nr = score_pairs(model, run.eval_enc, idx, d.device, run.tok.pad_token_id, unknown=set(idx))
+            if not real:
+                continue
+            for i, c, r, c0, r0 in zip(idx, rc.tolist(), rr.tolist(), nc.tolist(), nr.tolist()):
+                who = "seen" if evals[i].user_id in run.users else "unseen"
+                for key, (a, b) in (("all", (c, r)), (f"set/{evals[i].set}", (c, r)),
+                                    (f"task/{evals[i].task}", (c, r)), (who, (c, r)), (f"{who}_no_ue", (c0, r0))):
+                    hits[key] += float(a > b) + 0.5 * float(a == b)
+                    counts[key] += 1
+    model.train()
+    keys = sorted(dist.broadcast_object(sorted(counts)))  # rank 0's keys: every rank sees every set and task
+    return {f"eval_acc/{k}": dist.sum_scalar(hits[k]) / max(dist.sum_scalar(counts[k]), 1) for k in keys}
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step `step` (0-based): the epoch's batch of pairs, Bradley-Terry over this rank's share (each
+    pair's user dropped to the unknown row at `--unknown-user-rate`), the update. → the metrics row."""
+    cfg, d = run.cfg, run.d
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    lengths = [len(x[0]) + len(x[1]) for x in run.train_enc]
+    batch = epoch_batches(lengths, cfg.global_batch, epoch, cfg.seed)[pos]
+    t0 = time.perf_counter()
+    loss_sum, acc_sum = 0.0, 0.0
+    dropped = {i for i in batch if held_out(f"{cfg.seed}:{epoch}:{run.train[i].id}", cfg.unknown_user_rate)}
+    for rows, real in fsdp_micro_batches(batch[d.rank::d.world_size], cfg.micro_batch):
+        rc, rr = score_pairs(run.model, run.train_enc, rows, d.device, run.tok.pad_token_id, dropped)
+        loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=len(batch))
+        loss_sum += backward(loss, real, d.world_size).item()
+        acc_sum += m["accuracy"].item() * len(rows) if real else 0.0
+    loss = dist.sum_scalar(loss_sum)
+    scale = lr_at(step, run.total, 1.0, run.warmup, cfg.min_lr_ratio)
+    gnorm = optimizer_step(run.model, run.opt, [g["base_lr"] * scale for g in run.opt.param_groups], cfg.grad_clip)
+    return {"step": step + 1, "epoch": epoch, "loss": loss, "train_acc": dist.sum_scalar(acc_sum) / len(batch),
+            "lr": cfg.lr * scale, "ue_lr": cfg.ue_lr * scale, "grad_norm": gnorm,
+            "pairs_per_s": len(batch) / (time.perf_counter() - t0)}
+
+
+def main(argv=None):
+    cfg, preset, d, _ = begin(PRMUConfig, PRESETS, argv, __doc__)
+    run, resolved, step, log = setup(cfg, preset)
+    out, last_eval = Path(cfg.out), {}
+    bar = tqdm(total=run.total, initial=step, desc="prmu", disable=not d.is_main, dynamic_ncols=True)
+    while step < run.total:
+        row = train_step(run, step)
         step += 1
-        row = {"step": step, "epoch": epoch, "loss": loss, "train_acc": dist.sum_scalar(acc_sum) / n_pairs,
-               "lr": cfg.lr * scale, "ue_lr": cfg.ue_lr * scale, "grad_norm": gnorm,
-               "pairs_per_s": n_pairs / (time.perf_counter() - t0)}
-        if evals and (step % cfg.eval_every == 0 or step == total):
-            last_eval = evaluate()
+        if run.evals and (step % cfg.eval_every == 0 or step == run.total):
+            last_eval = evaluate(run)
             row.update(last_eval)
         log.write(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", **({"eval_acc": f"{row['eval_acc/all']:.3f}"} if "eval_acc/all" in row else {}))
-        if step % cfg.save_every == 0 or step == total:
-            checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved,
-                            cfg.keep)
+        bar.set_postfix(loss=f"{row['loss']:.3f}",
+                        **({"eval_acc": f"{row['eval_acc/all']:.3f}"} if "eval_acc/all" in row else {}))
+        if step % cfg.save_every == 0 or step == run.total:
+            epoch, pos = divmod(step - 1, run.steps_per_epoch)
+            checkpoint.save(out / "ckpt", step, run.model, run.opt, {"epoch": epoch, "batch_in_epoch": pos + 1},
+                            resolved, cfg.keep)
     bar.close()
     if last_eval:
         dist.print0("held-out pairwise accuracy: " + summary(last_eval))
-    full = checkpoint.full_state_dict(model)
+    full = checkpoint.full_state_dict(run.model)
     if d.is_main:
-        path = prmu.save(model, tok, users, out / "model", full, max_len=cfg.max_len)
-        dist.print0(f"exported {path}")
+        dist.print0(f"exported {prmu.save(run.model, run.tok, run.users, out / 'model', full, max_len=cfg.max_len)}")
     dist.barrier()
     dist.destroy()
 

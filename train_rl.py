@@ -58,16 +58,17 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
-from tagpr.files import DataError, write_json, write_jsonl
+from tagpr.files import DataError, write_json
 from tagpr.hardware import autocast
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
-from tagpr.loop import accumulate, backward, begin, fsdp_micro_batches, optimizer_step, reduce_across_ranks
-from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model
+from tagpr.batching import epoch_batches, pad_batch, stratified_batches
+from tagpr.loop import (accumulate, backward, begin, fsdp_micro_batches, lr_at, optimizer_step,
+                        reduce_across_ranks, synthetic_fallback)
+from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model, train_top_layers
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.sampler import generate
-from tagpr.training import (MetricsLog, epoch_batches, lr_at, pad_batch, start_run, stratified_batches,
-                            train_top_layers)
+from tagpr.runlog import MetricsLog, start_run
 
 
 @dataclass
@@ -136,24 +137,25 @@ PRESETS = {
 }
 
 
+def synthetic_prompts(lamp_dir: Path) -> list[RLPrompt]:
+    """Every train question of the synthetic users in `lamp_dir` as an RL prompt (k = 8, recency)."""
+    rows = []
+    for task in synthetic.SYNTHETIC_TASKS:
+        s = lamp.load_split(lamp_dir, task, "train")
+        rows += [RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
+                 for q in s.questions]
+    return rows
+
+
 def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
     path = Path(cfg.prompts) if cfg.prompts else out.parent / "data" / "rl_prompts.jsonl"
     if path.is_file():
         return read_rl_prompts(path)
     if cfg.prompts:
         raise DataError(f"{path}: not found; make it with `python build_data.py`")
-    made = out.parent / "data" / "rl_prompts_synthetic.jsonl"
-    if dist.get().is_main and not made.is_file():
-        lamp_dir = out.parent / "data" / "synthetic_lamp_rl"
-        synthetic.generate(lamp_dir, seed=cfg.seed + 1, sizes={"train": (cfg.synthetic_users, 1), "dev": (1, 1),
-                                                               "test": (1, 1)})
-        rows = []
-        for task in synthetic.SYNTHETIC_TASKS:
-            s = lamp.load_split(lamp_dir, task, "train")
-            rows += [RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
-                     for q in s.questions]
-        write_jsonl(made, [r.to_json() for r in rows])
-    dist.barrier()
+    made = synthetic_fallback(out.parent / "data" / "rl_prompts_synthetic.jsonl",
+                              out.parent / "data" / "synthetic_lamp_rl", cfg.seed + 1,
+                              {"train": (cfg.synthetic_users, 1), "dev": (1, 1), "test": (1, 1)}, synthetic_prompts)
     dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
     return read_rl_prompts(made)
 
@@ -199,18 +201,19 @@ def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
     return tags.DEFAULT_TAGS
 
 
-def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer, vocab=tags.DEFAULT_TAGS):
+def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer, vocab=tags.DEFAULT_TAGS,
+                    parsed: list[tags.Parsed] | None = None):
     """Rewards per rollout (rows prompt-major, `group` per prompt) and their components."""
     golds = [p.gold for p in batch for _ in range(cfg.group)]
     tasks = [p.task for p in batch for _ in range(cfg.group)]
     if stage == "exploratory":
-        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram, cfg.w_format)
+        return rewards.foundation_reward(texts, golds, tasks, cfg.ngram, cfg.w_format, parsed)
     personal = None
     if scorer is not None:
         users = [p.user_id for p in batch for _ in range(cfg.group)]
         personal = scorer.score(users, [p.prompt for p in batch for _ in range(cfg.group)], texts).tolist()
     w = rewards.RewardWeights(w_format=cfg.w_format, w_personal=cfg.w_personal if scorer is not None else 0.0)
-    return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram)
+    return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram, parsed)
 
 
 def sequences(roll, device, pad_id):
@@ -263,6 +266,7 @@ class Scores:
     parts: dict[str, list[float]]        # each reward component per rollout
     adv: torch.Tensor                    # (B,) group advantages
     zero_variance_frac: float
+    parsed: list[tags.Parsed]            # each rollout's steps and answer (`tags.parse`, once per step)
 
 
 @dataclass
@@ -384,10 +388,11 @@ def rollout(run: Run, batch: Batch):
 
 def score(run: Run, batch: Batch, roll) -> Scores:
     """Rewards (guided: Eq. 5; exploratory: Eq. 11) and group advantages (Eq. 10)."""
-    total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab)
+    parsed = [tags.parse(t) for t in roll.texts]
+    total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab, parsed)
     valid = roll.finished.cpu() if run.cfg.overlong == "mask" else None
     adv, m = group_advantages(torch.tensor(total, dtype=torch.float32), run.cfg.group, valid=valid)
-    return Scores(total, parts, adv, float(m["zero_variance_frac"]))
+    return Scores(total, parts, adv, float(m["zero_variance_frac"]), parsed)
 
 
 def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
@@ -448,7 +453,7 @@ def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list, times: 
     """The step's metrics.jsonl row, every number reduced over all ranks (the same keys on every rank: these are
     collectives)."""
     cfg = run.cfg
-    parsed = [tags.parse(t) for t in roll.texts]
+    parsed = scores.parsed
     mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
     t0, t1, t2, t3, t4 = times
     row = {"step": batch.step + 1, "stage": batch.stage, "lr": run.opt.param_groups[0]["lr"],

@@ -29,13 +29,13 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prompts, records, synthetic
-from tagpr.files import DataError, write_jsonl
+from tagpr.files import DataError
 from tagpr.hardware import autocast
 from tagpr.losses import sft_loss
-from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model
-from tagpr.loop import backward, begin, fsdp_micro_batches, optimizer_step
-from tagpr.training import (epoch_batches, held_out, lr_at, pack_rows, packed_batch, pad_batch, start_run,
-                            train_top_layers)
+from tagpr.batching import epoch_batches, held_out, pack_rows, packed_batch, pad_batch
+from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
+from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model, train_top_layers
+from tagpr.runlog import start_run
 
 
 @dataclass
@@ -87,13 +87,9 @@ def load_records(cfg: SFTConfig, out: Path) -> list[records.SFTRecord]:
     if cfg.sft:
         raise DataError(f"{path}: file not found; make it with `python build_data.py`")
     # no data yet: synthetic users' expert chains (written once, by rank 0)
-    lamp_dir = out.parent / "data" / "synthetic_lamp"
-    made = out.parent / "data" / "sft_synthetic.jsonl"
-    if dist.get().is_main and not made.is_file():
-        synthetic.generate(lamp_dir, seed=cfg.seed, sizes={"train": (cfg.synthetic_users, 2), "dev": (20, 2),
-                                                           "test": (20, 2)})
-        write_jsonl(made, [r.to_json() for r in synthetic.sft_records(lamp_dir)])
-    dist.barrier()
+    made = synthetic_fallback(out.parent / "data" / "sft_synthetic.jsonl", out.parent / "data" / "synthetic_lamp",
+                              cfg.seed, {"train": (cfg.synthetic_users, 2), "dev": (20, 2), "test": (20, 2)},
+                              synthetic.sft_records)
     dist.print0(f"no {path}: training on synthetic users' expert chains ({made}); `build_data.py` makes real data")
     return records.read_sft(made)
 
@@ -157,26 +153,42 @@ def tokens_in(micro, packed: bool):
     return [i for mb in micro for i in ((j for row in mb for j in row) if packed else mb)]
 
 
-def main(argv=None):
-    cfg, preset, d, precision = begin(SFTConfig, PRESETS, argv, __doc__)
-    out = Path(cfg.out)
+@dataclass
+class Run:
+    """Everything an SFT step reads: the config, the ranks, the model (FSDP) and its HF core, the tokenized data."""
+    cfg: SFTConfig
+    d: dist.Dist
+    model: torch.nn.Module               # LogprobModel(lm), sharded
+    lm: torch.nn.Module                  # the transformers model inside (the export reads it)
+    opt: torch.optim.Optimizer
+    tok: object
+    train: list[tuple]                   # (ids, loss mask) per sequence
+    evals: list[tuple]
+    packed: bool
+    precision: str
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+def setup(cfg: SFTConfig, preset: str | None, precision: str) -> tuple[Run, dict, int, object]:
+    """Policy (FSDP; meta on every rank and the weights read once by rank 0 under torchrun), the trained layers,
+    records split into train / held-out and tokenized, optimizer; resume. → (run, resolved config, start step,
+    metrics log)."""
+    d, out = dist.get(), Path(cfg.out)
     if d.distributed:  # meta on every rank, weights read once by rank 0 and broadcast shard by shard
         lm, tok, full = load_for_sharding(cfg.model, d.is_main, d.device, cfg.seed)
     else:
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
-    records = load_records(cfg, out)
-    train_recs = [r for r in records if not held_out(r.id, cfg.eval_frac)]
-    eval_recs = [r for r in records if held_out(r.id, cfg.eval_frac)]
-    train, skipped = tokenize(train_recs, tok, cfg)
-    evals, _ = tokenize(eval_recs, tok, cfg)
+    recs = load_records(cfg, out)
+    train, skipped = tokenize([r for r in recs if not held_out(r.id, cfg.eval_frac)], tok, cfg)
+    evals, _ = tokenize([r for r in recs if held_out(r.id, cfg.eval_frac)], tok, cfg)
     if not train:
         raise DataError("no training records left")
     steps_per_epoch = math.ceil(len(train) / cfg.global_batch)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    warmup = int(cfg.warmup_ratio * total)
-
     packed = cfg.pack == "on" or (cfg.pack == "auto" and attention_implementation(d.device) == "flash_attention_2")
     model = dist.apply_fsdp(LogprobModel(lm), d.device, cfg.activation_checkpointing, full_state=full,
                             from_meta=d.distributed)
@@ -190,46 +202,64 @@ def main(argv=None):
     dist.print0(f"SFT {cfg.model}: {len(train)} train / {len(evals)} eval sequences, {total} steps of "
                 f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}, {precision}, "
                 f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
+    run = Run(cfg, d, model, lm, opt, tok, train, evals, packed, precision, steps_per_epoch, total,
+              int(cfg.warmup_ratio * total))
+    return run, resolved, start, log
 
-    def evaluate():
-        model.eval()
-        mine = list(range(d.rank, len(evals), d.world_size))
-        n_tok = dist.sum_scalar(sum(sum(evals[i][1]) for i in mine))
-        micro = plan_micro_batches(list(range(len(evals))), evals, cfg, d, packed)
-        with torch.no_grad():
-            loss = run_batch(model, evals, micro, tok.pad_token_id, d.device, max(n_tok, 1), 1, False, packed,
-                             precision)
-        model.train()
-        return dist.sum_scalar(loss)
 
-    bar = tqdm(total=total, initial=start, desc="sft", disable=not d.is_main, dynamic_ncols=True)
-    step = start
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        batch = epoch_batches([len(x[0]) for x in train], cfg.global_batch, epoch, cfg.seed, cfg.group_by_length)[pos]
-        t0 = time.perf_counter()
-        micro = plan_micro_batches(batch, train, cfg, d, packed)
-        mine = tokens_in(micro, packed)
-        n_tok = dist.sum_scalar(sum(sum(train[i][1]) for i in mine))
-        loss = dist.sum_scalar(run_batch(model, train, micro, tok.pad_token_id, d.device, n_tok, d.world_size, True,
-                                         packed, precision))
-        lr = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
-        gnorm = optimizer_step(model, opt, lr, cfg.grad_clip)
+def evaluate(run: Run) -> float:
+    """The held-out sequences' loss per target token (all ranks together)."""
+    cfg, d, evals = run.cfg, run.d, run.evals
+    run.model.eval()
+    mine = list(range(d.rank, len(evals), d.world_size))
+    n_tok = dist.sum_scalar(sum(sum(evals[i][1]) for i in mine))
+    micro = plan_micro_batches(list(range(len(evals))), evals, cfg, d, run.packed)
+    with torch.no_grad():
+        loss = run_batch(run.model, evals, micro, run.tok.pad_token_id, d.device, max(n_tok, 1), 1, False,
+                         run.packed, run.precision)
+    run.model.train()
+    return dist.sum_scalar(loss)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step `step` (0-based): the epoch's (length-grouped) batch, this rank's micro-batches, the loss
+    per target token of the whole batch, the update. → the metrics row."""
+    cfg, d, train = run.cfg, run.d, run.train
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    batch = epoch_batches([len(x[0]) for x in train], cfg.global_batch, epoch, cfg.seed, cfg.group_by_length)[pos]
+    t0 = time.perf_counter()
+    micro = plan_micro_batches(batch, train, cfg, d, run.packed)
+    mine = tokens_in(micro, run.packed)
+    n_tok = dist.sum_scalar(sum(sum(train[i][1]) for i in mine))
+    loss = dist.sum_scalar(run_batch(run.model, train, micro, run.tok.pad_token_id, d.device, n_tok, d.world_size,
+                                     True, run.packed, run.precision))
+    lr = lr_at(step, run.total, cfg.lr, run.warmup, cfg.min_lr_ratio)
+    gnorm = optimizer_step(run.model, run.opt, lr, cfg.grad_clip)
+    seen = dist.sum_scalar(sum(len(train[i][0]) for i in mine))
+    return {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "target_tokens": n_tok,
+            "tokens_per_s": seen / (time.perf_counter() - t0)}
+
+
+def main(argv=None):
+    cfg, preset, d, precision = begin(SFTConfig, PRESETS, argv, __doc__)
+    run, resolved, step, log = setup(cfg, preset, precision)
+    out = Path(cfg.out)
+    bar = tqdm(total=run.total, initial=step, desc="sft", disable=not d.is_main, dynamic_ncols=True)
+    while step < run.total:
+        row = train_step(run, step)
         step += 1
-        seen = dist.sum_scalar(sum(len(train[i][0]) for i in mine))
-        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "target_tokens": n_tok,
-               "tokens_per_s": seen / (time.perf_counter() - t0)}
-        if evals and (step % cfg.eval_every == 0 or step == total):
-            row["eval_loss"] = evaluate()
+        if run.evals and (step % cfg.eval_every == 0 or step == run.total):
+            row["eval_loss"] = evaluate(run)
         log.write(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
-        if step % cfg.save_every == 0 or step == total:
-            checkpoint.save(out / "ckpt", step, model, opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved,
-                            cfg.keep)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}",
+                        **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
+        if step % cfg.save_every == 0 or step == run.total:
+            epoch, pos = divmod(step - 1, run.steps_per_epoch)
+            checkpoint.save(out / "ckpt", step, run.model, run.opt, {"epoch": epoch, "batch_in_epoch": pos + 1},
+                            resolved, cfg.keep)
     bar.close()
-    final = checkpoint.export_hf(model, lm, tok, out / "model")
-    dist.print0(f"exported {final}")
+    dist.print0(f"exported {checkpoint.export_hf(run.model, run.lm, run.tok, out / 'model')}")
     dist.destroy()
 
 

@@ -1,5 +1,5 @@
-"""The training skeleton the trainers share: FSDP-safe micro-batches, the backward, the optimizer step, and the
-reduction of per-micro-batch metrics over ranks.
+"""The training skeleton the trainers share: the start, the LR schedule, FSDP-safe micro-batches, the backward, the
+optimizer step, and the reduction of per-micro-batch metrics over ranks.
 
 FSDP's collectives (the all-gathers of a forward, the reduce-scatters of a backward) must run the same number
 of times on every rank. A rank with fewer rows than another therefore still runs as many micro-batches: an
@@ -14,8 +14,21 @@ from typing import Iterator
 
 import torch
 
-from . import config, dist
+from pathlib import Path
+from typing import Callable
+
+from . import config, dist, synthetic
+from .files import write_jsonl
 from .hardware import keep_freed_memory, resolve_precision
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine down to `min_ratio·peak` at `total`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def begin(cls, presets: dict, argv, doc: str | None):
@@ -27,6 +40,16 @@ def begin(cls, presets: dict, argv, doc: str | None):
     precision = resolve_precision(getattr(cfg, "precision", "fp32"), d.device)
     torch.manual_seed(cfg.seed)
     return cfg, preset, d, precision
+
+
+def synthetic_fallback(made: Path, lamp_dir: Path, seed: int, sizes: dict, rows: Callable[[Path], list]) -> Path:
+    """A trainer's data when the user gave none: synthetic users generated into `lamp_dir` and `rows(lamp_dir)`
+    (records with `to_json`) written to `made`, once, by rank 0 (the other ranks wait). → `made`."""
+    if dist.get().is_main and not made.is_file():
+        synthetic.generate(lamp_dir, seed=seed, sizes=sizes)
+        write_jsonl(made, [r.to_json() for r in rows(lamp_dir)])
+    dist.barrier()
+    return made
 
 
 def fsdp_micro_batches(rows: list[int], micro: int) -> Iterator[tuple[list[int], bool]]:

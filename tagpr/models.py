@@ -378,3 +378,28 @@ def layer_list(model):
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers decoder (causal LM or sequence classifier, or a wrapper)."""
     return list(layer_list(model))
+
+
+def train_top_layers(model, n: int) -> tuple[int, int]:
+    """Freeze everything but the top `n` decoder layers and the final norm (n < 0: train everything).
+
+    The embeddings (and an lm_head tied to them) stay frozen; autograd stops below the
+    lowest trainable layer, so a step's backward covers only the top. Returns (trainable,
+    total) parameter counts.
+    """
+
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if n < 0:
+        return total, total
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ValueError(f"--train-layers {n}: the model has {len(layers)} decoder layers")
+    for p in params:
+        p.requires_grad_(False)
+    keep = layers[len(layers) - n:] if n else []
+    norm = getattr(base_model(model), "norm", None)
+    for m in keep + ([norm] if norm is not None and n else []):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in params if p.requires_grad), total

@@ -76,13 +76,18 @@ def verifiable_reward(outputs: Sequence[str], golds: Sequence[str], tasks) -> li
     return out
 
 
-def format_reward(outputs: Sequence[str]) -> list[float]:
+def parse_all(outputs: Sequence[str], parsed: Sequence[tags.Parsed] | None = None) -> list[tags.Parsed]:
+    """`tags.parse` of every output, or `parsed` when the caller parsed them already (once per GSPO step)."""
+    if parsed is None:
+        return [tags.parse(o) for o in outputs]
+    if len(parsed) != len(outputs):
+        raise ValueError(f"{len(parsed)} parsed outputs for {len(outputs)} outputs")
+    return list(parsed)
+
+
+def format_reward(outputs: Sequence[str], parsed: Sequence[tags.Parsed] | None = None) -> list[float]:
     """R_f (Eq. 7): 1 if `<think>` holds well-formed tagged steps and a non-empty answer follows, else 0."""
-    out = []
-    for o in outputs:
-        p = tags.parse(o)
-        out.append(float(p.well_formed and len(p.steps) > 0 and p.answer != ""))
-    return out
+    return [float(p.well_formed and len(p.steps) > 0 and p.answer != "") for p in parse_all(outputs, parsed)]
 
 
 def repetition_reward(outputs: Sequence[str], n: int = 4, eps: float = 1e-6) -> list[float]:
@@ -101,14 +106,12 @@ def repetition_reward(outputs: Sequence[str], n: int = 4, eps: float = 1e-6) -> 
     return out
 
 
-def tag_reward(outputs: Sequence[str], vocab=tags.DEFAULT_TAGS, min_tags: int = 3) -> list[float]:
+def tag_reward(outputs: Sequence[str], vocab=tags.DEFAULT_TAGS, min_tags: int = 3,
+               parsed: Sequence[tags.Parsed] | None = None) -> list[float]:
     """R_tag (Eq. 9): 0 when every check passes; minus a penalty per failed check
     (format 0.5, tag outside the vocabulary 0.25, fewer than `min_tags` steps 0.25)."""
-    out = []
-    for o in outputs:
-        checks = tags.check(tags.parse(o), vocab, min_tags)
-        out.append(-sum(TAG_PENALTIES[k] for k, ok in checks.items() if not ok))
-    return out
+    return [-sum(TAG_PENALTIES[k] for k, ok in tags.check(p, vocab, min_tags).items() if not ok)
+            for p in parse_all(outputs, parsed)]
 
 
 @dataclass(frozen=True)
@@ -127,18 +130,21 @@ def _finite(xs: Sequence[float]) -> list[float]:
 
 def composite_reward(outputs: Sequence[str], golds: Sequence[str], tasks, personal: Sequence[float] | None = None,
                      weights: RewardWeights = RewardWeights(), vocab=tags.DEFAULT_TAGS, min_tags: int = 3,
-                     ngram: int = 4) -> tuple[list[float], dict[str, list[float]]]:
+                     ngram: int = 4, parsed: Sequence[tags.Parsed] | None = None
+                     ) -> tuple[list[float], dict[str, list[float]]]:
     """R (Eq. 5) = w_v·R_v + w_f·R_f + w_rep·R_rep + w_tag·R_tag + w_p·R_p.
 
     `personal` holds PRMU's σ(logit) per output (Eq. 3), computed by the caller so this
-    stays pure; non-finite values count as 0. Returns (totals, {component: values}).
+    stays pure; non-finite values count as 0. `parsed`: the outputs' `tags.parse`, if the
+    caller has it (each output is parsed once either way). Returns (totals, {component: values}).
     """
     n = len(outputs)
+    parsed = parse_all(outputs, parsed)
     parts = {
         "verifiable": verifiable_reward(outputs, golds, tasks),
-        "format": format_reward(outputs),
+        "format": format_reward(outputs, parsed),
         "repetition": repetition_reward(outputs, ngram),
-        "tag": tag_reward(outputs, vocab, min_tags) if weights.w_tag else [0.0] * n,
+        "tag": tag_reward(outputs, vocab, min_tags, parsed) if weights.w_tag else [0.0] * n,
         "personal": _finite(personal) if personal is not None else [0.0] * n,
     }
     if personal is not None and len(parts["personal"]) != n:
@@ -149,9 +155,9 @@ def composite_reward(outputs: Sequence[str], golds: Sequence[str], tasks, person
     return totals, parts
 
 
-def foundation_reward(outputs: Sequence[str], golds: Sequence[str], tasks, ngram: int = 4, w_format: float = 0.5
-                      ) -> tuple[list[float], dict[str, list[float]]]:
+def foundation_reward(outputs: Sequence[str], golds: Sequence[str], tasks, ngram: int = 4, w_format: float = 0.5,
+                      parsed: Sequence[tags.Parsed] | None = None) -> tuple[list[float], dict[str, list[float]]]:
     """R_found (Eq. 11) = R_v + λ1·R_f + R_rep: the exploratory stage's reward. Eq. 11 is the guided reward
     without R_tag and R_p, so λ1 is the guided stage's (`w_format`, one value for both stages)."""
     weights = RewardWeights(w_verifiable=1.0, w_format=w_format, w_repetition=1.0, w_tag=0.0, w_personal=0.0)
-    return composite_reward(outputs, golds, tasks, None, weights, ngram=ngram)
+    return composite_reward(outputs, golds, tasks, None, weights, ngram=ngram, parsed=parsed)

@@ -68,7 +68,7 @@ def test_without_the_package_the_flag_says_what_to_install(tmp_path, monkeypatch
     import builtins
 
     from tagpr import config
-    from tagpr.training import tensorboard_writer
+    from tagpr.runlog import tensorboard_writer
 
     real = builtins.__import__
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from tagpr import rewards
+from tagpr import rewards, tags
 
 T = "<think>\n<analyze_input> a </analyze_input>\n<examine_examples> b </examine_examples>\n" \
     "<make_decision> c </make_decision>\n</think>\n"
@@ -78,3 +78,23 @@ def test_garbage_never_nan(task, gold):
     total, parts = rewards.composite_reward(outs, [gold] * len(outs), task, [0.5] * len(outs))
     for values in [total, *parts.values()]:
         assert len(values) == len(outs) and all(math.isfinite(v) for v in values)
+
+
+def test_each_output_is_parsed_once(monkeypatch):
+    """composite_reward parses each output once for R_f and R_tag together, and none when given `parsed` (GSPO's
+    score phase parses once per step and keeps the result for its metrics); the rewards are the same either way."""
+    outs = [T + "comedy", "<think><analyze_input> a </analyze_input></think> comedy", "comedy"]
+    expected = rewards.composite_reward(outs, ["comedy"] * 3, "LaMP_2", [0.5] * 3)
+    parsed = [tags.parse(o) for o in outs]
+    calls = []
+    real = tags.parse
+    monkeypatch.setattr(tags, "parse", lambda o: calls.append(o) or real(o))
+    assert rewards.composite_reward(outs, ["comedy"] * 3, "LaMP_2", [0.5] * 3) == expected
+    assert calls == outs
+    calls.clear()
+    assert rewards.composite_reward(outs, ["comedy"] * 3, "LaMP_2", [0.5] * 3, parsed=parsed) == expected
+    assert rewards.foundation_reward(outs, ["comedy"] * 3, "LaMP_2", parsed=parsed)[1]["format"] == \
+        expected[1]["format"]
+    assert calls == []
+    with pytest.raises(ValueError, match="2 parsed outputs for 3 outputs"):
+        rewards.composite_reward(outs, ["comedy"] * 3, "LaMP_2", parsed=parsed[:2])

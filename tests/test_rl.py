@@ -230,7 +230,7 @@ def test_rewards_rise_on_a_learnable_task(tmp_path, monkeypatch):
     characters in a–m (a synthetic task; LaMP rewards are all 0 for a random policy)."""
     import train_rl
 
-    def letters(cfg, stage, texts, batch, scorer, vocab):
+    def letters(cfg, stage, texts, batch, scorer, vocab, parsed=None):
         r = [sum(c in "abcdefghijklm" for c in t) / max(len(t), 1) for t in texts]
         return r, {"letters": r}
 
@@ -249,7 +249,7 @@ def test_stratified_batches_give_each_class_its_share():
     the ceiling of its share. Always a permutation; deterministic in (seed, epoch)."""
     import random
 
-    from tagpr.training import stratified_batches
+    from tagpr.batching import stratified_batches
 
     for keys, want in ((["A"] * 8 + ["B"] * 8, 2), (["B"] * 4 + ["A"] * 12, 3)):
         for epoch in range(5):
@@ -269,7 +269,7 @@ def test_stratified_batches_give_each_class_its_share():
 
 def test_stratify_gold_balances_the_rollout_batches(tmp_path):
     """--stratify gold: each step's prompts (the rollout log) are the stratified batch of (task, gold) classes."""
-    from tagpr.training import stratified_batches
+    from tagpr.batching import stratified_batches
     from train_rl import prompt_strata
 
     run(tmp_path, "s", "--max-steps", "2", "--global-batch", "6", "--group", "2", "--stratify", "gold")

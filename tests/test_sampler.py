@@ -168,7 +168,7 @@ def test_kept_hidden_states_equal_the_training_trunk():
     token, laid out like the training batch: it equals `trunk_hidden` of the training path on the same rows
     (fp32), except at a response's last token, which the sampler never feeds back (0 there)."""
     from tagpr.models import load_model, trunk_hidden
-    from tagpr.training import pad_batch
+    from tagpr.batching import pad_batch
 
     lm, tok = load_model("tiny", device="cpu")
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]

@@ -17,7 +17,8 @@ from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import keep_freed_memory
 from tagpr.models import LogprobModel, load_model
 from tagpr.loop import fsdp_micro_batches
-from tagpr.training import epoch_batches, lr_at
+from tagpr.batching import epoch_batches
+from tagpr.loop import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -123,7 +124,7 @@ def test_micro_batch_split_gives_same_gradients(sft_file):
 def test_packing_and_activation_checkpointing_change_nothing(sft_file, tmp_path):
     import train_sft
     from tagpr import dist
-    from tagpr.training import pack_rows
+    from tagpr.batching import pack_rows
 
     assert pack_rows([0, 1, 2, 3], [5, 3, 4, 2], 8) == [[0, 1], [2, 3]]  # first-fit decreasing: 5+3, 4+2
     lm, tok = load_model("tiny", device="cpu")
