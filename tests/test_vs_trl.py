@@ -77,3 +77,53 @@ def test_gspo_loss_and_gradient_match_trl(trainer, eps, noise):
     assert scale > 0
     for n in g_theirs:
         torch.testing.assert_close(g_ours[n], g_theirs[n], rtol=1e-4, atol=1e-6 * scale, msg=n)
+
+
+@pytest.mark.slow
+def test_bench_runs_both_trainers_on_the_same_work(tmp_path, synthetic_dir):
+    """bench/vs_trl.py on the tiny policy, 1 seed × 2 rollout batches: both sides run, each batch's reward is the
+    mean of its rollouts' rewards, and every rollout's reward is the one `reward_fn` gives its text (the same
+    reward on both sides); the table, results.json and the PNG are written."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from tagpr import lamp, prompts
+    from tagpr.files import write_jsonl
+    from tagpr.records import RLPrompt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import vs_trl
+
+    split = lamp.load_split(synthetic_dir, "LaMP_2", "train")
+    data = [RLPrompt(q.id, "LaMP_2", q.user_id, prompts.build_prompt("LaMP_2", q, 2), split.golds[q.id])
+            for q in split.questions[:8]]
+    write_jsonl(tmp_path / "p.jsonl", [r.to_json() for r in data])
+    out = tmp_path / "b"
+    vs_trl.main(["--policy", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out), "--seeds", "0",
+                 "--batches", "2", "--prompts-per-batch", "2", "--group", "2", "--updates", "2", "--max-new", "6",
+                 "--lr", "1e-3"])
+    res = json.loads((out / "results.json").read_text())
+    score = vs_trl.reward_fn(vs_trl.load_vocab(tmp_path / "p.jsonl"))
+    trl_rows = [json.loads(l) for l in (out / "trl_seed0" / "batches.jsonl").read_text().splitlines()]
+    ours_rolls = [json.loads(l) for l in (out / "ours_seed0" / "rollouts.jsonl").read_text().splitlines()]
+    for side, rows in (("trl", trl_rows), ("ours", res["runs"]["ours"]["0"]["rows"])):
+        assert [r["batch"] for r in rows] == [1, 2], side
+        for r in rows:
+            assert 0 < r["generation"] <= r["batch_time"] and r["updates"] > 0, (side, r)
+            assert r["samples"] == 4 and 0 < r["gen_tokens"] <= 4 * 6, (side, r)
+    for r in trl_rows:
+        rolls = r["rollouts"]
+        assert len(rolls) == 4 and r["reward"] == pytest.approx(sum(x["reward"] for x in rolls) / 4)
+        assert [x["reward"] for x in rolls] == pytest.approx(
+            score([x["text"] for x in rolls], [x["gold"] for x in rolls], [x["task"] for x in rolls]))
+    assert len(ours_rolls) == 8
+    assert [x["reward"] for x in ours_rolls] == pytest.approx(
+        score([x["text"] for x in ours_rolls], [x["gold"] for x in ours_rolls], [x["task"] for x in ours_rolls]))
+    for b in (1, 2):
+        mine = [x["reward"] for x in ours_rolls if x["step"] == b]
+        assert res["runs"]["ours"]["0"]["rows"][b - 1]["reward"] == pytest.approx(sum(mine) / 4)
+    assert res["summary"]["trl"]["peak_rss_gib"] > 0.1 and res["summary"]["ours"]["peak_rss_gib"] > 0.1
+    table = (out / "results.md").read_text()
+    assert "| whole rollout batch (s) |" in table and "ours / TRL" in table
+    assert (out / "vs_trl.png").stat().st_size > 1000
