@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import lamp, metrics, prompts, r2p, retrieval, synthetic
+from . import lamp, metrics, plot, prompts, r2p, retrieval, synthetic
 from .files import read_json, write_json, write_jsonl
 from .llm import Backend, Request
 from .rewards import extract_answer
@@ -184,24 +184,10 @@ def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str =
 
 def sweep_plot(results: dict[str, dict[str, dict]], xs: Sequence, xlabel: str, path: Path) -> Path:
     """One panel per task: the task's first metric of each setting against the sweep variable."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({t for r in results.values() for t in r})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    panels = []
+    for task in sorted({t for r in results.values() for t in r}):
         metric = next(m for t, m, _ in COLUMNS if t == task)
-        methods = sorted({name.split("@")[0] for name in results})
-        for method in methods:
-            ys = [results.get(f"{method}@{x}", {}).get(task, {}).get(metric) for x in xs]
-            ax.plot([str(x) for x in xs], ys, marker="o", label=LABELS.get(method, method))
-        ax.set_title(f"{task} {metric}")
-        ax.set_xlabel(xlabel)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        panels.append((f"{task} {metric}", {
+            LABELS.get(method, method): [results.get(f"{method}@{x}", {}).get(task, {}).get(metric) for x in xs]
+            for method in sorted({name.split("@")[0] for name in results})}))
+    return plot.panels_plot(panels, xs, xlabel, path)

@@ -84,7 +84,9 @@ def finish_tokenizer(tok):
 
 
 def _tiny_corpus() -> list[str]:
-    """Fixed LaMP-style training text for the tiny tokenizer (no randomness outside the seed)."""
+    """Fixed LaMP-style training text for the tiny tokenizer (no randomness outside the seed). The synthetic
+    users' vocabulary is read here rather than passed in: `load_tokenizer("tiny")` must give every caller the
+    same tokenizer, and `synthetic` imports no model code, so this import makes no loop."""
 
     texts = [t.template for t in lamp.TASKS.values()] + [t.phrase for t in lamp.TASKS.values()]
     texts += list(synthetic.vocabulary_text())

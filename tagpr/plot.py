@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -75,6 +76,23 @@ def seeds_plot(runs: dict[str, str | Path], out: str | Path) -> Path:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out)
+    return out
+
+
+def panels_plot(panels: list[tuple[str, dict[str, list]]], xs: Sequence, xlabel: str, out: str | Path) -> Path:
+    """One panel per (title, {line label: y per x}) side by side, every line against the same `xs` (a sweep)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, ys in lines.items():
+            ax.plot([str(x) for x in xs], ys, marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 

@@ -94,8 +94,8 @@ def repetition_reward(outputs: Sequence[str], n: int = 4, eps: float = 1e-6) -> 
     """R_rep (Eq. 8): |set of n-grams| / (|multiset of n-grams| + ε) − 1 over whitespace tokens,
     written (|set| − |multiset|) / (|multiset| + ε): the same up to ε / (|multiset| + ε), and exactly 0
     without repetition, as the paper states — the literal form gives −ε/(m + ε), which differs from one
-    rollout to the next by ~1e-7 with the length and, once a group's other rewards tie, becomes an
-    advantage of up to ~0.1 after the (std + ε) normalisation (seen in the tiny preset's groups).
+    rollout to the next with the length and, once a group's other rewards tie, becomes a spurious
+    advantage after the (std + ε) normalisation.
     → −1 for a loop; 0 for a text with fewer than n tokens.
     """
     out = []

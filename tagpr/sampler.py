@@ -136,8 +136,8 @@ def nucleus(probs: torch.Tensor, top_p: float, widths: Sequence[int] | None = No
 
     A language model's nucleus is usually a few dozen tokens, so it is looked for among each row's
     `widths[0]` most probable tokens first (a partial selection, `topk`; default `NUCLEUS_WIDTHS`), then
-    `widths[1]`, and only then in a full sort of the vocabulary — which took ~115 ms of a ~150 ms CPU
-    decode step at 32 rows × 49k entries. A width is used when, for every row, the mass of its top tokens
+    `widths[1]`, and only then in a full sort of the vocabulary, which is most of a CPU decode step's
+    time (bench/README.md, top-p). A width is used when, for every row, the mass of its top tokens
     exceeds `top_p`: every token beyond them then has more than `top_p` before it, so the cut-off
     probability, and with it the set, is the one the full sort gives.
     """
@@ -228,6 +228,18 @@ class _Engine:
         return engine.decode_step(self.lm, self.weights, tok, pos, self.cache)
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Prompts → ids, attention mask and position ids (B, P), left-padded: every prompt ends at column P − 1,
+    and its positions count its own tokens from 0."""
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(prompt_ids), P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        attn[i, P - len(p):] = 1
+    return ids, attn, (attn.cumsum(1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
@@ -252,13 +264,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     G = n_per_prompt
     B = len(prompt_ids) * G
-    P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((len(prompt_ids), P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompt_ids):                                          # left padding
-        ids[i, P - len(p):] = torch.tensor(p, device=device)
-        attn[i, P - len(p):] = 1
-    pos = (attn.cumsum(1) - 1).clamp(min=0)                                     # (B/G, P) real positions
+    ids, attn, pos = left_pad(prompt_ids, pad_id, device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
