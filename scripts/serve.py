@@ -29,7 +29,7 @@ def start(gguf: Path, port: int, ctx: int = 4096, parallel: int = 2, threads: in
     """Start llama.cpp's server in this process (it serves from its own threads); returns the server object,
     which must stay referenced while it serves."""
     try:
-        import xllamacpp
+        import xllamacpp  # optional: the `serve` extra (a prebuilt llama.cpp wheel)
     except ImportError:
         raise SystemExit("error: the server needs the `xllamacpp` wheel: pip install -e '.[serve]'") from None
     p = xllamacpp.CommonParams()
