@@ -168,11 +168,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     sum over 49k entries moves each token's share by ~1e-6 at most. `greedy` a (B,) bool tensor: those rows
     take the argmax, the others sample.
     """
-    if isinstance(greedy, torch.Tensor):
-        if bool(greedy.all()) or temperature == 0:
-            return logits.argmax(-1)
-        tok = sample_next(logits, temperature, top_p, False, generator, u)
-        return torch.where(greedy, logits.argmax(-1), tok) if bool(greedy.any()) else tok
+    if isinstance(greedy, torch.Tensor):  # mixed rows (`generate` turns all-or-none flags into a bool)
+        return torch.where(greedy, logits.argmax(-1), sample_next(logits, temperature, top_p, False, generator, u))
     if greedy or temperature == 0:
         return logits.argmax(-1)
     x = logits.float()
@@ -271,10 +268,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     if not isinstance(greedy, bool):
         if len(greedy) != B:
             raise ValueError(f"{len(greedy)} greedy flags for {B} rows")
-        greedy = torch.tensor(list(greedy), dtype=torch.bool, device=device)
-        sampled = not (bool(greedy.all()) or temperature == 0)
-    else:
-        sampled = not (greedy or temperature == 0)
+        flags = list(map(bool, greedy))  # one kind for every row: a plain flag, no per-step row selection
+        greedy = flags[0] if len(set(flags)) == 1 else torch.tensor(flags, dtype=torch.bool, device=device)
+    sampled = temperature != 0 and (isinstance(greedy, torch.Tensor) or not greedy)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
         runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,
