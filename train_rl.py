@@ -37,6 +37,10 @@ Departures from the paper:
    advantages when many rollouts run out of tokens.
 5. `--temperature`, `--group`, `--lr`, `--train-layers`, `--stratify` change the recipe; their defaults are
    the paper's (the demo's choices and what each was measured to do: docs/rl_experiments.md).
+6. `--old-logp sampler` (off: recompute, as the paper and verl do) takes the old log-probs from the
+   sampler's own logits instead of a no-grad pass of the training model; fp32 only, where the two agree
+   to summation order (bf16's rounding gap is larger than ε = 3e-4). Every mini-batch, the first included,
+   then compares with the sampler's numbers; `ratio_min/u0`, `ratio_max/u0` show the gap.
 
 `--eval-prompts FILE --eval-every N` (verl's `val/test_score`) scores held-out prompts
 (`build_data.py` writes `eval_prompts.jsonl` from dev users) before training and every N steps:
@@ -125,6 +129,8 @@ class RLConfig:
     eval_every: int = 0                       # score the held-out prompts every N steps and at the end (0: only
                                               # before training and at the end, when --eval-prompts is given)
     eval_samples: int = 2                     # samples per held-out prompt at the rollout temperature (besides greedy)
+    old_logp: Literal["recompute", "sampler"] = "recompute"  # old log-probs: a no-grad pass of the training model
+                                              # (paper) or the sampler's own, fp32 only (departure 6)
 
 
 PRESETS = {
@@ -294,6 +300,9 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     out = Path(cfg.out)
     if cfg.policy not in ("tiny", "smollm2-135m") and not (Path(cfg.policy) / "config.json").is_file():
         raise SystemExit(f"{cfg.policy}: no policy folder; run `python train_sft.py` first (or pass --policy)")
+    if cfg.old_logp == "sampler" and precision != "fp32":
+        raise config.ConfigError(f"--old-logp sampler needs --precision fp32 (not {precision}): in bf16 the sampler's "
+                                 "and the training model's log-probs differ by more than the clip range ε")
     data = load_prompts(cfg, out)
     if d.distributed:
         lm, tok, full = load_for_sharding(cfg.policy, d.is_main, d.device, cfg.seed)
@@ -381,7 +390,7 @@ def rollout(run: Run, batch: Batch):
     run.model.eval()
     roll = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
                     cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=run.precision,
-                    keep_layers=run.frozen)
+                    keep_layers=run.frozen, logprobs=cfg.old_logp == "sampler")
     run.model.train()
     return roll
 
@@ -399,7 +408,8 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
     """The training rows, the mini-batches, and the log-probs every update compares with, at the sampling
     temperature, by the training model. Mini-batches come from one permutation of the global batch, so 1 rank
     and N ranks make the same updates. Mini-batch 0 takes its old log-probs from update 0's own forward (the
-    policy has not moved yet: its ratio is exactly 1); the other rows need one no-grad pass now."""
+    policy has not moved yet: its ratio is exactly 1); the other rows need one no-grad pass now. With
+    `--old-logp sampler` every row's come from the sampler (no pass)."""
     cfg, model, dev = run.cfg, run.model, run.d.device
     x, attn, rmask = sequences(roll, dev, run.tok.pad_token_id)
     n_global = cfg.global_batch * cfg.group
@@ -415,7 +425,10 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
                 h = model(x[rows], attn[rows], upto=run.frozen)
                 if real:
                     plan.trunk[rows] = h
-        for rows, real in fsdp_micro_batches(sorted(r for mini in minis[1:] for r in mini), cfg.micro_batch):
+        if roll.logprobs is not None:  # the sampler's, in the training rows' layout (both row-major over responses)
+            plan.old[rmask.bool()] = roll.logprobs[roll.response_mask.bool()].to(dev)
+        rest = sorted(r for mini in minis[1:] for r in mini) if roll.logprobs is None else []
+        for rows, real in fsdp_micro_batches(rest, cfg.micro_batch):
             lp = model(x[rows], attn[rows], cfg.temperature, **plan.top(run, rows))[0]
             if real:
                 plan.old[rows] = lp
@@ -436,7 +449,7 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> tuple[
     for rows, real in fsdp_micro_batches(plan.minis[k], cfg.micro_batch):
         with autocast(dev, run.precision):
             logp, ent = run.model(plan.x[rows], plan.attn[rows], cfg.temperature, **plan.top(run, rows))
-        old = logp.detach() if k == 0 else plan.old[rows]
+        old = logp.detach() if k == 0 and cfg.old_logp == "recompute" else plan.old[rows]
         loss, m = gspo_loss(logp, old, scores.adv[rows].to(dev), plan.rmask[rows], cfg.clip_low, cfg.clip_high,
                             n_mini, plan.ref[rows] if plan.ref is not None else None, cfg.kl_coef)
         backward(loss, real, run.d.world_size)

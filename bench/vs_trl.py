@@ -1,14 +1,16 @@
 """Our GSPO (`train_rl.py`) and TRL's (`GRPOTrainer`, importance_sampling_level="sequence") side by side, on the
 same work: the same policy folder, the same prompts, the same reward function, the same settings.
 
-    python bench/vs_trl.py                          # the demo's SFT model and RL prompts; 3 seeds × 4 rollout batches
+    python bench/vs_trl.py                          # the demo's SFT model and RL prompts; 3 seeds × 3 rollout batches
     python bench/vs_trl.py --seeds 0 --batches 2    # a quick look
 
 The work: a rollout batch of `--prompts-per-batch` prompts × `--group` samples (T = `--temperature`, at most
 `--max-new` tokens), scored by TagPR's guided reward without PRMU (R_v + λ1·R_f + R_rep + R_tag, `tagpr.rewards
 .composite_reward` on both sides), then `--updates` optimizer steps on equal shares of it (TRL:
 `steps_per_generation`; ours: `--mini-batches`), GSPO's ε 3e-4 / 4e-4, no KL, AdamW (β 0.9 / 0.95, no weight
-decay), constant LR, gradient clip 1, fp32, the whole model trained, one process. Each trainer runs as its own
+decay), constant LR, gradient clip 1, fp32, the whole model trained, one process. The old log-probs: TRL
+recomputes them with a forward pass; ours takes the sampler's own by default (`--old-logp sampler`, exact to fp32
+summation order), or recomputes them too with `--old-logp recompute`. Each trainer runs as its own
 child process, one after the other (its peak resident memory is the child's `ru_maxrss`).
 
 Per rollout batch it records the mean reward, the time of each phase (generation; reward + old log-probs; the
@@ -40,7 +42,7 @@ class BenchConfig:
     prompts: str = "runs/demo/data/rl_prompts.jsonl"  # RL prompts with golds; tags.json beside it is R_tag's vocabulary
     out: str = "runs/vs_trl"                  # results.json, results.md, vs_trl.png, each run's folder
     seeds: str = "0,1,2"                      # seeds, comma-separated: each trainer runs once per seed
-    batches: int = 4                          # rollout batches per run
+    batches: int = 3                          # rollout batches per run
     prompts_per_batch: int = 8                # prompts per rollout batch
     group: int = 4                            # samples per prompt (G)
     updates: int = 4                          # optimizer steps per rollout batch, on equal shares of it
@@ -50,6 +52,7 @@ class BenchConfig:
     temperature: float = 1.0                  # sampling temperature
     max_new: int = 128                        # new tokens per sample at most
     sides: str = "trl,ours"                   # which trainers to run (comma-separated)
+    old_logp: str = "sampler"                 # ours: old log-probs from the sampler (fp32) or "recompute" (a pass)
     side: str = ""                            # internal: run one trainer in this process ("trl")
     seed: int = 0                             # internal: the seed of that run
 
@@ -162,7 +165,7 @@ def run_ours(a: BenchConfig, seed: int, out: Path) -> tuple[list[dict], float]:
                  "--max-new-tokens", str(a.max_new), "--temperature", str(a.temperature), "--lr", str(a.lr),
                  "--clip-low", str(a.clip_low), "--clip-high", str(a.clip_high), "--warmup-steps", "0",
                  "--max-steps", str(a.batches), "--guided-epochs", "1000", "--overlong", "keep",
-                 "--save-every", "100000", "--rollouts-every", "1"], out / "log.txt")
+                 "--save-every", "100000", "--rollouts-every", "1", "--old-logp", a.old_logp], out / "log.txt")
     rows = []
     for l in (out / "metrics.jsonl").read_text().splitlines():
         m = json.loads(l)

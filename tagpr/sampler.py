@@ -38,6 +38,9 @@ class Rollouts:
     # token is never fed back, so its row there is 0. None on the transformers fallback path.
     prompt_hidden: torch.Tensor | None = None
     response_hidden: torch.Tensor | None = None
+    # with `logprobs=True`: (B, T) fp32 log-probability of each generated token under the full softmax at the
+    # sampling temperature (top-p aside: what the training log-probs compute), 0 after the row stopped
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -185,6 +188,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return torch.where(bad, probs.argmax(-1), tok) if bool(bad.any()) else tok  # (rare: skip the argmax pass)
 
 
+def token_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (B, V), tokens (B,) → (B,) fp32 log π(tok) under softmax(logits / T), as `LogprobModel` computes it
+    (T = 0, greedy: T = 1)."""
+    x = logits.float()
+    if temperature not in (0.0, 1.0):
+        x = x / temperature
+    return x.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+
+
 class _Transformers:
     """The fallback path for models `tagpr.engine` does not cover: transformers' own forward and cache."""
 
@@ -241,7 +253,7 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0) -> Rollouts:
+             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
     Each prompt is prefilled once and the group shares its keys/values (see
@@ -252,7 +264,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     one: it is unsharded once). `keep_layers` > 0: also return the residual stream after
     that many layers (see `Rollouts`; GSPO's frozen-trunk cache takes it from here).
     `greedy`: every row, or one flag per output row (e.g. one greedy answer and k samples
-    from one prefill); `generator` then still has one entry per row, greedy rows' unused.
+    from one prefill); `generator` then still has one entry per row, greedy rows' unused. `logprobs`: also
+    return each token's log-probability at `temperature` (see `Rollouts`; GSPO's `--old-logp sampler`).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -265,6 +278,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    lp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if logprobs else None
     if not isinstance(greedy, bool):
         if len(greedy) != B:
             raise ValueError(f"{len(greedy)} greedy flags for {B} rows")
@@ -282,6 +296,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
             mask[:, t] = (~done).long()
+            if lp is not None:
+                lp[:, t] = token_logprobs(logits, tok, temperature).masked_fill(done, 0.0)
             done = done | torch.isin(tok, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
@@ -293,4 +309,5 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     if tokenizer is not None:
         texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(B)]
     kept = runner.response_hidden[:, :T] if runner.response_hidden is not None else None
-    return Rollouts([list(p) for p in prompt_ids for _ in range(G)], out, mask, texts, done, runner.prompt_hidden, kept)
+    return Rollouts([list(p) for p in prompt_ids for _ in range(G)], out, mask, texts, done, runner.prompt_hidden, kept,
+                    lp[:, :T] if lp is not None else None)

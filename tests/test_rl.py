@@ -317,3 +317,24 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     preds = {p.id: rewards.extract_answer(r.text) for p, r in zip(ev, replies)}
     mae = metrics.evaluate("LaMP_3", {p.id: p.gold for p in ev}, preds)["MAE"]
     assert rows[-1][f"{key}_greedy"] == pytest.approx(mae, abs=1e-9)
+
+
+def test_old_logprobs_from_the_sampler(runs, tmp_path):
+    """--old-logp sampler: the same rollouts and rewards as recomputing them; every update compares with the
+    sampler's log-probs, so update 0's ratio is 1 to fp32 summation order (not exactly) and nothing clips there;
+    the updates match the recomputing run's closely. bf16 is refused before any work."""
+    a = runs[0]
+    s = run(tmp_path, "s", "--max-steps", "2", "--lr", "1e-3", "--old-logp", "sampler")
+    assert len(s) == len(a) == 2
+    for x, y in zip(s, a):
+        assert x["reward"] == y["reward"] and x["response_len"] == y["response_len"]
+        assert abs(x["ratio_min/u0"] - 1) < 1e-5 and abs(x["ratio_max/u0"] - 1) < 1e-5
+        assert x["clip_frac_low/u0"] == x["clip_frac_high/u0"] == 0.0
+        assert x["time/old_logp"] < y["time/old_logp"]
+        for k in ("loss/u0", "loss/u1", "ratio_mean/u1", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-6), k
+    from tagpr import hardware
+    from tagpr.config import ConfigError
+    why = "--old-logp sampler needs --precision fp32" if hardware.bf16_matmul() else "needs a CPU with bf16 matmul"
+    with pytest.raises(ConfigError, match=why):
+        run(tmp_path, "b", "--max-steps", "1", "--old-logp", "sampler", "--precision", "bf16")

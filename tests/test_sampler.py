@@ -208,3 +208,34 @@ def test_greedy_and_sampled_rows_from_one_prefill(tiny):
     assert len({sampled.texts[i] for i in range(9) if i % 3}) > 1       # the sampled rows do sample
     with pytest.raises(ValueError, match="2 greedy flags for 9 rows"):
         sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=3, greedy=[True, False])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_the_training_models(tiny, temperature):
+    """generate(logprobs=True): each generated token's log-prob at the temperature equals transformers' full
+    forward + log_softmax(logits / T) on the finished rows (fp32, to summation order), and the training path's
+    `LogprobModel`; 0 after a row stopped."""
+    from tagpr.batching import pad_batch
+    from tagpr.models import LogprobModel
+
+    model, tok = tiny
+    ps = prompts(tok)
+    roll = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 9, temperature=temperature,
+                            generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2,
+                            logprobs=True)
+    assert roll.logprobs.shape == roll.response_ids.shape and roll.logprobs.dtype == torch.float32
+    assert (roll.logprobs * (1 - roll.response_mask)).abs().max() == 0
+    seqs = [p + r[:n] for p, r, n in zip(roll.prompt_ids, roll.response_ids.tolist(), roll.lengths.tolist())]
+    masks = [[0] * len(p) + [1] * n for p, n in zip(roll.prompt_ids, roll.lengths.tolist())]
+    ids, attn, rmask = pad_batch(seqs, masks, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
+        want = logits.log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
+        train = LogprobModel(model)(ids, attn, temperature)[0]
+    got = roll.logprobs[roll.response_mask.bool()]
+    torch.testing.assert_close(got, want[rmask.bool()], atol=2e-5, rtol=0)
+    torch.testing.assert_close(got, train[rmask.bool()], atol=2e-5, rtol=0)
+    assert got.min() < -1.0  # a random model: real log-probs, not zeros
+    plain = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 9, temperature=temperature,
+                             generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
+    assert plain.logprobs is None and torch.equal(plain.response_ids, roll.response_ids)
