@@ -230,6 +230,18 @@ def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tupl
     return "\n".join(lines), avg
 
 
+def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids) -> dict:
+    """RL against SFT on one kind of score: the mean over seeds' paired gain, its 95 % bootstrap interval over
+    questions, each seed's gain and their spread (max − min); `clears`: the interval above 0 and the gain above
+    the spread (issue #21's test)."""
+    diff = [mean([rl[s][kind][i] for s in seeds]) - sft[kind][i] for i in ids]
+    lo, hi = metrics.bootstrap_ci(diff)
+    gains = [mean([rl[s][kind][i] - sft[kind][i] for i in ids]) for s in seeds]
+    spread = max(gains) - min(gains)
+    return {"gain": mean(diff), "lo": lo, "hi": hi, "seeds": gains, "spread": spread,
+            "clears": lo > 0 and mean(diff) > spread}
+
+
 def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
     """What the table shows and what not: SFT against base; RL against SFT (paired interval and seed spread);
     the profile-swap drops."""
@@ -240,21 +252,42 @@ def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
     out.append(f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
                f"({'yes' if sft_greedy > base_best else 'no'}).")
     for k in ("sampled", "greedy"):
-        diff = [avg[k][i] - sft[k][i] for i in ids]
-        lo, hi = metrics.bootstrap_ci(diff)
-        gains = [mean([rl[s][k][i] - sft[k][i] for i in ids]) for s in seeds]
-        spread = max(gains) - min(gains)
-        ok = lo > 0 and mean(diff) > spread
-        out.append(f"- SFT + RL > SFT, {k}: gain {mean(diff):+.3f}, 95 % interval of the paired difference "
-                   f"[{lo:+.3f}, {hi:+.3f}], per seed {', '.join(f'{g:+.3f}' for g in gains)} (spread "
-                   f"{spread:.3f}): {'yes' if ok else 'not shown'} (needs the interval above 0 and the gain "
-                   "above the spread).")
+        g = rl_gain(sft, rl, seeds, k, ids)
+        out.append(f"- SFT + RL > SFT, {k}: gain {g['gain']:+.3f}, 95 % interval of the paired difference "
+                   f"[{g['lo']:+.3f}, {g['hi']:+.3f}], per seed {', '.join(f'{x:+.3f}' for x in g['seeds'])} (spread "
+                   f"{g['spread']:.3f}): {'yes' if g['clears'] else 'not shown'} (needs the interval above 0 and the "
+                   "gain above the spread).")
     for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
         diff = [sc["greedy"][i] - sc["swap"][i] for i in ids]
         lo, hi = metrics.bootstrap_ci(diff)
         out.append(f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
                    f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'}).")
     return out
+
+
+def gain_curve(run_dir: Path, seeds) -> str:
+    """The held-out gain over SFT at every step that all seeds scored (markdown): sampled and greedy, each with its
+    interval, per-seed gains, spread and whether it clears; and the GSPO time to that step (mean over seeds, held-out
+    scoring excluded). Where the first "yes" appears is the smallest RL budget that showed the gain."""
+    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
+    steps = sorted(set.intersection(*({int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json")}
+                                      for d in rl.values())) - {0})
+    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
+    ids = sorted(sft["greedy"])
+    rows = {s: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}
+    step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "old_logp", "update"))
+    lines = ["| GSPO steps | GSPO time to it (s, mean of seeds) | sampled gain [95 %] | per seed | spread | clears "
+             "| greedy gain [95 %] | per seed | spread | clears |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in steps:
+        at = {s: _scores(rl[s] / f"held_out_step{n}.json") for s in seeds}
+        t = mean([sum(step_time(r) for r in rows[s] if 0 < r["step"] <= n) for s in seeds])
+        cells = []
+        for k in ("sampled", "greedy"):
+            g = rl_gain(sft, at, seeds, k, ids)
+            cells += [f"{g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]", ", ".join(f"{x:+.3f}" for x in g["seeds"]),
+                      f"{g['spread']:.3f}", "yes" if g["clears"] else "no"]
+        lines.append(f"| {n} | {t:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
@@ -279,6 +312,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
           "profile-swap column shows each question another held-out user's profile (a model that personalizes "
           "falls towards the floor there).\n\n"
           f"{table}\n\n## What the table shows\n\n" + "\n".join(said) + "\n\n"
+          "## Held-out gain over SFT against GSPO steps\n\n" + gain_curve(run_dir, seeds) + "\n\n"
           f"![held-out scores and training reward over seeds]({png.name})\n"
           + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"
           + "\n## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())

@@ -93,3 +93,36 @@ def test_malloc_env(monkeypatch):
     assert demo.malloc_env("auto") == {}
     with pytest.raises(demo.config.ConfigError, match="no libjemalloc"):
         demo.malloc_env("jemalloc")
+
+
+def test_gain_curve_by_hand(tmp_path):
+    """The report's gain-against-steps table on two seeds and four questions worked out by hand: the per-seed
+    gains, their spread, the verdict, and the GSPO time to the step (held-out scoring excluded)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo
+
+    def scores(greedy, sampled):
+        return {"held_out": {f"q{i}": {"greedy": g, "sampled": s} for i, (g, s) in enumerate(zip(greedy, sampled))},
+                "swap": {f"q{i}": {"greedy": 0.0} for i in range(4)}}
+
+    files = {0: {0: scores([1, 0, 1, 0], [0, .5, 1, 0]), 2: scores([1, 0, 1, 0], [.5, .5, 1, .5])},
+             1: {2: scores([0, 0, 1, 1], [0, 1, 1, 0])}}
+    for seed, steps in files.items():
+        d = tmp_path / f"rl_seed{seed}"
+        d.mkdir()
+        for step, sc in steps.items():
+            (d / f"held_out_step{step}.json").write_text(json.dumps(sc))
+        t = 10.0 * (seed + 1)
+        rows = [{"step": 0, "time/held_out": 99.0}] + [
+            {"step": s, "time/rollout": t, "time/reward": 1.0, "time/old_logp": 2.0, "time/update": 3.0,
+             **({"time/held_out": 99.0} if s == 2 else {})} for s in (1, 2, 3)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = demo.gain_curve(tmp_path, [0, 1]).splitlines()
+    assert len(table) == 3  # header, rule, step 2 (step 0 is SFT's own row)
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    # GSPO time to step 2: seed 0 (10+1+2+3)·2 = 32, seed 1 (20+1+2+3)·2 = 52 → 42
+    assert cells[:2] == ["2", "42"]
+    # sampled: seed 0 gains (.5+0+0+.5)/4 = .25, seed 1 (0+.5+0+0)/4 = .125 → mean .1875 > spread .125, interval > 0
+    assert cells[2].startswith("+0.188 [+0.") and cells[3:6] == ["+0.250, +0.125", "0.125", "yes"]
+    # greedy: seed 0 gains 0, seed 1 (−1+0+0+1)/4 = 0 → no gain, spread 0: not shown
+    assert cells[6].startswith("+0.000") and cells[7:10] == ["+0.000, +0.000", "0.000", "no"]
