@@ -234,6 +234,7 @@ def plot(num: dict, a: BenchConfig, path: Path) -> None:
             c = num[side]["reward"]
             ax.plot(x, [r["mean"] for r in c], "o-", color=color, label=f"{side} (mean of seeds {a.seeds})")
             ax.fill_between(x, [r["min"] for r in c], [r["max"] for r in c], color=color, alpha=0.2)
+    ax.set_xticks(x)
     ax.set_xlabel(f"rollout batch ({a.updates} updates each)")
     ax.set_ylabel("mean reward of the batch")
     ax.set_title("GSPO: TRL GRPOTrainer vs train_rl.py (range over seeds)")
