@@ -283,7 +283,7 @@ class Plan:
     rmask: torch.Tensor                  # (B, T - 1) response tokens of the next-token log-probs
     sizes: list[int]                     # each global mini-batch's sequence count
     minis: list[list[int]]               # this rank's rows of each mini-batch
-    old: torch.Tensor                    # (B, T - 1) old log-probs (mini-batch 0's come from update 0 itself)
+    old: torch.Tensor                    # (B, T - 1) old log-probs (recompute: mini-batch 0's come from update 0)
     trunk: torch.Tensor | None           # (B, T, H) the frozen layers' output, or None
     ref: torch.Tensor | None             # (B, T - 1) reference log-probs, or None
 

@@ -198,12 +198,16 @@ def cell(vals) -> str:
     return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def scored_steps(rl_dir: Path) -> set[int]:
+    """The steps at which an RL run scored the held-out prompts (its held_out_step<N>.json files)."""
+    return {int(p.stem.removeprefix("held_out_step")) for p in rl_dir.glob("held_out_step*.json")}
+
+
 def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
     """({kind: {question: score}} of the SFT model (seed 0's step 0), the same of each seed's last evaluation,
     {seed: its last step})."""
     rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
-    last = {s: max(int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json"))
-            for s, d in rl.items()}
+    last = {s: max(scored_steps(d)) for s, d in rl.items()}
     sft = _scores(rl[seeds[0]] / "held_out_step0.json")
     return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
 
@@ -270,8 +274,7 @@ def gain_curve(run_dir: Path, seeds) -> str:
     interval, per-seed gains, spread and whether it clears; and the GSPO time to that step (mean over seeds, held-out
     scoring excluded). Where the first "yes" appears is the smallest RL budget that showed the gain."""
     rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
-    steps = sorted(set.intersection(*({int(p.stem.removeprefix("held_out_step")) for p in d.glob("held_out_step*.json")}
-                                      for d in rl.values())) - {0})
+    steps = sorted(set.intersection(*(scored_steps(d) for d in rl.values())) - {0})
     sft = _scores(rl[seeds[0]] / "held_out_step0.json")
     ids = sorted(sft["greedy"])
     rows = {s: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}

@@ -188,9 +188,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return torch.where(bad, probs.argmax(-1), tok) if bool(bad.any()) else tok  # (rare: skip the argmax pass)
 
 
-def token_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits (B, V), tokens (B,) → (B,) fp32 log π(tok) under softmax(logits / T), as `LogprobModel` computes it
-    (T = 0, greedy: T = 1)."""
+def chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (B, V), the tokens chosen from them (B,) → (B,) fp32 log π(tok) under softmax(logits / T), as
+    `LogprobModel` computes it for training (T = 0, greedy: T = 1)."""
     x = logits.float()
     if temperature not in (0.0, 1.0):
         x = x / temperature
@@ -297,7 +297,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
             out[:, t] = tok
             mask[:, t] = (~done).long()
             if lp is not None:
-                lp[:, t] = token_logprobs(logits, tok, temperature).masked_fill(done, 0.0)
+                lp[:, t] = chosen_logprobs(logits, tok, temperature).masked_fill(done, 0.0)
             done = done | torch.isin(tok, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
