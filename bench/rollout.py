@@ -2,6 +2,9 @@
 
     python bench/rollout.py                    # SmolLM2-135M, batch 32, 64 new tokens, T=1.0, top-p 1.0, CPU
     python bench/rollout.py --top-p 0.9        # + our sampler with the nucleus found by a full vocabulary sort
+    python bench/rollout.py --model runs/demo/sft/model --prompts runs/demo/data/eval_prompts.jsonl --eos \
+        --batch 160 --group 5 --new 160 --precision bf16
+                                               # rows stop at EOS: ours computing only the live rows vs all
 
 Both generate exactly `--new` tokens per sequence (EOS disabled), from the same
 left-padded prompts, `--group` rollouts per prompt as in GSPO (`generate` with
@@ -11,6 +14,10 @@ step is the larger of its FLOPs (2 · parameters · batch) at the square-matmul 
 its weight bytes at the memory bandwidth, both measured in this run. With `--top-p` below 1 a third
 engine runs too: ours with `sampler.NUCLEUS_WIDTHS = ()`, i.e. the nucleus from a full sort of the
 vocabulary at every step instead of from each row's top 256 / 4096 tokens (the same tokens come out).
+
+With `--eos` the rows stop where the model ends them (a trained policy's real lengths, up to `--new`), and
+the side by side is ours (the default: a step computes only the rows still generating) against ours with
+`compact=False` (every row to the slowest one's end, as `generate` does). Both give the same tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tagpr import lamp, prompts, synthetic  # noqa: E402
 from tagpr.hardware import keep_freed_memory  # noqa: E402
 from tagpr.models import load_model  # noqa: E402
+from tagpr.records import read_rl_prompts  # noqa: E402
 from tagpr import sampler  # noqa: E402
 from tagpr.sampler import generate  # noqa: E402
 
@@ -62,13 +70,19 @@ def main():
     ap.add_argument("--group", type=int, default=4, help="rollouts per prompt (batch = prompts × group)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, interleaved; the best counts")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--prompts", default="", help="rl_prompts.jsonl-format prompts to use (default: synthetic "
+                    "LaMP-2 dev questions in the plain RAG prompt)")
+    ap.add_argument("--eos", action="store_true", help="stop rows at EOS; compare ours with and without compaction")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: both engines under bf16 autocast (weights stay fp32)")
     a = ap.parse_args()
     dev = torch.device("cpu")
     model, tok = load_model(a.model, device=dev, dtype=torch.float32)
-    ex = synthetic.generate_split("LaMP_2", "dev", a.batch // a.group, 1, seed=0)
-    texts = [prompts.chat(tok, prompts.build_prompt(lamp.TASKS["LaMP_2"], e.question, a.k)) for e in ex]
+    if a.prompts:
+        texts = [prompts.chat(tok, p.prompt) for p in read_rl_prompts(a.prompts)[:a.batch // a.group]]
+    else:
+        ex = synthetic.generate_split("LaMP_2", "dev", a.batch // a.group, 1, seed=0)
+        texts = [prompts.chat(tok, prompts.build_prompt(lamp.TASKS["LaMP_2"], e.question, a.k)) for e in ex]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     n_tokens = a.batch * a.new
     tok.padding_side = "left"
@@ -78,16 +92,17 @@ def main():
         model.generate(**batch, do_sample=True, max_new_tokens=2, pad_token_id=tok.pad_token_id)
     generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=2, precision=a.precision)
 
-    def ours_once(widths=sampler.NUCLEUS_WIDTHS):
+    def ours_once(widths=sampler.NUCLEUS_WIDTHS, compact=True):
         saved, sampler.NUCLEUS_WIDTHS = sampler.NUCLEUS_WIDTHS, widths
         try:
-            out = generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0,
-                           top_p=a.top_p, generator=torch.Generator().manual_seed(0), n_per_prompt=a.group,
-                           precision=a.precision)
+            out = generate(model, ids, eos_id=tok.eos_token_id if a.eos else -1, pad_id=tok.pad_token_id,
+                           max_new_tokens=a.new, temperature=1.0, top_p=a.top_p,
+                           generator=[torch.Generator().manual_seed(i) for i in range(a.batch)],
+                           n_per_prompt=a.group, precision=a.precision, compact=compact)
         finally:
             sampler.NUCLEUS_WIDTHS = saved
-        assert int(out.lengths.min()) == a.new
-        return out.response_ids
+        assert a.eos or int(out.lengths.min()) == a.new
+        return out
 
     def hf_once():
         torch.manual_seed(0)
@@ -96,10 +111,13 @@ def main():
                                  min_new_tokens=a.new, pad_token_id=tok.pad_token_id, num_return_sequences=a.group)
         assert out.shape == (a.batch, batch["input_ids"].shape[1] + a.new)
 
+    if a.eos:
+        return stopping(a, ours_once)
     engines = [("ours", ours_once), ("hf", hf_once)]
     if a.top_p < 1.0:
         engines.append(("sort", lambda: ours_once(widths=())))
-        assert torch.equal(ours_once(), ours_once(widths=())), "the windowed nucleus sampled other tokens"
+        assert torch.equal(ours_once().response_ids, ours_once(widths=()).response_ids), \
+            "the windowed nucleus sampled other tokens"
     times = {name: [] for name, _ in engines}
     for _ in range(a.repeats):  # interleaved, so a slow spell of a shared machine hits all
         for name, fn in engines:
@@ -124,6 +142,29 @@ def main():
         rows.insert(1, ("tagpr.sampler, nucleus by full sort", min(times["sort"])))
     for name, t in rows:
         print(f"| {name} | {t:.1f} | {n_tokens / t:.0f} | {t_hf / t:.2f} | {n_tokens / t * step_limit / a.batch:.0%} |")
+
+
+def stopping(a, ours_once):
+    """--eos: the same rollouts computed over the live rows only and over every row, interleaved."""
+    out = ours_once()
+    assert torch.equal(out.response_ids, ours_once(compact=False).response_ids), "compaction changed the tokens"
+    times = {True: [], False: []}
+    for _ in range(a.repeats):
+        for compact in times:
+            t0 = time.perf_counter()
+            ours_once(compact=compact)
+            times[compact].append(time.perf_counter() - t0)
+    n = out.lengths.float()
+    print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, stop at EOS, ≤ {a.new} "
+          f"new tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}")
+    print(f"lengths: mean {n.mean():.1f}, max {int(n.max())}, {int((n == a.new).sum())} of {a.batch} rows cut at "
+          f"{a.new}; live rows per step on average {n.sum() / n.max() / a.batch:.0%} of the batch")
+    print("| sampler | s | generated tokens/s | × every row |")
+    print("|---|---|---|---|")
+    full = min(times[False])
+    for name, t in (("every row to the end (compact=False)", full), ("live rows only (compact, default)",
+                                                                       min(times[True]))):
+        print(f"| {name} | {t:.1f} | {n.sum() / t:.0f} | {t / full:.2f} |")
 
 
 if __name__ == "__main__":

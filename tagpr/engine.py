@@ -17,6 +17,10 @@ cheap:
 * **The cache never moves.** The buffers are sized for `max_new_tokens` up front (the
   same memory as per-row caches: P per prompt + T per row); a step writes G columns in
   place and reads the first P + (t + 1)·G.
+* **Finished rows leave the step.** `decode_step(active=…)` runs the projections, MLPs and head on the
+  rows still generating only (a stopped row's own columns get zeros, which no other row reads). A batch of
+  T = 1 samples whose lengths spread from ~60 tokens to the cap then costs what its live rows cost, not the
+  slowest row's length times the batch.
 * **Weights are prepared once per generation** (`Weights`): every projection in the
   compute dtype, so no step casts a weight (bf16 autocast caches its casts only for
   parameters that require grad: the frozen layers of `--train-layers` were cast again
@@ -229,20 +233,29 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     return W.head(_norm(m.norm, h[:, -1]).to(W.dtype)), kv, kept
 
 
-def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache) -> torch.Tensor:
+def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache,
+                active: torch.Tensor | None = None) -> torch.Tensor:
     """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache` (and with
-    `cache.keep`, the tokens' residual stream after that many layers to `cache.kept`)."""
+    `cache.keep`, the tokens' residual stream after that many layers to `cache.kept`).
+
+    `active` (n,): the rows still generating, in order. Only they go through the projections, the MLPs and the
+    head, and the logits are theirs (n, V): once most rows of a batch have stopped, a step costs what its live
+    rows cost. A stopped row writes zero keys/values into its own columns, which no other row sees."""
     m = lm.model
-    h = m.embed_tokens(tokens[:, None])                                         # (B, 1, hidden)
+    if active is not None:
+        tokens, pos = tokens[active], pos[active]
+    h = m.embed_tokens(tokens[:, None])                                         # (n, 1, hidden)
     cos, sin = _rotary(m, h, pos[:, None])
-    t = cache.length
+    t, B = cache.length, cache.group * cache.prompt_bias.shape[0]
     for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         a = layer.self_attn
-        q, k, v = _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype)
-        o = cache.attend(i, q[:, 0], k[:, 0], v[:, 0], a.scaling)
-        h = _attn_out(w, o[:, None], h)
+        q, k, v = (x[:, 0] for x in _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype))
+        if active is not None:
+            q, k, v = (x.new_zeros((B,) + x.shape[1:]).index_copy_(0, active, x) for x in (q, k, v))
+        o = cache.attend(i, q, k, v, a.scaling)
+        h = _attn_out(w, (o if active is None else o[active])[:, None], h)
         h = _mlp_block(layer, w, h)
         if i + 1 == cache.keep:
-            cache.kept[:, t] = h[:, 0]
+            cache.kept[(slice(None) if active is None else active), t] = h[:, 0]
     cache.length = t + 1
     return W.head(_norm(m.norm, h[:, 0]).to(W.dtype))

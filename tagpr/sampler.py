@@ -201,6 +201,7 @@ class _Transformers:
     """The fallback path for models `tagpr.engine` does not cover: transformers' own forward and cache."""
 
     prompt_hidden = response_hidden = None  # keeping hidden states is the engine's alone
+    compacts = False                         # every step computes every row
 
     def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
         self.amp = lambda: autocast(ids.device, precision)  # transformers' forward takes the precision from autocast
@@ -214,7 +215,7 @@ class _Transformers:
         self.attn = torch.cat([attn, attn.new_ones(attn.shape[0], max_new_tokens)], dim=1)
         self.P = ids.shape[1]
 
-    def step(self, tok, pos, t):
+    def step(self, tok, pos, t, active=None):
         with self.amp():
             res = self.lm(input_ids=tok[:, None], attention_mask=self.attn[:, :self.P + t + 1],
                           position_ids=pos[:, None], past_key_values=self.cache, use_cache=True)
@@ -225,6 +226,8 @@ class _Transformers:
 class _Engine:
     """`tagpr.engine`: the group's prompt cached once, one shared preallocated buffer per prompt, rotary on q/k together."""
 
+    compacts = True                          # a step can compute only the rows still generating
+
     def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
         self.lm = lm
         dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
@@ -233,8 +236,8 @@ class _Engine:
         self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens, keep, lm.config.hidden_size)
         self.response_hidden = self.cache.kept
 
-    def step(self, tok, pos, t):
-        return engine.decode_step(self.lm, self.weights, tok, pos, self.cache)
+    def step(self, tok, pos, t, active=None):
+        return engine.decode_step(self.lm, self.weights, tok, pos, self.cache, active)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -253,7 +256,8 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False) -> Rollouts:
+             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
+             compact: bool = True) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
     Each prompt is prefilled once and the group shares its keys/values (see
@@ -266,6 +270,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     `greedy`: every row, or one flag per output row (e.g. one greedy answer and k samples
     from one prefill); `generator` then still has one entry per row, greedy rows' unused. `logprobs`: also
     return each token's log-probability at `temperature` (see `Rollouts`; GSPO's `--old-logp sampler`).
+    `compact` (the engine's path): once some rows have stopped, a step computes only the others (a batch no
+    longer pays for its finished rows until its slowest one stops); their tokens and log-probs are the same
+    up to the summation order of a smaller matmul.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -301,7 +308,11 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
             done = done | torch.isin(tok, eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            logits = runner.step(tok, next_pos, t)
+            if compact and runner.compacts and bool(done.any()):
+                active = (~done).nonzero().squeeze(1)
+                logits[active] = runner.step(tok, next_pos, t, active)   # a stopped row keeps stale logits: its token is pad
+            else:
+                logits = runner.step(tok, next_pos, t)
             next_pos = next_pos + 1
     T = int(mask.sum(1).max().item()) if B else 0
     out, mask = out[:, :T], mask[:, :T]

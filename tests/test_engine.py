@@ -92,6 +92,40 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, G):
         torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
 
 
+def test_steps_over_the_rows_still_generating_equal_the_full_forward():
+    """`decode_step(active=…)`: rows that stopped leave the batch (whole groups and single rows of a group), and
+    every row still generating keeps transformers' logits for its own sequence, and the residual stream kept for
+    GSPO's frozen trunk (`keep`) is what the full batch keeps."""
+    lm, G, steps = MODELS["llama"], 3, 6
+    W = engine.Weights(lm, torch.float32, True, False)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (6, 4)]
+    conts = [torch.randint(1, 97, (steps,), generator=g).tolist() for _ in range(len(prompts) * G)]
+    stops = {0: 3, 1: 1, 4: 2, 5: 1}           # row → the last step it runs (rows 2 and 3 run all six)
+    ids, mask, pos = left_pad(prompts)
+    with torch.no_grad():
+        logits, prefix, _ = engine.prefill(lm, W, ids, mask, pos, keep=2)
+        cache = engine.GroupCache(prefix, mask, G, steps, keep=2, hidden_size=96)
+        full_logits, full_prefix, _ = engine.prefill(lm, W, ids, mask, pos, keep=2)
+        full = engine.GroupCache(full_prefix, mask, G, steps, keep=2, hidden_size=96)
+        next_pos = pos[:, -1].repeat_interleave(G) + 1
+        got = {b: [logits[b // G]] for b in range(len(conts))}
+        for t in range(steps):
+            tok = torch.tensor([c[t] for c in conts])
+            active = torch.tensor([b for b in range(len(conts)) if stops.get(b, steps) > t])
+            out = engine.decode_step(lm, W, tok, next_pos + t, cache, active)
+            assert out.shape == (len(active), 97)
+            for r, b in enumerate(active.tolist()):
+                got[b].append(out[r])
+            engine.decode_step(lm, W, tok, next_pos + t, full)
+    for b, rows in got.items():
+        want = reference_logits(lm, prompts[b // G], conts[b])[:len(rows)]
+        assert len(rows) == stops.get(b, steps) + 1
+        torch.testing.assert_close(torch.stack(rows), want, atol=2e-4, rtol=1e-4)
+        n = stops.get(b, steps)
+        torch.testing.assert_close(cache.kept[b, :n], full.kept[b, :n], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prepacked_linear_equals_f_linear(dtype):
     """oneDNN's prepacked weight gives F.linear's numbers: identical in bf16, to summation order in fp32; with a

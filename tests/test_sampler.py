@@ -239,3 +239,21 @@ def test_sampler_logprobs_equal_the_training_models(tiny, temperature):
     plain = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 9, temperature=temperature,
                              generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
     assert plain.logprobs is None and torch.equal(plain.response_ids, roll.response_ids)
+
+
+def test_stopped_rows_leave_the_batch_without_changing_the_others(tiny):
+    """compact (the default): once rows stop, steps compute only the others. Greedy and sampled rows, tokens and
+    log-probs, equal the run that computes every row to the end; rows stopped at several steps and some ran to
+    the cap, so the batch did shrink."""
+    model, tok = tiny
+    ps = prompts(tok)
+    eos = list(range(5, tok.vocab_size, 7))              # many stop tokens: rows stop at different steps
+    gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(12)]
+    kw = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=12, temperature=1.0, n_per_prompt=4,
+              greedy=[i % 4 == 0 for i in range(12)], logprobs=True)
+    fast = sampler.generate(model, ps, generator=gens(), **kw)
+    full = sampler.generate(model, ps, generator=gens(), compact=False, **kw)
+    lengths = fast.lengths.tolist()
+    assert len(set(lengths)) >= 3 and max(lengths) == 12 and min(lengths) < 6, lengths
+    assert torch.equal(fast.response_ids, full.response_ids) and torch.equal(fast.response_mask, full.response_mask)
+    torch.testing.assert_close(fast.logprobs, full.logprobs, atol=2e-5, rtol=0)
