@@ -306,9 +306,10 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
             if lp is not None:
                 lp[:, t] = chosen_logprobs(logits, tok, temperature).masked_fill(done, 0.0)
             done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            stopped = int(done.sum())                                           # one read of the flags a step
+            if stopped == B or t == max_new_tokens - 1:
                 break
-            if compact and runner.compacts and bool(done.any()):
+            if compact and runner.compacts and stopped:
                 active = (~done).nonzero().squeeze(1)
                 logits[active] = runner.step(tok, next_pos, t, active)   # a stopped row keeps stale logits: its token is pad
             else:

@@ -105,9 +105,7 @@ def test_steps_over_the_rows_still_generating_equal_the_full_forward():
     ids, mask, pos = left_pad(prompts)
     with torch.no_grad():
         logits, prefix, _ = engine.prefill(lm, W, ids, mask, pos, keep=2)
-        cache = engine.GroupCache(prefix, mask, G, steps, keep=2, hidden_size=96)
-        full_logits, full_prefix, _ = engine.prefill(lm, W, ids, mask, pos, keep=2)
-        full = engine.GroupCache(full_prefix, mask, G, steps, keep=2, hidden_size=96)
+        cache, full = (engine.GroupCache(prefix, mask, G, steps, keep=2, hidden_size=96) for _ in range(2))  # copies
         next_pos = pos[:, -1].repeat_interleave(G) + 1
         got = {b: [logits[b // G]] for b in range(len(conts))}
         for t in range(steps):
