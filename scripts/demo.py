@@ -102,11 +102,11 @@ class DemoConfig:
     sft_batch: int = 8                  # SFT sequences per step
     sft_lr: float = 1e-4                # SFT learning rate
     prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
-    rl_steps: int = 16                  # GSPO steps per seed
+    rl_steps: int = 4                   # GSPO steps per seed
     rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
     rl_prompts: int = 8                 # prompts per rollout batch (all ranks)
     rl_group: int = 4                   # rollouts per prompt (G)
-    rl_lr: float = 5e-5                 # GSPO learning rate
+    rl_lr: float = 1e-4                 # GSPO learning rate
     rl_temperature: float = 1.0         # rollout temperature (paper: 1); the sampled score is taken at it
     rl_max_new: int = 160               # new tokens per rollout (and per held-out answer) at most
     rl_overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at rl_max_new: kept (the paper) or out of the loss (DAPO)
