@@ -107,7 +107,7 @@ def test_bad_rl_prompts_are_refused_by_name(tmp_path, task, gold, said):
     bad = rl_prompt_file(tmp_path / "rl_prompts.jsonl", task=task, gold=gold)
     with pytest.raises(DataError) as e:
         records.read_rl_prompts(bad)
-    assert f"rl_prompts.jsonl:1: " in str(e.value) and said in str(e.value)
+    assert "rl_prompts.jsonl:1: " in str(e.value) and said in str(e.value)
     if task == "LaMP_2":                                                        # and as a user sees it
         r = run_rl("--prompts", str(bad), "--out", str(tmp_path / "out"))
         assert r.returncode == 2
