@@ -17,7 +17,7 @@ vocabulary at every step instead of from each row's top 256 / 4096 tokens (the s
 
 With `--eos` the rows stop where the model ends them (a trained policy's real lengths, up to `--new`), and
 the side by side is ours (the default: a step computes only the rows still generating) against ours with
-`compact=False` (every row to the slowest one's end, as `generate` does). Both give the same tokens.
+`compact=False` (every row to the slowest one's end, as `generate` does). In fp32 both give the same tokens; in bf16 rows may part (rounding).
 """
 from __future__ import annotations
 
@@ -146,8 +146,12 @@ def main():
 
 def stopping(a, ours_once):
     """--eos: the same rollouts computed over the live rows only and over every row, interleaved."""
-    out = ours_once()
-    assert torch.equal(out.response_ids, ours_once(compact=False).response_ids), "compaction changed the tokens"
+    out, full_out = ours_once(), ours_once(compact=False)
+    same = bool(out.response_ids.shape == full_out.response_ids.shape) and bool(
+        torch.equal(out.response_ids, full_out.response_ids))
+    # fp32: the same tokens; bf16 (AMX above all): a smaller matmul sums in another order, a logit rounds to
+    # another bf16 value now and then, and a T = 1 row can take another path from there
+    assert same or a.precision == "bf16", "compaction changed the tokens"
     times = {True: [], False: []}
     for _ in range(a.repeats):
         for compact in times:
@@ -158,7 +162,8 @@ def stopping(a, ours_once):
     print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, stop at EOS, ≤ {a.new} "
           f"new tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}")
     print(f"lengths: mean {n.mean():.1f}, max {int(n.max())}, {int((n == a.new).sum())} of {a.batch} rows cut at "
-          f"{a.new}; live rows per step on average {n.sum() / n.max() / a.batch:.0%} of the batch")
+          f"{a.new}; live rows per step on average {n.sum() / n.max() / a.batch:.0%} of the batch; "
+          f"{'the same tokens both ways' if same else 'not the same tokens both ways (bf16 rounding)'}")
     print("| sampler | s | generated tokens/s | × every row |")
     print("|---|---|---|---|")
     full = min(times[False])

@@ -5,18 +5,15 @@ in a loop of its own, so that two things a generic forward cannot know about are
 cheap:
 
 * **Groups share their prompt.** The G rollouts of a prompt attend to one copy of its
-  keys/values, not G copies. Per prompt and kv head, one buffer holds the prompt's P
-  keys followed by the generated ones, time-major and interleaved across the group
-  (column P + s·G + j: row j's token s); the whole group's queries (G × heads-per-kv-head
-  rows) meet it in one matmul, and a fixed mask lets row j see the prompt and only its
-  own generated columns. A decode step's attention is then one matmul, one mask add, one
-  softmax and one matmul — the same numbers as per-row attention over
-  prompt + own tokens — instead of a dozen small ops per layer on separate blocks. The
-  price: each query also meets its siblings' generated keys (masked), G× the FLOPs on
-  that part, while the bytes read stay those of per-row caches (what bounds a GPU).
+  keys/values, not G copies: per prompt and kv head the whole group's queries (G × heads-per-kv-head
+  rows) meet the prompt's keys in one matmul, and each row's queries meet the keys it generated itself in
+  one batched matmul; one softmax spans both parts, with the prompt's padding as a bias. Until
+  2026-12-02 the generated keys shared the prompt's buffer, interleaved across the group, and a mask hid a
+  row's siblings: one matmul, but G× the FLOPs on the generated part; held apart, a decode step's attention
+  takes ~0.7× the time on a CPU (bench/README.md, "the prompt's keys shared").
 * **The cache never moves.** The buffers are sized for `max_new_tokens` up front (the
-  same memory as per-row caches: P per prompt + T per row); a step writes G columns in
-  place and reads the first P + (t + 1)·G.
+  same memory as per-row caches: P per prompt + T per row); a step writes one column per row in
+  place and reads the first t + 1.
 * **Finished rows leave the step.** `decode_step(active=…)` runs the projections, MLPs and head on the
   rows still generating only (a stopped row's own columns get zeros, which no other row reads). A batch of
   T = 1 samples whose lengths spread from ~60 tokens to the cap then costs what its live rows cost, not the
@@ -156,57 +153,45 @@ def _mlp_block(layer, w: dict, h: torch.Tensor) -> torch.Tensor:
 
 
 class GroupCache:
-    """Per layer and prompt: one key buffer (transposed) and one value buffer holding the prompt's P positions,
-    then the group's generated tokens time-major (column P + s·G + j: row j's token s), sized for
-    `max_new_tokens` up front; and the mask that lets row j's queries see the prompt and its own columns."""
+    """Per layer and prompt: the prompt's P keys (transposed) and values, shared by the group, and each row's own
+    generated keys and values, sized for `max_new_tokens` up front; the prompt's padding as a bias."""
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, group: int,
                  max_new_tokens: int, keep: int = 0, hidden_size: int = 0):
         Bp, KV, P, D = prefix[0][0].shape
         G, T = group, max_new_tokens
-        Wd = P + G * T
-        self.kt, self.v = [], []
-        for k, v in prefix:
-            kt = k.new_zeros(Bp, KV, D, Wd)      # zeros: masked columns are read (score −inf, weight 0), never NaN
-            kt[..., :P] = k.transpose(-1, -2)
-            vb = v.new_zeros(Bp, KV, Wd, D)
-            vb[:, :, :P] = v
-            self.kt.append(kt)
-            self.v.append(vb)
+        self.kt = [k.transpose(-1, -2).contiguous() for k, _ in prefix]                 # (B/G, KV, D, P)
+        self.v = [v.contiguous() for _, v in prefix]                                     # (B/G, KV, P, D)
+        # zeros: a stopped row's columns are read by that row only, and never NaN
+        self.gen_kt = [prefix[0][0].new_zeros(Bp, KV, G, D, T) for _ in prefix]         # row j's keys, transposed
+        self.gen_v = [prefix[0][0].new_zeros(Bp, KV, G, T, D) for _ in prefix]
         self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill(
             ~prompt_mask.bool(), float("-inf"))                                   # (B/G, P)
-        self.bias = None                                                          # made at the first step
         self.P, self.group, self.T, self.length = P, G, T, 0
         # keep > 0: every step's residual stream after `keep` layers is kept here (B, max_new_tokens, hidden)
         self.keep = keep
         self.kept = self.prompt_bias.new_zeros(Bp * G, T, hidden_size) if keep else None
 
-    def _mask(self, g: int) -> torch.Tensor:
-        """(B/G, 1, G·g, P + G·T): 0 where a group row may look, −inf elsewhere — the prompt's padding for
-        every row; generated column P + s·G + j for the g query rows of rollout j only."""
-        G, T, pre = self.group, self.T, self.prompt_bias
-        Bp, P = pre.shape
-        own = torch.arange(G, device=pre.device).repeat_interleave(g)[:, None]      # group row r is rollout r // g
-        col = torch.arange(G, device=pre.device).repeat(T)[None]                    # column P + c is rollout c % G
-        gen = torch.zeros(G * g, G * T, device=pre.device).masked_fill(own != col, float("-inf"))
-        return torch.cat((pre[:, None, None, :].expand(Bp, 1, G * g, P), gen.expand(Bp, 1, G * g, G * T)), dim=-1)
-
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Layer i at step `length`: store k/v (B, KV, D) in the group's columns, then attention for
-        q (B, H, D). Returns (B, H·D); row b = prompt b // G, head h reads kv head h // (H / KV)."""
+        """Layer i at step `length`: store k/v (B, KV, D) in the rows' own columns, then attention for
+        q (B, H, D). Returns (B, H·D); row b = prompt b // G, head h reads kv head h // (H / KV).
+
+        The group's queries (G × heads-per-kv-head rows) meet the shared prompt keys in one matmul; each row's
+        queries meet its own generated keys in a batched one; one softmax spans both parts."""
         B, H, D = q.shape
-        kt, vb, G = self.kt[i], self.v[i], self.group
+        G, P, t = self.group, self.P, self.length + 1
+        kt, vp, gk, gv = self.kt[i], self.v[i], self.gen_kt[i], self.gen_v[i]
         Bp, KV = kt.shape[:2]
         g = H // KV
-        if self.bias is None:
-            self.bias = self._mask(g)
-        c0, w = self.P + self.length * G, self.P + (self.length + 1) * G
-        kt[..., c0:w] = k.view(Bp, G, KV, D).permute(0, 2, 3, 1)
-        vb[:, :, c0:w] = v.view(Bp, G, KV, D).transpose(1, 2)
-        qg = torch.mul(q.view(Bp, G, KV, g, D).transpose(1, 2), scale).reshape(Bp, KV, G * g, D)  # the group's queries
-        s = torch.matmul(qg, kt[..., :w]).add_(self.bias[..., :w])                  # (B/G, KV, G·g, w)
-        o = torch.matmul(torch.softmax(s, dim=-1), vb[:, :, :w])                     # (B/G, KV, G·g, D)
-        return o.view(Bp, KV, G, g, D).transpose(1, 2).reshape(B, H * D)
+        gk[..., t - 1] = k.view(Bp, G, KV, D).transpose(1, 2)
+        gv[:, :, :, t - 1] = v.view(Bp, G, KV, D).transpose(1, 2)
+        q5 = torch.mul(q.view(Bp, G, KV, g, D).transpose(1, 2), scale)                 # (B/G, KV, G, g, D)
+        s_p = torch.matmul(q5.reshape(Bp, KV, G * g, D), kt).add_(self.prompt_bias[:, None, None, :])
+        s_g = torch.matmul(q5, gk[..., :t])                                              # (B/G, KV, G, g, t)
+        p = torch.softmax(torch.cat((s_p.view(Bp, KV, G, g, P), s_g), dim=-1), dim=-1)
+        o = torch.matmul(p[..., :P].reshape(Bp, KV, G * g, P), vp).view(Bp, KV, G, g, D)
+        o = o.add_(torch.matmul(p[..., P:], gv[:, :, :, :t]))                             # (B/G, KV, G, g, D)
+        return o.transpose(1, 2).reshape(B, H * D)
 
 
 def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int = 0):
