@@ -147,8 +147,7 @@ def main():
 def stopping(a, ours_once):
     """--eos: the same rollouts computed over the live rows only and over every row, interleaved."""
     out, full_out = ours_once(), ours_once(compact=False)
-    same = bool(out.response_ids.shape == full_out.response_ids.shape) and bool(
-        torch.equal(out.response_ids, full_out.response_ids))
+    same = torch.equal(out.response_ids, full_out.response_ids)  # False too where the lengths differ
     # fp32: the same tokens; bf16 (AMX above all): a smaller matmul sums in another order, a logit rounds to
     # another bf16 value now and then, and a T = 1 row can take another path from there
     assert same or a.precision == "bf16", "compaction changed the tokens"
