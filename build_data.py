@@ -66,6 +66,9 @@ class BuildConfig:
     synthetic_users: int = 150           # synthetic mode: train users per task (4 questions each)
     difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
                                          # or "easy" ones whose evidence is lexical (LaMP_2 only; docs/synthetic.md)
+    chain_style: Literal["full", "terse"] = "full"  # synthetic mode: the simulated teacher's steps, a sentence each
+                                         # ("full") or a one-word opener and the content ("terse": ~half the tokens,
+                                         # every stage that reads or writes chains cheaper; tagpr/expert.py)
     eval_users: int = 60                 # synthetic mode: dev and test users per task (2 questions each)
     eval_prompts: int = 64               # held-out prompts per task from the dev split (users disjoint from train) →
                                          # eval_prompts.jsonl and eval_prompts_swap.jsonl (another user's profile),
@@ -117,7 +120,7 @@ def main(argv=None) -> dict:
                                cfg.difficulty)
         print(f"synthetic users (LaMP format) in {lamp_dir}")
     if "simulated" in (cfg.teacher, cfg.judge, cfg.tagger, cfg.embedder):
-        expert = SimulatedExpert(lamp_dir, tasks)
+        expert = SimulatedExpert(lamp_dir, tasks, style=cfg.chain_style)
     cache = out / "cache"
     backends = {role: llm.from_spec(getattr(cfg, role), role, cache, getattr(cfg, f"{role}_key_env"),
                                     cfg.concurrency, cfg.timeout, cfg.retries, cfg.backoff, expert)

@@ -96,6 +96,8 @@ class DemoConfig:
     difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules: "easy" (lexical evidence, LaMP_2 only)
                                         # or "hard" (docs/synthetic.md)
     k: int = 2                          # profile items in every prompt
+    chain_style: Literal["full", "terse"] = "terse"  # the simulated teacher's steps: "terse" (~110 tokens a tagged
+                                        # chain: cheaper SFT, rollouts and scoring) or "full" (~160; build_data.py)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage: auto = bf16 where the CPU has
                                         # AVX512-BF16 / AMX, else fp32; bf16 elsewhere stops before any work
     sft_steps: int = 12                 # SFT optimizer steps
@@ -113,7 +115,7 @@ class DemoConfig:
     rl_eval_every: int = 0              # held-out scores every N GSPO steps too (0: before the first and at the end only)
     seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows each and their mean
     eval_questions: int = 64            # held-out dev questions per task (users disjoint from training)
-    eval_samples: int = 4               # samples per held-out question for the sampled score
+    eval_samples: int = 2               # samples per held-out question for the sampled score
     base_methods: str = "zero-shot,rag"  # the base model's rows (evaluate.py methods; r2p, rag-r: slower)
     nproc: int = 2                      # ranks of the RL stage (torch.distributed.run)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
@@ -140,8 +142,9 @@ def main(argv=None):
 
     timer.stage("1 build_data", data / "eval_prompts_swap.jsonl",
                 [PY, "build_data.py", "--preset", "synthetic", "--out", str(data), "--tasks", a.tasks, "--k", str(a.k),
-                 "--difficulty", a.difficulty, "--instances-per-task", "200", "--chains", "2", "--rl-per-task", "256",
-                 "--rl-lamp2", "256", "--eval-prompts", str(a.eval_questions)], logs / "build_data.log")
+                 "--difficulty", a.difficulty, "--chain-style", a.chain_style, "--instances-per-task", "200",
+                 "--chains", "2", "--rl-per-task", "256", "--rl-lamp2", "256", "--eval-prompts", str(a.eval_questions)],
+                logs / "build_data.log")
     timer.stage("2 train_sft", sft / "model" / "config.json",
                 [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
                  "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
@@ -308,7 +311,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
                        for k, v in manifest["stages"].items() if isinstance(v, dict) and "in" in v)
     md = (f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
           f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
-          f"{a.k} most recent profile items, {prec} matmuls; CPU: {hardware.describe()}. SFT {a.sft_steps} steps × "
+          f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. SFT {a.sft_steps} steps × "
           f"{a.sft_batch}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} "
           f"tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), top {a.rl_train_layers} layers, lr {a.rl_lr}. "
           "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "

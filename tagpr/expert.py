@@ -24,6 +24,10 @@ Mistakes, at these rates (each drawn independently per request):
 
 The teacher's steps come in nine kinds (the paper's five tags and our four); which of the
 optional kinds a chain uses is drawn per chain, so tag frequencies differ as in the paper.
+Two styles: "full" steps (a sentence each: ~160 tokens a tagged chain on easy LaMP-2) and
+"terse" ones (a one-word opener and the step's content only; the optional kinds other than
+identify_patterns at half their rate: the same tags, facts and answer in ~100 tokens), which
+make every stage that reads or writes chains cheaper.
 The restricted tagger finds, for each step, the offered tag nearest to its kind's name
 (by the lexical embedding), as a reader of the tag list would.
 """
@@ -54,6 +58,11 @@ KINDS = {
     "make_decision": ("Decision:", 1.0),
     "verify_answer": ("Double-checking:", 0.25),
 }
+# step kind → the opener of a terse step (style "terse")
+TERSE = {"analyze_input": "Input:", "summarize_profile": "History:", "examine_examples": "Past:",
+         "compare_entities": "Options:", "identify_patterns": "Pattern:", "infer_preference": "Preference:",
+         "apply_pattern": "Apply:", "make_decision": "Decision:", "verify_answer": "Check:"}
+STYLES = ("full", "terse")
 # what a free tagger calls each kind: variants that share a word or a stem with the kind's name
 SYNONYMS = {
     "analyze_input": ("analyze_input", "input_analysis", "analyze_the_input", "analyse_input", "analyze_query_input"),
@@ -82,8 +91,12 @@ def _u(*key) -> float:
 class SimulatedExpert(Backend):
     name = "simulated"
 
-    def __init__(self, lamp_dir: str | Path, tasks=synthetic.SYNTHETIC_TASKS, split: str = "train"):
+    def __init__(self, lamp_dir: str | Path, tasks=synthetic.SYNTHETIC_TASKS, split: str = "train",
+                 style: str = "full"):
         super().__init__()
+        if style not in STYLES:
+            raise ValueError(f"chain style {style!r}: expected one of {', '.join(STYLES)}")
+        self.style = style
         self.questions: dict[str, tuple[lamp.Task, lamp.Question, dict]] = {}
         for t in tasks:
             s = lamp.load_split(lamp_dir, t, split)
@@ -104,7 +117,7 @@ class SimulatedExpert(Backend):
         return view
 
     def describe(self) -> str:
-        return "simulated expert (synthetic users only; mistake rates in tagpr/expert.py)"
+        return f"simulated expert ({self.style} chains; synthetic users only; mistake rates in tagpr/expert.py)"
 
     def _chat(self, requests):
         out = []
@@ -140,18 +153,34 @@ class SimulatedExpert(Backend):
         items = [it for it in q.profile if it.id in set(meta.get("items", []))]
         field = task.answer_field or "title"
         shown = "; ".join(f'"{it[field]}"' for it in items[:4]) or "none"
-        text = {
-            "analyze_input": f"the input is {gen.summary(c)}.",
-            "summarize_profile": f"{len(items)} of the user's past items are shown.",
-            "examine_examples": f"their own outputs were {shown}.",
-            "compare_entities": f"each candidate answer would follow a different user's habit; {gen.summary(c)}.",
-            "identify_patterns": gen.rules[rule],
-            "infer_preference": f"so this user prefers the '{rule}' way.",
-            "apply_pattern": f"the '{rule}' habit applied here gives {answer}.",
-            "make_decision": f"the answer is {answer}.",
-            "verify_answer": "the answer has the form the question asks for.",
-        }
-        steps = [f"{KINDS[k][0]} {text[k]}" for k, (_, p) in KINDS.items() if p >= 1.0 or _u(k, *key) < p]
+        if self.style == "terse":
+            text = {
+                "analyze_input": f"{gen.summary(c)}.",
+                "summarize_profile": f"{len(items)} past items.",
+                "examine_examples": f"{shown}.",
+                "compare_entities": "each option is another user's habit.",
+                "identify_patterns": gen.rules[rule],
+                "infer_preference": f"the '{rule}' way.",
+                "apply_pattern": f"gives {answer}.",
+                "make_decision": f"{answer}.",
+                "verify_answer": "the form fits.",
+            }
+            opener = TERSE
+        else:
+            text = {
+                "analyze_input": f"the input is {gen.summary(c)}.",
+                "summarize_profile": f"{len(items)} of the user's past items are shown.",
+                "examine_examples": f"their own outputs were {shown}.",
+                "compare_entities": f"each candidate answer would follow a different user's habit; {gen.summary(c)}.",
+                "identify_patterns": gen.rules[rule],
+                "infer_preference": f"so this user prefers the '{rule}' way.",
+                "apply_pattern": f"the '{rule}' habit applied here gives {answer}.",
+                "make_decision": f"the answer is {answer}.",
+                "verify_answer": "the answer has the form the question asks for.",
+            }
+            opener = {k: phrase for k, (phrase, _) in KINDS.items()}
+        rate = lambda k, p: p if self.style == "full" or p >= 0.8 else p / 2
+        steps = [f"{opener[k]} {text[k]}" for k, (_, p) in KINDS.items() if p >= 1.0 or _u(k, *key) < rate(k, p)]
         if _u("ramble", *key) < RATES["teacher_ramble"]:
             steps[1:2] = [steps[1]] * 3
         lines = [f"{i + 1}. {s}" for i, s in enumerate(steps)]
@@ -165,6 +194,9 @@ class SimulatedExpert(Backend):
         gen = synthetic.latent_generator(task.name, lat)
         c = synthetic._restore(lat["content"])
         floor = synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard"))
+        if self.style == "terse":
+            return (f"1. {TERSE['analyze_input']} {gen.summary(c)}.\n2. {TERSE['make_decision']} no profile: the "
+                    f"usual {floor}.\nAnswer: {floor}")
         return (f"1. {KINDS['analyze_input'][0]} the input is {gen.summary(c)}.\n"
                 f"2. {KINDS['make_decision'][0]} with nothing known about the user, the usual answer is {floor}.\n"
                 f"Answer: {floor}")
@@ -195,7 +227,8 @@ class SimulatedExpert(Backend):
         for line in reasoning.splitlines():
             text = re.sub(r"^\d+\.\s*", "", line).strip()
             if text:
-                kind = next((k for k, (phrase, _) in KINDS.items() if text.startswith(phrase)), "analyze_input")
+                kind = next((k for k, (phrase, _) in KINDS.items() if text.startswith((phrase, TERSE[k]))),
+                            "analyze_input")
                 out.append((kind, text))
         return out
 
