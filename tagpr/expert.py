@@ -179,8 +179,9 @@ class SimulatedExpert(Backend):
                 "verify_answer": "the answer has the form the question asks for.",
             }
             opener = {k: phrase for k, (phrase, _) in KINDS.items()}
-        rate = lambda k, p: p if self.style == "full" or p >= 0.8 else p / 2
-        steps = [f"{opener[k]} {text[k]}" for k, (_, p) in KINDS.items() if p >= 1.0 or _u(k, *key) < rate(k, p)]
+        halve = self.style == "terse"  # a terse chain: the optional kinds but identify_patterns (0.8) at half rate
+        rate = {k: p / 2 if halve and p < 0.8 else p for k, (_, p) in KINDS.items()}
+        steps = [f"{opener[k]} {text[k]}" for k, p in rate.items() if p >= 1.0 or _u(k, *key) < p]
         if _u("ramble", *key) < RATES["teacher_ramble"]:
             steps[1:2] = [steps[1]] * 3
         lines = [f"{i + 1}. {s}" for i, s in enumerate(steps)]

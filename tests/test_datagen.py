@@ -9,7 +9,7 @@ import build_data
 from tagpr import datagen, lamp, prompts, synthetic, tags
 from tagpr.tags import load_tags
 from tagpr.cluster import cluster_tags, kmeans
-from tagpr.expert import SYNONYMS, SimulatedExpert
+from tagpr.expert import KINDS, SYNONYMS, TERSE, SimulatedExpert
 from tagpr.files import DataError
 from tagpr.llm import Cache, HashingEmbedder, OpenAIBackend, Request
 from tagpr.records import read_pairs, read_rl_prompts, read_sft
@@ -155,6 +155,27 @@ def test_every_filter_does_counted_work(simulated_run, lamp_dir):
         assert score >= 0.3 if lamp.get_task(r.task).is_generation else score == 1.0
         assert all(f"<{t}>" in r.prompt for t in vocab)   # the prompt teaches the derived tags
     assert (out / "spot_check.md").read_text().count("## ") == 5
+
+
+def test_terse_chains_keep_the_tags_and_answers_in_fewer_words(simulated_run, lamp_dir, tmp_path):
+    """--chain-style terse: the same nine tags, each step under a name of its own kind, the same answers to the
+    same questions, in under 3/4 of the full chains' characters; the judge and format filters still work."""
+    full_out, _ = simulated_run
+    m = build(lamp_dir, tmp_path / "terse", "--chain-style", "terse")
+    assert m["backends"]["teacher"].startswith("simulated expert (terse chains")
+    assert len(tags.load_tags(tmp_path / "terse" / "tags.json")) == 9
+    assert m["stages"]["4_judge"]["dropped"].get("composite_at_most_threshold", 0) > 0
+    full, terse = read_sft(full_out / "sft.jsonl"), read_sft(tmp_path / "terse" / "sft.jsonl")
+    for rows, opener in ((full, {k: phrase for k, (phrase, _) in KINDS.items()}), (terse, TERSE)):
+        for r in rows:
+            for step in tags.parse(r.target).steps:
+                kind = [k for k, o in opener.items() if step.text.startswith(o)]
+                assert len(kind) == 1 and step.tag in SYNONYMS[kind[0]], (r.id, step)
+    full_answer = {r.id: r.answer for r in full}
+    same = [r for r in terse if r.id in full_answer]
+    assert len(same) > len(terse) / 3 and all(r.answer == full_answer[r.id] for r in same)
+    mean_len = lambda rows: sum(len(r.target) for r in rows) / len(rows)
+    assert mean_len(terse) < 0.75 * mean_len(full)
 
 
 def test_pairs_and_rl_prompts(simulated_run, lamp_dir):
