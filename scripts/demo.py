@@ -1,7 +1,7 @@
 """The whole TagPR pipeline on the embedded default, on a CPU: data → SFT → PRMU → GSPO (2 ranks, 3 seeds) → evaluation.
 
     python scripts/demo.py                      # runs/demo; rerun to resume after an interruption
-    python scripts/demo.py --rl-steps 16 --rl-lr 5e-5   # the slower recipe: a larger sampled gain, greedy kept
+    python scripts/demo.py --rl-steps 16 --rl-lr 5e-5   # the slower recipe (with --chain-style full: a larger sampled gain, greedy kept)
 
 Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL
 stage under `python -m torch.distributed.run --nproc_per_node=2`, torchrun's module: nothing needs to be on PATH);
