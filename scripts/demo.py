@@ -1,7 +1,8 @@
 """The whole TagPR pipeline on the embedded default, on a CPU: data → SFT → PRMU → GSPO (2 ranks, 3 seeds) → evaluation.
 
     python scripts/demo.py                      # runs/demo; rerun to resume after an interruption
-    python scripts/demo.py --rl-steps 16 --rl-lr 5e-5   # the slower recipe (with --chain-style full: a larger sampled gain, greedy kept)
+    python scripts/demo.py --rl-steps 16 --rl-lr 5e-5   # the slower recipe (measured with --chain-style full:
+                                                        # a larger sampled gain, greedy kept)
 
 Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL
 stage under `python -m torch.distributed.run --nproc_per_node=2`, torchrun's module: nothing needs to be on PATH);
@@ -311,9 +312,10 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
                        for k, v in manifest["stages"].items() if isinstance(v, dict) and "in" in v)
     md = (f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
           f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
-          f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. SFT {a.sft_steps} steps × "
-          f"{a.sft_batch}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} "
-          f"tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), top {a.rl_train_layers} layers, lr {a.rl_lr}. "
+          f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
+          f"SFT {a.sft_steps} steps × {a.sft_batch}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
+          f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
+          f"top {a.rl_train_layers} layers, lr {a.rl_lr}. "
           "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
           "profile-swap column shows each question another held-out user's profile (a model that personalizes "
           "falls towards the floor there).\n\n"

@@ -26,7 +26,7 @@ The teacher's steps come in nine kinds (the paper's five tags and our four); whi
 optional kinds a chain uses is drawn per chain, so tag frequencies differ as in the paper.
 Two styles: "full" steps (a sentence each: ~160 tokens a tagged chain on easy LaMP-2) and
 "terse" ones (a one-word opener and the step's content only; the optional kinds other than
-identify_patterns at half their rate: the same tags, facts and answer in ~100 tokens), which
+identify_patterns at half their rate: the same tags, facts and answer in ~110 tokens), which
 make every stage that reads or writes chains cheaper.
 The restricted tagger finds, for each step, the offered tag nearest to its kind's name
 (by the lexical embedding), as a reader of the tag list would.
