@@ -62,7 +62,8 @@ KINDS = {
 TERSE = {"analyze_input": "Input:", "summarize_profile": "History:", "examine_examples": "Past:",
          "compare_entities": "Options:", "identify_patterns": "Pattern:", "infer_preference": "Preference:",
          "apply_pattern": "Apply:", "make_decision": "Decision:", "verify_answer": "Check:"}
-STYLES = ("full", "terse")
+# chain style → step kind → the phrase that opens such a step
+OPENERS = {"full": {k: phrase for k, (phrase, _) in KINDS.items()}, "terse": TERSE}
 # what a free tagger calls each kind: variants that share a word or a stem with the kind's name
 SYNONYMS = {
     "analyze_input": ("analyze_input", "input_analysis", "analyze_the_input", "analyse_input", "analyze_query_input"),
@@ -94,8 +95,8 @@ class SimulatedExpert(Backend):
     def __init__(self, lamp_dir: str | Path, tasks=synthetic.SYNTHETIC_TASKS, split: str = "train",
                  style: str = "full"):
         super().__init__()
-        if style not in STYLES:
-            raise ValueError(f"chain style {style!r}: expected one of {', '.join(STYLES)}")
+        if style not in OPENERS:
+            raise ValueError(f"chain style {style!r}: expected one of {', '.join(OPENERS)}")
         self.style = style
         self.questions: dict[str, tuple[lamp.Task, lamp.Question, dict]] = {}
         for t in tasks:
@@ -165,7 +166,6 @@ class SimulatedExpert(Backend):
                 "make_decision": f"{answer}.",
                 "verify_answer": "the form fits.",
             }
-            opener = TERSE
         else:
             text = {
                 "analyze_input": f"the input is {gen.summary(c)}.",
@@ -178,7 +178,7 @@ class SimulatedExpert(Backend):
                 "make_decision": f"the answer is {answer}.",
                 "verify_answer": "the answer has the form the question asks for.",
             }
-            opener = {k: phrase for k, (phrase, _) in KINDS.items()}
+        opener = OPENERS[self.style]
         halve = self.style == "terse"  # a terse chain: the optional kinds but identify_patterns (0.8) at half rate
         rate = {k: p / 2 if halve and p < 0.8 else p for k, (_, p) in KINDS.items()}
         steps = [f"{opener[k]} {text[k]}" for k, p in rate.items() if p >= 1.0 or _u(k, *key) < p]
@@ -228,7 +228,7 @@ class SimulatedExpert(Backend):
         for line in reasoning.splitlines():
             text = re.sub(r"^\d+\.\s*", "", line).strip()
             if text:
-                kind = next((k for k, (phrase, _) in KINDS.items() if text.startswith((phrase, TERSE[k]))),
+                kind = next((k for k in KINDS if text.startswith(tuple(o[k] for o in OPENERS.values()))),
                             "analyze_input")
                 out.append((kind, text))
         return out

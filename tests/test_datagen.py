@@ -9,7 +9,7 @@ import build_data
 from tagpr import datagen, lamp, prompts, synthetic, tags
 from tagpr.tags import load_tags
 from tagpr.cluster import cluster_tags, kmeans
-from tagpr.expert import KINDS, SYNONYMS, TERSE, SimulatedExpert
+from tagpr.expert import OPENERS, SYNONYMS, SimulatedExpert
 from tagpr.files import DataError
 from tagpr.llm import Cache, HashingEmbedder, OpenAIBackend, Request
 from tagpr.records import read_pairs, read_rl_prompts, read_sft
@@ -166,7 +166,7 @@ def test_terse_chains_keep_the_tags_and_answers_in_fewer_words(simulated_run, la
     assert len(tags.load_tags(tmp_path / "terse" / "tags.json")) == 9
     assert m["stages"]["4_judge"]["dropped"].get("composite_at_most_threshold", 0) > 0
     full, terse = read_sft(full_out / "sft.jsonl"), read_sft(tmp_path / "terse" / "sft.jsonl")
-    for rows, opener in ((full, {k: phrase for k, (phrase, _) in KINDS.items()}), (terse, TERSE)):
+    for rows, opener in ((full, OPENERS["full"]), (terse, OPENERS["terse"])):
         for r in rows:
             for step in tags.parse(r.target).steps:
                 kind = [k for k, o in opener.items() if step.text.startswith(o)]
