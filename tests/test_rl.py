@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tagpr.records import RLPrompt, read_rl_prompts
-from tagpr.files import DataError
+from tagpr.files import DataError, write_jsonl
 
 
 def run(tmp_path, name, *extra):
@@ -164,14 +164,27 @@ def weights(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", ["all", "top2"])
-def test_one_rank_equals_two_ranks(tmp_path, layers):
+def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
     """`top2`: the top 2 layers trained, the FSDP-sharded frozen trunk cached per rollout batch on 2 ranks,
-    recomputed in every forward on 1."""
+    recomputed in every forward on 1. `all` also scores 5 held-out prompts (2 samples) and 5 swap prompts
+    at steps 0 and 4: on 2 ranks both sets share one call per rank, the second rank's sets with a padding row."""
     top = ["--train-layers", "2"] if layers == "top2" else []
-    script(tmp_path / "one", extra=top + (["--no-trunk-cache"] if top else []))
+    if not top:
+        ev = eval_prompts(synthetic_dir, 5)
+        for name, data in (("ev", ev), ("swap", ev[1:] + ev[:1])):
+            write_jsonl(tmp_path / f"{name}.jsonl", [r.to_json() for r in data])
+        top = ["--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts", str(tmp_path / "swap.jsonl"),
+               "--eval-every", "4", "--eval-samples", "2"]
+    script(tmp_path / "one", extra=top + (["--no-trunk-cache"] if layers == "top2" else []))
     script(tmp_path / "two", nproc=2, extra=top)
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
-    assert [r["stage"] for r in a] == [r["stage"] for r in b]
+    assert [r.get("stage") for r in a] == [r.get("stage") for r in b]
+    if layers == "all":
+        assert sorted(k for k in a[0] if k.startswith("eval/")) == sorted(k for k in b[0] if k.startswith("eval/"))
+        assert "eval/swap/LaMP_3/MAE_greedy" in b[-1] and "eval/held_out/LaMP_3/MAE_sampled" in b[-1]
+        for step in (0, 4):
+            one, two = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("one", "two"))
+            assert one == two and len(two["held_out"]) == len(two["swap"]) == 5
     for x, y in zip(a, b):  # same samples, same rewards, same updates
         for k, v in x.items():
             if isinstance(v, float):
@@ -285,16 +298,22 @@ def test_stratify_gold_balances_the_rollout_batches(tmp_path):
         prompt_strata(data, "label")
 
 
+def eval_prompts(synthetic_dir, n):
+    """The first n LaMP-3 dev questions of the synthetic folder as held-out RL prompts (2 profile items each)."""
+    from tagpr import lamp, prompts
+
+    split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
+    return [RLPrompt(q.id, "LaMP_3", q.user_id, prompts.build_prompt("LaMP_3", q, 2), split.golds[q.id])
+            for q in split.questions[:n]]
+
+
 def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path, synthetic_dir):
     """--eval-prompts/--eval-every: rows at steps 0 (before training), 2 and 4 carry the held-out metric; the last
     greedy one equals evaluate's path (HFBackend, extract_answer, the official MAE) on the exported model. LaMP-3
     makes it a real number even for a random tiny model: an unparsable rating scores the worst error."""
-    from tagpr import lamp, llm, metrics, prompts, rewards
-    from tagpr.files import write_jsonl
+    from tagpr import llm, metrics, rewards
 
-    split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
-    ev = [RLPrompt(q.id, "LaMP_3", q.user_id, prompts.build_prompt("LaMP_3", q, 2), split.golds[q.id])
-          for q in split.questions[:5]]
+    ev = eval_prompts(synthetic_dir, 5)
     write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
     write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])
     rows = run(tmp_path, "r", "--max-steps", "4", "--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-every", "2",
