@@ -519,29 +519,19 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
     row: dict[str, float] = {}
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}
     run.model.eval()
-    # every set's prompts in one `generate` call (a call costs far less than its rows, docs/rl_experiments.md;
-    # a set's padding rows on the last rank are generated, not scored): per prompt, row 0 greedy and rows 1..k
-    # sampled from one prefill, each sample's generator fixed by the prompt's index in its set and the sample's
-    parts, ids, sizes, gens = [], [], [], []
     for name, (data, k) in sets.items():
         per = -(-len(data) // d.world_size)
         mine = list(range(d.rank * per, min(len(data), (d.rank + 1) * per)))
-        parts.append((name, data, k, mine, len(ids)))
-        ids += [chat_ids(tok, data[i].prompt) for i in mine]
-        if per > len(mine):
-            ids += [ids[-1] if mine else chat_ids(tok, data[0].prompt)] * (per - len(mine))
-        sizes += [k + 1] * per
-        gens += [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
-                 for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
-    out = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                   cfg.top_p, greedy=[j == 0 for n in sizes for j in range(n)], generator=gens, tokenizer=tok,
-                   n_per_prompt=sizes, precision=run.precision)
-    first = [0]
-    for n in sizes:
-        first.append(first[-1] + n)                                  # each prompt's first row
-    for name, data, k, mine, at in parts:
-        greedy = [out.texts[first[at + j]] for j in range(len(mine))]
-        sampled = [out.texts[first[at + j] + 1 + x] for j in range(len(mine)) for x in range(k)] if k else None
+        ids = [chat_ids(tok, data[i].prompt) for i in mine]
+        ids += [ids[-1] if ids else chat_ids(tok, data[0].prompt)] * (per - len(mine))  # padding rows, not scored
+        # one prefill per prompt: row 0 of its group greedy, rows 1..k sampled (generators by global prompt index)
+        gens = [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
+                for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
+        out = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
+                       cfg.top_p, greedy=[j == 0 for _ in ids for j in range(k + 1)], generator=gens, tokenizer=tok,
+                       n_per_prompt=k + 1, precision=run.precision)
+        greedy = out.texts[::k + 1]
+        sampled = [t for j, t in enumerate(out.texts) if j % (k + 1)] if k else None
         for task in sorted({p.task for p in data}):
             key = f"eval/{name}/{task}/{metrics.PRIMARY[lamp.get_task(task).kind]}"
             rows = [(j, data[i]) for j, i in enumerate(mine) if data[i].task == task]

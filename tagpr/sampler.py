@@ -172,9 +172,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     take the argmax, the others sample.
     """
     if isinstance(greedy, torch.Tensor):  # mixed rows (`generate` turns all-or-none flags into a bool)
-        tok = sample_next(logits, temperature, top_p, False, generator, u)
-        rows = greedy.nonzero().squeeze(1)              # the argmax of the greedy rows only, in fp32: a bf16 argmax
-        return tok.index_copy(0, rows, logits[rows].float().argmax(-1))  # over 49k entries is ~2× slower on a CPU
+        if u is None:  # every row's uniform, as if all sampled: a row's draw does not depend on the flags
+            u = uniforms(logits.shape[0], 1, generator, logits.device)[:, 0]
+        tok = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        rows, others = greedy.nonzero().squeeze(1), (~greedy).nonzero().squeeze(1)
+        if len(others):                                  # the vocabulary-wide softmax for the sampled rows only
+            tok[others] = sample_next(logits[others], temperature, top_p, False, u=u[others])
+        if len(rows):                                    # their argmax in fp32: a bf16 argmax over 49k entries
+            tok[rows] = logits[rows].float().argmax(-1)  # is ~2× slower on a CPU
+        return tok
     if greedy or temperature == 0:
         return logits.float().argmax(-1)
     x = logits.float()
@@ -258,7 +264,7 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int | Sequence[int] = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
+             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
              compact: bool = True) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
@@ -275,79 +281,63 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     `compact` (the engine's path): once some rows have stopped, a step computes only the others (a batch no
     longer pays for its finished rows until its slowest one stops); their tokens and log-probs are the same
     up to the summation order of a smaller matmul.
-    `n_per_prompt`: one count for every prompt, or one per prompt (groups of different sizes in one call, e.g. an
-    evaluation's greedy-plus-k-samples prompts beside greedy-only ones: a call costs far less than its rows, so
-    one call beats two). Internally every prompt gets the largest count; a smaller group's extra rows are stopped
-    before the first token (the engine never computes them) and are not returned. `greedy` and `generator` then
-    have one entry per returned row. Not with `keep_layers` (its prompt layout assumes one group size).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     lm = getattr(model, "lm", model)
     device = next(lm.parameters()).device
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
-    groups = [n_per_prompt] * len(prompt_ids) if isinstance(n_per_prompt, int) else list(n_per_prompt)
-    if len(groups) != len(prompt_ids) or any(n < 1 for n in groups):
-        raise ValueError(f"n_per_prompt: {groups} for {len(prompt_ids)} prompts (one count ≥ 1 per prompt)")
-    G = max(groups, default=1)
+    G = n_per_prompt
     B = len(prompt_ids) * G
-    # the returned rows among the B internal ones (prompt-major); None: all of them
-    real = None if len(set(groups)) <= 1 else torch.tensor([b * G + j for b, n in enumerate(groups)
-                                                           for j in range(n)], device=device)
-    if real is not None and keep_layers:
-        raise ValueError("keep_layers needs one group size for every prompt")
-    R = B if real is None else len(real)
     ids, attn, pos = left_pad(prompt_ids, pad_id, device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    if real is not None:
-        done = done.index_fill(0, real, True).logical_not_()   # a smaller group's extra rows: stopped from the start
     lp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if logprobs else None
     if not isinstance(greedy, bool):
-        if len(greedy) != R:
-            raise ValueError(f"{len(greedy)} greedy flags for {R} rows")
+        if len(greedy) != B:
+            raise ValueError(f"{len(greedy)} greedy flags for {B} rows")
         flags = list(map(bool, greedy))  # one kind for every row: a plain flag, no per-step row selection
-        greedy = flags[0] if len(set(flags)) == 1 else _spread(torch.tensor(flags, device=device), real, B, True)
+        greedy = flags[0] if len(set(flags)) == 1 else torch.tensor(flags, dtype=torch.bool, device=device)
     sampled = temperature != 0 and (isinstance(greedy, torch.Tensor) or not greedy)
-    U = _spread(uniforms(R, max_new_tokens, generator, device), real, B, 0.0) if sampled else None  # draws up front
+    U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
         runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,
                                                                       keep_layers)
         logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
         next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)
+        # the rows still generating, once some have stopped (None: every row); only they are sampled, and
+        # `logits` holds theirs alone: a step's softmax and prefix sum over the vocabulary cost what its
+        # live rows cost, not what the batch costs
+        live = None
         for t in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, greedy, u=U[:, t] if sampled else None)  # (B,)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            g = greedy[live] if live is not None and isinstance(greedy, torch.Tensor) else greedy
+            u = (U[:, t] if live is None else U[live, t]) if sampled else None
+            picked = sample_next(logits, temperature, top_p, g, u=u)                    # (live rows,)
+            tok = picked if live is None else torch.full((B,), pad_id, dtype=picked.dtype,
+                                                         device=device).index_copy_(0, live, picked)
             out[:, t] = tok
             mask[:, t] = (~done).long()
             if lp is not None:
-                lp[:, t] = chosen_logprobs(logits, tok, temperature).masked_fill(done, 0.0)
+                x = chosen_logprobs(logits, picked, temperature)
+                lp[:, t] = x if live is None else lp.new_zeros(B).index_copy_(0, live, x)
             done = done | torch.isin(tok, eos)
             stopped = int(done.sum())                                           # one read of the flags a step
             if stopped == B or t == max_new_tokens - 1:
                 break
-            if compact and runner.compacts and stopped:
-                active = (~done).nonzero().squeeze(1)
-                logits[active] = runner.step(tok, next_pos, t, active)   # a stopped row keeps stale logits: its token is pad
-            else:
+            if not stopped:
                 logits = runner.step(tok, next_pos, t)
+            else:
+                live = (~done).nonzero().squeeze(1)
+                logits = (runner.step(tok, next_pos, t, live) if compact and runner.compacts
+                          else runner.step(tok, next_pos, t)[live])             # a stopped row's token is pad
             next_pos = next_pos + 1
     T = int(mask.sum(1).max().item()) if B else 0
     out, mask = out[:, :T], mask[:, :T]
     lp = lp[:, :T] if lp is not None else None
-    if real is not None:
-        out, mask, done, lp = (x[real] if x is not None else None for x in (out, mask, done, lp))
     texts = []
     if tokenizer is not None:
-        texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(R)]
+        texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(B)]
     kept = runner.response_hidden[:, :T] if runner.response_hidden is not None else None
-    return Rollouts([list(p) for p, n in zip(prompt_ids, groups) for _ in range(n)], out, mask, texts, done,
-                    runner.prompt_hidden, kept, lp)
-
-
-def _spread(x: torch.Tensor, real: torch.Tensor | None, B: int, fill) -> torch.Tensor:
-    """Per-returned-row values (R, ...) laid out on the B internal rows, `fill` on the rows not returned."""
-    if real is None:
-        return x
-    return x.new_full((B,) + x.shape[1:], fill).index_copy_(0, real, x)
+    return Rollouts([list(p) for p in prompt_ids for _ in range(G)], out, mask, texts, done, runner.prompt_hidden, kept,
+                    lp)

@@ -210,38 +210,6 @@ def test_greedy_and_sampled_rows_from_one_prefill(tiny):
         sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=3, greedy=[True, False])
 
 
-def test_groups_of_different_sizes_in_one_call(tiny):
-    """n_per_prompt per prompt ([3, 1, 2]): the call returns 6 rows, prompt-major, and each prompt's rows
-    (greedy row 0, sampled rows from their own generators, log-probs too) are the ones a call for that
-    prompt alone gives; the padded rows of the smaller groups never appear."""
-    model, tok = tiny
-    ps, sizes = prompts(tok), [3, 1, 2]
-    seed = [100 * b + j for b, n in enumerate(sizes) for j in range(n)]
-    flags = [j == 0 for n in sizes for j in range(n)]
-    mixed = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, temperature=1.0, n_per_prompt=sizes,
-                             greedy=flags, generator=[torch.Generator().manual_seed(x) for x in seed], tokenizer=tok,
-                             logprobs=True)
-    assert len(mixed.texts) == mixed.response_ids.shape[0] == mixed.logprobs.shape[0] == mixed.finished.shape[0] == 6
-    assert mixed.prompt_ids == [list(p) for p, n in zip(ps, sizes) for _ in range(n)]
-    row = 0
-    for b, (p, n) in enumerate(zip(ps, sizes)):
-        alone = sampler.generate(model, [p], tok.eos_token_id, tok.pad_token_id, 10, temperature=1.0, n_per_prompt=n,
-                                 greedy=[j == 0 for j in range(n)], tokenizer=tok, logprobs=True,
-                                 generator=[torch.Generator().manual_seed(100 * b + j) for j in range(n)])
-        for j in range(n):
-            m = int(alone.lengths[j])
-            assert mixed.texts[row] == alone.texts[j] and int(mixed.lengths[row]) == m, (b, j)
-            torch.testing.assert_close(mixed.logprobs[row, :m], alone.logprobs[j, :m], atol=1e-4, rtol=1e-4)
-            assert bool(mixed.finished[row]) == bool(alone.finished[j])
-            row += 1
-    with pytest.raises(ValueError, match="one count"):
-        sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=[2, 1])
-    with pytest.raises(ValueError, match="4 greedy flags for 6 rows"):
-        sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=sizes, greedy=[True] * 4)
-    with pytest.raises(ValueError, match="keep_layers"):
-        sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=sizes, keep_layers=1)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_the_training_models(tiny, temperature):
     """generate(logprobs=True): each generated token's log-prob at the temperature equals transformers' full
