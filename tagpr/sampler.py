@@ -309,9 +309,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
         # the rows still generating, once some have stopped (None: every row); only they are sampled, and
         # `logits` holds theirs alone: a step's softmax and prefix sum over the vocabulary cost what its
         # live rows cost, not what the batch costs
-        live = None
+        live, g = None, greedy                                                  # g: the live rows' greedy flags
         for t in range(max_new_tokens):
-            g = greedy[live] if live is not None and isinstance(greedy, torch.Tensor) else greedy
             u = (U[:, t] if live is None else U[live, t]) if sampled else None
             picked = sample_next(logits, temperature, top_p, g, u=u)                    # (live rows,)
             tok = picked if live is None else torch.full((B,), pad_id, dtype=picked.dtype,
@@ -319,8 +318,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
             out[:, t] = tok
             mask[:, t] = (~done).long()
             if lp is not None:
-                x = chosen_logprobs(logits, picked, temperature)
-                lp[:, t] = x if live is None else lp.new_zeros(B).index_copy_(0, live, x)
+                lp[(slice(None) if live is None else live), t] = chosen_logprobs(logits, picked, temperature)
             done = done | torch.isin(tok, eos)
             stopped = int(done.sum())                                           # one read of the flags a step
             if stopped == B or t == max_new_tokens - 1:
@@ -329,6 +327,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
                 logits = runner.step(tok, next_pos, t)
             else:
                 live = (~done).nonzero().squeeze(1)
+                g = greedy[live] if isinstance(greedy, torch.Tensor) else greedy
                 logits = (runner.step(tok, next_pos, t, live) if compact and runner.compacts
                           else runner.step(tok, next_pos, t)[live])             # a stopped row's token is pad
             next_pos = next_pos + 1

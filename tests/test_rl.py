@@ -167,16 +167,17 @@ def weights(out):
 def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
     """`top2`: the top 2 layers trained, the FSDP-sharded frozen trunk cached per rollout batch on 2 ranks,
     recomputed in every forward on 1. `all` also scores 5 held-out prompts (2 samples) and 5 swap prompts
-    at steps 0 and 4: on 2 ranks both sets share one call per rank, the second rank's sets with a padding row."""
-    top = ["--train-layers", "2"] if layers == "top2" else []
-    if not top:
+    at steps 0 and 4: on 2 ranks the second rank's share of each set carries a padding row."""
+    if layers == "top2":
+        extra = ["--train-layers", "2"]
+    else:
         ev = eval_prompts(synthetic_dir, 5)
         for name, data in (("ev", ev), ("swap", ev[1:] + ev[:1])):
             write_jsonl(tmp_path / f"{name}.jsonl", [r.to_json() for r in data])
-        top = ["--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts", str(tmp_path / "swap.jsonl"),
-               "--eval-every", "4", "--eval-samples", "2"]
-    script(tmp_path / "one", extra=top + (["--no-trunk-cache"] if layers == "top2" else []))
-    script(tmp_path / "two", nproc=2, extra=top)
+        extra = ["--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts", str(tmp_path / "swap.jsonl"),
+                 "--eval-every", "4", "--eval-samples", "2"]
+    script(tmp_path / "one", extra=extra + (["--no-trunk-cache"] if layers == "top2" else []))
+    script(tmp_path / "two", nproc=2, extra=extra)
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r.get("stage") for r in a] == [r.get("stage") for r in b]
     if layers == "all":
