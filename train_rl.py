@@ -48,7 +48,10 @@ the task's metric of the greedy answer and the mean over `--eval-samples` sample
 temperature, as `eval/held_out/<task>/<metric>_greedy|_sampled` in metrics.jsonl, each prompt's
 scores in `<out>/held_out_step<N>.json`. `--eval-swap-prompts` (`eval_prompts_swap.jsonl`: the same
 questions shown another user's profile) adds `eval/swap/…_greedy`, the personalization control.
-It changes no training: a curve of held-out gain against steps from one run.
+It changes no training: a curve of held-out gain against steps from one run. With `--train-layers`,
+`--eval-trunk-store DIR` keeps the prompts' keys/values in the frozen layers there (`engine.TrunkStore`): the
+same scores, bit for bit, and every later scoring (this run's, or another run's from the same policy, pointed at
+the same folder) prefills the top layers only.
 """
 from __future__ import annotations
 
@@ -68,7 +71,9 @@ from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
 from tagpr.loop import (accumulate, backward, begin, fsdp_micro_batches, lr_at, optimizer_step,
                         reduce_across_ranks, synthetic_fallback)
-from tagpr.models import LogprobModel, can_split, load_for_sharding, load_model, train_top_layers
+from tagpr.engine import TrunkStore
+from tagpr.models import (LogprobModel, can_split, decoder_layers, load_for_sharding, load_model,
+                          train_top_layers)
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.sampler import generate
@@ -129,6 +134,9 @@ class RLConfig:
     eval_every: int = 0                       # score the held-out prompts every N steps and at the end (0: only
                                               # before training and at the end, when --eval-prompts is given)
     eval_samples: int = 2                     # samples per held-out prompt at the rollout temperature (besides greedy)
+    eval_trunk_store: str = ""                # with --train-layers: a folder that keeps the held-out prompts' keys/values
+                                              # in the frozen layers, so later scorings (this run's, and other runs' from
+                                              # the same start policy) prefill the top layers only; empty: none
     old_logp: Literal["recompute", "sampler"] = "recompute"  # old log-probs: a no-grad pass of the training model
                                               # (paper) or the sampler's own, fp32 only (departure 6)
 
@@ -519,6 +527,9 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
     row: dict[str, float] = {}
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}
     run.model.eval()
+    n_layers = len(decoder_layers(run.model))
+    store = (TrunkStore(cfg.eval_trunk_store, n_layers - cfg.train_layers)
+             if cfg.eval_trunk_store and 0 < cfg.train_layers < n_layers else None)
     for name, (data, k) in sets.items():
         per = -(-len(data) // d.world_size)
         mine = list(range(d.rank * per, min(len(data), (d.rank + 1) * per)))
@@ -529,7 +540,7 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
                 for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
         out = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
                        cfg.top_p, greedy=[j == 0 for _ in ids for j in range(k + 1)], generator=gens, tokenizer=tok,
-                       n_per_prompt=k + 1, precision=run.precision)
+                       n_per_prompt=k + 1, precision=run.precision, trunk=store)
         greedy = out.texts[::k + 1]
         sampled = [t for j, t in enumerate(out.texts) if j % (k + 1)] if k else None
         for task in sorted({p.task for p in data}):
@@ -550,6 +561,9 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
             for part in dist.gather_objects(mine_scores):
                 per_prompt.setdefault(name, {}).update(part)
     run.model.train()
+    if store is not None:
+        dist.print0(f"held-out prefills: the bottom {store.layers} layers from {store.folder} "
+                    f"({store.hits} found, {store.misses} computed and kept)")
     if scores_path is not None and d.is_main:
         write_json(scores_path, per_prompt)
     return row

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -120,6 +121,8 @@ class DemoConfig:
     eval_samples: int = 4               # samples per held-out question for the sampled score
     base_methods: str = "zero-shot,rag"  # the base model's rows (evaluate.py methods; r2p, rag-r: slower)
     nproc: int = 2                      # ranks of the RL stage (torch.distributed.run)
+    trunk_store: bool = True            # the held-out prompts' frozen-layer keys/values computed once for the SFT row
+                                        # and every seed (train_rl.py --eval-trunk-store; the same scores, bit for bit)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
                                         # it (auto), or glibc's (system)
 
@@ -140,6 +143,7 @@ def main(argv=None):
     timer = Timer(run_dir / "timings.json")
     data, sft, prmu = run_dir / "data", run_dir / "sft", run_dir / "prmu"
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    trunk = run_dir / "eval_trunk"    # the held-out prompts' keys/values in the frozen layers, shared by the seeds
     t_start = time.time()
 
     timer.stage("1 build_data", data / "eval_prompts_swap.jsonl",
@@ -169,8 +173,10 @@ def main(argv=None):
                      "--eval-prompts", str(data / "eval_prompts.jsonl"), "--eval-swap-prompts",
                      str(data / "eval_prompts_swap.jsonl"), "--eval-samples", str(a.eval_samples),
                      "--eval-every", str(a.rl_eval_every), "--eval-before" if i == 0 else "--no-eval-before",
-                     "--save-every", "2", "--keep", "1", "--precision", prec, "--train-layers", str(a.rl_train_layers)],
+                     "--save-every", "2", "--keep", "1", "--precision", prec, "--train-layers", str(a.rl_train_layers),
+                     "--eval-trunk-store", str(trunk) if a.trunk_store else ""],
                     logs / f"train_rl_seed{s}.log")
+    shutil.rmtree(trunk, ignore_errors=True)  # derived data (~1.6 GB for the demo's 128 prompts): not kept
     lamp_dir = data / "synthetic_lamp"
     timer.stage("5 evaluate base", run_dir / "eval" / "base" / "table.md",
                 [PY, "evaluate.py", "--model", a.policy, "--methods", f"{a.base_methods},floor,oracle",

@@ -211,7 +211,7 @@ class _Transformers:
     prompt_hidden = response_hidden = None  # keeping hidden states is the engine's alone
     compacts = False                         # every step computes every row
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0, trunk=None):
         self.amp = lambda: autocast(ids.device, precision)  # transformers' forward takes the precision from autocast
         with self.amp():
             res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -236,11 +236,11 @@ class _Engine:
 
     compacts = True                          # a step can compute only the rows still generating
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0):
+    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0, trunk=None):
         self.lm = lm
         dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
         self.weights = engine.Weights(lm, dtype, fuse=ids.device.type == "cpu")
-        self.logits, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep)
+        self.logits, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep, trunk)
         self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens, keep, lm.config.hidden_size)
         self.response_hidden = self.cache.kept
 
@@ -265,7 +265,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
              n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
-             compact: bool = True) -> Rollouts:
+             compact: bool = True, trunk: engine.TrunkStore | None = None) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
 
     Each prompt is prefilled once and the group shares its keys/values (see
@@ -280,7 +280,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     return each token's log-probability at `temperature` (see `Rollouts`; GSPO's `--old-logp sampler`).
     `compact` (the engine's path): once some rows have stopped, a step computes only the others (a batch no
     longer pays for its finished rows until its slowest one stops); their tokens and log-probs are the same
-    up to the summation order of a smaller matmul.
+    up to the summation order of a smaller matmul. `trunk` (the engine's path; the fallback ignores it): take the
+    prompts' bottom layers from that store, or write them there (`engine.TrunkStore`).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -303,7 +304,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
         runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,
-                                                                      keep_layers)
+                                                                      keep_layers, trunk)
         logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
         next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)
         # the rows still generating, once some have stopped (None: every row); only they are sampled, and

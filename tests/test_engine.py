@@ -200,3 +200,71 @@ def test_unsupported_models_are_recognised():
     assert not engine.supported(gpt2)
     r = sampler.generate(gpt2, [[1, 2, 3]], eos_id=-1, pad_id=0, max_new_tokens=3, greedy=True)
     assert r.response_ids.shape == (1, 3)
+
+
+def test_trunk_store_gives_the_prefill_bit_for_bit_and_skips_the_bottom_layers(tmp_path):
+    """`engine.TrunkStore`: the first prefill writes the bottom layers' keys/values and residual stream, a second
+    one of the same prompts reads them and gives the same logits and keys/values, bit for bit. A change in a top
+    layer still finds the entry (and gives that model's own prefill); a change in a bottom layer, or other
+    prompts, computes and writes a new one. An entry altered on disk changes the logits: a hit really runs only
+    the top layers."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    lm = copy.deepcopy(MODELS["llama"])                                          # 3 layers: a trunk of 2
+    ids, mask, pos = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
+    W = lambda m: engine.Weights(m, torch.float32, True, False)
+    store = engine.TrunkStore(tmp_path, 2)
+
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for p, q in zip(a[1], b[1]) for x, y in zip(p, q))
+
+    with torch.no_grad():
+        want = engine.prefill(lm, W(lm), ids, mask, pos)
+        first = engine.prefill(lm, W(lm), ids, mask, pos, trunk=store)
+        files = sorted(tmp_path.iterdir())
+        assert (store.hits, store.misses, len(files)) == (0, 1, 1)
+        again = engine.prefill(lm, W(lm), ids, mask, pos, trunk=store)
+        assert (store.hits, store.misses) == (1, 1)
+        assert same(first, want) and same(again, want) and len(again[1]) == 3
+
+        top = copy.deepcopy(lm)                                                  # RL trained the top layer
+        top.model.layers[2].mlp.down_proj.weight.mul_(1.5)
+        got = engine.prefill(top, W(top), ids, mask, pos, trunk=store)
+        assert (store.hits, len(list(tmp_path.iterdir()))) == (2, 1)
+        assert same(got, engine.prefill(top, W(top), ids, mask, pos)) and not torch.equal(got[0], want[0])
+
+        low = copy.deepcopy(lm)
+        low.model.layers[1].self_attn.k_proj.weight[0, 0] += 1e-3
+        got = engine.prefill(low, W(low), ids, mask, pos, trunk=store)
+        assert (store.misses, len(list(tmp_path.iterdir()))) == (2, 2)
+        assert same(got, engine.prefill(low, W(low), ids, mask, pos))
+        engine.prefill(lm, W(lm), ids[:2], mask[:2], pos[:2], trunk=store)     # other prompts: another entry
+        assert (store.misses, len(list(tmp_path.iterdir()))) == (3, 3)
+
+        entry = load_file(str(files[0]))                                         # alter the stored stream
+        entry["hidden"] = entry["hidden"] * 1.01
+        save_file(entry, str(files[0]))
+        altered = engine.prefill(lm, W(lm), ids, mask, pos, trunk=store)
+        assert store.hits == 3 and not torch.equal(altered[0], want[0])
+        torch.testing.assert_close(altered[1][0][0], want[1][0][0], atol=0, rtol=0)  # layer 0's keys: as stored
+
+        with pytest.raises(ValueError, match="keep_layers"):
+            engine.prefill(lm, W(lm), ids, mask, pos, keep=1, trunk=store)
+        with pytest.raises(ValueError, match="none of the model"):
+            engine.prefill(lm, W(lm), ids, mask, pos, trunk=engine.TrunkStore(tmp_path, 3))
+
+
+def test_generate_with_a_trunk_store_draws_the_same_tokens(tmp_path):
+    """Through `sampler.generate`: greedy and sampled rows with and without the store, equal token for token."""
+    lm = MODELS["llama"]
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    kw = dict(eos_id=-1, pad_id=0, max_new_tokens=6, n_per_prompt=3, greedy=[True, False, False] * 2, logprobs=True)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
+    store = engine.TrunkStore(tmp_path, 1)
+    want = sampler.generate(lm, prompts, generator=gens(), **kw)
+    for _ in range(2):
+        got = sampler.generate(lm, prompts, generator=gens(), trunk=store, **kw)
+        assert torch.equal(got.response_ids, want.response_ids) and torch.equal(got.logprobs, want.logprobs)
+    assert (store.hits, store.misses) == (1, 1)

@@ -358,3 +358,29 @@ def test_old_logprobs_from_the_sampler(runs, tmp_path):
     why = "--old-logp sampler needs --precision fp32" if hardware.bf16_matmul() else "needs a CPU with bf16 matmul"
     with pytest.raises(ConfigError, match=why):
         run(tmp_path, "b", "--max-steps", "1", "--old-logp", "sampler", "--precision", "bf16")
+
+
+def test_eval_trunk_store_changes_no_score(tmp_path, synthetic_dir):
+    """--eval-trunk-store with --train-layers 1: the held-out and swap scores of every evaluation equal those of a
+    run without it, prompt by prompt; the first evaluation writes one entry per set, the later ones (and another
+    run from the same policy, pointed at the same folder) find them."""
+    ev = eval_prompts(synthetic_dir, 4)
+    write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
+    write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])
+    args = ["--max-steps", "2", "--lr", "1e-3", "--train-layers", "1", "--eval-prompts", str(tmp_path / "ev.jsonl"),
+            "--eval-swap-prompts", str(tmp_path / "swap.jsonl"), "--eval-every", "1", "--eval-samples", "2"]
+    store = tmp_path / "trunk"
+    plain = run(tmp_path, "plain", *args)
+    kept = run(tmp_path, "kept", *args, "--eval-trunk-store", str(store))
+    assert len(list(store.glob("trunk-3-*.safetensors"))) == 2          # the tiny model: 4 layers, 3 frozen
+    again = run(tmp_path, "again", *args[:2], "--lr", "3e-3", *args[4:], "--eval-trunk-store", str(store))
+    assert len(list(store.glob("*"))) == 2                               # found, none written
+    for step in (0, 1, 2):
+        a, b = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("plain", "kept"))
+        assert a == b and len(a["held_out"]) == len(a["swap"]) == 4
+    assert json.loads((tmp_path / "again" / "held_out_step0.json").read_text()) == \
+        json.loads((tmp_path / "plain" / "held_out_step0.json").read_text())  # the same start policy
+    for x, y in zip(plain, kept):
+        assert {k: v for k, v in x.items() if k.startswith("eval/")} == {k: v for k, v in y.items()
+                                                                         if k.startswith("eval/")}
+    assert len(again) == 3
