@@ -235,7 +235,8 @@ class TrunkStore:
 
         def add(name: str, t: torch.Tensor) -> None:
             h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.detach().contiguous().view(torch.uint8).cpu().numpy())
+            # a copy: numpy sharing a parameter's storage would make it unresizable, and FSDP2 frees it on reshard
+            h.update(t.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy())
 
         for name, t in (("ids", ids), ("mask", mask), ("pos", pos), ("inv_freq", m.rotary_emb.inv_freq),
                         ("embed", m.embed_tokens.weight)):

@@ -166,26 +166,28 @@ def weights(out):
 @pytest.mark.parametrize("layers", ["all", "top2"])
 def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
     """`top2`: the top 2 layers trained, the FSDP-sharded frozen trunk cached per rollout batch on 2 ranks,
-    recomputed in every forward on 1. `all` also scores 5 held-out prompts (2 samples) and 5 swap prompts
-    at steps 0 and 4: on 2 ranks the second rank's share of each set carries a padding row."""
+    recomputed in every forward on 1; the held-out prompts' frozen layers kept in a trunk store on 2 ranks (the
+    FSDP-unsharded weights hashed, then resharded), not on 1. Both also score 5 held-out prompts (2 samples) and 5
+    swap prompts at steps 0 and 4: on 2 ranks the second rank's share of each set carries a padding row."""
+    ev = eval_prompts(synthetic_dir, 5)
+    for name, data in (("ev", ev), ("swap", ev[1:] + ev[:1])):
+        write_jsonl(tmp_path / f"{name}.jsonl", [r.to_json() for r in data])
+    extra = ["--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts", str(tmp_path / "swap.jsonl"),
+             "--eval-every", "4", "--eval-samples", "2"]
     if layers == "top2":
-        extra = ["--train-layers", "2"]
-    else:
-        ev = eval_prompts(synthetic_dir, 5)
-        for name, data in (("ev", ev), ("swap", ev[1:] + ev[:1])):
-            write_jsonl(tmp_path / f"{name}.jsonl", [r.to_json() for r in data])
-        extra = ["--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts", str(tmp_path / "swap.jsonl"),
-                 "--eval-every", "4", "--eval-samples", "2"]
+        extra += ["--train-layers", "2"]
     script(tmp_path / "one", extra=extra + (["--no-trunk-cache"] if layers == "top2" else []))
-    script(tmp_path / "two", nproc=2, extra=extra)
+    store = ["--eval-trunk-store", str(tmp_path / "trunk")] if layers == "top2" else []
+    script(tmp_path / "two", nproc=2, extra=extra + store)
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r.get("stage") for r in a] == [r.get("stage") for r in b]
-    if layers == "all":
-        assert sorted(k for k in a[0] if k.startswith("eval/")) == sorted(k for k in b[0] if k.startswith("eval/"))
-        assert "eval/swap/LaMP_3/MAE_greedy" in b[-1] and "eval/held_out/LaMP_3/MAE_sampled" in b[-1]
-        for step in (0, 4):
-            one, two = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("one", "two"))
-            assert one == two and len(two["held_out"]) == len(two["swap"]) == 5
+    if layers == "top2":
+        assert len(list((tmp_path / "trunk").glob("trunk-2-*.safetensors"))) == 4   # 2 sets × 2 ranks
+    assert sorted(k for k in a[0] if k.startswith("eval/")) == sorted(k for k in b[0] if k.startswith("eval/"))
+    assert "eval/swap/LaMP_3/MAE_greedy" in b[-1] and "eval/held_out/LaMP_3/MAE_sampled" in b[-1]
+    for step in (0, 4):
+        one, two = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("one", "two"))
+        assert one == two and len(two["held_out"]) == len(two["swap"]) == 5
     for x, y in zip(a, b):  # same samples, same rewards, same updates
         for k, v in x.items():
             if isinstance(v, float):
