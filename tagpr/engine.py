@@ -286,10 +286,12 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
             raise ValueError("a trunk store and keep_layers together: the kept stream may lie inside the trunk")
         key = trunk.key(lm, W, ids, mask, pos)
         found = trunk.load(key)
-        if found is not None:
+        if found is None:
+            trunk.misses += 1
+        else:
+            trunk.hits += 1
             (kv, h), start = found, trunk.layers
             kv, h = [(k.to(ids.device), v.to(ids.device)) for k, v in kv], h.to(ids.device)
-        trunk.hits, trunk.misses = trunk.hits + (found is not None), trunk.misses + (found is None)
     if not start:
         h = m.embed_tokens(ids)
     cos, sin = _rotary(m, h, pos)
