@@ -521,8 +521,8 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
              ) -> dict[str, float]:
     """Each held-out set's task metric (`metrics.per_question`: accuracy, |error| or ROUGE-1): greedy, and the mean
     over k samples at the rollout temperature where the set has k > 0. Every rank answers its share (the same
-    count on each, for FSDP); the samples' generators are fixed per prompt, so every evaluation of a run draws
-    the same noise. `scores_path`: also write each prompt's scores there ({set: {id: {greedy, sampled}}})."""
+    count on each, for FSDP), every set in one `generate` call; the samples' generators are fixed per prompt, so
+    every evaluation of a run draws the same noise. `scores_path`: also write each prompt's scores there ({set: {id: {greedy, sampled}}})."""
     cfg, tok, d = run.cfg, run.tok, run.d
     row: dict[str, float] = {}
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}
@@ -530,19 +530,28 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
     n_layers = len(decoder_layers(run.model))
     store = (TrunkStore(cfg.eval_trunk_store, n_layers - cfg.train_layers)
              if cfg.eval_trunk_store and 0 < cfg.train_layers < n_layers else None)
+    # every set's rows in one decode loop (groups of each set's size: `generate`'s n_per_prompt per prompt), so a
+    # decode step reads the weights once for the held-out groups and the swap control's greedy rows together
+    parts, ids, gens, flags, sizes = {}, [], [], [], []
     for name, (data, k) in sets.items():
         per = -(-len(data) // d.world_size)
         mine = list(range(d.rank * per, min(len(data), (d.rank + 1) * per)))
-        ids = [chat_ids(tok, data[i].prompt) for i in mine]
-        ids += [ids[-1] if ids else chat_ids(tok, data[0].prompt)] * (per - len(mine))  # padding rows, not scored
+        p_ids = [chat_ids(tok, data[i].prompt) for i in mine]
+        p_ids += [p_ids[-1] if p_ids else chat_ids(tok, data[0].prompt)] * (per - len(mine))  # padding, not scored
         # one prefill per prompt: row 0 of its group greedy, rows 1..k sampled (generators by global prompt index)
-        gens = [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
-                for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
-        out = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                       cfg.top_p, greedy=[j == 0 for _ in ids for j in range(k + 1)], generator=gens, tokenizer=tok,
-                       n_per_prompt=k + 1, precision=run.precision, trunk=store)
-        greedy = out.texts[::k + 1]
-        sampled = [t for j, t in enumerate(out.texts) if j % (k + 1)] if k else None
+        gens += [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
+                 for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
+        flags += [j == 0 for _ in p_ids for j in range(k + 1)]
+        parts[name] = (mine, len(flags) - len(p_ids) * (k + 1), len(flags))
+        ids += p_ids
+        sizes += [k + 1] * len(p_ids)
+    texts = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
+                     cfg.top_p, greedy=flags, generator=gens, tokenizer=tok, n_per_prompt=sizes,
+                     precision=run.precision, trunk=store).texts
+    for name, (data, k) in sets.items():
+        mine, a, b = parts[name]
+        greedy = texts[a:b:k + 1]
+        sampled = [t for j, t in enumerate(texts[a:b]) if j % (k + 1)] if k else None
         for task in sorted({p.task for p in data}):
             key = f"eval/{name}/{task}/{metrics.PRIMARY[lamp.get_task(task).kind]}"
             rows = [(j, data[i]) for j, i in enumerate(mine) if data[i].task == task]

@@ -18,6 +18,10 @@ cheap:
   rows still generating only (a stopped row's own columns get zeros, which no other row reads). A batch of
   T = 1 samples whose lengths spread from ~60 tokens to the cap then costs what its live rows cost, not the
   slowest row's length times the batch.
+* **Groups of different sizes share a step** (`Segments`): e.g. a held-out set's groups of one greedy answer
+  and k samples and the profile-swap control's single greedy answers decode in one loop, each run of equal
+  sizes with its own prefill and cache; the projections, MLPs and head take all their rows in one matmul
+  each, so a step reads the weights once for both sets.
 * **A frozen trunk's prompts are computed once** (`TrunkStore`, opt-in): when the bottom layers do not
   change between generations (GSPO with `--train-layers`), the held-out prompts' keys/values in those layers
   and the residual stream above them are kept on disk, and a later prefill of the same prompts runs the top
@@ -182,6 +186,10 @@ class GroupCache:
         self.keep = keep
         self.kept = self.prompt_bias.new_zeros(Bp * G, T, hidden_size) if keep else None
 
+    @property
+    def rows(self) -> int:
+        return self.group * self.prompt_bias.shape[0]
+
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Layer i at step `length`: store k/v (B, KV, D) in the rows' own columns, then attention for
         q (B, H, D). Returns (B, H·D); row b = prompt b // G, head h reads kv head h // (H / KV).
@@ -202,6 +210,39 @@ class GroupCache:
         o = torch.matmul(p[..., :P].reshape(Bp, KV, G * g, P), vp).view(Bp, KV, G, g, D)
         o = o.add_(torch.matmul(p[..., P:], gv[:, :, :, :t]))                             # (B/G, KV, G, g, D)
         return o.transpose(1, 2).reshape(B, H * D)
+
+
+class Segments:
+    """Groups of different sizes in one decode loop: consecutive `GroupCache`s, each over its own prompts (prefilled
+    apart, each batch left-padded to its own length) and its own group size. A step's projections, MLPs and head
+    run once over all their rows, which is where a CPU decode step spends its time at a few dozen rows (the
+    weights are read once a step, however many rows); attention runs per segment. E.g. a held-out set's groups
+    of one greedy answer and k samples and the profile-swap control's single greedy answers, in one call."""
+
+    keep, kept = 0, None
+
+    def __init__(self, caches: list[GroupCache]):
+        self.caches = caches
+        self.bounds = [0]
+        for c in caches:
+            self.bounds.append(self.bounds[-1] + c.rows)
+
+    @property
+    def rows(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def length(self) -> int:
+        return self.caches[0].length
+
+    @length.setter
+    def length(self, t: int) -> None:
+        for c in self.caches:
+            c.length = t
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.cat([c.attend(i, q[a:b], k[a:b], v[a:b], scale)
+                          for c, a, b in zip(self.caches, self.bounds, self.bounds[1:])])
 
 
 class TrunkStore:
@@ -316,7 +357,7 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     return W.head(_norm(m.norm, h[:, -1]).to(W.dtype)), kv, kept
 
 
-def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache,
+def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache | Segments,
                 active: torch.Tensor | None = None) -> torch.Tensor:
     """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache` (and with
     `cache.keep`, the tokens' residual stream after that many layers to `cache.kept`).
@@ -329,7 +370,7 @@ def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: 
         tokens, pos = tokens[active], pos[active]
     h = m.embed_tokens(tokens[:, None])                                         # (n, 1, hidden)
     cos, sin = _rotary(m, h, pos[:, None])
-    t, B = cache.length, cache.group * cache.prompt_bias.shape[0]
+    t, B = cache.length, cache.rows
     for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         a = layer.self_attn
         q, k, v = (x[:, 0] for x in _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype))

@@ -211,14 +211,22 @@ class _Transformers:
     prompt_hidden = response_hidden = None  # keeping hidden states is the engine's alone
     compacts = False                         # every step computes every row
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0, trunk=None):
+    def __init__(self, lm, segments, pad_id, max_new_tokens, precision, keep=0, trunk=None):
+        prompts = [p for ps, _ in segments for p in ps]
+        sizes = torch.tensor([G for ps, G in segments for _ in ps])
+        ids, attn, pos = left_pad(prompts, pad_id, next(lm.parameters()).device)
         self.amp = lambda: autocast(ids.device, precision)  # transformers' forward takes the precision from autocast
         with self.amp():
             res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (B/G, V)
-        if G > 1:
-            self.cache.batch_repeat_interleave(G)
-            attn = attn.repeat_interleave(G, dim=0)
+        self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (prompts, V)
+        self.next_pos = pos[:, -1] + 1
+        if len(segments) > 1:                                  # groups of several sizes: each prompt's rows
+            rows = torch.arange(len(prompts)).repeat_interleave(sizes).to(ids.device)
+            self.cache.batch_select_indices(rows)
+            attn = attn[rows]
+        elif segments[0][1] > 1:
+            self.cache.batch_repeat_interleave(segments[0][1])
+            attn = attn.repeat_interleave(segments[0][1], dim=0)
         preallocate(self.cache, max_new_tokens)
         self.attn = torch.cat([attn, attn.new_ones(attn.shape[0], max_new_tokens)], dim=1)
         self.P = ids.shape[1]
@@ -232,16 +240,26 @@ class _Transformers:
 
 
 class _Engine:
-    """`tagpr.engine`: the group's prompt cached once, one shared preallocated buffer per prompt, rotary on q/k together."""
+    """`tagpr.engine`: the group's prompt cached once, one shared preallocated buffer per prompt, rotary on q/k
+    together. Groups of several sizes: one prefill and cache per run of equal sizes, one decode loop
+    (`engine.Segments`)."""
 
     compacts = True                          # a step can compute only the rows still generating
 
-    def __init__(self, lm, ids, attn, pos, G, max_new_tokens, precision, keep=0, trunk=None):
+    def __init__(self, lm, segments, pad_id, max_new_tokens, precision, keep=0, trunk=None):
         self.lm = lm
+        device = next(lm.parameters()).device
         dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
-        self.weights = engine.Weights(lm, dtype, fuse=ids.device.type == "cpu")
-        self.logits, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep, trunk)
-        self.cache = engine.GroupCache(prefix, attn, G, max_new_tokens, keep, lm.config.hidden_size)
+        self.weights = engine.Weights(lm, dtype, fuse=device.type == "cpu")
+        logits, caches, next_pos = [], [], []
+        for prompts, G in segments:
+            ids, attn, pos = left_pad(prompts, pad_id, device)
+            lg, prefix, self.prompt_hidden = engine.prefill(lm, self.weights, ids, attn, pos, keep, trunk)
+            logits.append(lg)
+            next_pos.append(pos[:, -1] + 1)
+            caches.append(engine.GroupCache(prefix, attn, G, max_new_tokens, keep, lm.config.hidden_size))
+        self.logits, self.next_pos = torch.cat(logits), torch.cat(next_pos)
+        self.cache = caches[0] if len(caches) == 1 else engine.Segments(caches)
         self.response_hidden = self.cache.kept
 
     def step(self, tok, pos, t, active=None):
@@ -264,9 +282,10 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
+             n_per_prompt: int | Sequence[int] = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
              compact: bool = True, trunk: engine.TrunkStore | None = None) -> Rollouts:
-    """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major.
+    """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major. `n_per_prompt` may also give
+    each prompt its own count (e.g. a held-out set's 1 + k rows and a control set's 1, in one decode loop).
 
     Each prompt is prefilled once and the group shares its keys/values (see
     `tagpr.engine`; models outside the Llama family take transformers' forward with the
@@ -288,9 +307,19 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     lm = getattr(model, "lm", model)
     device = next(lm.parameters()).device
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
-    G = n_per_prompt
-    B = len(prompt_ids) * G
-    ids, attn, pos = left_pad(prompt_ids, pad_id, device)
+    sizes = [n_per_prompt] * len(prompt_ids) if isinstance(n_per_prompt, int) else list(n_per_prompt)
+    if len(sizes) != len(prompt_ids) or min(sizes, default=1) < 1:
+        raise ValueError(f"n_per_prompt: {len(sizes)} counts for {len(prompt_ids)} prompts, each at least 1 "
+                         f"(got {n_per_prompt})")
+    segments = []                                           # runs of prompts with equal counts: [(prompts, G)]
+    for p, G in zip(prompt_ids, sizes):
+        if segments and segments[-1][1] == G:
+            segments[-1][0].append(p)
+        else:
+            segments.append(([p], G))
+    if keep_layers and len(segments) > 1:
+        raise ValueError("keep_layers needs one group size for every prompt")
+    B = sum(sizes)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -303,10 +332,11 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     sampled = temperature != 0 and (isinstance(greedy, torch.Tensor) or not greedy)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
-        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, ids, attn, pos, G, max_new_tokens, precision,
+        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, segments, pad_id, max_new_tokens, precision,
                                                                       keep_layers, trunk)
-        logits = runner.logits.repeat_interleave(G, dim=0) if G > 1 else runner.logits   # (B, V)
-        next_pos = pos[:, -1].repeat_interleave(G) + 1                          # (B,)
+        rep = torch.tensor(sizes, device=device)
+        logits = runner.logits.repeat_interleave(rep, dim=0) if B > len(sizes) else runner.logits   # (B, V)
+        next_pos = runner.next_pos.repeat_interleave(rep)                       # (B,)
         # the rows still generating, once some have stopped (None: every row); only they are sampled, and
         # `logits` holds theirs alone: a step's softmax and prefix sum over the vocabulary cost what its
         # live rows cost, not what the batch costs
@@ -339,5 +369,5 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     if tokenizer is not None:
         texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(B)]
     kept = runner.response_hidden[:, :T] if runner.response_hidden is not None else None
-    return Rollouts([list(p) for p in prompt_ids for _ in range(G)], out, mask, texts, done, runner.prompt_hidden, kept,
-                    lp)
+    return Rollouts([list(p) for p, G in zip(prompt_ids, sizes) for _ in range(G)], out, mask, texts, done,
+                    runner.prompt_hidden, kept, lp)

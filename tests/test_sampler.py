@@ -257,3 +257,44 @@ def test_stopped_rows_leave_the_batch_without_changing_the_others(tiny):
     assert len(set(lengths)) >= 3 and max(lengths) == 12 and min(lengths) < 6, lengths
     assert torch.equal(fast.response_ids, full.response_ids) and torch.equal(fast.response_mask, full.response_mask)
     torch.testing.assert_close(fast.logprobs, full.logprobs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["engine", "transformers"])
+def test_groups_of_different_sizes_equal_separate_calls(tiny, path):
+    """n_per_prompt per prompt: a held-out set's groups (1 greedy + 3 sampled rows) and a control set's single
+    greedy rows in one call give, row for row, the tokens and log-probs of the two calls apart; the sizes may
+    alternate (three runs), rows stop at different steps, and the counts are checked."""
+    from tagpr import engine
+
+    model, tok = tiny
+    ps = prompts(tok)
+    swap = [p[::-1] for p in ps]
+    eos = list(range(5, tok.vocab_size, 7))
+    kw = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=10, temperature=1.0, logprobs=True)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    flags = [j == 0 for _ in ps for j in range(4)]
+    supported = engine.supported
+    try:
+        if path == "transformers":
+            engine.supported = lambda m: False
+        held = sampler.generate(model, ps, n_per_prompt=4, greedy=flags, generator=gens(range(12)), **kw)
+        ctrl = sampler.generate(model, swap, greedy=True, **kw)
+        both = sampler.generate(model, ps + swap, n_per_prompt=[4] * 3 + [1] * 3, greedy=flags + [True] * 3,
+                                generator=gens(list(range(12)) + [99] * 3), **kw)
+        mixed = sampler.generate(model, [ps[0], swap[0], ps[1]], n_per_prompt=[4, 1, 4],
+                                 greedy=flags[:4] + [True] + flags[4:8], generator=gens([0, 1, 2, 3, 99, 4, 5, 6, 7]),
+                                 **kw)
+    finally:
+        engine.supported = supported
+    assert len(set(held.lengths.tolist())) >= 3
+    for got, want in ((both, [(held, i) for i in range(12)] + [(ctrl, i) for i in range(3)]),
+                      (mixed, [(held, i) for i in range(4)] + [(ctrl, 0)] + [(held, i) for i in range(4, 8)])):
+        assert got.prompt_ids == [w.prompt_ids[i] for w, i in want]
+        for r, (w, i) in enumerate(want):
+            n = int(w.lengths[i])
+            assert got.lengths[r] == n and got.response_ids[r, :n].tolist() == w.response_ids[i, :n].tolist(), r
+            torch.testing.assert_close(got.logprobs[r, :n], w.logprobs[i, :n], atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="2 counts for 3 prompts"):
+        sampler.generate(model, ps, n_per_prompt=[1, 2], **kw)
+    with pytest.raises(ValueError, match="keep_layers"):
+        sampler.generate(model, ps, n_per_prompt=[1, 2, 2], keep_layers=1, **kw)
