@@ -106,6 +106,8 @@ class DemoConfig:
     sft_steps: int = 12                 # SFT optimizer steps
     sft_batch: int = 8                  # SFT sequences per step
     sft_lr: float = 1e-4                # SFT learning rate
+    sft_train_layers: int = -1          # SFT trains the top N decoder layers (-1: all; 16 at lr 2e-4: ~0.63x the SFT
+                                        # time, another SFT policy: docs/rl_experiments.md)
     prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
     rl_steps: int = 4                   # GSPO steps per seed
     rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
@@ -155,7 +157,8 @@ def main(argv=None):
                 [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
                  "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
                  "--max-steps", str(a.sft_steps), "--epochs", "10", "--max-len", "1024", "--eval-frac", "0.02",
-                 "--eval-every", "1000", "--save-every", "6", "--keep", "1", "--warmup-ratio", "0.1", "--precision", prec],
+                 "--eval-every", "1000", "--save-every", "6", "--keep", "1", "--warmup-ratio", "0.1", "--precision", prec,
+                 "--train-layers", str(a.sft_train_layers)],
                 logs / "train_sft.log")
     timer.stage("3 train_prmu", prmu / "model" / "users.json",
                 [PY, "train_prmu.py", "--preset", "tiny", "--prp", str(data / "prp.jsonl"), "--pqp",
@@ -320,7 +323,8 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
     md = (f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
           f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
           f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
-          f"SFT {a.sft_steps} steps × {a.sft_batch}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
+          f"SFT {a.sft_steps} steps × {a.sft_batch}"
+          f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
           f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
           f"top {a.rl_train_layers} layers, lr {a.rl_lr}. "
           "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
