@@ -106,7 +106,7 @@ class DemoConfig:
     sft_steps: int = 12                 # SFT optimizer steps
     sft_batch: int = 8                  # SFT sequences per step
     sft_lr: float = 1e-4                # SFT learning rate
-    sft_train_layers: int = -1          # SFT trains the top N decoder layers (-1: all; 16 at lr 2e-4: ~0.63x the SFT
+    sft_train_layers: int = -1          # SFT trains the top N decoder layers (-1: all; 16 at lr 2e-4: ~0.6x the SFT
                                         # time, another SFT policy: docs/rl_experiments.md)
     prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
     rl_steps: int = 4                   # GSPO steps per seed
