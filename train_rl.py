@@ -522,7 +522,8 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
     """Each held-out set's task metric (`metrics.per_question`: accuracy, |error| or ROUGE-1): greedy, and the mean
     over k samples at the rollout temperature where the set has k > 0. Every rank answers its share (the same
     count on each, for FSDP), every set in one `generate` call; the samples' generators are fixed per prompt, so
-    every evaluation of a run draws the same noise. `scores_path`: also write each prompt's scores there ({set: {id: {greedy, sampled}}})."""
+    every evaluation of a run draws the same noise. `scores_path`: also write each prompt's scores there
+    ({set: {id: {greedy, sampled}}})."""
     cfg, tok, d = run.cfg, run.tok, run.d
     row: dict[str, float] = {}
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}

@@ -157,8 +157,8 @@ def main(argv=None):
                 [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
                  "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
                  "--max-steps", str(a.sft_steps), "--epochs", "10", "--max-len", "1024", "--eval-frac", "0.02",
-                 "--eval-every", "1000", "--save-every", "6", "--keep", "1", "--warmup-ratio", "0.1", "--precision", prec,
-                 "--train-layers", str(a.sft_train_layers)],
+                 "--eval-every", "1000", "--save-every", "6", "--keep", "1", "--warmup-ratio", "0.1",
+                 "--precision", prec, "--train-layers", str(a.sft_train_layers)],
                 logs / "train_sft.log")
     timer.stage("3 train_prmu", prmu / "model" / "users.json",
                 [PY, "train_prmu.py", "--preset", "tiny", "--prp", str(data / "prp.jsonl"), "--pqp",
@@ -324,7 +324,8 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
           f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
           f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
           f"SFT {a.sft_steps} steps × {a.sft_batch}"
-          f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
+          f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; "
+          f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
           f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
           f"top {a.rl_train_layers} layers, lr {a.rl_lr}. "
           "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "

@@ -282,8 +282,8 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
              generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int | Sequence[int] = 1, precision: str = "fp32", keep_layers: int = 0, logprobs: bool = False,
-             compact: bool = True, trunk: engine.TrunkStore | None = None) -> Rollouts:
+             n_per_prompt: int | Sequence[int] = 1, precision: str = "fp32", keep_layers: int = 0,
+             logprobs: bool = False, compact: bool = True, trunk: engine.TrunkStore | None = None) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major. `n_per_prompt` may also give
     each prompt its own count (e.g. a held-out set's 1 + k rows and a control set's 1, in one decode loop).
 
@@ -309,8 +309,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     sizes = [n_per_prompt] * len(prompt_ids) if isinstance(n_per_prompt, int) else list(n_per_prompt)
     if len(sizes) != len(prompt_ids) or min(sizes, default=1) < 1:
-        raise ValueError(f"n_per_prompt: {len(sizes)} counts for {len(prompt_ids)} prompts, each at least 1 "
-                         f"(got {n_per_prompt})")
+        raise ValueError(f"n_per_prompt: {len(sizes)} counts for {len(prompt_ids)} prompts, each at least 1")
     segments = []                                           # runs of prompts with equal counts: [(prompts, G)]
     for p, G in zip(prompt_ids, sizes):
         if segments and segments[-1][1] == G:
