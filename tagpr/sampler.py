@@ -213,7 +213,6 @@ class _Transformers:
 
     def __init__(self, lm, segments, pad_id, max_new_tokens, precision, keep=0, trunk=None):
         prompts = [p for ps, _ in segments for p in ps]
-        sizes = torch.tensor([G for ps, G in segments for _ in ps])
         ids, attn, pos = left_pad(prompts, pad_id, next(lm.parameters()).device)
         self.amp = lambda: autocast(ids.device, precision)  # transformers' forward takes the precision from autocast
         with self.amp():
@@ -221,7 +220,8 @@ class _Transformers:
         self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (prompts, V)
         self.next_pos = pos[:, -1] + 1
         if len(segments) > 1:                                  # groups of several sizes: each prompt's rows
-            rows = torch.arange(len(prompts)).repeat_interleave(sizes).to(ids.device)
+            sizes = torch.tensor([G for ps, G in segments for _ in ps], device=ids.device)
+            rows = torch.arange(len(prompts), device=ids.device).repeat_interleave(sizes)
             self.cache.batch_select_indices(rows)
             attn = attn[rows]
         elif segments[0][1] > 1:
