@@ -107,8 +107,8 @@ class DemoConfig:
     sft_steps: int = 12                 # SFT optimizer steps
     sft_batch: int = 8                  # SFT sequences per step
     sft_lr: float = 2e-4                # SFT learning rate (1e-4 with all layers: docs/rl_experiments.md)
-    sft_train_layers: int = 16          # SFT trains the top N decoder layers of the policy's (SmolLM2: 16 of 30,
-                                        # ~0.6x the SFT time of all; -1: all, at --sft-lr 1e-4 the recipe before)
+    sft_train_layers: int = 16          # SFT trains the policy's top N decoder layers (-1: all). SmolLM2 has 30:
+                                        # 16 take ~0.6x the SFT time of all; all at --sft-lr 1e-4 is the recipe before
     prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
     rl_steps: int = 4                   # GSPO steps per seed
     rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
