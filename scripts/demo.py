@@ -2,7 +2,8 @@
 
     python scripts/demo.py                      # runs/demo; rerun to resume after an interruption
     python scripts/demo.py --rl-steps 16 --rl-lr 5e-5   # the slower recipe: a larger sampled gain, greedy kept
-    python scripts/demo.py --chain-style terse --eval-samples 2   # ~0.86x the time; its RL gain is not robust
+    python scripts/demo.py --chain-style terse           # cheaper chains; their RL gain is not robust
+    python scripts/demo.py --eval-samples 4 --base-methods zero-shot,rag   # the held-out scoring before 4e67035
     python scripts/demo.py --sft-train-layers -1 --sft-lr 1e-4   # SFT of all 30 layers (the recipe before fe63cb7)
 
 Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL
