@@ -6,7 +6,7 @@
 
 Maximises log π(chain, answer | prompt): the loss is the token mean of −log π over the
 chain + answer + EOS tokens of the whole global batch (prompt tokens are context only),
-through `kernels.logprob` (no [N, V] logits). AdamW, linear warmup + cosine decay,
+through `tagpr_kernels.logprob` (no [N, V] logits). AdamW, linear warmup + cosine decay,
 gradient clipping; FSDP2 across ranks; exact resume; HF export in `<out>/model`.
 
 Departures from the paper:

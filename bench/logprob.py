@@ -35,7 +35,7 @@ def _rss_mb() -> float:
 def child(args) -> dict:
     import torch
 
-    from kernels.logprob import fused_logprobs
+    from tagpr_kernels.logprob import fused_logprobs
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
 
-from kernels.logprob import fused_logprobs
+from tagpr_kernels.logprob import fused_logprobs
 
 from . import lamp, synthetic
 from .tags import DEFAULT_TAGS
@@ -308,7 +308,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     input_ids, attention_mask (B, T) → logp, entropy (B, T − 1), fp32: position t scores
     token t + 1 given tokens ≤ t, under softmax(logits / temperature) — the same scaling
     the sampler uses. The backbone's final hidden states and the lm_head weight go to
-    `kernels.logprob.fused_logprobs`; every trainer takes its log-probs from here.
+    `tagpr_kernels.logprob.fused_logprobs`; every trainer takes its log-probs from here.
     Packed rows pass `position_ids` restarting at 0 per sequence and no attention mask.
     `hidden` (B, T, H) from `trunk_hidden(…, upto=start)`: run decoder layers `start`… only.
     `where` (B, T − 1) bool: only these positions are scored (the lm_head runs on them alone: the

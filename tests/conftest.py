@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 # Triton decides at decoration time whether kernels run compiled or interpreted, so this
-# must happen before anything imports kernels/: without a GPU driver, interpret on the CPU.
+# must happen before anything imports tagpr_kernels/: without a GPU driver, interpret on the CPU.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

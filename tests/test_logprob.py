@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import logprob as K
+from tagpr_kernels import logprob as K
 
 SHAPES = [(37, 64, 1000), (128, 96, 4099), (5, 16, 130)]  # N·H·V ≤ 1e8; V never a multiple of the 128 tile
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # slack over the naive op's own error (the fp32 Σp·z cancellation bug was 4e-4)
