@@ -17,8 +17,8 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     run = tmp_path / "demo"
     args = [sys.executable, "scripts/demo.py", "--run", str(run), "--policy", "tiny", "--sft-steps", "2",
             "--sft-batch", "4", "--sft-train-layers", "2", "--prmu-steps", "2", "--rl-steps", "4", "--rl-prompts", "2",
-            "--rl-group", "2", "--rl-max-new", "8", "--eval-questions", "4", "--rl-eval-every", "2", "--base-methods", "zero-shot",
-            "--seeds", "0,1"]
+            "--rl-group", "2", "--rl-max-new", "8", "--eval-questions", "4", "--rl-eval-every", "2",
+            "--base-methods", "zero-shot", "--seeds", "0,1"]
     # as a user who runs the venv's python without activating it: no venv on PATH (so no `torchrun` there)
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)

@@ -7,6 +7,8 @@ no entry point started (`ImportError: cannot import name 'CUDAProperties' from '
 since."""
 import importlib.metadata
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +22,8 @@ def ours() -> list[str]:
 
 def clashes(names, owners) -> dict[str, list[str]]:
     """{our top-level name: the other distributions that install a package of that name} (empty: no clash)."""
-    return {n: sorted(d for d in owners.get(n, []) if d.lower() != "tagpr") for n in names
-            if any(d.lower() != "tagpr" for d in owners.get(n, []))}
+    others = {n: sorted(d for d in owners.get(n, []) if d.lower() != "tagpr") for n in names}
+    return {n: ds for n, ds in others.items() if ds}
 
 
 def test_clashes_finds_a_shadowed_distribution():
@@ -39,8 +41,6 @@ def test_no_top_level_package_of_ours_shadows_an_installed_one():
 
 def test_transformers_imports_from_the_repository_root():
     # what every entry point does first; with a shadowed dependency this raised at import
-    import subprocess
-    import sys
     r = subprocess.run([sys.executable, "-c", "import transformers.activations, tagpr_kernels.logprob"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
