@@ -34,7 +34,9 @@ cheap:
   projections are used as they are when their dtype already matches (no copy).
   With `pack` (a CPU whose oneDNN can take the dtype) every weight is also reordered once into oneDNN's
   blocked layout (`_Linear`): F.linear lays its weight out for the GEMM at every call,
-  which at a decode step's few rows is a large share of it (bf16 and fp32 alike).
+  which at a decode step's few rows is a large share of it (bf16 and fp32 alike). In fp32 a GEMM of at most
+  `FEW_ROWS` rows (a rollout's decode step: 16 rows a rank in the demo) takes MKL's packed weight instead
+  (`few`), made at the first such call: a rollout's decode step ~0.6× F.linear's time on an AVX2 core.
 
 Attention runs in fp32 whatever the projections run in (with `dtype` bf16 the
 projections and MLPs take bf16 operands, as under bf16 autocast, ~2.5× faster on a CPU
@@ -86,50 +88,66 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
+FEW_ROWS = 32   # a GEMM of at most this many rows takes MKL's packed fp32 weight (`_Linear`)
+
+
 class _Linear:
     """y = x·Wᵀ + b with W, b in the compute dtype. `pack`: W reordered once into oneDNN's blocked layout
-    (CPU only; bf16 results identical to F.linear, fp32 equal up to summation order)."""
+    (CPU only; bf16 results identical to F.linear, fp32 equal up to summation order). `few`: an fp32 GEMM of at most
+    `FEW_ROWS` rows (a decode step's) takes W packed by MKL instead, made at the first such call: at 16 rows
+    ~1.6× F.linear and ~1.2× oneDNN's layout on an AVX2 core, no faster above 32 (fp32 equal up to summation order)."""
 
-    __slots__ = ("weight", "bias", "dtype", "packed")
+    __slots__ = ("weight", "bias", "dtype", "packed", "plain", "few")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, few: bool = False):
         self.dtype, self.bias, self.packed = weight.dtype, bias, pack
+        self.plain = weight.contiguous() if few else None   # MKL's call takes the plain weight too
+        self.few = None
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if pack else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None and 0 < (rows := x.numel() // x.shape[-1]) <= FEW_ROWS:
+            if self.few is None:
+                self.few = torch.ops.mkl._mkl_reorder_linear_weight(self.plain, FEW_ROWS)
+            return torch.ops.mkl._mkl_linear(x, self.few, self.plain, self.bias, rows)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def _linears(mods, dtype: torch.dtype, fuse: bool, pack: bool) -> list[_Linear]:
+def _linears(mods, dtype: torch.dtype, fuse: bool, pack: bool, few: bool = False) -> list[_Linear]:
     """One `_Linear` for all of `mods` (their outputs side by side), or one each."""
     bias = lambda m: None if m.bias is None else m.bias.to(dtype)
     if not fuse or len(mods) == 1:
-        return [_Linear(m.weight.to(dtype), bias(m), pack) for m in mods]
+        return [_Linear(m.weight.to(dtype), bias(m), pack, few) for m in mods]
     b = None if mods[0].bias is None else torch.cat([m.bias for m in mods]).to(dtype)
-    return [_Linear(torch.cat([m.weight for m in mods]).to(dtype), b, pack)]
+    return [_Linear(torch.cat([m.weight for m in mods]).to(dtype), b, pack, few)]
 
 
 class Weights:
     """The projections of every layer and the lm_head in the compute dtype, for one generation. `pack`
-    (default: on a CPU whose oneDNN can hold `dtype` prepacked, `hardware.can_prepack`) prepacks them
-    (`_Linear`); elsewhere F.linear gives the same numbers (bf16: identical; fp32: up to summation order)."""
+    (default: on a CPU whose oneDNN can hold `dtype` prepacked, `hardware.can_prepack`) prepacks them, and `few`
+    (default: on a CPU whose MKL can pack fp32 weights, `hardware.can_pack_few_rows`) packs them for MKL's GEMM
+    at a decode step's few rows (`_Linear`); elsewhere F.linear gives the same numbers (bf16: identical; fp32: up
+    to summation order)."""
 
-    def __init__(self, lm, dtype: torch.dtype, fuse: bool, pack: bool | None = None):
+    def __init__(self, lm, dtype: torch.dtype, fuse: bool, pack: bool | None = None, few: bool | None = None):
+        cpu = lm.lm_head.weight.device.type == "cpu"
         if pack is None:
-            pack = lm.lm_head.weight.device.type == "cpu" and hardware.can_prepack(dtype)
-        self.dtype, self.packed = dtype, pack
+            pack = cpu and hardware.can_prepack(dtype)
+        if few is None:
+            few = cpu and hardware.can_pack_few_rows(dtype)
+        self.dtype, self.packed, self.few = dtype, pack, few
         self.layers = []
         for layer in lm.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            self.layers.append({"qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse, pack),
+            self.layers.append({"qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse, pack, few),
                                 "splits": [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features],
-                                "o": _linears([a.o_proj], dtype, False, pack)[0],
-                                "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse, pack),
+                                "o": _linears([a.o_proj], dtype, False, pack, few)[0],
+                                "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse, pack, few),
                                 "mlp_splits": [mlp.gate_proj.out_features, mlp.up_proj.out_features],
-                                "down": _linears([mlp.down_proj], dtype, False, pack)[0], "act": mlp.act_fn})
-        self.head = _linears([lm.lm_head], dtype, False, pack)[0]
+                                "down": _linears([mlp.down_proj], dtype, False, pack, few)[0], "act": mlp.act_fn})
+        self.head = _linears([lm.lm_head], dtype, False, pack, few)[0]
 
 
 def _project(x: torch.Tensor, lins: list[_Linear], splits, joined: bool = False):
@@ -272,7 +290,7 @@ class TrunkStore:
             raise ValueError(f"a trunk of {self.layers} layers leaves none of the model's {len(m.layers)} on top")
         h = hashlib.blake2b(digest_size=20)
         h.update(repr((torch.__version__, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(),
-                       str(ids.device), str(W.dtype), W.packed, self.layers)).encode())
+                       str(ids.device), str(W.dtype), W.packed, W.few, self.layers)).encode())
 
         def add(name: str, t: torch.Tensor) -> None:
             h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())

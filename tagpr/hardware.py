@@ -7,8 +7,11 @@ avx512vl and avx512dq") and bf16 matmuls are emulated. Every fast path asks thes
 torch's own capability checks (not by catching the RuntimeError), and takes the plain path where the answer
 is no: the same numbers, by another route.
 
-`TAGPR_CPU=plain` forces every probe to "no" (no bf16 hardware, no oneDNN prepacking), so a machine with
-AVX512-BF16 runs the AVX2 laptop's paths; the test suite is run once more that way (`.ci/run`).
+`TAGPR_CPU=plain` forces every probe to "no" (no bf16 hardware, no prepacked weights), so a machine with
+AVX512-BF16 runs the plainest paths; the test suite is run once more that way (`.ci/run`). An AVX2 laptop is
+emulated faithfully by capping the libraries instead (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2`): ATen at AVX2 makes the bf16 probes say no, and fp32 weights are still prepacked, as
+on the laptop itself.
 """
 from __future__ import annotations
 
@@ -37,9 +40,16 @@ def forced_plain() -> bool:
 
 
 @functools.cache
+def _aten_avx2() -> bool:
+    # ATen's kernels at AVX2 or below: the CPU has no AVX512, or ATEN_CPU_CAPABILITY=avx2 caps it (an AVX2 machine
+    # emulated on a larger one; its bf16 hardware then counts as absent, as on the machine emulated)
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
+@functools.cache
 def _bf16_matmul_hw() -> bool:
     cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+    return not _aten_avx2() and any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
                                                                        "_is_amx_tile_supported"))
 
 
@@ -53,7 +63,13 @@ def _prepack_ops() -> bool:
 def _onednn_bf16() -> bool:
     # the check oneDNN's bf16 reorder itself makes (avx512bw/vl/dq or avx_ne_convert)
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return probe is not None and bool(probe())
+    return probe is not None and not _aten_avx2() and bool(probe())
+
+
+@functools.cache
+def _mkl_pack_ops() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") \
+        and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
 def bf16_matmul() -> bool:
@@ -67,6 +83,12 @@ def can_prepack(dtype: torch.dtype) -> bool:
     if forced_plain() or not _prepack_ops():
         return False
     return dtype != torch.bfloat16 or _onednn_bf16()
+
+
+def can_pack_few_rows(dtype: torch.dtype) -> bool:
+    """Whether MKL can hold a CPU fp32 weight packed for GEMMs of a few rows (`tagpr.engine._Linear` at a decode
+    step's ≤ 32 rows: ~1.2–1.6× oneDNN's prepacked weight there, none faster above; bench/README.md)."""
+    return dtype == torch.float32 and not forced_plain() and _mkl_pack_ops()
 
 
 def describe() -> str:

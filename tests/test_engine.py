@@ -58,20 +58,21 @@ def machine(probe, *args):
 
 
 PACK = [False] + ([True] if machine(hardware.can_prepack, torch.float32) else [])
+FEW = [False] + ([True] if machine(hardware.can_pack_few_rows, torch.float32) else [])
 
 
 @pytest.mark.parametrize("G", [1, 3])
-@pytest.mark.parametrize("fuse,pack", [(True, p) for p in PACK] + [(False, False)])
+@pytest.mark.parametrize("fuse,pack,few", [(True, p, f) for p in PACK for f in FEW] + [(False, False, False)])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2"])
-def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, G):
+def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, few, G):
     """Every row's logits at every step = transformers on that row alone (its prompt unpadded + its own tokens):
     left padding, the group's shared buffer and its mask (a row sees none of its siblings' tokens); with the
-    weights prepacked for oneDNN or not."""
+    weights prepacked for oneDNN or not, and packed by MKL for the decode steps' few rows or not."""
     lm = MODELS[family]
     assert engine.supported(lm)
-    W = engine.Weights(lm, torch.float32, fuse, pack)
+    W = engine.Weights(lm, torch.float32, fuse, pack, few)
     assert len(W.layers[0]["qkv"]) == (1 if fuse else 3)
-    assert W.packed == pack and W.head.packed == pack
+    assert W.packed == pack and W.head.packed == pack and W.few == few
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]
     steps = 5
@@ -86,6 +87,7 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, G):
             tok = torch.tensor([c[t] for c in conts])
             got.append(engine.decode_step(lm, W, tok, next_pos + t, cache))
     got = torch.stack(got, 1)                                                   # (B, steps + 1, V)
+    assert (W.head.few is not None) == few                                      # ≤ 9 rows a step: MKL's, if asked
     for b in range(len(conts)):
         want = reference_logits(lm, prompts[b // G], conts[b])
         assert want.abs().max() > 1.0                                           # not a trivially flat model
@@ -145,6 +147,32 @@ def test_prepacked_linear_equals_f_linear(dtype):
             else:
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert torch.equal(plain(x), want)
+
+
+@pytest.mark.parametrize("pack", PACK)
+def test_few_row_linear_equals_f_linear(pack):
+    """MKL's packed fp32 weight (`few`) gives F.linear's numbers up to summation order, with and without a bias,
+    on 2-D and 3-D inputs; it is made at the first call of at most FEW_ROWS rows and used only there: more rows
+    take the other path, whose numbers are F.linear's (unpacked: bit for bit)."""
+    if not machine(hardware.can_pack_few_rows, torch.float32):
+        pytest.skip(f"MKL on this build cannot pack fp32 weights ({machine(hardware.describe)})")
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    for bias in (None, b):
+        lin = engine._Linear(w, bias, pack=pack, few=True)
+        x = torch.randn(engine.FEW_ROWS + 1, 24, generator=g)
+        assert torch.equal(lin(x), engine._Linear(w, bias, pack=pack)(x)) and lin.few is None   # 33 rows: not MKL's
+        for shape in ((1, 24), (3, 24), (2, 5, 24), (engine.FEW_ROWS, 24), (0, 24)):
+            x = torch.randn(*shape, generator=g)
+            want = torch.nn.functional.linear(x, w, bias)
+            got = lin(x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert lin.few is not None and lin.few.is_mkldnn
+    # a wrong packing would show: another weight's packed copy gives other numbers
+    lin.few = torch.ops.mkl._mkl_reorder_linear_weight(w.flip(0).contiguous(), engine.FEW_ROWS)
+    x = torch.randn(3, 24, generator=g)
+    assert (lin(x) - torch.nn.functional.linear(x, w, b)).abs().max() > 1.0
 
 
 def test_bf16_stays_close_and_matches_autocast():

@@ -1,5 +1,8 @@
 """tagpr.hardware: the CPU probes answer as the machine's own flags say, TAGPR_CPU=plain turns every one off,
 and both sides of each switch give the same numbers (the plain path is what an AVX2-only laptop runs)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,8 @@ import torch
 
 from tagpr import engine, hardware, sampler
 from tagpr.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_flags() -> set[str]:
@@ -33,6 +38,8 @@ def lm():
 def test_probes_agree_with_the_cpu_flags(auto):
     """torch's capability checks against Linux's own list of the CPU's flags (an independent source)."""
     flags = cpu_flags()
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
+        flags -= {"avx512f", "avx512_bf16", "amx_bf16", "avx512bw"}              # run as an AVX2 CPU: as if absent
     assert hardware.bf16_matmul() == bool({"avx512_bf16", "amx_bf16"} & flags)
     onednn_bf16 = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
     if torch.backends.mkldnn.is_available():
@@ -48,10 +55,12 @@ def test_probes_agree_with_the_cpu_flags(auto):
 def test_forced_plain_turns_every_probe_off(plain, lm):
     assert not hardware.bf16_matmul()
     assert not hardware.can_prepack(torch.float32) and not hardware.can_prepack(torch.bfloat16)
+    assert not hardware.can_pack_few_rows(torch.float32)
     assert "TAGPR_CPU=plain" in hardware.describe()
     for dtype in (torch.float32, torch.bfloat16):
         w = engine.Weights(lm, dtype, fuse=True)                                # default: ask the probe
         assert not w.packed and not w.head.packed and not w.layers[0]["o"].weight.is_mkldnn
+        assert not w.few and w.head.plain is None
     # --precision: bf16 on a CPU without bf16 hardware stops with the fix; auto is fp32; CUDA is not asked
     with pytest.raises(hardware.PrecisionError, match=r"needs a CPU with bf16 matmul hardware \(AVX512-BF16 or "
                                                       r"AMX\); this one: probes forced.*Use --precision fp32"):
@@ -61,6 +70,32 @@ def test_forced_plain_turns_every_probe_off(plain, lm):
     assert hardware.resolve_precision("bf16", torch.device("cuda")) == "bf16"
     with pytest.raises(hardware.PrecisionError, match="must be one of auto, fp32, bf16"):
         hardware.resolve_precision("fp16", torch.device("cpu"))
+
+
+AVX2_PROBE = """
+import torch
+from tagpr import hardware
+print(torch.backends.cpu.get_cpu_capability(), hardware.describe(), hardware.bf16_matmul(),
+      hardware.can_prepack(torch.float32), hardware.can_prepack(torch.bfloat16), hardware.can_pack_few_rows(torch.float32),
+      hardware.can_pack_few_rows(torch.bfloat16), sep="|")
+try:
+    hardware.resolve_precision("bf16", torch.device("cpu"))
+except hardware.PrecisionError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="not an x86-64 CPU")
+def test_a_cpu_capped_at_avx2_answers_as_an_avx2_cpu():
+    """ATEN_CPU_CAPABILITY=avx2 (how a larger CPU runs as an AVX2 laptop, with oneDNN and MKL capped too): no bf16
+    hardware whatever the flags, bf16 refused before any work, and fp32 weights still prepacked, as on the laptop."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+           hardware.FORCE_ENV: "auto"}
+    out = subprocess.run([sys.executable, "-c", AVX2_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    onednn, mkl = torch.backends.mkldnn.is_available(), torch.backends.mkl.is_available()
+    assert out[0].split("|") == ["AVX2", "AVX2 only", "False", str(onednn), "False", str(mkl), "False"]
+    assert out[1].startswith("refused: --precision bf16 needs a CPU with bf16 matmul hardware") and "AVX2 only" in out[1]
 
 
 def test_the_probe_on_side_where_the_machine_has_it(auto):
