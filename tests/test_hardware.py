@@ -1,5 +1,5 @@
-"""tagpr.hardware: the CPU probes answer as the machine's own flags say, TAGPR_CPU=plain turns every one off,
-and both sides of each switch give the same numbers (the plain path is what an AVX2-only laptop runs)."""
+"""tagpr.hardware: the CPU probes answer as the machine's own flags say, ATen capped at AVX2 answers as an AVX2-only
+CPU, TAGPR_CPU=plain turns every probe off, and both sides of each switch give the same numbers."""
 import os
 import subprocess
 import sys
