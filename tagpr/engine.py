@@ -101,6 +101,7 @@ class _Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, few: bool = False):
         self.dtype, self.bias, self.packed = weight.dtype, bias, pack
+        few = few and weight.dtype == torch.float32 and weight.device.type == "cpu"   # MKL's packing: fp32 CPU only
         self.plain = weight.contiguous() if few else None   # MKL's call takes the plain weight too
         self.few = None
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if pack else weight

@@ -169,6 +169,7 @@ def test_few_row_linear_equals_f_linear(pack):
             assert got.shape == want.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert lin.few is not None and lin.few.is_mkldnn
+    assert engine._Linear(w.bfloat16(), None, pack=False, few=True).plain is None        # fp32 only: bf16 ignores it
     # a wrong packing would show: another weight's packed copy gives other numbers
     lin.few = torch.ops.mkl._mkl_reorder_linear_weight(w.flip(0).contiguous(), engine.FEW_ROWS)
     x = torch.randn(3, 24, generator=g)
