@@ -26,16 +26,13 @@ from tagpr import engine, hardware  # noqa: E402
 SHAPES = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49152, 576, 1)]  # (out, in, count)
 
 
-def step_time(lins: list, rows: int, repeats: int) -> float:
+def step_time(lins: list, rows: int) -> float:
     xs = [torch.randn(rows, k) for _, k, _ in SHAPES]
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for (_, _, count), lin, x in zip(SHAPES, lins, xs):
-            for _ in range(count):
-                lin(x)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    t0 = time.perf_counter()
+    for (_, _, count), lin, x in zip(SHAPES, lins, xs):
+        for _ in range(count):
+            lin(x)
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -57,22 +54,19 @@ def main(argv=None):
     print("| rows | " + " | ".join(f"{k} (ms a step)" for k in paths) + " | " +
           " | ".join(f"{k} × F.linear" for k in list(paths)[1:]) + " |")
     print("|---" * (2 * len(paths)) + "|")
+    cap = engine.FEW_ROWS
     for rows in (int(r) for r in a.rows.split(",")):
-        if rows > engine.FEW_ROWS and "MKL packed" in paths:   # the MKL form only serves few rows: force it here
-            saved, engine.FEW_ROWS = engine.FEW_ROWS, rows
-        else:
-            saved = None
+        engine.FEW_ROWS = max(cap, rows)                        # the MKL form serves only few rows: forced here
         for lins in paths.values():                             # warm up (MKL packs at its first call)
-            step_time(lins, rows, 1)
+            step_time(lins, rows)
         t = {k: [] for k in paths}
         for _ in range(a.repeats):                              # interleaved, best of the repeats
             for k, lins in paths.items():
-                t[k].append(step_time(lins, rows, 1))
-        if saved is not None:
-            engine.FEW_ROWS = saved
+                t[k].append(step_time(lins, rows))
         best = {k: min(v) * 1e3 for k, v in t.items()}
         print(f"| {rows} | " + " | ".join(f"{best[k]:.0f}" for k in paths) + " | " +
               " | ".join(f"{best['F.linear'] / best[k]:.2f}" for k in list(paths)[1:]) + " |")
+    engine.FEW_ROWS = cap
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ def _aten_avx2() -> bool:
 @functools.cache
 def _bf16_matmul_hw() -> bool:
     cpu = getattr(torch, "cpu", None)
-    return not _aten_avx2() and any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return not _aten_avx2() and any(bool(getattr(cpu, name, lambda: False)()) for name in names)
 
 
 @functools.cache
