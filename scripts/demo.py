@@ -119,6 +119,9 @@ class DemoConfig:
     rl_temperature: float = 1.0         # rollout temperature (paper: 1); the sampled score is taken at it
     rl_max_new: int = 160               # new tokens per rollout (and per held-out answer) at most
     rl_overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at rl_max_new: kept (the paper) or out of the loss (DAPO)
+    rl_old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # GSPO's old log-probs: the sampler's (auto in
+                                        # fp32, where they agree with a recomputation to summation order) or a
+                                        # no-grad pass (auto in bf16; train_rl.py departure 6)
     rl_eval_every: int = 0              # held-out scores every N GSPO steps too (0: before the first and at the end only)
     seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows each and their mean
     eval_questions: int = 64            # held-out dev questions per task (users disjoint from training)
@@ -129,6 +132,11 @@ class DemoConfig:
                                         # and every seed (train_rl.py --eval-trunk-store; the same scores, bit for bit)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
                                         # it (auto), or glibc's (system)
+
+
+def old_logp_source(a: DemoConfig, prec: str) -> str:
+    """GSPO's old log-probs (train_rl.py --old-logp): `auto` takes the sampler's in fp32 and recomputes in bf16."""
+    return a.rl_old_logp if a.rl_old_logp != "auto" else "sampler" if prec == "fp32" else "recompute"
 
 
 def main(argv=None):
@@ -147,6 +155,7 @@ def main(argv=None):
     timer = Timer(run_dir / "timings.json")
     data, sft, prmu = run_dir / "data", run_dir / "sft", run_dir / "prmu"
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    old_logp = old_logp_source(a, prec)
     trunk = run_dir / "eval_trunk"    # the held-out prompts' keys/values in the frozen layers, shared by the seeds
     t_start = time.time()
 
@@ -174,7 +183,7 @@ def main(argv=None):
                      "--out", str(rl), "--seed", str(s), "--lr", str(a.rl_lr), "--global-batch", str(a.rl_prompts),
                      "--group", str(a.rl_group), "--mini-batches", "2", "--micro-batch", "8", "--max-new-tokens",
                      str(a.rl_max_new), "--max-steps", str(a.rl_steps), "--guided-epochs", "100",
-                     "--temperature", str(a.rl_temperature), "--overlong", a.rl_overlong,
+                     "--temperature", str(a.rl_temperature), "--overlong", a.rl_overlong, "--old-logp", old_logp,
                      "--eval-prompts", str(data / "eval_prompts.jsonl"), "--eval-swap-prompts",
                      str(data / "eval_prompts_swap.jsonl"), "--eval-samples", str(a.eval_samples),
                      "--eval-every", str(a.rl_eval_every), "--eval-before" if i == 0 else "--no-eval-before",
@@ -329,7 +338,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> No
           f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; "
           f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
           f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
-          f"top {a.rl_train_layers} layers, lr {a.rl_lr}. "
+          f"top {a.rl_train_layers} layers, lr {a.rl_lr}, old log-probs: {old_logp_source(a, prec)}. "
           "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
           "profile-swap column shows each question another held-out user's profile (a model that personalizes "
           "falls towards the floor there).\n\n"

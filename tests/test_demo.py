@@ -70,7 +70,11 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     users = json.loads((run / "prmu" / "model" / "users.json").read_text())
     prompts = [json.loads(l) for l in (run / "data" / "rl_prompts.jsonl").read_text().splitlines()]
     known = sum(p["user_id"] in users for p in prompts)
-    assert json.loads((run / "rl_seed0" / "config.json").read_text())["prompts_with_trained_user"] == known > 0
+    rl_cfg = json.loads((run / "rl_seed0" / "config.json").read_text())
+    assert rl_cfg["prompts_with_trained_user"] == known > 0
+    # the old log-probs: the sampler's in fp32, a recomputation in bf16 (where they differ by more than ε)
+    assert rl_cfg["old_logp"] == {"fp32": "sampler", "bf16": "recompute"}[rl_cfg["precision"]]
+    assert f"old log-probs: {rl_cfg['old_logp']}" in report
     timings = json.loads((run / "timings.json").read_text())
     assert {"1 build_data", "2 train_sft", "3 train_prmu", "4 train_rl seed 0", "4 train_rl seed 1",
             "5 evaluate base"} == set(timings)
