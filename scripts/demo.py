@@ -111,7 +111,7 @@ class DemoConfig:
     sft_train_layers: int = 16          # SFT trains the policy's top N decoder layers (-1: all). SmolLM2 has 30:
                                         # 16 take ~0.6x the SFT time of all; all at --sft-lr 1e-4 is the recipe before
     prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
-    rl_steps: int = 3                   # GSPO steps per seed (4 at lr 1e-4 before: ~42 min on the AVX2 laptop)
+    rl_steps: int = 3                   # GSPO steps per seed (4 at lr 1e-4 before d28910f: ~1 min more a seed)
     rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
     rl_prompts: int = 8                 # prompts per rollout batch (all ranks)
     rl_group: int = 4                   # rollouts per prompt (G)
