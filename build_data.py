@@ -12,75 +12,83 @@ Stages and their counts: `tagpr/datagen.py`. Backends (`openai:MODEL@URL`, `hf:N
 Rerunning the same command resumes: every reply is cached under `<out>/cache/`, so only
 what has no answer yet is asked.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 from tagpr import config, datagen, lamp, llm, prompts, synthetic
 from tagpr.expert import SimulatedExpert
 from tagpr.files import write_json, write_jsonl
+from tagpr.hardware import keep_freed_memory
 from tagpr.records import RLPrompt
 from tagpr.tags import load_tags
-from tagpr.hardware import keep_freed_memory
 
-TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"   # the paper's six (LaMP-6 needs a licensed corpus)
+TASKS = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"  # the paper's six (LaMP-6 needs a licensed corpus)
 
 
 @dataclass
 class BuildConfig:
-    lamp_dir: str = ""                   # LaMP folder; empty: synthetic users written to <out>/synthetic_lamp
-    out: str = "runs/default/data"       # output folder: the data files, manifest.json, cache/ of every reply
-    tasks: str = TASKS                   # comma-separated task names
-    instances_per_task: int = 1000       # LaMP train instances sampled per task (paper)
-    chains: int = 16                     # teacher samples per instance (paper)
-    k: int = 8                           # profile items (paper: 8 most recent)
+    lamp_dir: str = ""  # LaMP folder; empty: synthetic users written to <out>/synthetic_lamp
+    out: str = "runs/default/data"  # output folder: the data files, manifest.json, cache/ of every reply
+    tasks: str = TASKS  # comma-separated task names
+    instances_per_task: int = 1000  # LaMP train instances sampled per task (paper)
+    chains: int = 16  # teacher samples per instance (paper)
+    k: int = 8  # profile items (paper: 8 most recent)
     retriever: Literal["recency", "bm25", "random"] = "recency"  # which k profile items a prompt shows
-    rouge_threshold: float = 0.3         # generation accuracy filter (ours)
-    judge_threshold: int = 15            # keep composite > 15 (paper)
-    n_tags: int = 9                      # primary tags the free tags are clustered into (paper)
-    kmeans_restarts: int = 50            # k-means runs from random starts; the best is kept
-    min_tags: int = 3                    # format filter: fewest tags a chain must use (paper)
-    rl_per_task: int = 1024              # RL prompts per task (paper)
-    rl_lamp2: int = 3200                 # RL prompts for LaMP-2 (paper)
-    spot_check: int = 20                 # chains written to spot_check.md for a person to read
-    teacher_temperature: float = 1.0     # sampling temperature of the teacher's chains
-    max_tokens: int = 4096               # per reply of teacher, judge or tagger
-    teacher: str = "simulated"           # backend: openai:MODEL@URL (any OpenAI-compatible server) | hf:NAME (a local
-                                         # model folder, smollm2-135m, tiny) | simulated (synthetic users only)
-    judge: str = "simulated"             # the judge's backend (same forms as --teacher)
-    tagger: str = "simulated"            # the tagger's backend (same forms as --teacher)
-    embedder: str = "hashing"            # tag-name embedder: openai:MODEL@URL | hf:NAME | hashing (lexical) | simulated
+    rouge_threshold: float = 0.3  # generation accuracy filter (ours)
+    judge_threshold: int = 15  # keep composite > 15 (paper)
+    n_tags: int = 9  # primary tags the free tags are clustered into (paper)
+    kmeans_restarts: int = 50  # k-means runs from random starts; the best is kept
+    min_tags: int = 3  # format filter: fewest tags a chain must use (paper)
+    rl_per_task: int = 1024  # RL prompts per task (paper)
+    rl_lamp2: int = 3200  # RL prompts for LaMP-2 (paper)
+    spot_check: int = 20  # chains written to spot_check.md for a person to read
+    teacher_temperature: float = 1.0  # sampling temperature of the teacher's chains
+    max_tokens: int = 4096  # per reply of teacher, judge or tagger
+    teacher: str = "simulated"  # backend: openai:MODEL@URL (any OpenAI-compatible server) | hf:NAME (a local
+    # model folder, smollm2-135m, tiny) | simulated (synthetic users only)
+    judge: str = "simulated"  # the judge's backend (same forms as --teacher)
+    tagger: str = "simulated"  # the tagger's backend (same forms as --teacher)
+    embedder: str = "hashing"  # tag-name embedder: openai:MODEL@URL | hf:NAME | hashing (lexical) | simulated
     teacher_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never logged)
     judge_key_env: str = "OPENAI_API_KEY"  # the judge's key variable (as --teacher-key-env)
     tagger_key_env: str = "OPENAI_API_KEY"  # the tagger's key variable (as --teacher-key-env)
     embedder_key_env: str = "OPENAI_API_KEY"  # the embedder's key variable (as --teacher-key-env)
-    concurrency: int = 16                # HTTP requests in flight at once, per backend
-    timeout: float = 600.0               # seconds per HTTP request (long thinking chains)
-    retries: int = 5                     # on 429 / 5xx / timeouts / malformed replies
-    backoff: float = 2.0                 # seconds; doubles per retry, with jitter
-    seed: int = 0                        # instance sampling, teacher sampling, k-means
-    synthetic_users: int = 150           # synthetic mode: train users per task (4 questions each)
+    concurrency: int = 16  # HTTP requests in flight at once, per backend
+    timeout: float = 600.0  # seconds per HTTP request (long thinking chains)
+    retries: int = 5  # on 429 / 5xx / timeouts / malformed replies
+    backoff: float = 2.0  # seconds; doubles per retry, with jitter
+    seed: int = 0  # instance sampling, teacher sampling, k-means
+    synthetic_users: int = 150  # synthetic mode: train users per task (4 questions each)
     difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
-                                         # or "easy" ones whose evidence is lexical (LaMP_2 only; docs/synthetic.md)
+    # or "easy" ones whose evidence is lexical (LaMP_2 only; docs/synthetic.md)
     chain_style: Literal["full", "terse"] = "full"  # synthetic mode: the simulated teacher's steps, a sentence each
-                                         # ("full") or a one-word opener and the content ("terse": ~half the tokens,
-                                         # every stage that reads or writes chains cheaper; tagpr/expert.py)
-    eval_users: int = 60                 # synthetic mode: dev and test users per task (2 questions each)
-    eval_prompts: int = 64               # held-out prompts per task from the dev split (users disjoint from train) →
-                                         # eval_prompts.jsonl and eval_prompts_swap.jsonl (another user's profile),
-                                         # for train_rl.py --eval-prompts; 0: none
+    # ("full") or a one-word opener and the content ("terse": ~half the tokens,
+    # every stage that reads or writes chains cheaper; tagpr/expert.py)
+    eval_users: int = 60  # synthetic mode: dev and test users per task (2 questions each)
+    eval_prompts: int = 64  # held-out prompts per task from the dev split (users disjoint from train) →
+    # eval_prompts.jsonl and eval_prompts_swap.jsonl (another user's profile),
+    # for train_rl.py --eval-prompts; 0: none
 
 
 PRESETS = {
     # the offline default: sizes that build in about a minute on a 2-core CPU
     "synthetic": dict(instances_per_task=200, chains=4, rl_per_task=256, rl_lamp2=256),
     "paper": dict(instances_per_task=1000, chains=16, rl_per_task=1024, rl_lamp2=3200),
-    "tiny": dict(out="runs/tiny/data", instances_per_task=12, chains=2, rl_per_task=8, rl_lamp2=8, synthetic_users=6,
-                 spot_check=4),
+    "tiny": dict(
+        out="runs/tiny/data",
+        instances_per_task=12,
+        chains=2,
+        rl_per_task=8,
+        rl_lamp2=8,
+        synthetic_users=6,
+        spot_check=4,
+    ),
 }
 
 
@@ -93,9 +101,16 @@ def write_eval_prompts(lamp_dir, out: Path, tasks: list[str], n: int, k: int, re
         split = lamp.load_split(lamp_dir, task, "dev")
         qs = split.questions[:n]
         for shown, rows in ((qs, own), (lamp.swap_profiles(qs), swapped)):
-            rows += [RLPrompt(q.id, split.task.name, q.user_id or q.id,
-                              prompts.build_prompt(split.task, q, k, retriever, vocab=vocab, min_tags=min_tags),
-                              split.golds[q.id]).to_json() for q in shown]
+            rows += [
+                RLPrompt(
+                    q.id,
+                    split.task.name,
+                    q.user_id or q.id,
+                    prompts.build_prompt(split.task, q, k, retriever, vocab=vocab, min_tags=min_tags),
+                    split.golds[q.id],
+                ).to_json()
+                for q in shown
+            ]
     write_jsonl(out / "eval_prompts.jsonl", own)
     write_jsonl(out / "eval_prompts_swap.jsonl", swapped)
     return len(own)
@@ -115,23 +130,57 @@ def main(argv=None) -> dict:
     if not lamp_dir:
         lamp_dir = out / "synthetic_lamp"
         if not (lamp_dir / tasks[0] / "train" / "train_questions.json").is_file():
-            synthetic.generate(lamp_dir, tasks, cfg.seed, {"train": (cfg.synthetic_users, 4),
-                                                             "dev": (cfg.eval_users, 2), "test": (cfg.eval_users, 2)},
-                               cfg.difficulty)
+            synthetic.generate(
+                lamp_dir,
+                tasks,
+                cfg.seed,
+                {"train": (cfg.synthetic_users, 4), "dev": (cfg.eval_users, 2), "test": (cfg.eval_users, 2)},
+                cfg.difficulty,
+            )
         print(f"synthetic users (LaMP format) in {lamp_dir}")
     if "simulated" in (cfg.teacher, cfg.judge, cfg.tagger, cfg.embedder):
         expert = SimulatedExpert(lamp_dir, tasks, style=cfg.chain_style)
     cache = out / "cache"
-    backends = {role: llm.from_spec(getattr(cfg, role), role, cache, getattr(cfg, f"{role}_key_env"),
-                                    cfg.concurrency, cfg.timeout, cfg.retries, cfg.backoff, expert)
-                for role in ("teacher", "judge", "tagger", "embedder")}
+    backends = {
+        role: llm.from_spec(
+            getattr(cfg, role),
+            role,
+            cache,
+            getattr(cfg, f"{role}_key_env"),
+            cfg.concurrency,
+            cfg.timeout,
+            cfg.retries,
+            cfg.backoff,
+            expert,
+        )
+        for role in ("teacher", "judge", "tagger", "embedder")
+    }
     for role, b in backends.items():
         print(f"{role}: {b.describe()}")
     write_json(out / "config.json", {**config.to_dict(cfg), "preset": preset})
-    s = datagen.Settings(tasks=tasks, **{k: getattr(cfg, k) for k in (
-        "instances_per_task", "chains", "k", "retriever", "rouge_threshold", "judge_threshold", "n_tags",
-        "kmeans_restarts", "min_tags", "rl_per_task", "rl_lamp2", "spot_check", "teacher_temperature",
-        "max_tokens", "seed")})
+    s = datagen.Settings(
+        tasks=tasks,
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "instances_per_task",
+                "chains",
+                "k",
+                "retriever",
+                "rouge_threshold",
+                "judge_threshold",
+                "n_tags",
+                "kmeans_restarts",
+                "min_tags",
+                "rl_per_task",
+                "rl_lamp2",
+                "spot_check",
+                "teacher_temperature",
+                "max_tokens",
+                "seed",
+            )
+        },
+    )
     manifest = datagen.build(lamp_dir, out, s, backends)
     if cfg.eval_prompts:
         n = write_eval_prompts(lamp_dir, out, tasks, cfg.eval_prompts, cfg.k, cfg.retriever, cfg.min_tags)

@@ -14,14 +14,15 @@ metrics.json (with `n` and the primary metric's 95 % bootstrap interval); and `<
 folders are reused and model replies come from `<out>/cache/`.
 Methods and how each departs from its paper: `tagpr/evaluation.py`, `tagpr/r2p.py`.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -35,37 +36,37 @@ SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "de
 
 @dataclass
 class EvalConfig:
-    model: str = "smollm2-135m"         # HF folder, smollm2-135m, tiny, or openai:MODEL@BASE_URL
+    model: str = "smollm2-135m"  # HF folder, smollm2-135m, tiny, or openai:MODEL@BASE_URL
     methods: str = "zero-shot,rag,rag-r,r2p"  # comma-separated: zero-shot, rag, rag-r, pag, r2p, tagpr, oracle,
-                                        # floor (oracle and floor: synthetic users' latent rules, no model)
+    # floor (oracle and floor: synthetic users' latent rules, no model)
     tasks: str = "LaMP_1,LaMP_2,LaMP_3,LaMP_4,LaMP_5,LaMP_7"  # comma-separated task names (LaMP_2N: news)
     split: Literal["train", "dev", "test"] = "dev"  # test golds are private: the paper evaluates on dev
-    lamp_dir: str = ""                  # empty: runs/default/data/synthetic_lamp if present, else synthetic users
-    out: str = ""                       # empty: runs/default/eval/<model name>
-    limit: int = 0                      # questions per task (0: all)
-    k: int = 8                          # paper: the 8 most recent items
+    lamp_dir: str = ""  # empty: runs/default/data/synthetic_lamp if present, else synthetic users
+    out: str = ""  # empty: runs/default/eval/<model name>
+    limit: int = 0  # questions per task (0: all)
+    k: int = 8  # paper: the 8 most recent items
     retriever: Literal["recency", "bm25", "random", "dense"] = "recency"  # which k profile items a prompt shows
-    dense_model: str = ""               # a local encoder folder for --retriever dense
+    dense_model: str = ""  # a local encoder folder for --retriever dense
     sweep: Literal["", "k", "retriever"] = ""  # "k": k in 2, 4, 8, 16, 32; "retriever": each retriever
-    tags: str = ""                      # tags.json for the TagPR prompt; empty: beside the RL prompts, else default
-    paper: bool = False                 # add the paper's Table 1 rows (quoted, labelled)
-    batch_size: int = 16                # a local model's prompts per generation batch
+    tags: str = ""  # tags.json for the TagPR prompt; empty: beside the RL prompts, else default
+    paper: bool = False  # add the paper's Table 1 rows (quoted, labelled)
+    batch_size: int = 16  # a local model's prompts per generation batch
     precision: Literal["fp32", "bf16"] = "fp32"  # a local model's matmuls; bf16 (~2× faster) needs AVX512-BF16 / AMX
-    max_new_direct: int = 48            # new tokens for methods that answer directly
-    max_new_reason: int = 320           # new tokens for methods that reason first (rag-r, tagpr)
-    r2p_candidates: int = 3             # R2P: candidate responses before self-referencing
-    r2p_chunk: int = 48                 # R2P: tokens generated between two intervention checks
-    r2p_max_tokens: int = 384           # R2P: new tokens per candidate at most
-    r2p_budget_words: int = 180         # R2P: reasoning words before a "too long" intervention
-    r2p_interventions: int = 3          # corrections per response at most
+    max_new_direct: int = 48  # new tokens for methods that answer directly
+    max_new_reason: int = 320  # new tokens for methods that reason first (rag-r, tagpr)
+    r2p_candidates: int = 3  # R2P: candidate responses before self-referencing
+    r2p_chunk: int = 48  # R2P: tokens generated between two intervention checks
+    r2p_max_tokens: int = 384  # R2P: new tokens per candidate at most
+    r2p_budget_words: int = 180  # R2P: reasoning words before a "too long" intervention
+    r2p_interventions: int = 3  # corrections per response at most
     api_key_env: str = "OPENAI_API_KEY"  # with openai: the environment variable that holds the key (never logged)
-    concurrency: int = 16               # with openai: requests in flight at once
-    seed: int = 0                       # sampling (R2P candidates) and the random retriever
-    samples: int = 0                    # also score each model method on k samples per question at --temperature
-                                        # (setting "<method>@sampled": the mean over the k; 0: greedy only)
-    temperature: float = 1.0            # the sampled setting's temperature (the RL rollouts' by default)
-    swap: bool = False                  # also score each model method with every question shown another user's
-                                        # profile (setting "<method>@swap", greedy): the personalization control
+    concurrency: int = 16  # with openai: requests in flight at once
+    seed: int = 0  # sampling (R2P candidates) and the random retriever
+    samples: int = 0  # also score each model method on k samples per question at --temperature
+    # (setting "<method>@sampled": the mean over the k; 0: greedy only)
+    temperature: float = 1.0  # the sampled setting's temperature (the RL rollouts' by default)
+    swap: bool = False  # also score each model method with every question shown another user's
+    # profile (setting "<method>@swap", greedy): the personalization control
 
 
 def slug(name: str) -> str:
@@ -75,8 +76,9 @@ def slug(name: str) -> str:
 def make_backend(cfg: EvalConfig, cache: Path) -> llm.Backend:
     if cfg.model.startswith("openai:"):
         return llm.from_spec(cfg.model, "model", cache, cfg.api_key_env, cfg.concurrency)
-    return llm.HFBackend(cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size,
-                         precision=cfg.precision)  # checked by main
+    return llm.HFBackend(
+        cfg.model, cache_path=cache / "model.jsonl", batch_size=cfg.batch_size, precision=cfg.precision
+    )  # checked by main
 
 
 def lamp_folder(cfg: EvalConfig) -> Path:
@@ -104,8 +106,11 @@ def plan(cfg: EvalConfig, methods: list[str]) -> tuple[list[tuple], DenseEncoder
     if cfg.sweep:
         if cfg.sweep not in SWEEPS:
             raise SystemExit(f"--sweep: expected one of {', '.join(SWEEPS)}")
-        settings = [(m, x if cfg.sweep == "k" else cfg.k, x if cfg.sweep == "retriever" else cfg.retriever)
-                    for m in methods for x in SWEEPS[cfg.sweep]]
+        settings = [
+            (m, x if cfg.sweep == "k" else cfg.k, x if cfg.sweep == "retriever" else cfg.retriever)
+            for m in methods
+            for x in SWEEPS[cfg.sweep]
+        ]
     encoder = None
     if any(r == "dense" for _, _, r in settings):
         if not cfg.dense_model:
@@ -117,8 +122,16 @@ def plan(cfg: EvalConfig, methods: list[str]) -> tuple[list[tuple], DenseEncoder
             encoder = DenseEncoder(cfg.dense_model)
     runs = []
     for method, k, retriever in settings:
-        runs.append((method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}", method, k,
-                     retriever, 0, False))
+        runs.append(
+            (
+                method if not cfg.sweep else f"{method}@{k if cfg.sweep == 'k' else retriever}",
+                method,
+                k,
+                retriever,
+                0,
+                False,
+            )
+        )
         if method not in evaluation.NO_MODEL:
             runs += [(f"{method}@sampled", method, k, retriever, cfg.samples, False)] if cfg.samples else []
             runs += [(f"{method}@swap", method, k, retriever, 0, True)] if cfg.swap else []
@@ -128,10 +141,14 @@ def plan(cfg: EvalConfig, methods: list[str]) -> tuple[list[tuple], DenseEncoder
 def report(cfg: EvalConfig, results: dict[str, dict], lamp_dir: Path, out: Path) -> str:
     """metrics.json, table.md (and sweep.png with --sweep); → the table's markdown."""
     write_json(out / "metrics.json", results)
-    pretty = {(evaluation.LABELS.get(n.split("@")[0], n) + (f" @ {n.split('@')[1]}" if "@" in n else "")): r
-              for n, r in results.items()}
-    title = (f"{cfg.model} on {lamp_dir} ({cfg.split}, k = {cfg.k}, {cfg.retriever}"
-             f"{f', first {cfg.limit} questions per task' if cfg.limit else ''})")
+    pretty = {
+        (evaluation.LABELS.get(n.split("@")[0], n) + (f" @ {n.split('@')[1]}" if "@" in n else "")): r
+        for n, r in results.items()
+    }
+    title = (
+        f"{cfg.model} on {lamp_dir} ({cfg.split}, k = {cfg.k}, {cfg.retriever}"
+        f"{f', first {cfg.limit} questions per task' if cfg.limit else ''})"
+    )
     md = evaluation.table(pretty, cfg.paper, title)
     if cfg.sweep:
         xs = [x for x in SWEEPS[cfg.sweep] if any(n.endswith(f"@{x}") for n in results)]
@@ -157,20 +174,39 @@ def main(argv=None) -> dict:
     backend = make_backend(cfg, out / "cache") if set(methods) - set(evaluation.NO_MODEL) else None
     results: dict[str, dict] = {}
     for name, method, k, retriever, samples, swap in runs:
-        s = evaluation.Settings(k, retriever, cfg.seed, cfg.max_new_direct, cfg.max_new_reason, vocab,
-                                r2p.Settings(chunk=cfg.r2p_chunk, budget_words=cfg.r2p_budget_words,
-                                             candidates=cfg.r2p_candidates, max_tokens=cfg.r2p_max_tokens,
-                                             max_interventions=cfg.r2p_interventions),
-                                temperature=cfg.temperature if samples else 0.0)
+        s = evaluation.Settings(
+            k,
+            retriever,
+            cfg.seed,
+            cfg.max_new_direct,
+            cfg.max_new_reason,
+            vocab,
+            r2p.Settings(
+                chunk=cfg.r2p_chunk,
+                budget_words=cfg.r2p_budget_words,
+                candidates=cfg.r2p_candidates,
+                max_tokens=cfg.r2p_max_tokens,
+                max_interventions=cfg.r2p_interventions,
+            ),
+            temperature=cfg.temperature if samples else 0.0,
+        )
         results[name] = {}
         for task in [t for t in cfg.tasks.split(",") if t]:
             split = lamp.load_split(lamp_dir, task, cfg.split)
             folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # tagpr@sampled → tagpr_sampled, r2p@16 → r2p_16
-            m = evaluation.evaluate_split(backend, method, split, folder, s, cfg.limit, encoder, lamp_dir, cfg.split,
-                                          samples, swap)
+            m = evaluation.evaluate_split(
+                backend, method, split, folder, s, cfg.limit, encoder, lamp_dir, cfg.split, samples, swap
+            )
             results[name][split.task.name] = m
-            print(json.dumps({"setting": name, "task": split.task.name, **{
-                k_: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k_, v in m.items()}}))
+            print(
+                json.dumps(
+                    {
+                        "setting": name,
+                        "task": split.task.name,
+                        **{k_: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4) for k_, v in m.items()},
+                    }
+                )
+            )
     print(report(cfg, results, lamp_dir, out))
     print(f"done in {time.time() - t0:.0f}s → {out}")
     return results

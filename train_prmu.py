@@ -24,65 +24,87 @@ Departures from the paper:
    by it with probability `--unknown-user-rate` (0.1; drawn per pair and epoch from a hash, the
    same on every rank and after a resume), so an unseen user's score comes from a learned row.
 """
+
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
-from tagpr.files import DataError
-from tagpr.losses import bradley_terry_loss
 from tagpr.batching import epoch_batches, held_out
+from tagpr.files import DataError
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
+from tagpr.losses import bradley_terry_loss
 from tagpr.runlog import start_run
 
 
 @dataclass
 class PRMUConfig:
-    backbone: str = "smollm2-135m"   # reward-model / causal-LM folder, "smollm2-135m" or "tiny"
-    prp: str = ""                    # prp.jsonl; empty: <run>/data/prp.jsonl (else synthetic pairs)
-    pqp: str = ""                    # pqp.jsonl; empty: <run>/data/pqp.jsonl (else synthetic pairs)
-    out: str = "runs/default/prmu"   # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
+    backbone: str = "smollm2-135m"  # reward-model / causal-LM folder, "smollm2-135m" or "tiny"
+    prp: str = ""  # prp.jsonl; empty: <run>/data/prp.jsonl (else synthetic pairs)
+    pqp: str = ""  # pqp.jsonl; empty: <run>/data/pqp.jsonl (else synthetic pairs)
+    out: str = "runs/default/prmu"  # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
     use_user_embeddings: bool = True  # the learnable user-embedding token (--no-use-user-embeddings: "w/o UE")
-    lr: float = 1e-5                 # the backbone's learning rate
-    ue_lr: float = 1e-3              # the user embeddings' learning rate
-    global_batch: int = 64           # pairs per optimizer step
-    micro_batch: int = 4             # pairs per forward/backward on one rank
-    epochs: int = 1                  # passes over the pairs
-    max_steps: int = -1              # stop early (quick runs); -1: all epochs
-    warmup_ratio: float = 0.03       # share of the steps with a linear LR warmup
-    min_lr_ratio: float = 0.1        # the cosine schedule ends at this share of --lr
-    weight_decay: float = 0.0        # AdamW's weight decay
-    grad_clip: float = 1.0           # clip the global gradient norm to this (0: no clipping)
-    margin: float = 0.0              # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
-    center_coef: float = 0.0         # + coef * mean((r_chosen + r_rejected)^2), keeps rewards near 0 (~0.01)
-    max_len: int = 2048              # tokens per scored input (user turn + response); longer ones lose their start
-    eval_frac: float = 0.1           # held-out share of the seen users' pairs (by pair id hash)
-    eval_user_frac: float = 0.1      # held-out share of the users (by user id hash): all their pairs, scored as
-                                     # users PRMU never saw (through the unknown-user row)
-    unknown_user_rate: float = 0.1   # each training pair's user replaced by the unknown row with this probability
-                                     # (per epoch), so that row is trained for users PRMU never saw
-    eval_every: int = 50             # held-out pair accuracy every N steps (and at the end)
-    save_every: int = 100            # checkpoint every N steps (and at the end)
-    keep: int = 2                    # checkpoints kept (older ones removed after a new one is in place)
-    resume: str = "auto"             # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
-    seed: int = 0                    # batch order and the tiny backbone's weights
+    lr: float = 1e-5  # the backbone's learning rate
+    ue_lr: float = 1e-3  # the user embeddings' learning rate
+    global_batch: int = 64  # pairs per optimizer step
+    micro_batch: int = 4  # pairs per forward/backward on one rank
+    epochs: int = 1  # passes over the pairs
+    max_steps: int = -1  # stop early (quick runs); -1: all epochs
+    warmup_ratio: float = 0.03  # share of the steps with a linear LR warmup
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at this share of --lr
+    weight_decay: float = 0.0  # AdamW's weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    margin: float = 0.0  # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
+    center_coef: float = 0.0  # + coef * mean((r_chosen + r_rejected)^2), keeps rewards near 0 (~0.01)
+    max_len: int = 2048  # tokens per scored input (user turn + response); longer ones lose their start
+    eval_frac: float = 0.1  # held-out share of the seen users' pairs (by pair id hash)
+    eval_user_frac: float = 0.1  # held-out share of the users (by user id hash): all their pairs, scored as
+    # users PRMU never saw (through the unknown-user row)
+    unknown_user_rate: float = 0.1  # each training pair's user replaced by the unknown row with this probability
+    # (per epoch), so that row is trained for users PRMU never saw
+    eval_every: int = 50  # held-out pair accuracy every N steps (and at the end)
+    save_every: int = 100  # checkpoint every N steps (and at the end)
+    keep: int = 2  # checkpoints kept (older ones removed after a new one is in place)
+    resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    seed: int = 0  # batch order and the tiny backbone's weights
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard
-    synthetic_users: int = 200       # when falling back to synthetic users: users per task
+    synthetic_users: int = 200  # when falling back to synthetic users: users per task
 
 
 PRESETS = {
-    "tiny": dict(backbone="tiny", out="runs/tiny/prmu", lr=1e-3, ue_lr=1e-2, global_batch=16, micro_batch=8, epochs=1,
-                 max_len=1024, eval_every=20, save_every=20, synthetic_users=30),
-    "smollm2": dict(backbone="smollm2-135m", out="runs/smollm2/prmu", lr=2e-5, ue_lr=1e-3, global_batch=16,
-                    micro_batch=4, max_len=1024, eval_every=25, save_every=25, synthetic_users=30),
+    "tiny": dict(
+        backbone="tiny",
+        out="runs/tiny/prmu",
+        lr=1e-3,
+        ue_lr=1e-2,
+        global_batch=16,
+        micro_batch=8,
+        epochs=1,
+        max_len=1024,
+        eval_every=20,
+        save_every=20,
+        synthetic_users=30,
+    ),
+    "smollm2": dict(
+        backbone="smollm2-135m",
+        out="runs/smollm2/prmu",
+        lr=2e-5,
+        ue_lr=1e-3,
+        global_batch=16,
+        micro_batch=4,
+        max_len=1024,
+        eval_every=25,
+        save_every=25,
+        synthetic_users=30,
+    ),
     "qwen3-8b": dict(global_batch=64, micro_batch=4, max_len=4096, lr=5e-6, ue_lr=1e-3),
 }
 
@@ -95,16 +117,20 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[records.Pair]:
     if cfg.prp or cfg.pqp:
         missing = [str(p) for p in paths if not p.is_file()]
         raise DataError(f"{', '.join(missing)}: not found; make them with `python build_data.py`")
-    made = synthetic_fallback(data / "pairs_synthetic.jsonl", data / "synthetic_lamp_prmu", cfg.seed,
-                              {"train": (cfg.synthetic_users, 2), "dev": (10, 1), "test": (10, 1)},
-                              synthetic.preference_pairs)
+    made = synthetic_fallback(
+        data / "pairs_synthetic.jsonl",
+        data / "synthetic_lamp_prmu",
+        cfg.seed,
+        {"train": (cfg.synthetic_users, 2), "dev": (10, 1), "test": (10, 1)},
+        synthetic.preference_pairs,
+    )
     dist.print0(f"no {paths[0]} / {paths[1]}: training on synthetic users' pairs ({made})")
     return records.read_pairs(made)
 
 
-
-def split_pairs(pairs: list[records.Pair], eval_frac: float, eval_user_frac: float
-                ) -> tuple[list[records.Pair], list[records.Pair]]:
+def split_pairs(
+    pairs: list[records.Pair], eval_frac: float, eval_user_frac: float
+) -> tuple[list[records.Pair], list[records.Pair]]:
     """(train, held-out): every pair of a held-out user (by user id hash), and a share of the other users'
     pairs (by pair id hash). Pairs without a user belong to nobody and split by pair id."""
     gone = lambda p: bool(p.user_id) and held_out(f"user:{p.user_id}", eval_user_frac)
@@ -114,8 +140,11 @@ def split_pairs(pairs: list[records.Pair], eval_frac: float, eval_user_frac: flo
 
 def summary(acc: dict) -> str:
     """The held-out accuracies a reader compares: seen / unseen users, each with and without the user."""
-    part = lambda who: (f"{who} users {acc[f'eval_acc/{who}']:.3f} (as unknown user {acc[f'eval_acc/{who}_no_ue']:.3f})"
-                        if f"eval_acc/{who}" in acc else f"{who} users: none held out")
+    part = lambda who: (
+        f"{who} users {acc[f'eval_acc/{who}']:.3f} (as unknown user {acc[f'eval_acc/{who}_no_ue']:.3f})"
+        if f"eval_acc/{who}" in acc
+        else f"{who} users: none held out"
+    )
     return f"{part('seen')}, {part('unseen')}"
 
 
@@ -125,22 +154,23 @@ def score_pairs(model, encoded, idx, device, pad_id, unknown: set[int] = frozens
     seqs = [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx]
     rows = torch.tensor([prmu.UNKNOWN if i in unknown else encoded[i][2] for i in idx] * 2, device=device)
     ids, mask = prmu.pad_right(seqs, pad_id, device)
-    r = model(ids, mask, rows)                                                     # (2b,)
-    return r[:len(idx)], r[len(idx):]
+    r = model(ids, mask, rows)  # (2b,)
+    return r[: len(idx)], r[len(idx) :]
 
 
 @dataclass
 class Run:
     """Everything a PRMU step reads: the config, the ranks, the model and optimizer, the encoded pairs."""
+
     cfg: PRMUConfig
     d: dist.Dist
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     tok: object
-    users: dict[str, int]                # user id → row of the user table (0: the unknown user)
+    users: dict[str, int]  # user id → row of the user table (0: the unknown user)
     train: list[records.Pair]
     evals: list[records.Pair]
-    train_enc: list[tuple]               # (chosen ids, rejected ids, user row) per pair
+    train_enc: list[tuple]  # (chosen ids, rejected ids, user row) per pair
     eval_enc: list[tuple]
     steps_per_epoch: int
     total: int
@@ -156,26 +186,53 @@ def setup(cfg: PRMUConfig, preset: str | None) -> tuple[Run, dict, int, object]:
     backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)
     model = prmu.PRMU(backbone, len(users), cfg.use_user_embeddings)
     enc = prmu.Encoder(tok, cfg.max_len)
-    encode = lambda ps: [(enc(p.prompt, p.chosen), enc(p.prompt, p.rejected), users.get(p.user_id, prmu.UNKNOWN))
-                         for p in ps]
+    encode = lambda ps: [
+        (enc(p.prompt, p.chosen), enc(p.prompt, p.rejected), users.get(p.user_id, prmu.UNKNOWN)) for p in ps
+    ]
     steps_per_epoch = math.ceil(len(train) / cfg.global_batch)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     model.train()
     model = dist.apply_fsdp(model, d.device)
     ue = [p for n, p in model.named_parameters() if n.startswith("user_embeddings")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("user_embeddings")]
-    opt = torch.optim.AdamW([{"params": rest, "base_lr": cfg.lr}, {"params": ue, "base_lr": cfg.ue_lr}],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": rest, "base_lr": cfg.lr}, {"params": ue, "base_lr": cfg.ue_lr}],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+    )
     unseen = sum(p.user_id not in users for p in evals)
-    resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "train_pairs": len(train), "eval_pairs": len(evals), "eval_pairs_unseen_users": unseen,
-                "users": len(users)}
+    resolved = {
+        **config.to_dict(cfg),
+        "preset": preset,
+        "world_size": d.world_size,
+        "total_steps": total,
+        "train_pairs": len(train),
+        "eval_pairs": len(evals),
+        "eval_pairs_unseen_users": unseen,
+        "users": len(users),
+    }
     start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
-    dist.print0(f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
-                f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs ({len(evals) - unseen} of seen "
-                f"users, {unseen} of held-out users), {total} steps")
-    run = Run(cfg, d, model, opt, tok, users, train, evals, encode(train), encode(evals), steps_per_epoch, total,
-              int(cfg.warmup_ratio * total))
+    dist.print0(
+        f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
+        f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs ({len(evals) - unseen} of seen "
+        f"users, {unseen} of held-out users), {total} steps"
+    )
+    run = Run(
+        cfg,
+        d,
+        model,
+        opt,
+        tok,
+        users,
+        train,
+        evals,
+        encode(train),
+        encode(evals),
+        steps_per_epoch,
+        total,
+        int(cfg.warmup_ratio * total),
+    )
     return run, resolved, start, log
 
 
@@ -193,8 +250,13 @@ def evaluate(run: Run) -> dict:
                 continue
             for i, c, r, c0, r0 in zip(idx, rc.tolist(), rr.tolist(), nc.tolist(), nr.tolist()):
                 who = "seen" if evals[i].user_id in run.users else "unseen"
-                for key, (a, b) in (("all", (c, r)), (f"set/{evals[i].set}", (c, r)),
-                                    (f"task/{evals[i].task}", (c, r)), (who, (c, r)), (f"{who}_no_ue", (c0, r0))):
+                for key, (a, b) in (
+                    ("all", (c, r)),
+                    (f"set/{evals[i].set}", (c, r)),
+                    (f"task/{evals[i].task}", (c, r)),
+                    (who, (c, r)),
+                    (f"{who}_no_ue", (c0, r0)),
+                ):
                     hits[key] += float(a > b) + 0.5 * float(a == b)
                     counts[key] += 1
     model.train()
@@ -212,7 +274,7 @@ def train_step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     loss_sum, acc_sum = 0.0, 0.0
     dropped = {i for i in batch if held_out(f"{cfg.seed}:{epoch}:{run.train[i].id}", cfg.unknown_user_rate)}
-    for rows, real in fsdp_micro_batches(batch[d.rank::d.world_size], cfg.micro_batch):
+    for rows, real in fsdp_micro_batches(batch[d.rank :: d.world_size], cfg.micro_batch):
         rc, rr = score_pairs(run.model, run.train_enc, rows, d.device, run.tok.pad_token_id, dropped)
         loss, m = bradley_terry_loss(rc, rr, cfg.margin, cfg.center_coef, num_pairs=len(batch))
         loss_sum += backward(loss, real, d.world_size).item()
@@ -220,9 +282,16 @@ def train_step(run: Run, step: int) -> dict:
     loss = dist.sum_scalar(loss_sum)
     scale = lr_at(step, run.total, 1.0, run.warmup, cfg.min_lr_ratio)
     gnorm = optimizer_step(run.model, run.opt, [g["base_lr"] * scale for g in run.opt.param_groups], cfg.grad_clip)
-    return {"step": step + 1, "epoch": epoch, "loss": loss, "train_acc": dist.sum_scalar(acc_sum) / len(batch),
-            "lr": cfg.lr * scale, "ue_lr": cfg.ue_lr * scale, "grad_norm": gnorm,
-            "pairs_per_s": len(batch) / (time.perf_counter() - t0)}
+    return {
+        "step": step + 1,
+        "epoch": epoch,
+        "loss": loss,
+        "train_acc": dist.sum_scalar(acc_sum) / len(batch),
+        "lr": cfg.lr * scale,
+        "ue_lr": cfg.ue_lr * scale,
+        "grad_norm": gnorm,
+        "pairs_per_s": len(batch) / (time.perf_counter() - t0),
+    }
 
 
 def main(argv=None):
@@ -238,12 +307,14 @@ def main(argv=None):
             row.update(last_eval)
         log.write(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}",
-                        **({"eval_acc": f"{row['eval_acc/all']:.3f}"} if "eval_acc/all" in row else {}))
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}", **({"eval_acc": f"{row['eval_acc/all']:.3f}"} if "eval_acc/all" in row else {})
+        )
         if step % cfg.save_every == 0 or step == run.total:
             epoch, pos = divmod(step - 1, run.steps_per_epoch)
-            checkpoint.save(out / "ckpt", step, run.model, run.opt, {"epoch": epoch, "batch_in_epoch": pos + 1},
-                            resolved, cfg.keep)
+            checkpoint.save(
+                out / "ckpt", step, run.model, run.opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved, cfg.keep
+            )
     bar.close()
     if last_eval:
         dist.print0("held-out pairwise accuracy: " + summary(last_eval))

@@ -53,100 +53,129 @@ It changes no training: a curve of held-out gain against steps from one run. Wit
 same scores, bit for bit, and every later scoring (this run's, or another run's from the same policy, pointed at
 the same folder) prefills the top layers only.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
+from tagpr.batching import epoch_batches, pad_batch, stratified_batches
+from tagpr.engine import TrunkStore
 from tagpr.files import DataError, write_json
 from tagpr.hardware import autocast
+from tagpr.loop import (
+    accumulate,
+    backward,
+    begin,
+    fsdp_micro_batches,
+    lr_at,
+    optimizer_step,
+    reduce_across_ranks,
+    synthetic_fallback,
+)
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
-from tagpr.batching import epoch_batches, pad_batch, stratified_batches
-from tagpr.loop import (accumulate, backward, begin, fsdp_micro_batches, lr_at, optimizer_step,
-                        reduce_across_ranks, synthetic_fallback)
-from tagpr.engine import TrunkStore
-from tagpr.models import (LogprobModel, can_split, decoder_layers, load_for_sharding, load_model,
-                          train_top_layers)
+from tagpr.models import LogprobModel, can_split, decoder_layers, load_for_sharding, load_model, train_top_layers
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
-from tagpr.sampler import generate
 from tagpr.runlog import MetricsLog, start_run
+from tagpr.sampler import generate
 
 
 @dataclass
 class RLConfig:
-    policy: str = "runs/default/sft/model"    # HF folder (the SFT export), "smollm2-135m" or "tiny"
-    prompts: str = ""                         # rl_prompts.jsonl; empty: <run>/data/rl_prompts.jsonl, else synthetic
-    prmu: str = ""                            # PRMU export (R_p); empty: <run>/prmu/model if there; "none": no R_p
-                                              # term (the guided reward without λ2·R_p)
-    tags: str = ""                            # tags.json (R_tag's vocabulary); empty: beside the prompts, else the default
-    out: str = "runs/default/rl"              # output folder: config.json, metrics.jsonl, rollouts.jsonl, ckpt/
-    lr: float = 1e-6                          # learning rate (paper)
-    global_batch: int = 128                   # prompts per rollout batch (paper)
-    group: int = 5                            # rollouts per prompt (paper)
-    mini_batches: int = 4                     # optimizer updates per rollout batch (paper)
-    micro_batch: int = 8                      # sequences per forward/backward on one rank
-    guided_epochs: int = 13                   # epochs of the guided stage (paper)
-    exploratory_epochs: int = 2               # epochs of the exploratory stage (paper)
-    max_steps: int = -1                       # stop early (quick runs); -1: both stages' epochs
-    temperature: float = 1.0                  # sampling temperature of the rollouts (paper)
-    top_p: float = 1.0                        # nucleus sampling of the rollouts (paper: 1, off)
+    policy: str = "runs/default/sft/model"  # HF folder (the SFT export), "smollm2-135m" or "tiny"
+    prompts: str = ""  # rl_prompts.jsonl; empty: <run>/data/rl_prompts.jsonl, else synthetic
+    prmu: str = ""  # PRMU export (R_p); empty: <run>/prmu/model if there; "none": no R_p
+    # term (the guided reward without λ2·R_p)
+    tags: str = ""  # tags.json (R_tag's vocabulary); empty: beside the prompts, else the default
+    out: str = "runs/default/rl"  # output folder: config.json, metrics.jsonl, rollouts.jsonl, ckpt/
+    lr: float = 1e-6  # learning rate (paper)
+    global_batch: int = 128  # prompts per rollout batch (paper)
+    group: int = 5  # rollouts per prompt (paper)
+    mini_batches: int = 4  # optimizer updates per rollout batch (paper)
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    guided_epochs: int = 13  # epochs of the guided stage (paper)
+    exploratory_epochs: int = 2  # epochs of the exploratory stage (paper)
+    max_steps: int = -1  # stop early (quick runs); -1: both stages' epochs
+    temperature: float = 1.0  # sampling temperature of the rollouts (paper)
+    top_p: float = 1.0  # nucleus sampling of the rollouts (paper: 1, off)
     stratify: Literal["none", "task", "gold"] = "none"  # rollout batches: "none" a plain shuffle (paper);
-                                              # "task": each task its share of every batch; "gold": each
-                                              # (task, gold answer) its share
-    max_new_tokens: int = 512                 # per rollout; unfinished rollouts are cut here (no answer: R_v 0)
-    clip_low: float = 3e-4                    # GSPO ε_low: the ratio is clipped below at 1 - ε_low (paper)
-    clip_high: float = 4e-4                   # GSPO ε_high: clipped above at 1 + ε_high (paper)
-    kl_coef: float = 0.0                      # k3 KL to the frozen start policy (paper: none)
-    w_format: float = 0.5                     # λ1, the weight of R_f in both stages (ours; lost from the paper)
-    w_personal: float = 0.5                   # λ2, the weight of R_p (ours; lost from the paper's text)
-    ngram: int = 4                            # R_rep's n-gram length (paper)
-    min_tags: int = 3                         # R_tag: fewest tags a chain must use (paper)
-    warmup_steps: int = 0                     # linear LR warmup over N optimizer updates (then constant)
-    grad_clip: float = 1.0                    # clip the global gradient norm to this (0: no clipping)
-    save_every: int = 10                      # checkpoint every N steps (and at the end)
-    rollouts_every: int = 1                   # every rollout of every Nth step → rollouts.jsonl (0: none)
-    keep: int = 2                             # checkpoints kept (older ones removed after a new one is in place)
-    resume: str = "auto"                      # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
-    seed: int = 0                             # prompt order and every rollout's sampling
+    # "task": each task its share of every batch; "gold": each
+    # (task, gold answer) its share
+    max_new_tokens: int = 512  # per rollout; unfinished rollouts are cut here (no answer: R_v 0)
+    clip_low: float = 3e-4  # GSPO ε_low: the ratio is clipped below at 1 - ε_low (paper)
+    clip_high: float = 4e-4  # GSPO ε_high: clipped above at 1 + ε_high (paper)
+    kl_coef: float = 0.0  # k3 KL to the frozen start policy (paper: none)
+    w_format: float = 0.5  # λ1, the weight of R_f in both stages (ours; lost from the paper)
+    w_personal: float = 0.5  # λ2, the weight of R_p (ours; lost from the paper's text)
+    ngram: int = 4  # R_rep's n-gram length (paper)
+    min_tags: int = 3  # R_tag: fewest tags a chain must use (paper)
+    warmup_steps: int = 0  # linear LR warmup over N optimizer updates (then constant)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    save_every: int = 10  # checkpoint every N steps (and at the end)
+    rollouts_every: int = 1  # every rollout of every Nth step → rollouts.jsonl (0: none)
+    keep: int = 2  # checkpoints kept (older ones removed after a new one is in place)
+    resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    seed: int = 0  # prompt order and every rollout's sampling
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard,
-                                              # with one prompt's rollouts as text per --rollouts-every step
-    synthetic_users: int = 100                # without rl_prompts.jsonl: synthetic train users per task
+    # with one prompt's rollouts as text per --rollouts-every step
+    synthetic_users: int = 100  # without rl_prompts.jsonl: synthetic train users per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls, rollouts too: auto = bf16 on CUDA, fp32 on
-                                              # a CPU; bf16 on a CPU needs AVX512-BF16 or AMX (else: stops at once)
-    train_layers: int = -1                    # train only the top N decoder layers + final norm (-1: all)
-    trunk_cache: bool = True                  # with train_layers: the frozen layers' output computed once per rollout
-                                              # batch (kept by the sampler where it can), not in every forward
+    # a CPU; bf16 on a CPU needs AVX512-BF16 or AMX (else: stops at once)
+    train_layers: int = -1  # train only the top N decoder layers + final norm (-1: all)
+    trunk_cache: bool = True  # with train_layers: the frozen layers' output computed once per rollout
+    # batch (kept by the sampler where it can), not in every forward
     overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
-                                              # "mask" them out of it and out of their group's statistics (DAPO)
-    eval_prompts: str = ""                    # held-out prompts (rl_prompts format, with golds) scored greedy and
-                                              # sampled before training and every --eval-every steps; empty: none
-    eval_swap_prompts: str = ""               # the same questions shown other users' profiles (build_data's
-                                              # eval_prompts_swap.jsonl), scored greedy alongside: the control
-    eval_before: bool = True                  # also score them before the first step (the start policy's row)
-    eval_every: int = 0                       # score the held-out prompts every N steps and at the end (0: only
-                                              # before training and at the end, when --eval-prompts is given)
-    eval_samples: int = 2                     # samples per held-out prompt at the rollout temperature (besides greedy)
-    eval_trunk_store: str = ""                # with --train-layers: a folder that keeps the held-out prompts' keys/values
-                                              # in the frozen layers, so later scorings (this run's, and other runs' from
-                                              # the same start policy) prefill the top layers only; empty: none
+    # "mask" them out of it and out of their group's statistics (DAPO)
+    eval_prompts: str = ""  # held-out prompts (rl_prompts format, with golds) scored greedy and
+    # sampled before training and every --eval-every steps; empty: none
+    eval_swap_prompts: str = ""  # the same questions shown other users' profiles (build_data's
+    # eval_prompts_swap.jsonl), scored greedy alongside: the control
+    eval_before: bool = True  # also score them before the first step (the start policy's row)
+    eval_every: int = 0  # score the held-out prompts every N steps and at the end (0: only
+    # before training and at the end, when --eval-prompts is given)
+    eval_samples: int = 2  # samples per held-out prompt at the rollout temperature (besides greedy)
+    eval_trunk_store: str = ""  # with --train-layers: a folder that keeps the held-out prompts' keys/values
+    # in the frozen layers, so later scorings (this run's, and other runs' from
+    # the same start policy) prefill the top layers only; empty: none
     old_logp: Literal["recompute", "sampler"] = "recompute"  # old log-probs: a no-grad pass of the training model
-                                              # (paper) or the sampler's own, fp32 only (departure 6)
+    # (paper) or the sampler's own, fp32 only (departure 6)
 
 
 PRESETS = {
-    "tiny": dict(policy="tiny", out="runs/tiny/rl", lr=1e-4, global_batch=4, group=4, mini_batches=2, micro_batch=8,
-                 guided_epochs=1, exploratory_epochs=1, max_new_tokens=24, save_every=2, synthetic_users=4,
-                 max_steps=4),
-    "smollm2": dict(policy="smollm2-135m", out="runs/smollm2/rl", lr=1e-6, global_batch=8, group=4, mini_batches=2,
-                    micro_batch=8, max_new_tokens=128, synthetic_users=20),
+    "tiny": dict(
+        policy="tiny",
+        out="runs/tiny/rl",
+        lr=1e-4,
+        global_batch=4,
+        group=4,
+        mini_batches=2,
+        micro_batch=8,
+        guided_epochs=1,
+        exploratory_epochs=1,
+        max_new_tokens=24,
+        save_every=2,
+        synthetic_users=4,
+        max_steps=4,
+    ),
+    "smollm2": dict(
+        policy="smollm2-135m",
+        out="runs/smollm2/rl",
+        lr=1e-6,
+        global_batch=8,
+        group=4,
+        mini_batches=2,
+        micro_batch=8,
+        max_new_tokens=128,
+        synthetic_users=20,
+    ),
     "qwen3-8b": dict(global_batch=128, group=5, mini_batches=4, micro_batch=4, max_new_tokens=1024, rollouts_every=10),
 }
 
@@ -156,8 +185,10 @@ def synthetic_prompts(lamp_dir: Path) -> list[RLPrompt]:
     rows = []
     for task in synthetic.SYNTHETIC_TASKS:
         s = lamp.load_split(lamp_dir, task, "train")
-        rows += [RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
-                 for q in s.questions]
+        rows += [
+            RLPrompt(q.id, s.task.name, q.user_id or q.id, prompts.build_prompt(s.task, q), s.golds[q.id])
+            for q in s.questions
+        ]
     return rows
 
 
@@ -167,9 +198,13 @@ def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
         return read_rl_prompts(path)
     if cfg.prompts:
         raise DataError(f"{path}: not found; make it with `python build_data.py`")
-    made = synthetic_fallback(out.parent / "data" / "rl_prompts_synthetic.jsonl",
-                              out.parent / "data" / "synthetic_lamp_rl", cfg.seed + 1,
-                              {"train": (cfg.synthetic_users, 1), "dev": (1, 1), "test": (1, 1)}, synthetic_prompts)
+    made = synthetic_fallback(
+        out.parent / "data" / "rl_prompts_synthetic.jsonl",
+        out.parent / "data" / "synthetic_lamp_rl",
+        cfg.seed + 1,
+        {"train": (cfg.synthetic_users, 1), "dev": (1, 1), "test": (1, 1)},
+        synthetic_prompts,
+    )
     dist.print0(f"no {path}: training on synthetic users' prompts ({made})")
     return read_rl_prompts(made)
 
@@ -177,8 +212,11 @@ def load_prompts(cfg: RLConfig, out: Path) -> list[RLPrompt]:
 def rollouts_markdown(rows: list[dict]) -> str:
     """One prompt's group of rollouts (rollouts.jsonl rows) as a TensorBoard text panel."""
     head = f"prompt `{rows[0]['prompt_id']}` ({rows[0]['task']}, user `{rows[0]['user_id']}`, gold `{rows[0]['gold']}`)"
-    return head + "".join(f"\n\n**reward {r['reward']:.3f}, advantage {r['advantage']:+.3f}, {r['tokens']} tokens**"
-                          f"\n\n    " + r["text"].replace("\n", "\n    ") for r in rows)
+    return head + "".join(
+        f"\n\n**reward {r['reward']:.3f}, advantage {r['advantage']:+.3f}, {r['tokens']} tokens**"
+        f"\n\n    " + r["text"].replace("\n", "\n    ")
+        for r in rows
+    )
 
 
 def fit_batch(n_prompts: int, global_batch: int, world_size: int) -> int:
@@ -189,8 +227,10 @@ def fit_batch(n_prompts: int, global_batch: int, world_size: int) -> int:
     if n_prompts >= global_batch:
         return global_batch
     if n_prompts < world_size:
-        raise DataError(f"{n_prompts} prompt(s) for {world_size} ranks: each rank needs at least one "
-                        f"(--global-batch {global_batch} wants {global_batch})")
+        raise DataError(
+            f"{n_prompts} prompt(s) for {world_size} ranks: each rank needs at least one "
+            f"(--global-batch {global_batch} wants {global_batch})"
+        )
     return n_prompts - n_prompts % world_size
 
 
@@ -207,7 +247,9 @@ def prompt_strata(data: list[RLPrompt], stratify: str) -> list[str] | None:
 
 def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
     """The tag vocabulary R_tag checks: build_data's `tags.json` beside the prompts, else the default nine."""
-    path = Path(cfg.tags) if cfg.tags else (Path(cfg.prompts).parent if cfg.prompts else out.parent / "data") / "tags.json"
+    path = (
+        Path(cfg.tags) if cfg.tags else (Path(cfg.prompts).parent if cfg.prompts else out.parent / "data") / "tags.json"
+    )
     if path.is_file():
         return tags.load_tags(path)
     if cfg.tags:
@@ -215,8 +257,15 @@ def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
     return tags.DEFAULT_TAGS
 
 
-def compute_rewards(cfg: RLConfig, stage: str, texts, batch: list[RLPrompt], scorer, vocab=tags.DEFAULT_TAGS,
-                    parsed: list[tags.Parsed] | None = None):
+def compute_rewards(
+    cfg: RLConfig,
+    stage: str,
+    texts,
+    batch: list[RLPrompt],
+    scorer,
+    vocab=tags.DEFAULT_TAGS,
+    parsed: list[tags.Parsed] | None = None,
+):
     """Rewards per rollout (rows prompt-major, `group` per prompt) and their components."""
     golds = [p.gold for p in batch for _ in range(cfg.group)]
     tasks = [p.task for p in batch for _ in range(cfg.group)]
@@ -243,22 +292,23 @@ def sequences(roll, device, pad_id):
 @dataclass
 class Run:
     """What every step uses and no step changes: config, models, optimizer, reward model, data, schedule."""
+
     cfg: RLConfig
     d: dist.Dist
-    lm: torch.nn.Module                  # the policy (for its config and the export)
-    model: torch.nn.Module               # the (FSDP-wrapped) LogprobModel around it
+    lm: torch.nn.Module  # the policy (for its config and the export)
+    model: torch.nn.Module  # the (FSDP-wrapped) LogprobModel around it
     tok: object
     opt: torch.optim.Optimizer
-    ref: torch.nn.Module | None          # the frozen start policy (k3 KL), or None
-    scorer: object | None                # PRMU's Scorer (R_p), or None
-    vocab: tuple[str, ...]               # R_tag's tags
+    ref: torch.nn.Module | None  # the frozen start policy (k3 KL), or None
+    scorer: object | None  # PRMU's Scorer (R_p), or None
+    vocab: tuple[str, ...]  # R_tag's tags
     precision: str
-    frozen: int                          # layers below the trained top (their output cached per batch); 0: none
+    frozen: int  # layers below the trained top (their output cached per batch); 0: none
     data: list[RLPrompt]
     strata: list[str] | None
     steps_per_epoch: int
-    guided: int                          # steps of the guided stage
-    updates: int                         # optimizer updates in the whole run (the LR schedule's length)
+    guided: int  # steps of the guided stage
+    updates: int  # optimizer updates in the whole run (the LR schedule's length)
 
     @property
     def per_rank(self) -> int:
@@ -268,32 +318,34 @@ class Run:
 @dataclass
 class Batch:
     """One step's rollout batch on this rank."""
-    step: int                            # 0-based
-    stage: str                           # "guided" | "exploratory"
-    prompts: list[RLPrompt]              # this rank's share
-    first: int                           # global row of this rank's first rollout
+
+    step: int  # 0-based
+    stage: str  # "guided" | "exploratory"
+    prompts: list[RLPrompt]  # this rank's share
+    first: int  # global row of this rank's first rollout
 
 
 @dataclass
 class Scores:
-    total: list[float]                   # reward per rollout (rows prompt-major)
-    parts: dict[str, list[float]]        # each reward component per rollout
-    adv: torch.Tensor                    # (B,) group advantages
+    total: list[float]  # reward per rollout (rows prompt-major)
+    parts: dict[str, list[float]]  # each reward component per rollout
+    adv: torch.Tensor  # (B,) group advantages
     zero_variance_frac: float
-    parsed: list[tags.Parsed]            # each rollout's steps and answer (`tags.parse`, once per step)
+    parsed: list[tags.Parsed]  # each rollout's steps and answer (`tags.parse`, once per step)
 
 
 @dataclass
 class Plan:
     """The rollout batch as training rows, its mini-batches and the log-probs computed before any update."""
-    x: torch.Tensor                      # (B, T) prompt + response ids
-    attn: torch.Tensor                   # (B, T)
-    rmask: torch.Tensor                  # (B, T - 1) response tokens of the next-token log-probs
-    sizes: list[int]                     # each global mini-batch's sequence count
-    minis: list[list[int]]               # this rank's rows of each mini-batch
-    old: torch.Tensor                    # (B, T - 1) old log-probs (recompute: mini-batch 0's come from update 0)
-    trunk: torch.Tensor | None           # (B, T, H) the frozen layers' output, or None
-    ref: torch.Tensor | None             # (B, T - 1) reference log-probs, or None
+
+    x: torch.Tensor  # (B, T) prompt + response ids
+    attn: torch.Tensor  # (B, T)
+    rmask: torch.Tensor  # (B, T - 1) response tokens of the next-token log-probs
+    sizes: list[int]  # each global mini-batch's sequence count
+    minis: list[list[int]]  # this rank's rows of each mini-batch
+    old: torch.Tensor  # (B, T - 1) old log-probs (recompute: mini-batch 0's come from update 0)
+    trunk: torch.Tensor | None  # (B, T, H) the frozen layers' output, or None
+    ref: torch.Tensor | None  # (B, T - 1) reference log-probs, or None
 
     def top(self, run: Run, rows: list[int]) -> dict:
         """The model's keyword arguments for `rows`: log-probs at the response tokens only, from the cached trunk
@@ -309,8 +361,10 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     if cfg.policy not in ("tiny", "smollm2-135m") and not (Path(cfg.policy) / "config.json").is_file():
         raise SystemExit(f"{cfg.policy}: no policy folder; run `python train_sft.py` first (or pass --policy)")
     if cfg.old_logp == "sampler" and precision != "fp32":
-        raise config.ConfigError(f"--old-logp sampler needs --precision fp32 (not {precision}): in bf16 the sampler's "
-                                 "and the training model's log-probs differ by more than the clip range ε")
+        raise config.ConfigError(
+            f"--old-logp sampler needs --precision fp32 (not {precision}): in bf16 the sampler's "
+            "and the training model's log-probs differ by more than the clip range ε"
+        )
     data = load_prompts(cfg, out)
     if d.distributed:
         lm, tok, full = load_for_sharding(cfg.policy, d.is_main, d.device, cfg.seed)
@@ -320,39 +374,73 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
     # the frozen lower layers' output is a constant of the rollout batch: computed once, it feeds the old
     # log-probs and every update (the top layers alone run per update); 0: no cache
-    frozen = max(0, len(lm.get_decoder().layers) - cfg.train_layers) \
-        if cfg.trunk_cache and cfg.train_layers > 0 and can_split(lm) else 0
+    frozen = (
+        max(0, len(lm.get_decoder().layers) - cfg.train_layers)
+        if cfg.trunk_cache and cfg.train_layers > 0 and can_split(lm)
+        else 0
+    )
     ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval() if cfg.kl_coef else None
     model = dist.apply_fsdp(LogprobModel(lm), d.device, full_state=full, from_meta=d.distributed)
     del full
     if d.distributed:  # FSDP initialises lazily from the first module called: make it the root, not the sampler's lm
         with torch.no_grad():
-            model(torch.full((1, 2), tok.pad_token_id, device=d.device), torch.ones(1, 2, dtype=torch.long,
-                                                                                    device=d.device))
+            model(
+                torch.full((1, 2), tok.pad_token_id, device=d.device),
+                torch.ones(1, 2, dtype=torch.long, device=d.device),
+            )
     scorer, known = load_scorer(cfg, out, data)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0
+    )
     batch = fit_batch(len(data), cfg.global_batch, d.world_size)
     if batch != cfg.global_batch:
-        dist.print0(f"only {len(data)} prompts: rollout batches of {batch} prompts instead of --global-batch "
-                    f"{cfg.global_batch}")
+        dist.print0(
+            f"only {len(data)} prompts: rollout batches of {batch} prompts instead of --global-batch {cfg.global_batch}"
+        )
         cfg = dataclasses.replace(cfg, global_batch=batch)
     steps_per_epoch = max(1, len(data) // cfg.global_batch)
     guided = steps_per_epoch * cfg.guided_epochs
     total = guided + steps_per_epoch * cfg.exploratory_epochs
     total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
-    resolved = {**config.to_dict(cfg), "preset": preset, "world_size": d.world_size, "total_steps": total,
-                "guided_steps": guided, "prompts": len(data), "prompts_with_trained_user": known,
-                "precision": precision, "trainable_params": trainable, "params": n_params}
+    resolved = {
+        **config.to_dict(cfg),
+        "preset": preset,
+        "world_size": d.world_size,
+        "total_steps": total,
+        "guided_steps": guided,
+        "prompts": len(data),
+        "prompts_with_trained_user": known,
+        "precision": precision,
+        "trainable_params": trainable,
+        "params": n_params,
+    }
     start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
     samples = MetricsLog(out / "rollouts.jsonl", resume_step=start or None) if cfg.rollouts_every > 0 else None
-    dist.print0(f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
-                f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), "
-                f"{precision}, {trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained")
+    dist.print0(
+        f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
+        f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), "
+        f"{precision}, {trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained"
+    )
     vocab = load_vocab(cfg, out)
     dist.print0(f"tag vocabulary: {', '.join(vocab)}")
-    run = Run(cfg, d, lm, model, tok, opt, ref, scorer, vocab, precision, frozen, data,
-              prompt_strata(data, cfg.stratify), steps_per_epoch, guided, total * cfg.mini_batches)
+    run = Run(
+        cfg,
+        d,
+        lm,
+        model,
+        tok,
+        opt,
+        ref,
+        scorer,
+        vocab,
+        precision,
+        frozen,
+        data,
+        prompt_strata(data, cfg.stratify),
+        steps_per_epoch,
+        guided,
+        total * cfg.mini_batches,
+    )
     return run, resolved, start, log, samples
 
 
@@ -360,13 +448,17 @@ def load_scorer(cfg: RLConfig, out: Path, data: list[RLPrompt]) -> tuple[Scorer 
     """PRMU's scorer (None without a model or with --prmu none) and how many prompts' users it has a row for."""
     prmu = cfg.prmu or str(out.parent / "prmu" / "model")
     if cfg.prmu == "none" or not (cfg.prmu or (Path(prmu) / "users.json").is_file()):
-        dist.print0(f"no PRMU model ({'--prmu none' if cfg.prmu == 'none' else f'nothing in {prmu}'}): the guided "
-                    "stage's reward has no R_p term; `python train_prmu.py` trains one")
+        dist.print0(
+            f"no PRMU model ({'--prmu none' if cfg.prmu == 'none' else f'nothing in {prmu}'}): the guided "
+            "stage's reward has no R_p term; `python train_prmu.py` trains one"
+        )
         return None, 0
     scorer = Scorer(prmu, device=dist.get().device)
     known = sum(p.user_id in scorer.users for p in data)
-    dist.print0(f"R_p from the PRMU reward model in {prmu}: {known} of {len(data)} prompts' users have a trained "
-                "embedding, the rest score as PRMU's unknown user")
+    dist.print0(
+        f"R_p from the PRMU reward model in {prmu}: {known} of {len(data)} prompts' users have a trained "
+        "embedding, the rest score as PRMU's unknown user"
+    )
     return scorer, known
 
 
@@ -375,11 +467,18 @@ def draw_batch(run: Run, step: int) -> Batch:
     rank, cut into global batches."""
     cfg = run.cfg
     epoch, pos = divmod(step, run.steps_per_epoch)
-    order = (stratified_batches(run.strata, cfg.global_batch, epoch, cfg.seed) if run.strata else
-             epoch_batches([0] * len(run.data), cfg.global_batch, epoch, cfg.seed, group_by_length=False))[pos]
+    order = (
+        stratified_batches(run.strata, cfg.global_batch, epoch, cfg.seed)
+        if run.strata
+        else epoch_batches([0] * len(run.data), cfg.global_batch, epoch, cfg.seed, group_by_length=False)
+    )[pos]
     r, n = run.d.rank, run.per_rank
-    return Batch(step, "guided" if step < run.guided else "exploratory", [run.data[i] for i in order[r * n:(r + 1) * n]],
-                 r * n * cfg.group)
+    return Batch(
+        step,
+        "guided" if step < run.guided else "exploratory",
+        [run.data[i] for i in order[r * n : (r + 1) * n]],
+        r * n * cfg.group,
+    )
 
 
 def chat_ids(tok, prompt: str) -> list[int]:
@@ -392,13 +491,26 @@ def rollout(run: Run, batch: Batch):
     its row in the global batch), so what it samples depends neither on the number of ranks nor on a resume."""
     cfg, tok = run.cfg, run.tok
     ids = [chat_ids(tok, p.prompt) for p in batch.prompts]
-    gens = [torch.Generator(device=run.d.device).manual_seed(cfg.seed * 1_000_003 + batch.step * 100_003
-                                                             + batch.first + j)
-            for j in range(len(batch.prompts) * cfg.group)]
+    gens = [
+        torch.Generator(device=run.d.device).manual_seed(cfg.seed * 1_000_003 + batch.step * 100_003 + batch.first + j)
+        for j in range(len(batch.prompts) * cfg.group)
+    ]
     run.model.eval()
-    roll = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                    cfg.top_p, generator=gens, tokenizer=tok, n_per_prompt=cfg.group, precision=run.precision,
-                    keep_layers=run.frozen, logprobs=cfg.old_logp == "sampler")
+    roll = generate(
+        run.model,
+        ids,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        generator=gens,
+        tokenizer=tok,
+        n_per_prompt=cfg.group,
+        precision=run.precision,
+        keep_layers=run.frozen,
+        logprobs=cfg.old_logp == "sampler",
+    )
     run.model.train()
     return roll
 
@@ -422,10 +534,18 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
     x, attn, rmask = sequences(roll, dev, run.tok.pad_token_id)
     n_global = cfg.global_batch * cfg.group
     perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + batch.step))
-    chunks = perm.chunk(cfg.mini_batches)                                       # the global mini-batches
+    chunks = perm.chunk(cfg.mini_batches)  # the global mini-batches
     minis = [[int(r) - batch.first for r in mini if batch.first <= int(r) < batch.first + len(x)] for mini in chunks]
-    plan = Plan(x, attn, rmask, [len(c) for c in chunks], minis, torch.zeros(len(x), x.shape[1] - 1, device=dev),
-                roll.kept_rows(x.shape[1]) if run.frozen else None, None)     # the sampler's trunk: no pass of its own
+    plan = Plan(
+        x=x,
+        attn=attn,
+        rmask=rmask,
+        sizes=[len(c) for c in chunks],
+        minis=minis,
+        old=torch.zeros(len(x), x.shape[1] - 1, device=dev),
+        trunk=roll.kept_rows(x.shape[1]) if run.frozen else None,  # the sampler's trunk: no pass of its own
+        ref=None,
+    )
     with torch.no_grad(), autocast(dev, run.precision):
         if run.frozen and plan.trunk is None:  # the sampler could not keep it (transformers' fallback path)
             plan.trunk = torch.zeros(*x.shape, run.lm.config.hidden_size, device=dev)
@@ -441,15 +561,32 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
             if real:
                 plan.old[rows] = lp
         if run.ref is not None:
-            plan.ref = torch.cat([run.ref(x[a:a + cfg.micro_batch], attn[a:a + cfg.micro_batch], cfg.temperature,
-                                          where=rmask[a:a + cfg.micro_batch])[0]
-                                  for a in range(0, len(x), cfg.micro_batch)])
+            plan.ref = torch.cat(
+                [
+                    run.ref(
+                        x[a : a + cfg.micro_batch],
+                        attn[a : a + cfg.micro_batch],
+                        cfg.temperature,
+                        where=rmask[a : a + cfg.micro_batch],
+                    )[0]
+                    for a in range(0, len(x), cfg.micro_batch)
+                ]
+            )
     return plan
 
 
-def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> tuple[dict[str, float], float, float, float]:
-    """Optimizer update `k` on mini-batch k (GSPO's loss, Eq. 10). → (this rank's metrics reduced as GSPO_REDUCE
-    says, entropy sum, token count, grad norm)."""
+@dataclass
+class Update:
+    """What one optimizer update reports, on this rank."""
+
+    stats: dict[str, float]  # GSPO's metrics of this rank's rows, to be reduced as GSPO_REDUCE says
+    entropy_sum: float  # the policy's entropy summed over this rank's response tokens
+    tokens: float  # this rank's response tokens
+    grad_norm: float  # the global gradient norm before clipping
+
+
+def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update:
+    """Optimizer update `k` on mini-batch k (GSPO's loss, Eq. 10)."""
     cfg, dev = run.cfg, run.d.device
     stats: dict[str, float] = {}
     ent_sum = ent_n = 0.0
@@ -458,51 +595,90 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> tuple[
         with autocast(dev, run.precision):
             logp, ent = run.model(plan.x[rows], plan.attn[rows], cfg.temperature, **plan.top(run, rows))
         old = logp.detach() if k == 0 and cfg.old_logp == "recompute" else plan.old[rows]
-        loss, m = gspo_loss(logp, old, scores.adv[rows].to(dev), plan.rmask[rows], cfg.clip_low, cfg.clip_high,
-                            n_mini, plan.ref[rows] if plan.ref is not None else None, cfg.kl_coef)
+        loss, m = gspo_loss(
+            logp,
+            old,
+            scores.adv[rows].to(dev),
+            plan.rmask[rows],
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            num_sequences=n_mini,
+            ref_logp=plan.ref[rows] if plan.ref is not None else None,
+            kl_coef=cfg.kl_coef,
+        )
         backward(loss, real, run.d.world_size)
         if real:
             accumulate(stats, m, GSPO_REDUCE, len(rows) / n_mini)  # weight: this rank's share of the mini-batch
             ent_sum += float((ent.detach() * plan.rmask[rows]).sum())
             ent_n += float(plan.rmask[rows].sum())
-    gnorm = optimizer_step(run.model, run.opt, lr_at(batch.step * cfg.mini_batches + k, run.updates, cfg.lr,
-                                                     cfg.warmup_steps, 1.0), cfg.grad_clip)
-    return stats, ent_sum, ent_n, gnorm
+    gnorm = optimizer_step(
+        run.model,
+        run.opt,
+        lr_at(batch.step * cfg.mini_batches + k, run.updates, cfg.lr, cfg.warmup_steps, 1.0),
+        cfg.grad_clip,
+    )
+    return Update(stats=stats, entropy_sum=ent_sum, tokens=ent_n, grad_norm=gnorm)
 
 
-def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list, times: list[float]) -> dict:
+def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list[Update], times: list[float]) -> dict:
     """The step's metrics.jsonl row, every number reduced over all ranks (the same keys on every rank: these are
     collectives)."""
     cfg = run.cfg
     parsed = scores.parsed
     mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
     t0, t1, t2, t3, t4 = times
-    row = {"step": batch.step + 1, "stage": batch.stage, "lr": run.opt.param_groups[0]["lr"],
-           "grad_norm": updates[-1][3], "reward": mean(scores.total),
-           **{f"reward/{k}": mean(v) for k, v in scores.parts.items()},
-           "adv_mean": mean(scores.adv.tolist()), "adv_abs_mean": mean(scores.adv.abs().tolist()),
-           "zero_variance_frac": dist.sum_scalar(scores.zero_variance_frac) / run.d.world_size,
-           "entropy": dist.sum_scalar(sum(u[1] for u in updates)) / max(dist.sum_scalar(sum(u[2] for u in updates)), 1),
-           "response_len": mean(roll.lengths.tolist()), "finished_frac": mean(roll.finished.float().tolist()),
-           "tag_count": mean([len(p.steps) for p in parsed]),
-           "tag_valid": mean([float(all(tags.check(p, run.vocab, cfg.min_tags).values())) for p in parsed]),
-           "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
-           "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/old_logp": t3 - t2, "time/update": t4 - t3}
+    row = {
+        "step": batch.step + 1,
+        "stage": batch.stage,
+        "lr": run.opt.param_groups[0]["lr"],
+        "grad_norm": updates[-1].grad_norm,
+        "reward": mean(scores.total),
+        **{f"reward/{k}": mean(v) for k, v in scores.parts.items()},
+        "adv_mean": mean(scores.adv.tolist()),
+        "adv_abs_mean": mean(scores.adv.abs().tolist()),
+        "zero_variance_frac": dist.sum_scalar(scores.zero_variance_frac) / run.d.world_size,
+        "entropy": dist.sum_scalar(sum(u.entropy_sum for u in updates))
+        / max(dist.sum_scalar(sum(u.tokens for u in updates)), 1),
+        "response_len": mean(roll.lengths.tolist()),
+        "finished_frac": mean(roll.finished.float().tolist()),
+        "tag_count": mean([len(p.steps) for p in parsed]),
+        "tag_valid": mean([float(all(tags.check(p, run.vocab, cfg.min_tags).values())) for p in parsed]),
+        "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
+        "time/rollout": t1 - t0,
+        "time/reward": t2 - t1,
+        "time/old_logp": t3 - t2,
+        "time/update": t4 - t3,
+    }
     names = [n for n in GSPO_REDUCE if n != "kl" or run.ref is not None]
-    for k, (stats, *_) in enumerate(updates):
-        row.update({f"{n}/u{k}": v for n, v in reduce_across_ranks(stats, names, GSPO_REDUCE).items()})
+    for k, u in enumerate(updates):
+        row.update({f"{n}/u{k}": v for n, v in reduce_across_ranks(u.stats, names, GSPO_REDUCE).items()})
     return row
 
 
 def rollout_rows(run: Run, batch: Batch, roll, scores: Scores, plan: Plan) -> list[dict]:
     """rollouts.jsonl rows of this rank's rollouts: prompt, text, reward and parts, advantage, tokens, mini-batch."""
-    mini_of = {j: k for k, mini in enumerate(plan.minis) for j in mini}         # this rank's row → its mini-batch
+    mini_of = {j: k for k, mini in enumerate(plan.minis) for j in mini}  # this rank's row → its mini-batch
     tokens = roll.lengths.tolist()
-    return [{"step": batch.step + 1, "stage": batch.stage, "row": batch.first + j, "prompt_id": p.id,
-             "user_id": p.user_id, "task": p.task, "gold": p.gold, "text": text, "reward": scores.total[j],
-             "parts": {k: v[j] for k, v in scores.parts.items()}, "advantage": float(scores.adv[j]),
-             "tokens": int(tokens[j]), "finished": bool(roll.finished[j]), "mini_batch": mini_of[j]}
-            for j, text in enumerate(roll.texts) for p in [batch.prompts[j // run.cfg.group]]]
+    return [
+        {
+            "step": batch.step + 1,
+            "stage": batch.stage,
+            "row": batch.first + j,
+            "prompt_id": p.id,
+            "user_id": p.user_id,
+            "task": p.task,
+            "gold": p.gold,
+            "text": text,
+            "reward": scores.total[j],
+            "parts": {k: v[j] for k, v in scores.parts.items()},
+            "advantage": float(scores.adv[j]),
+            "tokens": int(tokens[j]),
+            "finished": bool(roll.finished[j]),
+            "mini_batch": mini_of[j],
+        }
+        for j, text in enumerate(roll.texts)
+        for p in [batch.prompts[j // run.cfg.group]]
+    ]
 
 
 def load_eval_sets(cfg: RLConfig) -> dict[str, tuple[list[RLPrompt], int]]:
@@ -510,15 +686,17 @@ def load_eval_sets(cfg: RLConfig) -> dict[str, tuple[list[RLPrompt], int]]:
     sets = {}
     for name, f, k in (("held_out", cfg.eval_prompts, cfg.eval_samples), ("swap", cfg.eval_swap_prompts, 0)):
         if f and not Path(f).is_file():
-            raise DataError(f"{f}: not found; `python build_data.py` writes eval_prompts.jsonl and "
-                            "eval_prompts_swap.jsonl")
+            raise DataError(
+                f"{f}: not found; `python build_data.py` writes eval_prompts.jsonl and eval_prompts_swap.jsonl"
+            )
         if f:
             sets[name] = (read_rl_prompts(f), k)
     return sets
 
 
-def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path: Path | None = None
-             ) -> dict[str, float]:
+def held_out(
+    run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path: Path | None = None
+) -> dict[str, float]:
     """Each held-out set's task metric (`metrics.per_question`: accuracy, |error| or ROUGE-1): greedy, and the mean
     over k samples at the rollout temperature where the set has k > 0. Every rank answers its share (the same
     count on each, for FSDP), every set in one `generate` call; the samples' generators are fixed per prompt, so
@@ -529,8 +707,11 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}
     run.model.eval()
     n_layers = len(decoder_layers(run.model))
-    store = (TrunkStore(cfg.eval_trunk_store, n_layers - cfg.train_layers)
-             if cfg.eval_trunk_store and 0 < cfg.train_layers < n_layers else None)
+    store = (
+        TrunkStore(cfg.eval_trunk_store, n_layers - cfg.train_layers)
+        if cfg.eval_trunk_store and 0 < cfg.train_layers < n_layers
+        else None
+    )
     # every set's rows in one decode loop (groups of each set's size: `generate`'s n_per_prompt per prompt), so a
     # decode step reads the weights once for the held-out groups and the swap control's greedy rows together
     parts, ids, gens, flags, sizes = {}, [], [], [], []
@@ -540,40 +721,60 @@ def held_out(run: Run, sets: dict[str, tuple[list[RLPrompt], int]], scores_path:
         p_ids = [chat_ids(tok, data[i].prompt) for i in mine]
         p_ids += [p_ids[-1] if p_ids else chat_ids(tok, data[0].prompt)] * (per - len(mine))  # padding, not scored
         # one prefill per prompt: row 0 of its group greedy, rows 1..k sampled (generators by global prompt index)
-        gens += [torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
-                 for i in mine + [len(data)] * (per - len(mine)) for j in range(k + 1)]
+        gens += [
+            torch.Generator(device=d.device).manual_seed(2_000_003 * (i + 1) + j - 1)
+            for i in mine + [len(data)] * (per - len(mine))
+            for j in range(k + 1)
+        ]
         flags += [j == 0 for _ in p_ids for j in range(k + 1)]
         parts[name] = (mine, len(flags) - len(p_ids) * (k + 1), len(flags))
         ids += p_ids
         sizes += [k + 1] * len(p_ids)
-    texts = generate(run.model, ids, tok.eos_token_id, tok.pad_token_id, cfg.max_new_tokens, cfg.temperature,
-                     cfg.top_p, greedy=flags, generator=gens, tokenizer=tok, n_per_prompt=sizes,
-                     precision=run.precision, trunk=store).texts
+    texts = generate(
+        run.model,
+        ids,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        greedy=flags,
+        generator=gens,
+        tokenizer=tok,
+        n_per_prompt=sizes,
+        precision=run.precision,
+        trunk=store,
+    ).texts
     for name, (data, k) in sets.items():
         mine, a, b = parts[name]
-        greedy = texts[a:b:k + 1]
+        greedy = texts[a : b : k + 1]
         sampled = [t for j, t in enumerate(texts[a:b]) if j % (k + 1)] if k else None
         for task in sorted({p.task for p in data}):
             key = f"eval/{name}/{task}/{metrics.PRIMARY[lamp.get_task(task).kind]}"
             rows = [(j, data[i]) for j, i in enumerate(mine) if data[i].task == task]
-            g = metrics.per_question(task, [p.gold for _, p in rows],
-                                     [rewards.extract_answer(greedy[j]) for j, _ in rows])
+            g = metrics.per_question(
+                task, [p.gold for _, p in rows], [rewards.extract_answer(greedy[j]) for j, _ in rows]
+            )
             n = dist.sum_scalar(len(rows))
             row[f"{key}_greedy"] = dist.sum_scalar(sum(g)) / n
             mine_scores = {p.id: {"greedy": x} for (_, p), x in zip(rows, g)}
             if sampled is not None:
-                s = metrics.per_question(task, [p.gold for _, p in rows for _ in range(k)],
-                                         [rewards.extract_answer(sampled[j * k + x]) for j, _ in rows
-                                          for x in range(k)])
+                s = metrics.per_question(
+                    task,
+                    [p.gold for _, p in rows for _ in range(k)],
+                    [rewards.extract_answer(sampled[j * k + x]) for j, _ in rows for x in range(k)],
+                )
                 row[f"{key}_sampled"] = dist.sum_scalar(sum(s)) / (n * k)
                 for i, (_, p) in enumerate(rows):
-                    mine_scores[p.id]["sampled"] = sum(s[i * k:(i + 1) * k]) / k
+                    mine_scores[p.id]["sampled"] = sum(s[i * k : (i + 1) * k]) / k
             for part in dist.gather_objects(mine_scores):
                 per_prompt.setdefault(name, {}).update(part)
     run.model.train()
     if store is not None:
-        dist.print0(f"held-out prefills: the bottom {store.layers} layers from {store.folder} "
-                    f"({store.hits} found, {store.misses} computed and kept)")
+        dist.print0(
+            f"held-out prefills: the bottom {store.layers} layers from {store.folder} "
+            f"({store.hits} found, {store.misses} computed and kept)"
+        )
     if scores_path is not None and d.is_main:
         write_json(scores_path, per_prompt)
     return row
@@ -613,20 +814,30 @@ def main(argv=None):
         step += 1
         if keep:
             samples.write_rows([r for part in dist.gather_objects(mine) for r in part])  # global row order
-            log.text("rollouts", rollouts_markdown(mine[:cfg.group]), step)
+            log.text("rollouts", rollouts_markdown(mine[: cfg.group]), step)
         if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             t0 = time.perf_counter()
             row.update(held_out(run, eval_sets, Path(cfg.out) / f"held_out_step{step}.json"))
             row["time/held_out"] = time.perf_counter() - t0
-            dist.print0(f"held out, step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items()
-                                                                if k.startswith("eval/")))
+            dist.print0(
+                f"held out, step {step}: "
+                + ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("eval/"))
+            )
         log.write(row)
         bar.update(1)
-        bar.set_postfix(stage=row["stage"][0], reward=f"{row['reward']:.3f}",
-                        clip=f"{row.get('clip_frac_high/u1', 0):.2f}")
+        bar.set_postfix(
+            stage=row["stage"][0], reward=f"{row['reward']:.3f}", clip=f"{row.get('clip_frac_high/u1', 0):.2f}"
+        )
         if step % cfg.save_every == 0 or step == total:
-            checkpoint.save(Path(cfg.out) / "ckpt", step, run.model, run.opt,
-                            {"epoch": (step - 1) // run.steps_per_epoch, "stage": row["stage"]}, resolved, cfg.keep)
+            checkpoint.save(
+                Path(cfg.out) / "ckpt",
+                step,
+                run.model,
+                run.opt,
+                {"epoch": (step - 1) // run.steps_per_epoch, "stage": row["stage"]},
+                resolved,
+                cfg.keep,
+            )
     bar.close()
     final = checkpoint.export_hf(run.model, run.lm, run.tok, Path(cfg.out) / "model")
     dist.print0(f"exported {final}")

@@ -1,4 +1,5 @@
-"""A decode step's weight GEMMs at a few rows: F.linear, oneDNN's prepacked weight and MKL's packed weight, side by side.
+"""A decode step's weight GEMMs at a few rows: F.linear, oneDNN's prepacked weight and MKL's packed weight,
+side by side.
 
     python bench/few_rows.py                         # SmolLM2-135M's shapes, 1 thread, fp32, rows 1 … 128
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/few_rows.py
@@ -10,6 +11,7 @@ GEMMs for a row count (`tagpr.engine._Linear`'s three forms, the same numbers up
 best of `--repeats`; the table gives ms a step and the ratio to F.linear. The engine takes MKL's form at ≤
 `engine.FEW_ROWS` rows (a rollout's 16 rows a rank in the demo) and oneDNN's above (a held-out scoring's 128).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,29 +45,41 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(n, k, generator=g) / k ** 0.5 for n, k, _ in SHAPES]
+    weights = [torch.randn(n, k, generator=g) / k**0.5 for n, k, _ in SHAPES]
     paths = {"F.linear": [engine._Linear(w, None, pack=False) for w in weights]}
     if hardware.can_prepack(torch.float32):
         paths["oneDNN prepacked"] = [engine._Linear(w, None, pack=True) for w in weights]
     if hardware.can_pack_few_rows(torch.float32):
         paths["MKL packed"] = [engine._Linear(w, None, pack=False, few=True) for w in weights]
-    print(f"CPU: {hardware.describe()} (ATen {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
-          f"{a.threads} thread(s), fp32; paths: {', '.join(paths)}")
-    print("| rows | " + " | ".join(f"{k} (ms a step)" for k in paths) + " | " +
-          " | ".join(f"{k} × F.linear" for k in list(paths)[1:]) + " |")
+    print(
+        f"CPU: {hardware.describe()} (ATen {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
+        f"{a.threads} thread(s), fp32; paths: {', '.join(paths)}"
+    )
+    print(
+        "| rows | "
+        + " | ".join(f"{k} (ms a step)" for k in paths)
+        + " | "
+        + " | ".join(f"{k} × F.linear" for k in list(paths)[1:])
+        + " |"
+    )
     print("|---" * (2 * len(paths)) + "|")
     cap = engine.FEW_ROWS
     for rows in (int(r) for r in a.rows.split(",")):
-        engine.FEW_ROWS = max(cap, rows)                        # the MKL form serves only few rows: forced here
-        for lins in paths.values():                             # warm up (MKL packs at its first call)
+        engine.FEW_ROWS = max(cap, rows)  # the MKL form serves only few rows: forced here
+        for lins in paths.values():  # warm up (MKL packs at its first call)
             step_time(lins, rows)
         t = {k: [] for k in paths}
-        for _ in range(a.repeats):                              # interleaved, best of the repeats
+        for _ in range(a.repeats):  # interleaved, best of the repeats
             for k, lins in paths.items():
                 t[k].append(step_time(lins, rows))
         best = {k: min(v) * 1e3 for k, v in t.items()}
-        print(f"| {rows} | " + " | ".join(f"{best[k]:.0f}" for k in paths) + " | " +
-              " | ".join(f"{best['F.linear'] / best[k]:.2f}" for k in list(paths)[1:]) + " |")
+        print(
+            f"| {rows} | "
+            + " | ".join(f"{best[k]:.0f}" for k in paths)
+            + " | "
+            + " | ".join(f"{best['F.linear'] / best[k]:.2f}" for k in list(paths)[1:])
+            + " |"
+        )
     engine.FEW_ROWS = cap
 
 

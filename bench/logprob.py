@@ -11,8 +11,10 @@ the bare lm_head matmuls at the rate this machine measures in the same run
 Each (impl, pass) runs in its own subprocess: on CPU the peak extra memory is the
 child's peak RSS during the first call minus its RSS once the inputs exist (the bare
 matmuls include their [N, V] output); on CUDA it is the allocator's peak minus the
-inputs. Times are the best of `--reps` calls after that one. Prints a table with ratios to naive and to the matmul limit.
+inputs. Times are the best of `--reps` calls after that one. Prints a table with ratios to naive and to the
+matmul limit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +52,13 @@ def child(args) -> dict:
         if args.impl == "matmul":  # the limit: the four lm_head matmuls of 8·N·H·V (fwd: one)
             z = hidden.detach() @ weight.detach().T
             if args.backward:
-                z = hidden.detach() @ weight.detach().T          # the recompute
-                hidden.grad = z @ weight.detach()                # dz·W
-                weight.grad = z.T @ hidden.detach()              # dzᵀ·x
+                z = hidden.detach() @ weight.detach().T  # the recompute
+                hidden.grad = z @ weight.detach()  # dz·W
+                weight.grad = z.T @ hidden.detach()  # dzᵀ·x
             return
         if args.impl == "liger":
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
             loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets)[0]
             if args.backward:
                 loss.backward()
@@ -87,9 +90,25 @@ def child(args) -> dict:
 
 
 def run_child(base_args, impl, backward) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--device", base_args.device, "--dtype",
-           base_args.dtype, "--n", str(base_args.n), "--h", str(base_args.h), "--v", str(base_args.v),
-           "--reps", str(base_args.reps)] + (["--backward"] if backward else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--impl",
+        impl,
+        "--device",
+        base_args.device,
+        "--dtype",
+        base_args.dtype,
+        "--n",
+        str(base_args.n),
+        "--h",
+        str(base_args.h),
+        "--v",
+        str(base_args.v),
+        "--reps",
+        str(base_args.reps),
+    ] + (["--backward"] if backward else [])
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
@@ -119,13 +138,16 @@ def main():
     impls = ["naive", "chunked"] + (["triton"] if gpu else [])
     try:
         import liger_kernel  # noqa: F401
+
         if gpu:
             impls.append("liger")
     except ImportError:
         pass
     nhv = a.n * a.h * a.v
-    print(f"shape N={a.n} H={a.h} V={a.v} {a.dtype} on {a.device}; logits alone would be "
-          f"{a.n * a.v * 4 / 2**20:.0f} MB in fp32")
+    print(
+        f"shape N={a.n} H={a.h} V={a.v} {a.dtype} on {a.device}; logits alone would be "
+        f"{a.n * a.v * 4 / 2**20:.0f} MB in fp32"
+    )
     rows = []
     for backward in (False, True):
         limit = run_child(a, "matmul", backward)
@@ -139,12 +161,30 @@ def main():
             flops = (6 if impl == "naive" else 8) * nhv if backward else 2 * nhv
             if impl == "naive":
                 base = r
-            rows.append((("fwd+bwd" if backward else "fwd"), impl, r["ms"], r["extra_mb"],
-                         r["ms"] / base["ms"] if base else float("nan"),
-                         r["extra_mb"] / base["extra_mb"] if base and base["extra_mb"] > 0 else float("nan"),
-                         r["ms"] / limit["ms"], flops / (r["ms"] / 1000) / 1e12))
-        rows.append((("fwd+bwd" if backward else "fwd"), "bare matmuls", limit["ms"], limit["extra_mb"], float("nan"),
-                     float("nan"), 1.0, rate / 1e12))
+            rows.append(
+                (
+                    ("fwd+bwd" if backward else "fwd"),
+                    impl,
+                    r["ms"],
+                    r["extra_mb"],
+                    r["ms"] / base["ms"] if base else float("nan"),
+                    r["extra_mb"] / base["extra_mb"] if base and base["extra_mb"] > 0 else float("nan"),
+                    r["ms"] / limit["ms"],
+                    flops / (r["ms"] / 1000) / 1e12,
+                )
+            )
+        rows.append(
+            (
+                ("fwd+bwd" if backward else "fwd"),
+                "bare matmuls",
+                limit["ms"],
+                limit["extra_mb"],
+                float("nan"),
+                float("nan"),
+                1.0,
+                rate / 1e12,
+            )
+        )
     print("| pass | impl | ms | extra MB | time / naive | memory / naive | time / matmul limit | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for p, impl, ms, mb, tr, mr, lr, tf in rows:

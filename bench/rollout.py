@@ -17,8 +17,10 @@ vocabulary at every step instead of from each row's top 256 / 4096 tokens (the s
 
 With `--eos` the rows stop where the model ends them (a trained policy's real lengths, up to `--new`), and
 the side by side is ours (the default: a step computes only the rows still generating) against ours with
-`compact=False` (every row to the slowest one's end, as `generate` does). In fp32 both give the same tokens; in bf16 rows may part (rounding).
+`compact=False` (every row to the slowest one's end, as `generate` does). In fp32 both give the same tokens; in
+bf16 rows may part (rounding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tagpr import lamp, prompts, synthetic  # noqa: E402
+from tagpr import (  # noqa: E402
+    lamp,
+    prompts,
+    sampler,  # noqa: E402
+    synthetic,
+)
 from tagpr.hardware import keep_freed_memory  # noqa: E402
 from tagpr.models import load_model  # noqa: E402
 from tagpr.records import read_rl_prompts  # noqa: E402
-from tagpr import sampler  # noqa: E402
 from tagpr.sampler import generate  # noqa: E402
 
 
@@ -57,7 +63,7 @@ def matmul_rate(device, dtype=torch.float32, n=2048) -> float:
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def main():
@@ -70,16 +76,23 @@ def main():
     ap.add_argument("--group", type=int, default=4, help="rollouts per prompt (batch = prompts × group)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each engine, interleaved; the best counts")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--prompts", default="", help="rl_prompts.jsonl-format prompts to use (default: synthetic "
-                    "LaMP-2 dev questions in the plain RAG prompt)")
+    ap.add_argument(
+        "--prompts",
+        default="",
+        help="rl_prompts.jsonl-format prompts to use (default: synthetic LaMP-2 dev questions in the plain RAG prompt)",
+    )
     ap.add_argument("--eos", action="store_true", help="stop rows at EOS; compare ours with and without compaction")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: both engines under bf16 autocast (weights stay fp32)")
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: both engines under bf16 autocast (weights stay fp32)",
+    )
     a = ap.parse_args()
     dev = torch.device("cpu")
     model, tok = load_model(a.model, device=dev, dtype=torch.float32)
     if a.prompts:
-        texts = [prompts.chat(tok, p.prompt) for p in read_rl_prompts(a.prompts)[:a.batch // a.group]]
+        texts = [prompts.chat(tok, p.prompt) for p in read_rl_prompts(a.prompts)[: a.batch // a.group]]
     else:
         ex = synthetic.generate_split("LaMP_2", "dev", a.batch // a.group, 1, seed=0)
         texts = [prompts.chat(tok, prompts.build_prompt(lamp.TASKS["LaMP_2"], e.question, a.k)) for e in ex]
@@ -95,10 +108,19 @@ def main():
     def ours_once(widths=sampler.NUCLEUS_WIDTHS, compact=True):
         saved, sampler.NUCLEUS_WIDTHS = sampler.NUCLEUS_WIDTHS, widths
         try:
-            out = generate(model, ids, eos_id=tok.eos_token_id if a.eos else -1, pad_id=tok.pad_token_id,
-                           max_new_tokens=a.new, temperature=1.0, top_p=a.top_p,
-                           generator=[torch.Generator().manual_seed(i) for i in range(a.batch)],
-                           n_per_prompt=a.group, precision=a.precision, compact=compact)
+            out = generate(
+                model,
+                ids,
+                eos_id=tok.eos_token_id if a.eos else -1,
+                pad_id=tok.pad_token_id,
+                max_new_tokens=a.new,
+                temperature=1.0,
+                top_p=a.top_p,
+                generator=[torch.Generator().manual_seed(i) for i in range(a.batch)],
+                n_per_prompt=a.group,
+                precision=a.precision,
+                compact=compact,
+            )
         finally:
             sampler.NUCLEUS_WIDTHS = saved
         assert a.eos or int(out.lengths.min()) == a.new
@@ -107,8 +129,17 @@ def main():
     def hf_once():
         torch.manual_seed(0)
         with torch.autocast("cpu", torch.bfloat16, enabled=a.precision == "bf16"):
-            out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=a.top_p, top_k=0, max_new_tokens=a.new,
-                                 min_new_tokens=a.new, pad_token_id=tok.pad_token_id, num_return_sequences=a.group)
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=1.0,
+                top_p=a.top_p,
+                top_k=0,
+                max_new_tokens=a.new,
+                min_new_tokens=a.new,
+                pad_token_id=tok.pad_token_id,
+                num_return_sequences=a.group,
+            )
         assert out.shape == (a.batch, batch["input_ids"].shape[1] + a.new)
 
     if a.eos:
@@ -116,8 +147,9 @@ def main():
     engines = [("ours", ours_once), ("hf", hf_once)]
     if a.top_p < 1.0:
         engines.append(("sort", lambda: ours_once(widths=())))
-        assert torch.equal(ours_once().response_ids, ours_once(widths=()).response_ids), \
+        assert torch.equal(ours_once().response_ids, ours_once(widths=()).response_ids), (
             "the windowed nucleus sampled other tokens"
+        )
     times = {name: [] for name, _ in engines}
     for _ in range(a.repeats):  # interleaved, so a slow spell of a shared machine hits all
         for name, fn in engines:
@@ -131,10 +163,14 @@ def main():
     rate, bw = matmul_rate(dev, torch.bfloat16 if half else torch.float32), bandwidth(dev)
     step_limit = max(2 * params * a.batch / rate, params * (2 if half else 4) / bw)
     prompt_len = sum(map(len, ids)) / len(ids)
-    print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, {a.new} new tokens, "
-          f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}")
-    print(f"measured: matmul {rate / 1e9:.0f} GFLOP/s, memory {bw / 1e9:.1f} GB/s → decode limit "
-          f"{a.batch / step_limit:.0f} tokens/s (prefill not included)")
+    print(
+        f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, {a.new} new tokens, "
+        f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}"
+    )
+    print(
+        f"measured: matmul {rate / 1e9:.0f} GFLOP/s, memory {bw / 1e9:.1f} GB/s → decode limit "
+        f"{a.batch / step_limit:.0f} tokens/s (prefill not included)"
+    )
     print("| engine | s | tokens/s | × generate | fraction of the decode limit |")
     print("|---|---|---|---|---|")
     rows = [("transformers generate", t_hf), ("tagpr.sampler", t_ours)]
@@ -158,16 +194,22 @@ def stopping(a, ours_once):
             ours_once(compact=compact)
             times[compact].append(time.perf_counter() - t0)
     n = out.lengths.float()
-    print(f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, stop at EOS, ≤ {a.new} "
-          f"new tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}")
-    print(f"lengths: mean {n.mean():.1f}, max {int(n.max())}, {int((n == a.new).sum())} of {a.batch} rows cut at "
-          f"{a.new}; live rows per step on average {n.sum() / n.max() / a.batch:.0%} of the batch; "
-          f"{'the same tokens both ways' if same else 'not the same tokens both ways (bf16 rounding)'}")
+    print(
+        f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, stop at EOS, ≤ {a.new} "
+        f"new tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}"
+    )
+    print(
+        f"lengths: mean {n.mean():.1f}, max {int(n.max())}, {int((n == a.new).sum())} of {a.batch} rows cut at "
+        f"{a.new}; live rows per step on average {n.sum() / n.max() / a.batch:.0%} of the batch; "
+        f"{'the same tokens both ways' if same else 'not the same tokens both ways (bf16 rounding)'}"
+    )
     print("| sampler | s | generated tokens/s | × every row |")
     print("|---|---|---|---|")
     full = min(times[False])
-    for name, t in (("every row to the end (compact=False)", full), ("live rows only (compact, default)",
-                                                                       min(times[True]))):
+    for name, t in (
+        ("every row to the end (compact=False)", full),
+        ("live rows only (compact, default)", min(times[True])),
+    ):
         print(f"| {name} | {t:.1f} | {n.sum() / t:.0f} | {t / full:.2f} |")
 
 

@@ -9,6 +9,7 @@ count; the fused log-prob op's recomputed lm_head matmul is work we do but do no
 The rate to compare with: the best of three square matmuls (CPU fp32 1024³–4096³; GPU bf16
 4096³–16384³) timed here, in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def matmul_rate(device, dtype, n, reps=5) -> float:
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def model_flops(lm, batch, seq) -> float:
@@ -86,8 +87,10 @@ def main():
     print(f"{a.model} on {a.device}: {a.batch}×{a.seq} tokens per step")
     print("| matmul rate (measured) | step s | tokens/s | model TFLOP/step | achieved TFLOP/s | MFU vs matmul rate |")
     print("|---|---|---|---|---|---|")
-    print(f"| {rate / 1e12:.3f} TFLOP/s | {step:.2f} | {a.batch * a.seq / step:.0f} | {flops / 1e12:.3f} | "
-          f"{flops / step / 1e12:.3f} | {flops / step / rate:.0%} |")
+    print(
+        f"| {rate / 1e12:.3f} TFLOP/s | {step:.2f} | {a.batch * a.seq / step:.0f} | {flops / 1e12:.3f} | "
+        f"{flops / step / 1e12:.3f} | {flops / step / rate:.0%} |"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ updates; the whole batch) and the generated tokens. It prints the side-by-side t
 number (`results.json`) and both reward curves, mean and range over seeds (`vs_trl.png`), into `--out`. TRL is a
 bench dependency (`pip install -e '.[bench]'`), never a runtime one.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,23 +39,23 @@ from tagpr.records import read_rl_prompts  # noqa: E402
 
 @dataclass
 class BenchConfig:
-    policy: str = "runs/demo/sft/model"       # the policy both trainers start from (an HF folder)
+    policy: str = "runs/demo/sft/model"  # the policy both trainers start from (an HF folder)
     prompts: str = "runs/demo/data/rl_prompts.jsonl"  # RL prompts with golds; tags.json beside it is R_tag's vocabulary
-    out: str = "runs/vs_trl"                  # results.json, results.md, vs_trl.png, each run's folder
-    seeds: str = "0,1,2"                      # seeds, comma-separated: each trainer runs once per seed
-    batches: int = 3                          # rollout batches per run
-    prompts_per_batch: int = 8                # prompts per rollout batch
-    group: int = 4                            # samples per prompt (G)
-    updates: int = 4                          # optimizer steps per rollout batch, on equal shares of it
-    lr: float = 2e-5                          # learning rate (constant)
-    clip_low: float = 3e-4                    # GSPO ε_low
-    clip_high: float = 4e-4                   # GSPO ε_high
-    temperature: float = 1.0                  # sampling temperature
-    max_new: int = 128                        # new tokens per sample at most
-    sides: str = "trl,ours"                   # which trainers to run (comma-separated)
-    old_logp: str = "sampler"                 # ours: old log-probs from the sampler (fp32) or "recompute" (a pass)
-    side: str = ""                            # internal: run one trainer in this process ("trl")
-    seed: int = 0                             # internal: the seed of that run
+    out: str = "runs/vs_trl"  # results.json, results.md, vs_trl.png, each run's folder
+    seeds: str = "0,1,2"  # seeds, comma-separated: each trainer runs once per seed
+    batches: int = 3  # rollout batches per run
+    prompts_per_batch: int = 8  # prompts per rollout batch
+    group: int = 4  # samples per prompt (G)
+    updates: int = 4  # optimizer steps per rollout batch, on equal shares of it
+    lr: float = 2e-5  # learning rate (constant)
+    clip_low: float = 3e-4  # GSPO ε_low
+    clip_high: float = 4e-4  # GSPO ε_high
+    temperature: float = 1.0  # sampling temperature
+    max_new: int = 128  # new tokens per sample at most
+    sides: str = "trl,ours"  # which trainers to run (comma-separated)
+    old_logp: str = "sampler"  # ours: old log-probs from the sampler (fp32) or "recompute" (a pass)
+    side: str = ""  # internal: run one trainer in this process ("trl")
+    seed: int = 0  # internal: the seed of that run
 
 
 def reward_fn(vocab):
@@ -70,6 +71,7 @@ def load_vocab(prompts: Path):
 
 # ----------------------------------------------------------------------------- TRL, in its own process
 
+
 def trl_run(a: BenchConfig, out: Path) -> None:
     """One TRL run; writes <out>/batches.jsonl (one row per rollout batch)."""
     import torch
@@ -83,25 +85,59 @@ def trl_run(a: BenchConfig, out: Path) -> None:
     data = read_rl_prompts(a.prompts)
     score = reward_fn(load_vocab(Path(a.prompts)))
     lm, tok = load_model(a.policy, device="cpu", dtype=torch.float32, seed=a.seed)  # "tiny": train_rl's weights
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.prompt}] for p in data],
-                            "gold": [p.gold for p in data], "task": [p.task for p in data]})
+    ds = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p.prompt}] for p in data],
+            "gold": [p.gold for p in data],
+            "task": [p.task for p in data],
+        }
+    )
     n = a.prompts_per_batch * a.group
     args = trl.GRPOConfig(
-        output_dir=str(out / "trl_out"), use_cpu=True, bf16=False, seed=a.seed, report_to=[], save_strategy="no",
-        logging_steps=1, max_steps=a.batches * a.updates, learning_rate=a.lr, lr_scheduler_type="constant",
-        warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=n // a.updates, gradient_accumulation_steps=1, steps_per_generation=a.updates,
-        num_generations=a.group, max_completion_length=a.max_new, temperature=a.temperature, top_p=1.0, top_k=0,
-        importance_sampling_level="sequence", loss_type="grpo", beta=0.0, epsilon=a.clip_low,
-        epsilon_high=a.clip_high, scale_rewards="group", mask_truncated_completions=False,
-        activation_checkpointing=False, disable_dropout=True)
+        output_dir=str(out / "trl_out"),
+        use_cpu=True,
+        bf16=False,
+        seed=a.seed,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=a.batches * a.updates,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=n // a.updates,
+        gradient_accumulation_steps=1,
+        steps_per_generation=a.updates,
+        num_generations=a.group,
+        max_completion_length=a.max_new,
+        temperature=a.temperature,
+        top_p=1.0,
+        top_k=0,
+        importance_sampling_level="sequence",
+        loss_type="grpo",
+        beta=0.0,
+        epsilon=a.clip_low,
+        epsilon_high=a.clip_high,
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        activation_checkpointing=False,
+        disable_dropout=True,
+    )
     rows: list[dict] = []
 
     def reward(prompts, completions, completion_ids, gold, task, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         r = score(texts, gold, task)
-        rows[-1].update(reward=sum(r) / len(r), tokens=sum(len(c) for c in completion_ids), n=len(r),
-                        samples=[{"text": t, "gold": g, "task": k, "reward": x} for t, g, k, x in zip(texts, gold, task, r)])
+        rows[-1].update(
+            reward=sum(r) / len(r),
+            tokens=sum(len(c) for c in completion_ids),
+            n=len(r),
+            samples=[{"text": t, "gold": g, "task": k, "reward": x} for t, g, k, x in zip(texts, gold, task, r)],
+        )
         return r
 
     tr = trl.GRPOTrainer(model=lm, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
@@ -129,61 +165,137 @@ def trl_run(a: BenchConfig, out: Path) -> None:
     tr.train()
     with open(out / "batches.jsonl", "w") as f:
         for i, r in enumerate(rows):
-            f.write(json.dumps({"batch": i + 1, "reward": r["reward"], "generation": r["t_gen"],
-                                "score_and_old_logp": r["t_prep"] - r["t_gen"],
-                                "updates": r["t_batch"] - r["t_prep"], "batch_time": r["t_batch"],
-                                "gen_tokens": r["tokens"], "samples": r["n"], "rollouts": r["samples"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "batch": i + 1,
+                        "reward": r["reward"],
+                        "generation": r["t_gen"],
+                        "score_and_old_logp": r["t_prep"] - r["t_gen"],
+                        "updates": r["t_batch"] - r["t_prep"],
+                        "batch_time": r["t_batch"],
+                        "gen_tokens": r["tokens"],
+                        "samples": r["n"],
+                        "rollouts": r["samples"],
+                    }
+                )
+                + "\n"
+            )
 
 
 # ----------------------------------------------------------------------------- the two sides as child processes
 
+
 def child(cmd: list[str], log: Path) -> float:
     """Run `cmd` (output to `log`); → its peak resident memory in GiB. Stops the bench if it fails."""
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+        p = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"},
+        )
         _, status, usage = os.wait4(p.pid, 0)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"failed: {' '.join(cmd)}; log: {log}")
-    return usage.ru_maxrss / 2 ** 20  # KiB → GiB
+    return usage.ru_maxrss / 2**20  # KiB → GiB
 
 
 def run_trl(a: BenchConfig, seed: int, out: Path) -> tuple[list[dict], float]:
     out.mkdir(parents=True, exist_ok=True)
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(a).items() if k not in ("side", "seed", "out")]
     mem = child([sys.executable, __file__, *argv, "--side=trl", f"--seed={seed}", f"--out={out}"], out / "log.txt")
-    rows = [json.loads(l) for l in (out / "batches.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "batches.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "rollouts"} for r in rows], mem  # the texts stay in batches.jsonl
 
 
 def run_ours(a: BenchConfig, seed: int, out: Path) -> tuple[list[dict], float]:
     out.mkdir(parents=True, exist_ok=True)
-    mem = child([sys.executable, "train_rl.py", "--policy", a.policy, "--prompts", a.prompts, "--prmu", "none",
-                 "--out", str(out), "--resume", "", "--seed", str(seed), "--precision", "fp32", "--train-layers", "-1",
-                 "--global-batch", str(a.prompts_per_batch), "--group", str(a.group), "--mini-batches",
-                 str(a.updates), "--micro-batch", str(a.prompts_per_batch * a.group // a.updates),
-                 "--max-new-tokens", str(a.max_new), "--temperature", str(a.temperature), "--lr", str(a.lr),
-                 "--clip-low", str(a.clip_low), "--clip-high", str(a.clip_high), "--warmup-steps", "0",
-                 "--max-steps", str(a.batches), "--guided-epochs", "1000", "--overlong", "keep",
-                 "--save-every", "100000", "--rollouts-every", "1", "--old-logp", a.old_logp], out / "log.txt")
+    mem = child(
+        [
+            sys.executable,
+            "train_rl.py",
+            "--policy",
+            a.policy,
+            "--prompts",
+            a.prompts,
+            "--prmu",
+            "none",
+            "--out",
+            str(out),
+            "--resume",
+            "",
+            "--seed",
+            str(seed),
+            "--precision",
+            "fp32",
+            "--train-layers",
+            "-1",
+            "--global-batch",
+            str(a.prompts_per_batch),
+            "--group",
+            str(a.group),
+            "--mini-batches",
+            str(a.updates),
+            "--micro-batch",
+            str(a.prompts_per_batch * a.group // a.updates),
+            "--max-new-tokens",
+            str(a.max_new),
+            "--temperature",
+            str(a.temperature),
+            "--lr",
+            str(a.lr),
+            "--clip-low",
+            str(a.clip_low),
+            "--clip-high",
+            str(a.clip_high),
+            "--warmup-steps",
+            "0",
+            "--max-steps",
+            str(a.batches),
+            "--guided-epochs",
+            "1000",
+            "--overlong",
+            "keep",
+            "--save-every",
+            "100000",
+            "--rollouts-every",
+            "1",
+            "--old-logp",
+            a.old_logp,
+        ],
+        out / "log.txt",
+    )
     rows = []
-    for l in (out / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(l)
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
         if "reward" not in m:
             continue
         t = {k: m[f"time/{k}"] for k in ("rollout", "reward", "old_logp", "update")}
-        rows.append({"batch": m["step"], "reward": m["reward"], "generation": t["rollout"],
-                     "score_and_old_logp": t["reward"] + t["old_logp"], "updates": t["update"],
-                     "batch_time": sum(t.values()),
-                     "gen_tokens": m["response_len"] * a.prompts_per_batch * a.group,
-                     "samples": a.prompts_per_batch * a.group})
+        rows.append(
+            {
+                "batch": m["step"],
+                "reward": m["reward"],
+                "generation": t["rollout"],
+                "score_and_old_logp": t["reward"] + t["old_logp"],
+                "updates": t["update"],
+                "batch_time": sum(t.values()),
+                "gen_tokens": m["response_len"] * a.prompts_per_batch * a.group,
+                "samples": a.prompts_per_batch * a.group,
+            }
+        )
     return rows, mem
 
 
 # ----------------------------------------------------------------------------- the report
 
-PHASES = [("generation", "generation"), ("score_and_old_logp", "reward + old log-probs"),
-          ("updates", "the updates"), ("batch_time", "whole rollout batch")]
+PHASES = [
+    ("generation", "generation"),
+    ("score_and_old_logp", "reward + old log-probs"),
+    ("updates", "the updates"),
+    ("batch_time", "whole rollout batch"),
+]
 
 
 def summarize(runs: dict[str, dict[int, dict]], a: BenchConfig) -> tuple[str, dict]:
@@ -201,29 +313,46 @@ def summarize(runs: dict[str, dict[int, dict]], a: BenchConfig) -> tuple[str, di
         num[side]["peak_rss_gib"] = max(s["peak_rss_gib"] for s in runs[side].values())
         curve = [[s["rows"][b]["reward"] for s in runs[side].values()] for b in range(a.batches)]
         num[side]["reward"] = [{"mean": mean(c), "min": min(c), "max": max(c)} for c in curve]
-    lines = [f"| per rollout batch ({a.prompts_per_batch} prompts × {a.group}, ≤ {a.max_new} tokens, {a.updates} "
-             f"updates; mean of batches 2–{a.batches} over seeds {a.seeds}) | " + " | ".join(sides)
-             + (" | ours / TRL |" if len(sides) == 2 else " |"),
-             "|---|" + "---|" * (len(sides) + (len(sides) == 2))]
+    lines = [
+        f"| per rollout batch ({a.prompts_per_batch} prompts × {a.group}, ≤ {a.max_new} tokens, {a.updates} "
+        f"updates; mean of batches 2–{a.batches} over seeds {a.seeds}) | "
+        + " | ".join(sides)
+        + (" | ours / TRL |" if len(sides) == 2 else " |"),
+        "|---|" + "---|" * (len(sides) + (len(sides) == 2)),
+    ]
     ratio = lambda key: f" | {num['ours'][key] / num['trl'][key]:.2f} |" if len(sides) == 2 else " |"
     for key, label in PHASES:
         lines.append(f"| {label} (s) | " + " | ".join(f"{num[s][key]:.1f}" for s in sides) + ratio(key))
-    lines.append("| generated tokens / s | " + " | ".join(f"{num[s]['tokens_per_s']:.0f}" for s in sides)
-                 + ratio("tokens_per_s"))
-    lines.append("| mean completion length (tokens) | " + " | ".join(f"{num[s]['mean_length']:.1f}" for s in sides)
-                 + ratio("mean_length"))
-    lines.append("| peak resident memory (GiB) | " + " | ".join(f"{num[s]['peak_rss_gib']:.2f}" for s in sides)
-                 + ratio("peak_rss_gib"))
-    lines += ["", "| rollout batch | " + " | ".join(f"{s} reward: mean [min, max] over seeds" for s in sides) + " |",
-              "|---|" + "---|" * len(sides)]
+    lines.append(
+        "| generated tokens / s | " + " | ".join(f"{num[s]['tokens_per_s']:.0f}" for s in sides) + ratio("tokens_per_s")
+    )
+    lines.append(
+        "| mean completion length (tokens) | "
+        + " | ".join(f"{num[s]['mean_length']:.1f}" for s in sides)
+        + ratio("mean_length")
+    )
+    lines.append(
+        "| peak resident memory (GiB) | "
+        + " | ".join(f"{num[s]['peak_rss_gib']:.2f}" for s in sides)
+        + ratio("peak_rss_gib")
+    )
+    lines += [
+        "",
+        "| rollout batch | " + " | ".join(f"{s} reward: mean [min, max] over seeds" for s in sides) + " |",
+        "|---|" + "---|" * len(sides),
+    ]
     for b in range(a.batches):
-        lines.append(f"| {b + 1} | " + " | ".join(
-            "{mean:.3f} [{min:.3f}, {max:.3f}]".format(**num[s]["reward"][b]) for s in sides) + " |")
+        lines.append(
+            f"| {b + 1} | "
+            + " | ".join("{mean:.3f} [{min:.3f}, {max:.3f}]".format(**num[s]["reward"][b]) for s in sides)
+            + " |"
+        )
     return "\n".join(lines) + "\n", num
 
 
 def plot(num: dict, a: BenchConfig, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -253,8 +382,9 @@ def main(argv=None):
         if not path.is_file() and not (what == "--policy" and a.policy in ("tiny", "smollm2-135m")):
             raise config.ConfigError(f"{what}: {path} not found (run `bash scripts/demo.sh` first, or pass {what})")
     if (a.prompts_per_batch * a.group) % a.updates:
-        raise config.ConfigError(f"--updates {a.updates} must divide the rollout batch "
-                                 f"({a.prompts_per_batch} × {a.group})")
+        raise config.ConfigError(
+            f"--updates {a.updates} must divide the rollout batch ({a.prompts_per_batch} × {a.group})"
+        )
     seeds = [int(s) for s in a.seeds.split(",") if s]
     runs: dict[str, dict[int, dict]] = {}
     for side in [s for s in a.sides.split(",") if s]:
@@ -262,11 +392,17 @@ def main(argv=None):
             t0 = time.time()
             rows, mem = (run_trl if side == "trl" else run_ours)(a, seed, out / f"{side}_seed{seed}")
             runs.setdefault(side, {})[seed] = {"rows": rows, "peak_rss_gib": mem, "wall_s": time.time() - t0}
-            print(f"{side} seed {seed}: {time.time() - t0:.0f} s, rewards "
-                  + " ".join(f"{r['reward']:.3f}" for r in rows), flush=True)
+            print(
+                f"{side} seed {seed}: {time.time() - t0:.0f} s, rewards "
+                + " ".join(f"{r['reward']:.3f}" for r in rows),
+                flush=True,
+            )
     table, num = summarize(runs, a)
-    cpu = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512_bf16", "amx_bf16"}) \
-        if Path("/proc/cpuinfo").is_file() else []
+    cpu = (
+        sorted(set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512_bf16", "amx_bf16"})
+        if Path("/proc/cpuinfo").is_file()
+        else []
+    )
     write_json(out / "results.json", {"config": asdict(a), "cpu_flags": cpu, "runs": runs, "summary": num})
     atomic_write_text(out / "results.md", table)
     plot(num, a, out / "vs_trl.png")

@@ -19,6 +19,7 @@ mean and range over seeds) and the data manifest's filter counts; `<run>/timings
 Each trainer keeps only its latest checkpoint (`--keep 1`). The stages allocate with jemalloc where the machine has
 it (`--malloc`; `scripts/demo.sh` installs it as root on Debian/Ubuntu): ~17 % less wall time.
 """
+
 from __future__ import annotations
 
 import ctypes.util
@@ -36,9 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tagpr import config, hardware, metrics, plot  # noqa: E402  (the repository root first: the demo runs from a checkout)
-from tagpr.evaluation import LABELS  # noqa: E402
-from tagpr.files import atomic_write_text  # noqa: E402
+from tagpr import config, demo_report, hardware  # noqa: E402  (the repository root first: the demo runs from a checkout)
 
 PY = sys.executable
 
@@ -55,7 +54,9 @@ def malloc_env(choice: str) -> dict[str, str]:
     lib = ctypes.util.find_library("jemalloc")
     if lib is None:
         if choice == "jemalloc":
-            raise config.ConfigError("--malloc jemalloc: no libjemalloc on this machine (Debian/Ubuntu: apt install libjemalloc2)")
+            raise config.ConfigError(
+                "--malloc jemalloc: no libjemalloc on this machine (Debian/Ubuntu: apt install libjemalloc2)"
+            )
         return {}
     preload = " ".join(x for x in (os.environ.get("LD_PRELOAD", ""), lib) if x)
     return {"LD_PRELOAD": preload, "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
@@ -66,8 +67,15 @@ def run(cmd: list[str], log: Path) -> None:
     print("$", " ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+        p = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         for line in p.stdout:
             f.write(line)
             if "it/s]" not in line and "s/it]" not in line:  # progress bars go to the log only
@@ -94,45 +102,47 @@ class Timer:
 
 @dataclass
 class DemoConfig:
-    run: str = "runs/demo"              # the run folder (rerun the same command to resume)
-    policy: str = "smollm2-135m"        # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
-    tasks: str = "LaMP_2"               # comma-separated synthetic tasks
+    run: str = "runs/demo"  # the run folder (rerun the same command to resume)
+    policy: str = "smollm2-135m"  # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
+    tasks: str = "LaMP_2"  # comma-separated synthetic tasks
     difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules: "easy" (lexical evidence, LaMP_2 only)
-                                        # or "hard" (docs/synthetic.md)
-    k: int = 2                          # profile items in every prompt
+    # or "hard" (docs/synthetic.md)
+    k: int = 2  # profile items in every prompt
     chain_style: Literal["full", "terse"] = "full"  # the simulated teacher's steps: "full" (~160 tokens a tagged
-                                        # chain) or "terse" (~110: ~0.86x the demo's time, and an RL gain that
-                                        # cleared on one of three seed draws: docs/rl_experiments.md)
+    # chain) or "terse" (~110: ~0.86x the demo's time, and an RL gain that
+    # cleared on one of three seed draws: docs/rl_experiments.md)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage: auto = bf16 where the CPU has
-                                        # AVX512-BF16 / AMX, else fp32; bf16 elsewhere stops before any work
-    sft_steps: int = 12                 # SFT optimizer steps
-    sft_batch: int = 8                  # SFT sequences per step
-    sft_lr: float = 2e-4                # SFT learning rate (1e-4 with all layers: docs/rl_experiments.md)
-    sft_train_layers: int = 16          # SFT trains the policy's top N decoder layers (-1: all). SmolLM2 has 30:
-                                        # 16 take ~0.6x the SFT time of all; all at --sft-lr 1e-4 is the recipe before
-    prmu_steps: int = 20                # PRMU (tiny backbone) Bradley-Terry steps
-    rl_steps: int = 2                   # GSPO steps per seed (3 at lr 1.3e-4 before; 4 at lr 1e-4 before d28910f:
-                                        # each step ~1 min a seed in fp32 AVX2)
-    rl_train_layers: int = 4            # RL trains the top N decoder layers (-1: all)
-    rl_prompts: int = 8                 # prompts per rollout batch (all ranks)
-    rl_group: int = 4                   # rollouts per prompt (G)
-    rl_lr: float = 2e-4                 # GSPO learning rate (2 steps × 2e-4 ≈ the 3 × 1.3e-4 and 4 × 1e-4 before)
-    rl_temperature: float = 1.0         # rollout temperature (paper: 1); the sampled score is taken at it
-    rl_max_new: int = 160               # new tokens per rollout (and per held-out answer) at most
-    rl_overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at rl_max_new: kept (the paper) or out of the loss (DAPO)
+    # AVX512-BF16 / AMX, else fp32; bf16 elsewhere stops before any work
+    sft_steps: int = 12  # SFT optimizer steps
+    sft_batch: int = 8  # SFT sequences per step
+    sft_lr: float = 2e-4  # SFT learning rate (1e-4 with all layers: docs/rl_experiments.md)
+    sft_train_layers: int = 16  # SFT trains the policy's top N decoder layers (-1: all). SmolLM2 has 30:
+    # 16 take ~0.6x the SFT time of all; all at --sft-lr 1e-4 is the recipe before
+    prmu_steps: int = 20  # PRMU (tiny backbone) Bradley-Terry steps
+    rl_steps: int = 2  # GSPO steps per seed (3 at lr 1.3e-4 before; 4 at lr 1e-4 before d28910f:
+    # each step ~1 min a seed in fp32 AVX2)
+    rl_train_layers: int = 4  # RL trains the top N decoder layers (-1: all)
+    rl_prompts: int = 8  # prompts per rollout batch (all ranks)
+    rl_group: int = 4  # rollouts per prompt (G)
+    rl_lr: float = 2e-4  # GSPO learning rate (2 steps × 2e-4 ≈ the 3 × 1.3e-4 and 4 × 1e-4 before)
+    rl_temperature: float = 1.0  # rollout temperature (paper: 1); the sampled score is taken at it
+    rl_max_new: int = 160  # new tokens per rollout (and per held-out answer) at most
+    rl_overlong: Literal["keep", "mask"] = (
+        "keep"  # rollouts cut at rl_max_new: kept (the paper) or out of the loss (DAPO)
+    )
     rl_old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # GSPO's old log-probs: the sampler's (auto in
-                                        # fp32, where they agree with a recomputation to summation order) or a
-                                        # no-grad pass (auto in bf16; train_rl.py departure 6)
-    rl_eval_every: int = 0              # held-out scores every N GSPO steps too (0: before the first and at the end only)
-    seeds: str = "0,1,2"                # RL seeds, comma-separated: the table shows each and their mean
-    eval_questions: int = 64            # held-out dev questions per task (users disjoint from training)
-    eval_samples: int = 2               # samples per held-out question for the sampled score (4: ~1.3x the scoring)
-    base_methods: str = "zero-shot"     # the base model's rows (evaluate.py methods: rag, rag-r, r2p add rows and time)
-    nproc: int = 2                      # ranks of the RL stage (torch.distributed.run)
-    trunk_store: bool = True            # the held-out prompts' frozen-layer keys/values computed once for the SFT row
-                                        # and every seed (train_rl.py --eval-trunk-store; the same scores, bit for bit)
+    # fp32, where they agree with a recomputation to summation order) or a
+    # no-grad pass (auto in bf16; train_rl.py departure 6)
+    rl_eval_every: int = 0  # held-out scores every N GSPO steps too (0: before the first and at the end only)
+    seeds: str = "0,1,2"  # RL seeds, comma-separated: the table shows each and their mean
+    eval_questions: int = 64  # held-out dev questions per task (users disjoint from training)
+    eval_samples: int = 2  # samples per held-out question for the sampled score (4: ~1.3x the scoring)
+    base_methods: str = "zero-shot"  # the base model's rows (evaluate.py methods: rag, rag-r, r2p add rows and time)
+    nproc: int = 2  # ranks of the RL stage (torch.distributed.run)
+    trunk_store: bool = True  # the held-out prompts' frozen-layer keys/values computed once for the SFT row
+    # and every seed (train_rl.py --eval-trunk-store; the same scores, bit for bit)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
-                                        # it (auto), or glibc's (system)
+    # it (auto), or glibc's (system)
 
 
 def old_logp_source(a: DemoConfig, prec: str) -> str:
@@ -148,8 +158,10 @@ def main(argv=None):
         prec = "bf16" if hardware.bf16_matmul() else "fp32"
     else:
         prec = hardware.resolve_precision(a.precision, torch.device("cpu"))
-    print(f"stages allocate with {'jemalloc' if allocator else 'glibc malloc'}; matmuls in {prec} "
-          f"(CPU: {hardware.describe()})")
+    print(
+        f"stages allocate with {'jemalloc' if allocator else 'glibc malloc'}; matmuls in {prec} "
+        f"(CPU: {hardware.describe()})"
+    )
     run_dir = ROOT / a.run
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
@@ -157,200 +169,210 @@ def main(argv=None):
     data, sft, prmu = run_dir / "data", run_dir / "sft", run_dir / "prmu"
     seeds = [int(s) for s in a.seeds.split(",") if s]
     old_logp = old_logp_source(a, prec)
-    trunk = run_dir / "eval_trunk"    # the held-out prompts' keys/values in the frozen layers, shared by the seeds
+    trunk = run_dir / "eval_trunk"  # the held-out prompts' keys/values in the frozen layers, shared by the seeds
     t_start = time.time()
 
-    timer.stage("1 build_data", data / "eval_prompts_swap.jsonl",
-                [PY, "build_data.py", "--preset", "synthetic", "--out", str(data), "--tasks", a.tasks, "--k", str(a.k),
-                 "--difficulty", a.difficulty, "--chain-style", a.chain_style, "--instances-per-task", "200",
-                 "--chains", "2", "--rl-per-task", "256", "--rl-lamp2", "256", "--eval-prompts", str(a.eval_questions)],
-                logs / "build_data.log")
-    timer.stage("2 train_sft", sft / "model" / "config.json",
-                [PY, "train_sft.py", "--model", a.policy, "--sft", str(data / "sft.jsonl"), "--out", str(sft),
-                 "--lr", str(a.sft_lr), "--global-batch", str(a.sft_batch), "--micro-batch", "4",
-                 "--max-steps", str(a.sft_steps), "--epochs", "10", "--max-len", "1024", "--eval-frac", "0.02",
-                 "--eval-every", "1000", "--save-every", "6", "--keep", "1", "--warmup-ratio", "0.1",
-                 "--precision", prec, "--train-layers", str(a.sft_train_layers)],
-                logs / "train_sft.log")
-    timer.stage("3 train_prmu", prmu / "model" / "users.json",
-                [PY, "train_prmu.py", "--preset", "tiny", "--prp", str(data / "prp.jsonl"), "--pqp",
-                 str(data / "pqp.jsonl"), "--out", str(prmu), "--max-steps", str(a.prmu_steps), "--epochs", "5",
-                 "--save-every", "10"], logs / "train_prmu.log")
+    timer.stage(
+        "1 build_data",
+        data / "eval_prompts_swap.jsonl",
+        [
+            PY,
+            "build_data.py",
+            "--preset",
+            "synthetic",
+            "--out",
+            str(data),
+            "--tasks",
+            a.tasks,
+            "--k",
+            str(a.k),
+            "--difficulty",
+            a.difficulty,
+            "--chain-style",
+            a.chain_style,
+            "--instances-per-task",
+            "200",
+            "--chains",
+            "2",
+            "--rl-per-task",
+            "256",
+            "--rl-lamp2",
+            "256",
+            "--eval-prompts",
+            str(a.eval_questions),
+        ],
+        logs / "build_data.log",
+    )
+    timer.stage(
+        "2 train_sft",
+        sft / "model" / "config.json",
+        [
+            PY,
+            "train_sft.py",
+            "--model",
+            a.policy,
+            "--sft",
+            str(data / "sft.jsonl"),
+            "--out",
+            str(sft),
+            "--lr",
+            str(a.sft_lr),
+            "--global-batch",
+            str(a.sft_batch),
+            "--micro-batch",
+            "4",
+            "--max-steps",
+            str(a.sft_steps),
+            "--epochs",
+            "10",
+            "--max-len",
+            "1024",
+            "--eval-frac",
+            "0.02",
+            "--eval-every",
+            "1000",
+            "--save-every",
+            "6",
+            "--keep",
+            "1",
+            "--warmup-ratio",
+            "0.1",
+            "--precision",
+            prec,
+            "--train-layers",
+            str(a.sft_train_layers),
+        ],
+        logs / "train_sft.log",
+    )
+    timer.stage(
+        "3 train_prmu",
+        prmu / "model" / "users.json",
+        [
+            PY,
+            "train_prmu.py",
+            "--preset",
+            "tiny",
+            "--prp",
+            str(data / "prp.jsonl"),
+            "--pqp",
+            str(data / "pqp.jsonl"),
+            "--out",
+            str(prmu),
+            "--max-steps",
+            str(a.prmu_steps),
+            "--epochs",
+            "5",
+            "--save-every",
+            "10",
+        ],
+        logs / "train_prmu.log",
+    )
     for i, s in enumerate(seeds):
         rl = run_dir / f"rl_seed{s}"
-        timer.stage(f"4 train_rl seed {s}", rl / "model" / "config.json",
-                    [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py", "--policy",
-                     str(sft / "model"), "--prmu", str(prmu / "model"), "--prompts", str(data / "rl_prompts.jsonl"),
-                     "--out", str(rl), "--seed", str(s), "--lr", str(a.rl_lr), "--global-batch", str(a.rl_prompts),
-                     "--group", str(a.rl_group), "--mini-batches", "2", "--micro-batch", "8", "--max-new-tokens",
-                     str(a.rl_max_new), "--max-steps", str(a.rl_steps), "--guided-epochs", "100",
-                     "--temperature", str(a.rl_temperature), "--overlong", a.rl_overlong, "--old-logp", old_logp,
-                     "--eval-prompts", str(data / "eval_prompts.jsonl"), "--eval-swap-prompts",
-                     str(data / "eval_prompts_swap.jsonl"), "--eval-samples", str(a.eval_samples),
-                     "--eval-every", str(a.rl_eval_every), "--eval-before" if i == 0 else "--no-eval-before",
-                     "--save-every", "2", "--keep", "1", "--precision", prec, "--train-layers", str(a.rl_train_layers),
-                     "--eval-trunk-store", str(trunk) if a.trunk_store else ""],
-                    logs / f"train_rl_seed{s}.log")
+        timer.stage(
+            f"4 train_rl seed {s}",
+            rl / "model" / "config.json",
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={a.nproc}",
+                "train_rl.py",
+                "--policy",
+                str(sft / "model"),
+                "--prmu",
+                str(prmu / "model"),
+                "--prompts",
+                str(data / "rl_prompts.jsonl"),
+                "--out",
+                str(rl),
+                "--seed",
+                str(s),
+                "--lr",
+                str(a.rl_lr),
+                "--global-batch",
+                str(a.rl_prompts),
+                "--group",
+                str(a.rl_group),
+                "--mini-batches",
+                "2",
+                "--micro-batch",
+                "8",
+                "--max-new-tokens",
+                str(a.rl_max_new),
+                "--max-steps",
+                str(a.rl_steps),
+                "--guided-epochs",
+                "100",
+                "--temperature",
+                str(a.rl_temperature),
+                "--overlong",
+                a.rl_overlong,
+                "--old-logp",
+                old_logp,
+                "--eval-prompts",
+                str(data / "eval_prompts.jsonl"),
+                "--eval-swap-prompts",
+                str(data / "eval_prompts_swap.jsonl"),
+                "--eval-samples",
+                str(a.eval_samples),
+                "--eval-every",
+                str(a.rl_eval_every),
+                "--eval-before" if i == 0 else "--no-eval-before",
+                "--save-every",
+                "2",
+                "--keep",
+                "1",
+                "--precision",
+                prec,
+                "--train-layers",
+                str(a.rl_train_layers),
+                "--eval-trunk-store",
+                str(trunk) if a.trunk_store else "",
+            ],
+            logs / f"train_rl_seed{s}.log",
+        )
     shutil.rmtree(trunk, ignore_errors=True)  # derived data (~1.6 GB for the demo's 128 prompts): not kept
     lamp_dir = data / "synthetic_lamp"
-    timer.stage("5 evaluate base", run_dir / "eval" / "base" / "table.md",
-                [PY, "evaluate.py", "--model", a.policy, "--methods", f"{a.base_methods},floor,oracle",
-                 "--out", str(run_dir / "eval" / "base"), "--lamp-dir", str(lamp_dir), "--tasks", a.tasks,
-                 "--limit", str(a.eval_questions), "--k", str(a.k), "--tags", str(data / "tags.json"),
-                 "--r2p-candidates", "2", "--r2p-chunk", "96", "--r2p-max-tokens", "192", "--r2p-budget-words", "120",
-                 "--r2p-interventions", "1", "--precision", prec], logs / "evaluate_base.log")
-    report(run_dir, a, seeds, timer.t, time.time() - t_start, prec)
-
-
-KINDS = ("greedy", "sampled", "swap")
-
-
-def _scores(path: Path) -> dict[str, dict[str, float]]:
-    """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
-    "swap" (greedy on the swapped profiles)."""
-    per = json.loads(path.read_text())
-    return {"greedy": {i: v["greedy"] for i, v in per["held_out"].items()},
-            "sampled": {i: v["sampled"] for i, v in per["held_out"].items()},
-            "swap": {i: v["greedy"] for i, v in per["swap"].items()}}
-
-
-def mean(xs) -> float:
-    return sum(xs) / len(xs)
-
-
-def cell(vals) -> str:
-    """A table cell: the mean over questions and its 95 % bootstrap interval."""
-    lo, hi = metrics.bootstrap_ci(vals)
-    return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def scored_steps(rl_dir: Path) -> set[int]:
-    """The steps at which an RL run scored the held-out prompts (its held_out_step<N>.json files)."""
-    return {int(p.stem.removeprefix("held_out_step")) for p in rl_dir.glob("held_out_step*.json")}
-
-
-def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
-    """({kind: {question: score}} of the SFT model (seed 0's step 0), the same of each seed's last evaluation,
-    {seed: its last step})."""
-    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
-    last = {s: max(scored_steps(d)) for s, d in rl.items()}
-    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
-    return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
-
-
-def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tuple[str, dict]:
-    """The held-out table (markdown) and the per-question mean over seeds of each kind."""
-    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
-
-    def base_cell(name):
-        m = base[name][task]
-        ci = m.get("accuracy_ci95")
-        return f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['accuracy']:.3f}"
-
-    row = lambda label, sc: f"| {label} | " + " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS) + " |"
-    avg = {k: {i: mean([rl[s][k][i] for s in seeds]) for i in ids} for k in KINDS}
-    lines = ["| model (held-out users) | greedy accuracy | sampled accuracy (T = "
-             f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) |", "|---|---|---|---|",
-             f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | |"]
-    lines += [f"| Base model: {LABELS.get(m, m)} | {base_cell(m)} | | |" for m in a.base_methods.split(",") if m]
-    lines.append(row("After SFT (tagged reasoning)", sft))
-    lines += [row(f"After SFT + RL, seed {s} ({last[s]} steps)", rl[s]) for s in seeds]
-    lines.append(row(f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", avg))
-    lines.append(f"| Oracle ceiling (latent rule) | {base_cell('oracle')} | | |")
-    return "\n".join(lines), avg
-
-
-def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids) -> dict:
-    """RL against SFT on one kind of score: the mean over seeds' paired gain, its 95 % bootstrap interval over
-    questions, each seed's gain and their spread (max − min); `clears`: the interval above 0 and the gain above
-    the spread (issue #21's test)."""
-    diff = [mean([rl[s][kind][i] for s in seeds]) - sft[kind][i] for i in ids]
-    lo, hi = metrics.bootstrap_ci(diff)
-    gains = [mean([rl[s][kind][i] - sft[kind][i] for i in ids]) for s in seeds]
-    spread = max(gains) - min(gains)
-    return {"gain": mean(diff), "lo": lo, "hi": hi, "seeds": gains, "spread": spread,
-            "clears": lo > 0 and mean(diff) > spread}
-
-
-def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
-    """What the table shows and what not: SFT against base; RL against SFT (paired interval and seed spread);
-    the profile-swap drops."""
-    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
-    out = []
-    base_best = max(base[m][task]["accuracy"] for m in a.base_methods.split(",") if m)
-    sft_greedy = mean([sft["greedy"][i] for i in ids])
-    out.append(f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
-               f"({'yes' if sft_greedy > base_best else 'no'}).")
-    for k in ("sampled", "greedy"):
-        g = rl_gain(sft, rl, seeds, k, ids)
-        out.append(f"- SFT + RL > SFT, {k}: gain {g['gain']:+.3f}, 95 % interval of the paired difference "
-                   f"[{g['lo']:+.3f}, {g['hi']:+.3f}], per seed {', '.join(f'{x:+.3f}' for x in g['seeds'])} (spread "
-                   f"{g['spread']:.3f}): {'yes' if g['clears'] else 'not shown'} (needs the interval above 0 and the "
-                   "gain above the spread).")
-    for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
-        diff = [sc["greedy"][i] - sc["swap"][i] for i in ids]
-        lo, hi = metrics.bootstrap_ci(diff)
-        out.append(f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
-                   f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'}).")
-    return out
-
-
-def gain_curve(run_dir: Path, seeds) -> str:
-    """The held-out gain over SFT at every step that all seeds scored (markdown): sampled and greedy, each with its
-    interval, per-seed gains, spread and whether it clears; and the GSPO time to that step (mean over seeds, held-out
-    scoring excluded). Where the first "yes" appears is the smallest RL budget that showed the gain."""
-    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
-    steps = sorted(set.intersection(*(scored_steps(d) for d in rl.values())) - {0})
-    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
-    ids = sorted(sft["greedy"])
-    rows = {s: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}
-    step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "old_logp", "update"))
-    lines = ["| GSPO steps | GSPO time to it (s, mean of seeds) | sampled gain [95 %] | per seed | spread | clears "
-             "| greedy gain [95 %] | per seed | spread | clears |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n in steps:
-        at = {s: _scores(rl[s] / f"held_out_step{n}.json") for s in seeds}
-        t = mean([sum(step_time(r) for r in rows[s] if 0 < r["step"] <= n) for s in seeds])
-        cells = []
-        for k in ("sampled", "greedy"):
-            g = rl_gain(sft, at, seeds, k, ids)
-            cells += [f"{g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]", ", ".join(f"{x:+.3f}" for x in g["seeds"]),
-                      f"{g['spread']:.3f}", "yes" if g["clears"] else "no"]
-        lines.append(f"| {n} | {t:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str) -> None:
-    """report.md: the held-out table (each cell a 95 % bootstrap interval), the claims it supports or not, the
-    curves over seeds, the data filter counts and the time per stage."""
-    sft, rl, last = held_out_scores(run_dir, seeds)
-    base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
-    table, avg = results_table(a, base, sft, rl, last, seeds)
-    said = claims(a, base, sft, rl, avg, seeds)
-    png = plot.seeds_plot({f"seed {s}": run_dir / f"rl_seed{s}" / "metrics.jsonl" for s in seeds},
-                          run_dir / "curves.png")
-    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
-    counts = "\n".join(f"| {k} | {v['in']} | {v['out']} | "
-                       + ", ".join(f"{r} {n}" for r, n in v["dropped"].items()) + " |"
-                       for k, v in manifest["stages"].items() if isinstance(v, dict) and "in" in v)
-    md = (f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
-          f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
-          f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
-          f"SFT {a.sft_steps} steps × {a.sft_batch}"
-          f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; "
-          f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
-          f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
-          f"top {a.rl_train_layers} layers, lr {a.rl_lr}, old log-probs: {old_logp_source(a, prec)}. "
-          "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
-          "profile-swap column shows each question another held-out user's profile (a model that personalizes "
-          "falls towards the floor there).\n\n"
-          f"{table}\n\n## What the table shows\n\n" + "\n".join(said) + "\n\n"
-          "## Held-out gain over SFT against GSPO steps\n\n" + gain_curve(run_dir, seeds) + "\n\n"
-          f"![held-out scores and training reward over seeds]({png.name})\n"
-          + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"
-          + "\n## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
-          + f"\n- this invocation, wall: {wall:.0f}\n")
-    atomic_write_text(run_dir / "report.md", md)
-    print("\n" + table + "\n\n" + "\n".join(said) + f"\n\nreport: {run_dir / 'report.md'}")
+    timer.stage(
+        "5 evaluate base",
+        run_dir / "eval" / "base" / "table.md",
+        [
+            PY,
+            "evaluate.py",
+            "--model",
+            a.policy,
+            "--methods",
+            f"{a.base_methods},floor,oracle",
+            "--out",
+            str(run_dir / "eval" / "base"),
+            "--lamp-dir",
+            str(lamp_dir),
+            "--tasks",
+            a.tasks,
+            "--limit",
+            str(a.eval_questions),
+            "--k",
+            str(a.k),
+            "--tags",
+            str(data / "tags.json"),
+            "--r2p-candidates",
+            "2",
+            "--r2p-chunk",
+            "96",
+            "--r2p-max-tokens",
+            "192",
+            "--r2p-budget-words",
+            "120",
+            "--r2p-interventions",
+            "1",
+            "--precision",
+            prec,
+        ],
+        logs / "evaluate_base.log",
+    )
+    demo_report.report(run_dir, a, seeds, timer.t, time.time() - t_start, prec, old_logp)
 
 
 if __name__ == "__main__":

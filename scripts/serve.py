@@ -10,6 +10,7 @@ It listens on 127.0.0.1 only, prints one line when it answers `/health`, and ser
 llama.cpp returns a continued assistant message with its prefix (`tagpr.llm` detects that and keeps the
 continuation only; vLLM returns the continuation alone).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def start(gguf: Path, port: int, ctx: int = 4096, parallel: int = 2, threads: in
     p.model.path = str(gguf)
     p.hostnames = ["127.0.0.1"]
     p.port = port
-    p.n_ctx = ctx * parallel           # llama.cpp splits the context between the parallel slots
+    p.n_ctx = ctx * parallel  # llama.cpp splits the context between the parallel slots
     p.n_parallel = parallel
     p.cpuparams.n_threads = threads
     p.cpuparams_batch.n_threads = threads

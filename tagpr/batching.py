@@ -1,15 +1,17 @@
 """Which records make each step's batch, and how they become tensors: epochs cut into (length-grouped or
 stratified) batches, the stable held-out split, right padding, and packing into rows."""
+
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 
-def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int, group_by_length: bool = True,
-                  window: int = 8) -> list[list[int]]:
+def epoch_batches(
+    lengths: Sequence[int], batch: int, epoch: int, seed: int, group_by_length: bool = True, window: int = 8
+) -> list[list[int]]:
     """Indices of one epoch, cut into global batches; deterministic in (seed, epoch).
 
     Length grouping: shuffle, then sort by length inside windows of `window` batches and
@@ -19,8 +21,8 @@ def epoch_batches(lengths: Sequence[int], batch: int, epoch: int, seed: int, gro
     order = torch.randperm(len(lengths), generator=g).tolist()
     if group_by_length:
         w = batch * window
-        order = [i for a in range(0, len(order), w) for i in sorted(order[a:a + w], key=lambda i: -lengths[i])]
-    batches = [order[a:a + batch] for a in range(0, len(order), batch)]
+        order = [i for a in range(0, len(order), w) for i in sorted(order[a : a + w], key=lambda i: -lengths[i])]
+    batches = [order[a : a + batch] for a in range(0, len(order), batch)]
     if group_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
@@ -46,7 +48,7 @@ def stratified_batches(keys: Sequence[str], batch: int, epoch: int, seed: int) -
         u, *ties = torch.rand(len(members) + 1, generator=g).tolist()  # the offset, then a tie-break per member
         placed += [((i + u) / len(members), t, m) for i, (m, t) in enumerate(zip(members, ties))]
     order = [m for _, _, m in sorted(placed)]  # ties between classes broken at random
-    return [order[a:a + batch] for a in range(0, len(order), batch)]
+    return [order[a : a + batch] for a in range(0, len(order), batch)]
 
 
 def held_out(record_id: str, frac: float) -> bool:
@@ -54,8 +56,9 @@ def held_out(record_id: str, frac: float) -> bool:
     return zlib.crc32(record_id.encode()) % 10_000 < frac * 10_000
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int, device
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad → input_ids (B, T), attention_mask (B, T), loss_mask (B, T − 1) aligned with
     next-token log-probs (position t scores token t + 1)."""
     T = max(2, max(len(s) for s in seqs))
@@ -63,9 +66,9 @@ def pad_batch(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad
     attn = torch.zeros((len(seqs), T), dtype=torch.long)
     tgt = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-        tgt[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        tgt[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
     return ids.to(device), attn.to(device), tgt[:, 1:].to(device)
 
 
@@ -85,8 +88,9 @@ def pack_rows(indices: Sequence[int], lengths: Sequence[int], max_len: int) -> l
     return rows
 
 
-def packed_batch(rows: Sequence[Sequence[int]], seqs, masks, pad_id: int, device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_batch(
+    rows: Sequence[Sequence[int]], seqs, masks, pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of concatenated sequences → input_ids (R, T), position_ids (R, T) restarting at 0 for
     every sequence (transformers then keeps attention inside each one: varlen flash-attention,
     or a block-diagonal mask), loss_mask (R, T − 1). The step from one sequence's last token to
@@ -99,9 +103,9 @@ def packed_batch(rows: Sequence[Sequence[int]], seqs, masks, pad_id: int, device
         at = 0
         for i in row:
             n = len(seqs[i])
-            ids[r, at:at + n] = torch.tensor(seqs[i])
-            pos[r, at:at + n] = torch.arange(n)
-            tgt[r, at:at + n] = torch.tensor(masks[i], dtype=torch.bool)
+            ids[r, at : at + n] = torch.tensor(seqs[i])
+            pos[r, at : at + n] = torch.arange(n)
+            tgt[r, at : at + n] = torch.tensor(masks[i], dtype=torch.bool)
             at += n
         pos[r, at:] = torch.arange(T - at)  # the padded tail is its own segment, never a target
     return ids.to(device), pos.to(device), tgt[:, 1:].to(device)

@@ -10,6 +10,7 @@ It is written as `step_….tmp` and renamed once every rank is done, so a run ki
 any moment leaves the previous checkpoint intact; `latest()` ignores `.tmp` folders.
 The LR schedule is a pure function of the step, so restoring the step restores it.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,12 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from . import dist
 from .files import read_json, write_json
@@ -36,8 +41,11 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,8 +68,9 @@ def latest(ckpt_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(_STEP.match(p.name).group(1))) if done else None
 
 
-def save(ckpt_dir: str | os.PathLike, step: int, model, optimizer, trainer_state: dict, config: dict,
-         keep: int = 2) -> Path:
+def save(
+    ckpt_dir: str | os.PathLike, step: int, model, optimizer, trainer_state: dict, config: dict, keep: int = 2
+) -> Path:
     d = dist.get()
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
@@ -135,7 +144,7 @@ def export_hf(model, lm, tokenizer, out_dir: str | os.PathLike) -> Path | None:
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_hf_folder({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, lm, tokenizer, tmp)
+    write_hf_folder({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, lm, tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     dist.barrier()

@@ -7,6 +7,7 @@ more frequent name). Names are clustered unweighted: weighting by how often a na
 emitted lets a frequent kind split into spelling variants while rare kinds merge (seen
 on the simulated expert's tags); counts only name and rank the clusters.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def kmeans(x: np.ndarray, k: int, weights: np.ndarray | None = None, restarts: int = 10, iters: int = 100,
-           seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+def kmeans(
+    x: np.ndarray, k: int, weights: np.ndarray | None = None, restarts: int = 10, iters: int = 100, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Weighted k-means. x (N, D), weights (N,) → (labels (N,), centroids (k, D), inertia)."""
     n = len(x)
     if not 1 <= k <= n:
@@ -27,12 +29,12 @@ def kmeans(x: np.ndarray, k: int, weights: np.ndarray | None = None, restarts: i
         # k-means++: each next centre drawn ∝ weight · squared distance to the nearest chosen one
         centres = [x[rng.choice(n, p=w / w.sum())]]
         for _ in range(1, k):
-            d2 = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)   # (N,)
+            d2 = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)  # (N,)
             p = w * d2
             centres.append(x[rng.choice(n, p=p / p.sum())] if p.sum() > 0 else x[rng.choice(n)])
-        c = np.asarray(centres)                                                            # (k, D)
+        c = np.asarray(centres)  # (k, D)
         for _ in range(iters):
-            labels = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)                   # (N,)
+            labels = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)  # (N,)
             new = c.copy()
             for j in range(k):
                 m = labels == j
@@ -50,13 +52,14 @@ def kmeans(x: np.ndarray, k: int, weights: np.ndarray | None = None, restarts: i
 
 @dataclass
 class TagCluster:
-    name: str                   # the most central member
-    count: int                  # emitted occurrences of all members
-    members: dict[str, int]     # member name → occurrences, most frequent first
+    name: str  # the most central member
+    count: int  # emitted occurrences of all members
+    members: dict[str, int]  # member name → occurrences, most frequent first
 
 
-def cluster_tags(counts: dict[str, int], vectors: np.ndarray, k: int = 9, restarts: int = 50, seed: int = 0
-                 ) -> list[TagCluster]:
+def cluster_tags(
+    counts: dict[str, int], vectors: np.ndarray, k: int = 9, restarts: int = 50, seed: int = 0
+) -> list[TagCluster]:
     """Free tag names (with counts) and their embeddings (rows in `counts` order) → k named clusters,
     most frequent first."""
     names = list(counts)

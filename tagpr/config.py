@@ -2,12 +2,13 @@
 
 Precedence: dataclass defaults (the paper's values) < `--preset NAME` < explicit flags.
 Booleans take `--flag` / `--no-flag`. The dataclass is the one source of the help: a field's
-comment (on its line and the comment lines right below it) is its help text, and a field typed
-`Literal[...]` accepts exactly those values.
+comment (on its line, and the comment lines right below it with no blank line between) is its help
+text, and a field typed `Literal[...]` accepts exactly those values.
 
 `run(main)` is how every entry script starts: a user's mistake (`DataError`, `ConfigError`) ends as
 one line, `error: <message>`, and exit status 2; `TAGPR_TRACEBACK=1` shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,28 +32,34 @@ class ConfigError(ValueError):
 
 
 def field_help(cls) -> dict[str, str]:
-    """Each field's comment in the class source: `name: type = default  # help`, continued by comment-only lines
-    indented below it. Fields without a comment are missing from the result."""
+    """Each field's comment in the class source: `name: type = default  # help`, continued by the comment-only
+    lines right below it (no blank line between: a comment after a blank line is the class's own). Fields without
+    a comment are missing from the result."""
     out: dict[str, str] = {}
-    current = None
+    current, last = None, 0  # the field whose help is being read, and the line its help reached
     try:
         lines = inspect.getsource(cls).splitlines(keepends=True)
-    except (OSError, TypeError):                                             # no source (e.g. typed at a prompt)
+    except (OSError, TypeError):  # no source (e.g. typed at a prompt)
         return out
     for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and current != tok.string and \
-                lines[tok.start[0] - 1][4:].startswith(tok.string + ":"):
-            current = tok.string                                             # a field's line (class body indent)
+        row = tok.start[0]
+        if (
+            tok.type == tokenize.NAME
+            and tok.start[1] == 4
+            and current != tok.string
+            and lines[row - 1][4:].startswith(tok.string + ":")
+        ):
+            current, last = tok.string, row  # a field's line (class body indent)
         elif tok.type == tokenize.NAME and tok.start[1] == 4:
             current = None
         elif tok.type == tokenize.COMMENT and current is not None:
-            line = lines[tok.start[0] - 1]
-            own_line = not line[:tok.start[1]].strip()
-            if own_line and tok.start[1] <= 4:                               # a comment of the class body: ends it
+            own_line = not lines[row - 1][: tok.start[1]].strip()
+            if own_line and row != last + 1:  # after a blank line or code: not this field's
                 current = None
                 continue
             text = tok.string.lstrip("#").strip()
             out[current] = f"{out[current]} {text}" if current in out and own_line else out.get(current, text)
+            last = row
     return out
 
 
@@ -78,8 +85,12 @@ def parser(cls, presets: dict[str, dict[str, Any]], description: str | None = No
     helps = field_help(cls)
     ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     if presets:
-        ap.add_argument("--preset", choices=sorted(presets), default=None,
-                        help="named sizes (each sets some of the flags below); explicit flags win")
+        ap.add_argument(
+            "--preset",
+            choices=sorted(presets),
+            default=None,
+            help="named sizes (each sets some of the flags below); explicit flags win",
+        )
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -107,7 +118,7 @@ def parse(cls, presets: dict[str, dict[str, Any]], argv=None, description: str |
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         choices = _choices(hints[name])
-        if choices and value not in choices:                                  # a preset's value, say
+        if choices and value not in choices:  # a preset's value, say
             raise ConfigError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(map(str, choices))}")
     return cls(**values), preset
 

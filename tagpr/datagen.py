@@ -32,14 +32,15 @@ Departures and choices (the paper leaves these open):
    instances themselves would need the teacher, judge and tagger on every RL instance too (the
    paper's 1,024–3,200 RL prompts a task: more calls than the SFT data), so they are not made.
 """
+
 from __future__ import annotations
 
 import random
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from . import lamp, retrieval, tags
 from .cluster import cluster_tags
@@ -60,13 +61,17 @@ JUDGE_KEYS = ("logical_consistency", "factual_accuracy", "completeness", "concis
 
 # ----------------------------------------------------------------------------- prompts and parsers
 
-TEACHER_WITH_PROFILE = ("Before answering, reason step by step about what this user's history above shows about "
-                        "them and how it applies to this input. Write each step on its own numbered line (1., 2., "
-                        "...). Then write the final answer on a last line that starts with `Answer:`, formatted "
-                        "exactly as the question asks.")
-TEACHER_BLIND = ("Before answering, reason step by step about the input. Write each step on its own numbered line "
-                 "(1., 2., ...). Then write the final answer on a last line that starts with `Answer:`, formatted "
-                 "exactly as the question asks.")
+TEACHER_WITH_PROFILE = (
+    "Before answering, reason step by step about what this user's history above shows about "
+    "them and how it applies to this input. Write each step on its own numbered line (1., 2., "
+    "...). Then write the final answer on a last line that starts with `Answer:`, formatted "
+    "exactly as the question asks."
+)
+TEACHER_BLIND = (
+    "Before answering, reason step by step about the input. Write each step on its own numbered line "
+    "(1., 2., ...). Then write the final answer on a last line that starts with `Answer:`, formatted "
+    "exactly as the question asks."
+)
 
 
 def teacher_prompt(task: lamp.Task, q: lamp.Question, items: Sequence[lamp.Item], with_profile: bool) -> str:
@@ -98,14 +103,16 @@ def parse_teacher(text: str) -> tuple[str, str, str]:
 
 
 def judge_prompt(task: lamp.Task, q: lamp.Question, items, reasoning: str, answer: str, gold: str) -> str:
-    return ("You are grading the reasoning of an assistant that personalizes its answer to a user.\n\n"
-            f"Question, with the user's history:\n{lamp.augment(task, q.input, items)}\n\n"
-            f"Reasoning:\n{reasoning}\n\nFinal answer: {answer}\nReference answer: {gold}\n\n"
-            "Score the reasoning from 1 (poor) to 5 (excellent) on: logical_consistency (each step follows from "
-            "the last and leads to the answer), factual_accuracy (it states the input and the history correctly), "
-            "completeness (it uses the history that matters), conciseness (no repetition or padding). "
-            'Reply with JSON only: {"logical_consistency": n, "factual_accuracy": n, "completeness": n, '
-            '"conciseness": n}')
+    return (
+        "You are grading the reasoning of an assistant that personalizes its answer to a user.\n\n"
+        f"Question, with the user's history:\n{lamp.augment(task, q.input, items)}\n\n"
+        f"Reasoning:\n{reasoning}\n\nFinal answer: {answer}\nReference answer: {gold}\n\n"
+        "Score the reasoning from 1 (poor) to 5 (excellent) on: logical_consistency (each step follows from "
+        "the last and leads to the answer), factual_accuracy (it states the input and the history correctly), "
+        "completeness (it uses the history that matters), conciseness (no repetition or padding). "
+        'Reply with JSON only: {"logical_consistency": n, "factual_accuracy": n, "completeness": n, '
+        '"conciseness": n}'
+    )
 
 
 def parse_judge(text: str) -> dict[str, int] | None:
@@ -121,16 +128,20 @@ def parse_judge(text: str) -> dict[str, int] | None:
 
 
 def explore_prompt(reasoning: str) -> str:
-    return ("Split the reasoning below into its steps. Wrap each step in a tag that you name yourself after what "
-            "the step does, in snake_case, like <tag_name> step text </tag_name>. Keep the text of every step. "
-            f"Output only the tagged steps.\n\nReasoning:\n{reasoning}")
+    return (
+        "Split the reasoning below into its steps. Wrap each step in a tag that you name yourself after what "
+        "the step does, in snake_case, like <tag_name> step text </tag_name>. Keep the text of every step. "
+        f"Output only the tagged steps.\n\nReasoning:\n{reasoning}"
+    )
 
 
 def restrict_prompt(reasoning: str, vocab: Sequence[str], min_tags: int) -> str:
     names = ", ".join(f"<{t}>" for t in vocab)
-    return (f"Split the reasoning below into its steps and wrap each step in exactly one of these tags, the one "
-            f"that fits what the step does: {names}. Use no other tag and at least {min_tags} steps. Keep the text "
-            f"of every step. Output only the tagged steps.\n\nReasoning:\n{reasoning}")
+    return (
+        f"Split the reasoning below into its steps and wrap each step in exactly one of these tags, the one "
+        f"that fits what the step does: {names}. Use no other tag and at least {min_tags} steps. Keep the text "
+        f"of every step. Output only the tagged steps.\n\nReasoning:\n{reasoning}"
+    )
 
 
 def parse_tagged(text: str) -> tags.Parsed:
@@ -144,6 +155,7 @@ def normalise_tag(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- records
+
 
 @dataclass
 class Instance:
@@ -164,16 +176,23 @@ class Instance:
 @dataclass
 class Chain:
     inst: Instance
-    sample: int                      # -1: the no-profile response
+    sample: int  # -1: the no-profile response
     reasoning: str = ""
     answer: str = ""
-    score: float = 0.0               # accuracy: 1/0 exact, or ROUGE-1 F
+    score: float = 0.0  # accuracy: 1/0 exact, or ROUGE-1 F
     judge: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list)   # restricted tagging: [(tag, text)]
+    steps: list = field(default_factory=list)  # restricted tagging: [(tag, text)]
 
     def row(self) -> dict:
-        return {"id": self.inst.id, "sample": self.sample, "reasoning": self.reasoning, "answer": self.answer,
-                "score": self.score, "judge": self.judge, "steps": self.steps}
+        return {
+            "id": self.inst.id,
+            "sample": self.sample,
+            "reasoning": self.reasoning,
+            "answer": self.answer,
+            "score": self.score,
+            "judge": self.judge,
+            "steps": self.steps,
+        }
 
 
 class Stage:
@@ -194,11 +213,14 @@ def accuracy(task: lamp.Task, answers: Sequence[str], golds: Sequence[str]) -> l
     """1/0 for exact classification / rating answers (official label normalisation); ROUGE-1 F for generation."""
     if task.is_generation:
         return rouge_pairs(list(golds), list(answers))[0]
-    return [float(label_index(task.labels, g) >= 0 and label_index(task.labels, a) == label_index(task.labels, g))
-            for a, g in zip(answers, golds)]
+    return [
+        float(label_index(task.labels, g) >= 0 and label_index(task.labels, a) == label_index(task.labels, g))
+        for a, g in zip(answers, golds)
+    ]
 
 
 # ----------------------------------------------------------------------------- the pipeline
+
 
 @dataclass
 class Settings:
@@ -220,242 +242,355 @@ class Settings:
     seed: int = 0
 
 
-def sample_instances(lamp_dir, s: Settings) -> tuple[dict[str, list[Instance]], dict[str, list[Instance]], dict]:
+def sample_instances(lamp_dir, settings: Settings) -> tuple[dict[str, list[Instance]], dict[str, list[Instance]], dict]:
     """Per task: the SFT instances and the rest of train (for RL prompts). Empty profiles are dropped, counted."""
     chosen, rest, counts = {}, {}, {}
-    for name in s.tasks:
+    for name in settings.tasks:
         split = lamp.load_split(lamp_dir, name, "train")
-        st = Stage("sample", len(split.questions))
+        stage = Stage("sample", len(split.questions))
         usable = []
         for q in split.questions:
             if not q.profile:
-                st.drop("empty_profile")
+                stage.drop("empty_profile")
                 continue
             usable.append(q)
-        rng = random.Random(f"tagpr-build:{name}:{s.seed}")
+        rng = random.Random(f"tagpr-build:{name}:{settings.seed}")
         rng.shuffle(usable)
-        n = min(s.instances_per_task, len(usable))
-        st.n_out = n
-        st.dropped["not_sampled"] = len(usable) - n
-        make = lambda q: Instance(q.id, split.task, q, retrieval.retrieve(split.task, q, s.k, s.retriever, s.seed),
-                                  split.golds[q.id])
+        n = min(settings.instances_per_task, len(usable))
+        stage.n_out = n
+        stage.dropped["not_sampled"] = len(usable) - n
+
+        def make(q, split=split):
+            return Instance(
+                q.id,
+                split.task,
+                q,
+                retrieval.retrieve(split.task, q, settings.k, settings.retriever, settings.seed),
+                split.golds[q.id],
+            )
+
         chosen[split.task.name] = [make(q) for q in usable[:n]]
         rest[split.task.name] = [make(q) for q in usable[n:]]
-        counts[split.task.name] = st.as_dict()
+        counts[split.task.name] = stage.as_dict()
     return chosen, rest, counts
 
 
-def build(lamp_dir, out: Path, s: Settings, backends: dict[str, Backend], log: Callable[[str], None] = print) -> dict:
+def build(
+    lamp_dir, out: Path, settings: Settings, backends: dict[str, Backend], log: Callable[[str], None] = print
+) -> dict:
     """Run every stage (the table in the module docstring); write the outputs and `manifest.json` under `out`;
     return the manifest."""
     work = out / "work"
-    manifest: dict = {"lamp_dir": str(lamp_dir), "backends": {r: b.describe() for r, b in backends.items()},
-                      "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
-                      "stages": {}}
+    manifest: dict = {
+        "lamp_dir": str(lamp_dir),
+        "backends": {r: b.describe() for r, b in backends.items()},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+        "stages": {},
+    }
     stages = manifest["stages"]
-    chosen, rest, stages["1_sample"] = sample_instances(lamp_dir, s)
+    chosen, rest, stages["1_sample"] = sample_instances(lamp_dir, settings)
     insts = [i for task in chosen.values() for i in task]
     log(f"1 sample: {len(insts)} instances from {len(chosen)} tasks")
-    parsed, blind, stages["2_teacher"] = teacher_stage(insts, s, backends["teacher"], work, log)
-    passed, stages["3_accuracy"] = accuracy_stage(chosen, parsed, blind, s, log)
-    judged, stages["4_judge"] = judge_stage(passed, s, backends["judge"], work, log)
-    free, stages["5_explore"] = explore_stage(judged, s, backends["tagger"], work)
+    parsed, blind, stages["2_teacher"] = teacher_stage(insts, settings, backends["teacher"], work, log)
+    passed, stages["3_accuracy"] = accuracy_stage(chosen, parsed, blind, settings, log)
+    judged, stages["4_judge"] = judge_stage(passed, settings, backends["judge"], work, log)
+    free, stages["5_explore"] = explore_stage(judged, settings, backends["tagger"], work)
     if not free:
         manifest["calls"] = {role: b.stats() for role, b in backends.items()}
         write_json(out / "manifest.json", manifest)
-        raise NoData(f"no chain survived to the exploratory tagging stage: the counts per stage are in "
-                     f"{out / 'manifest.json'}")
-    vocab = primary_tags(free, s, backends["embedder"], out, stages["5_explore"], log)
-    final, stages["6_restrict"] = restrict_stage(judged, vocab, s, backends["tagger"], out, work, log)
-    stages.update(emit(chosen, rest, parsed, blind, final, vocab, s, backends["tagger"], out, log))
+        raise NoData(
+            f"no chain survived to the exploratory tagging stage: the counts per stage are in {out / 'manifest.json'}"
+        )
+    vocab = primary_tags(free, settings, backends["embedder"], out, stages["5_explore"], log)
+    final, stages["6_restrict"] = restrict_stage(judged, vocab, settings, backends["tagger"], out, work, log)
+    stages.update(emit(chosen, rest, parsed, blind, final, vocab, settings, backends["tagger"], out, log))
     manifest["calls"] = {role: b.stats() for role, b in backends.items()}
     write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def teacher_stage(insts: list[Instance], s: Settings, teacher: Backend, work: Path, log
-                  ) -> tuple[list[Chain], dict[str, Chain], dict]:
+def teacher_stage(
+    insts: list[Instance], settings: Settings, teacher: Backend, work: Path, log
+) -> tuple[list[Chain], dict[str, Chain], dict]:
     """2: K chains per instance with the profile and one without. → (parsed chains, the no-profile chain per
     instance, manifest entry)."""
-    reqs, chains = [], []
+    requests, chains = [], []
     for inst in insts:
-        for k in range(s.chains):
-            reqs.append(Request([{"role": "user", "content": teacher_prompt(inst.task, inst.question, inst.items, True)}],
-                                inst.meta("teacher", sample=k), s.teacher_temperature, s.max_tokens, k))
+        for k in range(settings.chains):
+            requests.append(
+                Request(
+                    [{"role": "user", "content": teacher_prompt(inst.task, inst.question, inst.items, True)}],
+                    inst.meta("teacher", sample=k),
+                    settings.teacher_temperature,
+                    settings.max_tokens,
+                    k,
+                )
+            )
             chains.append(Chain(inst, k))
-        reqs.append(Request([{"role": "user", "content": teacher_prompt(inst.task, inst.question, [], False)}],
-                            inst.meta("teacher_blind", sample=0), s.teacher_temperature, s.max_tokens, 0))
+        requests.append(
+            Request(
+                [{"role": "user", "content": teacher_prompt(inst.task, inst.question, [], False)}],
+                inst.meta("teacher_blind", sample=0),
+                settings.teacher_temperature,
+                settings.max_tokens,
+                0,
+            )
+        )
         chains.append(Chain(inst, -1))
-    st = Stage("teacher", len(reqs))
+    stage = Stage("teacher", len(requests))
     parsed, blind = [], {}
-    for c, rep in zip(chains, teacher.chat(reqs, progress="2 teacher")):
+    for c, rep in zip(chains, teacher.chat(requests, progress="2 teacher")):
         if rep.error:
-            st.drop("llm_error")
+            stage.drop("llm_error")
             continue
         c.reasoning, c.answer, problem = parse_teacher(rep.text)
         if problem:
-            st.drop(problem)
+            stage.drop(problem)
             continue
-        st.n_out += 1
+        stage.n_out += 1
         if c.sample < 0:
             blind[c.inst.id] = c
         else:
             parsed.append(c)
     write_jsonl(work / "teacher.jsonl", [c.row() for c in parsed + list(blind.values())])
-    log(f"2 teacher: {st.n_out} of {st.n_in} replies parsed")
-    return parsed, blind, st.as_dict()
+    log(f"2 teacher: {stage.n_out} of {stage.n_in} replies parsed")
+    return parsed, blind, stage.as_dict()
 
 
-def accuracy_stage(chosen: dict[str, list[Instance]], parsed: list[Chain], blind: dict[str, Chain], s: Settings,
-                   log) -> tuple[list[Chain], dict]:
+def accuracy_stage(
+    chosen: dict[str, list[Instance]], parsed: list[Chain], blind: dict[str, Chain], settings: Settings, log
+) -> tuple[list[Chain], dict]:
     """3: score every chain (the no-profile ones too, for the pairs) against the gold; keep the correct ones
     (generation: ROUGE-1 ≥ threshold). → (passed chains, manifest entry)."""
-    st = Stage("accuracy", len(parsed))
+    stage = Stage("accuracy", len(parsed))
     for task in chosen:
         mine = [c for c in parsed + list(blind.values()) if c.inst.task.name == task]
-        for c, v in zip(mine, accuracy(mine[0].inst.task, [c.answer for c in mine], [c.inst.gold for c in mine])
-                        if mine else []):
+        for c, v in zip(
+            mine, accuracy(mine[0].inst.task, [c.answer for c in mine], [c.inst.gold for c in mine]) if mine else []
+        ):
             c.score = v
     passed = []
     for c in parsed:
-        ok = c.score >= s.rouge_threshold if c.inst.task.is_generation else c.score == 1.0
+        ok = c.score >= settings.rouge_threshold if c.inst.task.is_generation else c.score == 1.0
         if ok:
             passed.append(c)
-            st.n_out += 1
+            stage.n_out += 1
         else:
-            st.drop("rouge_below_threshold" if c.inst.task.is_generation else "wrong_answer")
-    log(f"3 accuracy: {st.n_out} of {st.n_in} correct")
-    return passed, st.as_dict()
+            stage.drop("rouge_below_threshold" if c.inst.task.is_generation else "wrong_answer")
+    log(f"3 accuracy: {stage.n_out} of {stage.n_in} correct")
+    return passed, stage.as_dict()
 
 
-def judge_stage(passed: list[Chain], s: Settings, judge: Backend, work: Path, log) -> tuple[list[Chain], dict]:
+def judge_stage(passed: list[Chain], settings: Settings, judge: Backend, work: Path, log) -> tuple[list[Chain], dict]:
     """4: the judge's four 1–5 scores per chain; keep a composite above the threshold. → (kept, manifest entry)."""
-    reqs = [Request([{"role": "user", "content": judge_prompt(c.inst.task, c.inst.question, c.inst.items,
-                                                               c.reasoning, c.answer, c.inst.gold)}],
-                    c.inst.meta("judge", sample=c.sample), 0.0, 256, c.sample) for c in passed]
-    st = Stage("judge", len(passed))
+    requests = [
+        Request(
+            [
+                {
+                    "role": "user",
+                    "content": judge_prompt(
+                        c.inst.task, c.inst.question, c.inst.items, c.reasoning, c.answer, c.inst.gold
+                    ),
+                }
+            ],
+            c.inst.meta("judge", sample=c.sample),
+            0.0,
+            256,
+            c.sample,
+        )
+        for c in passed
+    ]
+    stage = Stage("judge", len(passed))
     judged = []
-    for c, rep in zip(passed, judge.chat(reqs, progress="4 judge")):
+    for c, rep in zip(passed, judge.chat(requests, progress="4 judge")):
         scores = None if rep.error else parse_judge(rep.text)
         if rep.error:
-            st.drop("llm_error")
+            stage.drop("llm_error")
         elif scores is None:
-            st.drop("judge_unparsable")
-        elif sum(scores.values()) <= s.judge_threshold:
+            stage.drop("judge_unparsable")
+        elif sum(scores.values()) <= settings.judge_threshold:
             c.judge = scores
-            st.drop("composite_at_most_threshold")
+            stage.drop("composite_at_most_threshold")
         else:
             c.judge = scores
             judged.append(c)
-            st.n_out += 1
+            stage.n_out += 1
     write_jsonl(work / "judged.jsonl", [c.row() for c in passed])
-    log(f"4 judge: {st.n_out} of {st.n_in} above {s.judge_threshold}")
-    return judged, st.as_dict()
+    log(f"4 judge: {stage.n_out} of {stage.n_in} above {settings.judge_threshold}")
+    return judged, stage.as_dict()
 
 
-def explore_stage(judged: list[Chain], s: Settings, tagger: Backend, work: Path) -> tuple[Counter, dict]:
+def explore_stage(judged: list[Chain], settings: Settings, tagger: Backend, work: Path) -> tuple[Counter, dict]:
     """5a: free-form tags per step of every judged chain. → (count of each normalised free tag name, manifest
     entry)."""
-    reqs = [Request([{"role": "user", "content": explore_prompt(c.reasoning)}], c.inst.meta("explore", sample=c.sample),
-                    0.0, s.max_tokens, c.sample) for c in judged]
-    st = Stage("explore", len(judged))
+    requests = [
+        Request(
+            [{"role": "user", "content": explore_prompt(c.reasoning)}],
+            c.inst.meta("explore", sample=c.sample),
+            0.0,
+            settings.max_tokens,
+            c.sample,
+        )
+        for c in judged
+    ]
+    stage = Stage("explore", len(judged))
     free: Counter = Counter()
     explored = []
-    for c, rep in zip(judged, tagger.chat(reqs, progress="5 explore")):
+    for c, rep in zip(judged, tagger.chat(requests, progress="5 explore")):
         p = parse_tagged(rep.text) if not rep.error else None
         if p is None:
-            st.drop("llm_error")
+            stage.drop("llm_error")
         elif not p.well_formed or not p.steps:
-            st.drop("malformed_tags")
+            stage.drop("malformed_tags")
         else:
             free.update(normalise_tag(t) for t in p.tags if normalise_tag(t))
             explored.append({"id": c.inst.id, "sample": c.sample, "tags": p.tags})
-            st.n_out += 1
-    entry = st.as_dict()
+            stage.n_out += 1
+    entry = stage.as_dict()
     entry["note"] = "a drop here only keeps a chain's tags out of the clustering; stage 6 re-tags every judged chain"
     write_jsonl(work / "explore.jsonl", explored)
     return free, entry
 
 
-def primary_tags(free: Counter, s: Settings, embedder: Backend, out: Path, entry: dict, log) -> tuple[str, ...]:
+def primary_tags(free: Counter, settings: Settings, embedder: Backend, out: Path, entry: dict, log) -> tuple[str, ...]:
     """5b: embed the free tag names, cluster them (weighted k-means), name each cluster by its most used member;
     `tags.json`. → the primary tags."""
     names = list(free)
-    clusters = cluster_tags(dict(free), embedder.embed(names), s.n_tags, s.kmeans_restarts, s.seed)
+    clusters = cluster_tags(dict(free), embedder.embed(names), settings.n_tags, settings.kmeans_restarts, settings.seed)
     vocab = tuple(c.name for c in clusters)
-    write_json(out / "tags.json", {"tags": [{"name": c.name, "count": c.count, "members": c.members}
-                                            for c in clusters]})
+    write_json(
+        out / "tags.json", {"tags": [{"name": c.name, "count": c.count, "members": c.members} for c in clusters]}
+    )
     entry["free_tag_names"] = len(names)
     entry["primary_tags"] = {c.name: c.count for c in clusters}
     log(f"5 explore: {len(names)} free tag names → {len(vocab)} primary tags: {', '.join(vocab)}")
     return vocab
 
 
-def retag(cs: list[Chain], vocab: tuple[str, ...], role: str, strict: bool, st: Stage, s: Settings,
-          tagger: Backend) -> list[Chain]:
+def retag(
+    chains: list[Chain],
+    vocab: tuple[str, ...],
+    role: str,
+    strict: bool,
+    stage: Stage,
+    settings: Settings,
+    tagger: Backend,
+) -> list[Chain]:
     """Tag each chain's steps with the primary tags only; `strict`: the whole format filter (format, vocabulary,
     at least `min_tags`), else a well-formed tagging. → the chains that pass, with their steps."""
-    rq = [Request([{"role": "user", "content": restrict_prompt(c.reasoning, vocab, s.min_tags)}],
-                  c.inst.meta(role, sample=c.sample), 0.0, s.max_tokens, c.sample) for c in cs]
+    requests = [
+        Request(
+            [{"role": "user", "content": restrict_prompt(c.reasoning, vocab, settings.min_tags)}],
+            c.inst.meta(role, sample=c.sample),
+            0.0,
+            settings.max_tokens,
+            c.sample,
+        )
+        for c in chains
+    ]
     good = []
-    for c, rep in zip(cs, tagger.chat(rq, progress=f"6 {role}")):
+    for c, rep in zip(chains, tagger.chat(requests, progress=f"6 {role}")):
         if rep.error:
-            st.drop("llm_error")
+            stage.drop("llm_error")
             continue
         p = parse_tagged(rep.text)
-        checks = tags.check(p, vocab, s.min_tags)
-        failed = [k for k in ("format", "vocab", "count") if not checks[k]] if strict else \
-            ([] if checks["format"] and p.steps else ["format"])
+        checks = tags.check(p, vocab, settings.min_tags)
+        failed = (
+            [k for k in ("format", "vocab", "count") if not checks[k]]
+            if strict
+            else ([] if checks["format"] and p.steps else ["format"])
+        )
         if failed:
-            st.drop(f"tag_{failed[0]}")
+            stage.drop(f"tag_{failed[0]}")
             continue
         c.steps = [(x.tag, x.text) for x in p.steps]
         good.append(c)
-        st.n_out += 1
+        stage.n_out += 1
     return good
 
 
-def restrict_stage(judged: list[Chain], vocab: tuple[str, ...], s: Settings, tagger: Backend, out: Path, work: Path,
-                   log) -> tuple[list[Chain], dict]:
+def restrict_stage(
+    judged: list[Chain], vocab: tuple[str, ...], settings: Settings, tagger: Backend, out: Path, work: Path, log
+) -> tuple[list[Chain], dict]:
     """6: restricted re-tagging with the format filter; `spot_check.md`. → (the final chains, manifest entry)."""
-    st = Stage("restrict", len(judged))
-    final = retag(judged, vocab, "restrict", True, st, s, tagger)
+    stage = Stage("restrict", len(judged))
+    final = retag(judged, vocab=vocab, role="restrict", strict=True, stage=stage, settings=settings, tagger=tagger)
     write_jsonl(work / "tagged.jsonl", [c.row() for c in final])
-    log(f"6 restrict: {st.n_out} of {st.n_in} pass the format filter")
-    spot = random.Random(s.seed).sample(final, min(s.spot_check, len(final)))
-    atomic_write_text(out / "spot_check.md", "# Spot check: a random sample of the final tagged chains\n\n" + "\n".join(
-        f"## {c.inst.id} (sample {c.sample}, {c.inst.task.name}, judge {sum(c.judge.values())})\n\n```\n"
-        f"{tags.render(c.steps, c.answer)}\n```\ngold: `{c.inst.gold}`\n" for c in spot))
-    return final, st.as_dict()
+    log(f"6 restrict: {stage.n_out} of {stage.n_in} pass the format filter")
+    spot = random.Random(settings.seed).sample(final, min(settings.spot_check, len(final)))
+    atomic_write_text(
+        out / "spot_check.md",
+        "# Spot check: a random sample of the final tagged chains\n\n"
+        + "\n".join(
+            f"## {c.inst.id} (sample {c.sample}, {c.inst.task.name}, judge {sum(c.judge.values())})\n\n```\n"
+            f"{tags.render(c.steps, c.answer)}\n```\ngold: `{c.inst.gold}`\n"
+            for c in spot
+        ),
+    )
+    return final, stage.as_dict()
 
 
-def emit(chosen, rest, parsed: list[Chain], blind: dict[str, Chain], final: list[Chain], vocab: tuple[str, ...],
-         s: Settings, tagger: Backend, out: Path, log) -> dict:
+def emit(
+    chosen,
+    rest,
+    parsed: list[Chain],
+    blind: dict[str, Chain],
+    final: list[Chain],
+    vocab: tuple[str, ...],
+    settings: Settings,
+    tagger: Backend,
+    out: Path,
+    log,
+) -> dict:
     """7: `sft.jsonl`, `prp.jsonl` / `pqp.jsonl` and `rl_prompts.jsonl`. → the manifest entries of this stage."""
-    prompt_of = lambda inst: tagpr_prompt(inst.task, inst.question, inst.items, vocab, s.min_tags)
-    sft = [SFTRecord(f"{c.inst.id}-c{c.sample}", c.inst.task.name, c.inst.user_id, prompt_of(c.inst),
-                     tags.render(c.steps, "").strip(), c.answer) for c in final]
+    prompt_of = lambda inst: tagpr_prompt(inst.task, inst.question, inst.items, vocab, settings.min_tags)
+    sft = [
+        SFTRecord(
+            f"{c.inst.id}-c{c.sample}",
+            c.inst.task.name,
+            c.inst.user_id,
+            prompt_of(c.inst),
+            tags.render(c.steps, "").strip(),
+            c.answer,
+        )
+        for c in final
+    ]
     write_jsonl(out / "sft.jsonl", [r.to_json() for r in sft])
-    (prp, pqp), pair_entry = pairs(parsed, blind, final, vocab, s, tagger, prompt_of)
+    (prp, pqp), pair_entry = pairs(parsed, blind, final, vocab, settings, tagger, prompt_of)
     write_jsonl(out / "prp.jsonl", [p.to_json() for p in prp])
     write_jsonl(out / "pqp.jsonl", [p.to_json() for p in pqp])
-    rl, rl_counts = rl_prompts(chosen, rest, {c.inst.id for c in final}, {p.user_id for p in prp + pqp}, s,
-                               prompt_of)
+    rl, rl_counts = rl_prompts(
+        chosen, rest, {c.inst.id for c in final}, {p.user_id for p in prp + pqp}, settings, prompt_of
+    )
     write_jsonl(out / "rl_prompts.jsonl", [r.to_json() for r in rl])
     log(f"7 emit: {len(sft)} SFT chains, {len(prp)} PRP + {len(pqp)} PQP pairs, {len(rl)} RL prompts → {out}")
-    return {"7_pair_tagging": pair_entry,
-            "7_emit": {"sft": len(sft), "prp": len(prp), "pqp": len(pqp), "rl_prompts": rl_counts,
-                       "sft_per_task": dict(Counter(r.task for r in sft))}}
+    return {
+        "7_pair_tagging": pair_entry,
+        "7_emit": {
+            "sft": len(sft),
+            "prp": len(prp),
+            "pqp": len(pqp),
+            "rl_prompts": rl_counts,
+            "sft_per_task": dict(Counter(r.task for r in sft)),
+        },
+    }
 
 
-def pairs(parsed: list[Chain], blind: dict[str, Chain], final: list[Chain], vocab: tuple[str, ...], s: Settings,
-          tagger: Backend, prompt_of) -> tuple[tuple[list[Pair], list[Pair]], dict]:
+def pairs(
+    parsed: list[Chain],
+    blind: dict[str, Chain],
+    final: list[Chain],
+    vocab: tuple[str, ...],
+    settings: Settings,
+    tagger: Backend,
+    prompt_of,
+) -> tuple[tuple[list[Pair], list[Pair]], dict]:
     """PRP: an instance's best final chain ≻ its no-profile chain; PQP: ≻ its worst-scoring chain, when worse.
     Rejected chains are re-tagged (departure 4). → ((prp, pqp), manifest entry)."""
     by_inst: dict[str, list[Chain]] = {}
     for c in final:
         by_inst.setdefault(c.inst.id, []).append(c)
-    best = {i: max(cs, key=lambda c: (c.score, sum(c.judge.values()), -c.sample)) for i, cs in by_inst.items()}
+    best = {i: max(chains, key=lambda c: (c.score, sum(c.judge.values()), -c.sample)) for i, chains in by_inst.items()}
     every: dict[str, list[Chain]] = {}
     for c in parsed:
         every.setdefault(c.inst.id, []).append(c)
@@ -465,26 +600,43 @@ def pairs(parsed: list[Chain], blind: dict[str, Chain], final: list[Chain], voca
         worst = min(every[i], key=lambda c: (c.score, c.sample))
         if worst.score < b.score:
             pqp_rej.append(worst)
-    st = Stage("pairs", len(prp_rej) + len(pqp_rej))
+    stage = Stage("pairs", len(prp_rej) + len(pqp_rej))
     prp, pqp = [], []
-    for r in retag(prp_rej + pqp_rej, vocab, "restrict_rejected", False, st, s, tagger):
+    rejected = prp_rej + pqp_rej
+    for r in retag(
+        rejected, vocab=vocab, role="restrict_rejected", strict=False, stage=stage, settings=settings, tagger=tagger
+    ):
         b = best[r.inst.id]
         kind, bucket = ("prp", prp) if r.sample < 0 else ("pqp", pqp)
-        bucket.append(Pair(f"{r.inst.id}-{kind}", kind, r.inst.user_id, r.inst.task.name, prompt_of(r.inst),
-                           tags.render(b.steps, b.answer), tags.render(r.steps, r.answer)))
-    return (prp, pqp), st.as_dict()
+        bucket.append(
+            Pair(
+                f"{r.inst.id}-{kind}",
+                kind,
+                r.inst.user_id,
+                r.inst.task.name,
+                prompt_of(r.inst),
+                tags.render(b.steps, b.answer),
+                tags.render(r.steps, r.answer),
+            )
+        )
+    return (prp, pqp), stage.as_dict()
 
 
-def rl_prompts(chosen, rest, used: set[str], pair_users: set[str], s: Settings, prompt_of
-               ) -> tuple[list[RLPrompt], dict]:
+def rl_prompts(
+    chosen, rest, used: set[str], pair_users: set[str], settings: Settings, prompt_of
+) -> tuple[list[RLPrompt], dict]:
     """RL prompts per task from the questions SFT did not use, those of users with pairs first (departure 6).
     → (prompts, per task: wanted, written, with a user that has pairs)."""
     rl, counts = [], {}
     for task in chosen:
-        want = s.rl_lamp2 if task.startswith("LaMP_2") else s.rl_per_task
+        want = settings.rl_lamp2 if task.startswith("LaMP_2") else settings.rl_per_task
         pool = rest[task] + [i for i in chosen[task] if i.id not in used]
         pool.sort(key=lambda i: i.user_id not in pair_users)  # stable: the users PRMU learns first
         got = pool[:want]
         rl += [RLPrompt(i.id, task, i.user_id, prompt_of(i), i.gold) for i in got]
-        counts[task] = {"wanted": want, "written": len(got), "user_has_pairs": sum(i.user_id in pair_users for i in got)}
+        counts[task] = {
+            "wanted": want,
+            "written": len(got),
+            "user_has_pairs": sum(i.user_id in pair_users for i in got),
+        }
     return rl, counts

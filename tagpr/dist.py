@@ -11,6 +11,7 @@ throughout on CPU — and optional activation checkpointing per layer. Large mod
 built on the meta device on every rank; only rank 0 reads the weights (on CPU), and
 each rank allocates just its shard and receives it by broadcast from rank 0.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -140,9 +141,15 @@ def _comm_device() -> torch.device:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpointing: bool = False,
-               reshard_after_forward: bool = True, full_state: dict | None = None,
-               from_meta: bool = False) -> torch.nn.Module:
+
+def apply_fsdp(
+    model: torch.nn.Module,
+    device: torch.device,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+    full_state: dict | None = None,
+    from_meta: bool = False,
+) -> torch.nn.Module:
     """FSDP2: shard each decoder layer, then the root (embeddings, final norm, lm_head).
 
     `from_meta`: the model was built on the meta device (`models.load_for_sharding`);
@@ -169,8 +176,6 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, activation_checkpoi
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if from_meta:
-
-
         model.to_empty(device=device)
         prefix = "lm." if hasattr(model, "lm") else ""
         full = {prefix + k: v for k, v in full_state.items()} if full_state is not None else {}

@@ -45,6 +45,7 @@ outside autocast. Grouped-query heads map to kv head `h // (heads / kv_heads)`,
 as transformers' `repeat_kv` does. `supported(lm)` says whether a model can take this
 path; `tagpr.sampler.generate` falls back to transformers' forward otherwise.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,7 +89,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-FEW_ROWS = 32   # a GEMM of at most this many rows takes MKL's packed fp32 weight (`_Linear`)
+FEW_ROWS = 32  # a GEMM of at most this many rows takes MKL's packed fp32 weight (`_Linear`)
 
 
 class _Linear:
@@ -101,8 +102,8 @@ class _Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, few: bool = False):
         self.dtype, self.bias, self.packed = weight.dtype, bias, pack
-        few = few and weight.dtype == torch.float32 and weight.device.type == "cpu"   # MKL's packing: fp32 CPU only
-        self.plain = weight.contiguous() if few else None   # MKL's call takes the plain weight too
+        few = few and weight.dtype == torch.float32 and weight.device.type == "cpu"  # MKL's packing: fp32 CPU only
+        self.plain = weight.contiguous() if few else None  # MKL's call takes the plain weight too
         self.few = None
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if pack else weight
 
@@ -142,12 +143,17 @@ class Weights:
         self.layers = []
         for layer in lm.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            self.layers.append({"qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse, pack, few),
-                                "splits": [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features],
-                                "o": _linears([a.o_proj], dtype, False, pack, few)[0],
-                                "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse, pack, few),
-                                "mlp_splits": [mlp.gate_proj.out_features, mlp.up_proj.out_features],
-                                "down": _linears([mlp.down_proj], dtype, False, pack, few)[0], "act": mlp.act_fn})
+            self.layers.append(
+                {
+                    "qkv": _linears([a.q_proj, a.k_proj, a.v_proj], dtype, fuse, pack, few),
+                    "splits": [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features],
+                    "o": _linears([a.o_proj], dtype, False, pack, few)[0],
+                    "gate_up": _linears([mlp.gate_proj, mlp.up_proj], dtype, fuse, pack, few),
+                    "mlp_splits": [mlp.gate_proj.out_features, mlp.up_proj.out_features],
+                    "down": _linears([mlp.down_proj], dtype, False, pack, few)[0],
+                    "act": mlp.act_fn,
+                }
+            )
         self.head = _linears([lm.lm_head], dtype, False, pack, few)[0]
 
 
@@ -168,15 +174,15 @@ def _qkv(attn, w: dict, x: torch.Tensor, cos, sin, dtype):
     D = attn.head_dim
     H, KV = w["splits"][0] // D, w["splits"][1] // D
     qkv = _project(x.to(dtype), w["qkv"], w["splits"], joined=True).float().view(B, T, H + 2 * KV, D)
-    qk = qkv[:, :, :H + KV]
+    qk = qkv[:, :, : H + KV]
     if hasattr(attn, "q_norm"):
         qk = torch.cat((_norm(attn.q_norm, qk[:, :, :H]), _norm(attn.k_norm, qk[:, :, H:])), dim=2)
     qk = _rope(qk, cos[:, :, None], sin[:, :, None])
-    return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
+    return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
 
 
 def _attn_out(w: dict, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return h + w["o"](o.to(w["o"].dtype))                        # fp32 + bf16 adds in fp32
+    return h + w["o"](o.to(w["o"].dtype))  # fp32 + bf16 adds in fp32
 
 
 def _mlp_block(layer, w: dict, h: torch.Tensor) -> torch.Tensor:
@@ -189,17 +195,25 @@ class GroupCache:
     """Per layer and prompt: the prompt's P keys (transposed) and values, shared by the group, and each row's own
     generated keys and values, sized for `max_new_tokens` up front; the prompt's padding as a bias."""
 
-    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, group: int,
-                 max_new_tokens: int, keep: int = 0, hidden_size: int = 0):
+    def __init__(
+        self,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]],
+        prompt_mask: torch.Tensor,
+        group: int,
+        max_new_tokens: int,
+        keep: int = 0,
+        hidden_size: int = 0,
+    ):
         Bp, KV, P, D = prefix[0][0].shape
         G, T = group, max_new_tokens
-        self.kt = [k.transpose(-1, -2).contiguous() for k, _ in prefix]                 # (B/G, KV, D, P)
-        self.v = [v.contiguous() for _, v in prefix]                                     # (B/G, KV, P, D)
+        self.kt = [k.transpose(-1, -2).contiguous() for k, _ in prefix]  # (B/G, KV, D, P)
+        self.v = [v.contiguous() for _, v in prefix]  # (B/G, KV, P, D)
         # zeros: a stopped row's columns are read by that row only, and never NaN
-        self.gen_kt = [prefix[0][0].new_zeros(Bp, KV, G, D, T) for _ in prefix]         # row j's keys, transposed
+        self.gen_kt = [prefix[0][0].new_zeros(Bp, KV, G, D, T) for _ in prefix]  # row j's keys, transposed
         self.gen_v = [prefix[0][0].new_zeros(Bp, KV, G, T, D) for _ in prefix]
         self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill(
-            ~prompt_mask.bool(), float("-inf"))                                   # (B/G, P)
+            ~prompt_mask.bool(), float("-inf")
+        )  # (B/G, P)
         self.P, self.group, self.T, self.length = P, G, T, 0
         # keep > 0: every step's residual stream after `keep` layers is kept here (B, max_new_tokens, hidden)
         self.keep = keep
@@ -222,12 +236,12 @@ class GroupCache:
         g = H // KV
         gk[..., t - 1] = k.view(Bp, G, KV, D).transpose(1, 2)
         gv[:, :, :, t - 1] = v.view(Bp, G, KV, D).transpose(1, 2)
-        q5 = torch.mul(q.view(Bp, G, KV, g, D).transpose(1, 2), scale)                 # (B/G, KV, G, g, D)
+        q5 = torch.mul(q.view(Bp, G, KV, g, D).transpose(1, 2), scale)  # (B/G, KV, G, g, D)
         s_p = torch.matmul(q5.reshape(Bp, KV, G * g, D), kt).add_(self.prompt_bias[:, None, None, :])
-        s_g = torch.matmul(q5, gk[..., :t])                                              # (B/G, KV, G, g, t)
+        s_g = torch.matmul(q5, gk[..., :t])  # (B/G, KV, G, g, t)
         p = torch.softmax(torch.cat((s_p.view(Bp, KV, G, g, P), s_g), dim=-1), dim=-1)
         o = torch.matmul(p[..., :P].reshape(Bp, KV, G * g, P), vp).view(Bp, KV, G, g, D)
-        o = o.add_(torch.matmul(p[..., P:], gv[:, :, :, :t]))                             # (B/G, KV, G, g, D)
+        o = o.add_(torch.matmul(p[..., P:], gv[:, :, :, :t]))  # (B/G, KV, G, g, D)
         return o.transpose(1, 2).reshape(B, H * D)
 
 
@@ -260,8 +274,9 @@ class Segments:
             c.length = t
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return torch.cat([c.attend(i, q[a:b], k[a:b], v[a:b], scale)
-                          for c, a, b in zip(self.caches, self.bounds, self.bounds[1:])])
+        return torch.cat(
+            [c.attend(i, q[a:b], k[a:b], v[a:b], scale) for c, a, b in zip(self.caches, self.bounds, self.bounds[1:])]
+        )
 
 
 class TrunkStore:
@@ -290,21 +305,47 @@ class TrunkStore:
         if self.layers >= len(m.layers):
             raise ValueError(f"a trunk of {self.layers} layers leaves none of the model's {len(m.layers)} on top")
         h = hashlib.blake2b(digest_size=20)
-        h.update(repr((torch.__version__, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(),
-                       str(ids.device), str(W.dtype), W.packed, W.few, self.layers)).encode())
+        h.update(
+            repr(
+                (
+                    torch.__version__,
+                    torch.get_num_threads(),
+                    torch.backends.cpu.get_cpu_capability(),
+                    str(ids.device),
+                    str(W.dtype),
+                    W.packed,
+                    W.few,
+                    self.layers,
+                )
+            ).encode()
+        )
 
         def add(name: str, t: torch.Tensor) -> None:
             h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
             # a copy: numpy sharing a parameter's storage would make it unresizable, and FSDP2 frees it on reshard
             h.update(t.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy())
 
-        for name, t in (("ids", ids), ("mask", mask), ("pos", pos), ("inv_freq", m.rotary_emb.inv_freq),
-                        ("embed", m.embed_tokens.weight)):
+        for name, t in (
+            ("ids", ids),
+            ("mask", mask),
+            ("pos", pos),
+            ("inv_freq", m.rotary_emb.inv_freq),
+            ("embed", m.embed_tokens.weight),
+        ):
             add(name, t)
         h.update(repr(getattr(m.rotary_emb, "attention_scaling", None)).encode())
-        for i, layer in enumerate(m.layers[:self.layers]):
-            h.update(repr((i, layer.self_attn.scaling, layer.input_layernorm.variance_epsilon,
-                           layer.post_attention_layernorm.variance_epsilon, type(layer.mlp.act_fn).__name__)).encode())
+        for i, layer in enumerate(m.layers[: self.layers]):
+            h.update(
+                repr(
+                    (
+                        i,
+                        layer.self_attn.scaling,
+                        layer.input_layernorm.variance_epsilon,
+                        layer.post_attention_layernorm.variance_epsilon,
+                        type(layer.mlp.act_fn).__name__,
+                    )
+                ).encode()
+            )
             for name, p in layer.named_parameters():
                 add(f"{i}.{name}", p)
         return h.hexdigest()
@@ -323,7 +364,7 @@ class TrunkStore:
             kv = [(t[f"k{i}"], t[f"v{i}"]) for i in range(self.layers)]
             return kv, t["hidden"]
         except Exception as e:  # an entry is derived data: recompute it rather than stop
-            warnings.warn(f"{path}: unreadable trunk entry ({e}); computing it again")
+            warnings.warn(f"{path}: unreadable trunk entry ({e}); computing it again", stacklevel=2)
             return None
 
     def save(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor) -> None:
@@ -334,8 +375,15 @@ class TrunkStore:
             save_file({n: t.cpu() for n, t in tensors.items()}, tmp)
 
 
-def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int = 0,
-            trunk: TrunkStore | None = None):
+def prefill(
+    lm,
+    W: Weights,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    keep: int = 0,
+    trunk: TrunkStore | None = None,
+):
     """Left-padded prompts (B/G, P) → (last-position logits (B/G, V), [(k, v)] per layer in fp32 (B/G, KV, P, D),
     the residual stream after `keep` layers (B/G, P, hidden) or None when keep = 0). `trunk`: take the bottom
     layers' part from that store when it holds these prompts (and write it there when it does not)."""
@@ -357,16 +405,19 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     cos, sin = _rotary(m, h, pos)
     P = ids.shape[1]
     causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
-    allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # pads see themselves
-    allowed = allowed[:, None]                                                  # (B/G, 1, P, P)
+    allowed = (causal & mask.bool()[:, None, :]) | torch.eye(
+        P, dtype=torch.bool, device=ids.device
+    )  # pads see themselves
+    allowed = allowed[:, None]  # (B/G, 1, P, P)
     for i, (layer, w) in enumerate(zip(m.layers, W.layers)):
         if i < start:
             continue
         a = layer.self_attn
         q, k, v = (t.transpose(1, 2) for t in _qkv(a, w, _norm(layer.input_layernorm, h), cos, sin, W.dtype))
         kv.append((k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scaling,
-                                           enable_gqa=k.shape[1] != q.shape[1])
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=a.scaling, enable_gqa=k.shape[1] != q.shape[1]
+        )
         h = _attn_out(w, o.transpose(1, 2).reshape(h.shape[0], P, -1), h)
         h = _mlp_block(layer, w, h)
         if i + 1 == keep:
@@ -376,8 +427,14 @@ def prefill(lm, W: Weights, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     return W.head(_norm(m.norm, h[:, -1]).to(W.dtype)), kv, kept
 
 
-def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: GroupCache | Segments,
-                active: torch.Tensor | None = None) -> torch.Tensor:
+def decode_step(
+    lm,
+    W: Weights,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    cache: GroupCache | Segments,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
     """tokens, pos (B,) → next-token logits (B, V); appends the step's keys/values to `cache` (and with
     `cache.keep`, the tokens' residual stream after that many layers to `cache.kept`).
 
@@ -387,7 +444,7 @@ def decode_step(lm, W: Weights, tokens: torch.Tensor, pos: torch.Tensor, cache: 
     m = lm.model
     if active is not None:
         tokens, pos = tokens[active], pos[active]
-    h = m.embed_tokens(tokens[:, None])                                         # (n, 1, hidden)
+    h = m.embed_tokens(tokens[:, None])  # (n, 1, hidden)
     cos, sin = _rotary(m, h, pos[:, None])
     t, B = cache.length, cache.rows
     for i, (layer, w) in enumerate(zip(m.layers, W.layers)):

@@ -21,12 +21,13 @@ request cache makes a killed evaluation resume where it stopped. Answers are onl
 an invalid or missing prediction is scored by the official rules (a miss; the worst rating),
 never dropped.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from . import lamp, metrics, plot, prompts, r2p, retrieval, synthetic
 from .files import read_json, write_json, write_jsonl
@@ -35,28 +36,50 @@ from .rewards import extract_answer
 from .tags import DEFAULT_TAGS
 
 METHODS = ("zero-shot", "rag", "rag-r", "pag", "r2p", "tagpr", "oracle", "floor")
-LABELS = {"zero-shot": "Zero-shot", "rag": "RAG", "rag-r": "RAG-R (base)", "pag": "PAG", "r2p": "R2P",
-          "tagpr": "TagPR", "oracle": "Oracle (latent rule)", "floor": "No-profile floor"}
+LABELS = {
+    "zero-shot": "Zero-shot",
+    "rag": "RAG",
+    "rag-r": "RAG-R (base)",
+    "pag": "PAG",
+    "r2p": "R2P",
+    "tagpr": "TagPR",
+    "oracle": "Oracle (latent rule)",
+    "floor": "No-profile floor",
+}
 NO_MODEL = ("oracle", "floor")  # methods that read the synthetic users' latent rules instead of asking a model
-REASON = ("First reason step by step about the user's history and the input inside <think> ... </think>, then "
-          "after </think> write only the answer, formatted exactly as the question asks.")
-PAG_SUMMARY = ("Here is a user's history: {items}.\n\nIn two or three sentences, summarize what this history shows "
-               "about the user's preferences and style.")
+REASON = (
+    "First reason step by step about the user's history and the input inside <think> ... </think>, then "
+    "after </think> write only the answer, formatted exactly as the question asks."
+)
+PAG_SUMMARY = (
+    "Here is a user's history: {items}.\n\nIn two or three sentences, summarize what this history shows "
+    "about the user's preferences and style."
+)
 
 # TagPR Table 1 (LaMP dev, Qwen3-8B backbone), quoted from arXiv 2509.23140 for side-by-side reading
 PAPER_TABLE1 = {
-    "Zero-shot": (.498, .470, .318, .244, .639, .983, .144, .125, .417, .351, .465, .413),
-    "RAG": (.668, .645, .414, .361, .354, .710, .158, .139, .453, .384, .473, .419),
-    "RAG-R (base)": (.717, .722, .453, .413, .291, .645, .152, .137, .434, .365, .439, .391),
-    "R2P": (.729, .730, .487, .459, .267, .557, .176, .155, .459, .396, .489, .426),
-    "PrLM": (.731, .731, .534, .504, .288, .635, .183, .169, .499, .438, .513, .459),
-    "GPT-4o": (.733, .733, .542, .512, .254, .554, .191, .175, .470, .407, .475, .419),
-    "TagPR": (.803, .803, .598, .557, .218, .263, .234, .213, .542, .471, .565, .507),
+    "Zero-shot": (0.498, 0.470, 0.318, 0.244, 0.639, 0.983, 0.144, 0.125, 0.417, 0.351, 0.465, 0.413),
+    "RAG": (0.668, 0.645, 0.414, 0.361, 0.354, 0.710, 0.158, 0.139, 0.453, 0.384, 0.473, 0.419),
+    "RAG-R (base)": (0.717, 0.722, 0.453, 0.413, 0.291, 0.645, 0.152, 0.137, 0.434, 0.365, 0.439, 0.391),
+    "R2P": (0.729, 0.730, 0.487, 0.459, 0.267, 0.557, 0.176, 0.155, 0.459, 0.396, 0.489, 0.426),
+    "PrLM": (0.731, 0.731, 0.534, 0.504, 0.288, 0.635, 0.183, 0.169, 0.499, 0.438, 0.513, 0.459),
+    "GPT-4o": (0.733, 0.733, 0.542, 0.512, 0.254, 0.554, 0.191, 0.175, 0.470, 0.407, 0.475, 0.419),
+    "TagPR": (0.803, 0.803, 0.598, 0.557, 0.218, 0.263, 0.234, 0.213, 0.542, 0.471, 0.565, 0.507),
 }
-COLUMNS = [("LaMP_1", "accuracy", "L1 acc ↑"), ("LaMP_1", "f1", "L1 F1 ↑"), ("LaMP_2", "accuracy", "L2 acc ↑"),
-           ("LaMP_2", "f1", "L2 F1 ↑"), ("LaMP_3", "MAE", "L3 MAE ↓"), ("LaMP_3", "RMSE", "L3 RMSE ↓"),
-           ("LaMP_4", "rouge-1", "L4 R-1 ↑"), ("LaMP_4", "rouge-L", "L4 R-L ↑"), ("LaMP_5", "rouge-1", "L5 R-1 ↑"),
-           ("LaMP_5", "rouge-L", "L5 R-L ↑"), ("LaMP_7", "rouge-1", "L7 R-1 ↑"), ("LaMP_7", "rouge-L", "L7 R-L ↑")]
+COLUMNS = [
+    ("LaMP_1", "accuracy", "L1 acc ↑"),
+    ("LaMP_1", "f1", "L1 F1 ↑"),
+    ("LaMP_2", "accuracy", "L2 acc ↑"),
+    ("LaMP_2", "f1", "L2 F1 ↑"),
+    ("LaMP_3", "MAE", "L3 MAE ↓"),
+    ("LaMP_3", "RMSE", "L3 RMSE ↓"),
+    ("LaMP_4", "rouge-1", "L4 R-1 ↑"),
+    ("LaMP_4", "rouge-L", "L4 R-L ↑"),
+    ("LaMP_5", "rouge-1", "L5 R-1 ↑"),
+    ("LaMP_5", "rouge-L", "L5 R-L ↑"),
+    ("LaMP_7", "rouge-1", "L7 R-1 ↑"),
+    ("LaMP_7", "rouge-L", "L7 R-L ↑"),
+]
 
 
 @dataclass
@@ -68,29 +91,42 @@ class Settings:
     max_new_reason: int = 320
     vocab: Sequence[str] = DEFAULT_TAGS
     r2p: r2p.Settings = field(default_factory=r2p.Settings)
-    temperature: float = 0.0    # 0: greedy; else every model call samples at it
-    sample: int = 0             # which sample (a seed of its own, a cache key of its own)
+    temperature: float = 0.0  # 0: greedy; else every model call samples at it
+    sample: int = 0  # which sample (a seed of its own, a cache key of its own)
 
 
 def _user(content: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def run_method(backend: Backend | None, method: str, split: lamp.Split, questions: Sequence[lamp.Question],
-               s: Settings, encoder=None, lamp_dir=None, split_name: str = "dev") -> list[dict]:
+def run_method(
+    backend: Backend | None,
+    method: str,
+    split: lamp.Split,
+    questions: Sequence[lamp.Question],
+    s: Settings,
+    encoder=None,
+    lamp_dir=None,
+    split_name: str = "dev",
+) -> list[dict]:
     """One trace per question: id, prompt, output, answer (+ R2P's candidates and interventions)."""
     task = split.task
     items = [retrieval.retrieve(task, q, s.k, s.retriever, s.seed, encoder) for q in questions]
     rag = [lamp.augment(task, q.input, it) for q, it in zip(questions, items)]
-    greedy = lambda texts, n, tag: backend.chat([Request(_user(t), {"role": method}, s.temperature, n, s.sample)
-                                                 for t in texts], progress=f"{method} {task.name}{tag}")
+    greedy = lambda texts, n, tag: backend.chat(
+        [Request(_user(t), {"role": method}, s.temperature, n, s.sample) for t in texts],
+        progress=f"{method} {task.name}{tag}",
+    )
     if method in NO_MODEL:
         latent = synthetic.read_latent(lamp_dir, task.name, split_name)
         out = []
         for q in questions:
-            lat, c = latent[q.id], synthetic._restore(latent[q.id]["content"])
-            answer = (synthetic.latent_generator(task.name, lat).answer(lat["rule"], c) if method == "oracle" else
-                      synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard")))
+            lat, c = latent[q.id], synthetic.restore_content(latent[q.id]["content"])
+            answer = (
+                synthetic.latent_generator(task.name, lat).answer(lat["rule"], c)
+                if method == "oracle"
+                else synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard"))
+            )
             out.append({"id": q.id, "prompt": "", "output": "", "answer": answer})
         return out
     if method == "r2p":
@@ -106,20 +142,44 @@ def run_method(backend: Backend | None, method: str, split: lamp.Split, question
         texts = [prompts.tagpr_prompt(task, q, it, s.vocab) for q, it in zip(questions, items)]
         n, reasons = s.max_new_reason, True
     elif method == "pag":
-        summaries = greedy([PAG_SUMMARY.format(items=", and ".join(task.phrase.format(**i.fields) for i in it))
-                            if it else "" for it in items], s.max_new_direct * 2, " summary")
+        summaries = greedy(
+            [
+                PAG_SUMMARY.format(items=", and ".join(task.phrase.format(**i.fields) for i in it)) if it else ""
+                for it in items
+            ],
+            s.max_new_direct * 2,
+            " summary",
+        )
         texts = [f"A summary of this user's history: {m.text.strip()}\n\n{p}" for m, p in zip(summaries, rag)]
         n, reasons = s.max_new_direct, False
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     replies = greedy(texts, n, "")
-    return [{"id": q.id, "prompt": t, "output": r.text, "error": r.error,
-             "answer": (extract_answer(r.text) if reasons else r.text.strip()) if not r.error else ""}
-            for q, t, r in zip(questions, texts, replies)]
+    return [
+        {
+            "id": q.id,
+            "prompt": t,
+            "output": r.text,
+            "error": r.error,
+            "answer": (extract_answer(r.text) if reasons else r.text.strip()) if not r.error else "",
+        }
+        for q, t, r in zip(questions, texts, replies)
+    ]
 
 
-def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settings, limit: int = 0, encoder=None,
-                   lamp_dir=None, split_name: str = "dev", samples: int = 0, swap: bool = False) -> dict:
+def evaluate_split(
+    backend,
+    method: str,
+    split: lamp.Split,
+    out: Path,
+    s: Settings,
+    limit: int = 0,
+    encoder=None,
+    lamp_dir=None,
+    split_name: str = "dev",
+    samples: int = 0,
+    swap: bool = False,
+) -> dict:
     """Run one method on one task; write predictions (official format), traces, per-question scores and metrics;
     return the metrics, with `n` (questions) and `<primary>_ci95` (95 % bootstrap interval).
 
@@ -143,10 +203,13 @@ def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settin
     per_run = [{t["id"]: t["answer"] for t in tr} for tr in traces]
     lamp.write_outputs(d / "predictions.json", split.task, per_run[0])
     lamp.write_outputs(d / "golds.json", split.task, golds)
-    write_jsonl(d / "traces.jsonl", [{**t, "sample": j} for j, tr in enumerate(traces) for t in tr] if samples
-                else traces[0])
-    ms = [metrics.evaluate(split.task, golds, p, golds_path=d / "golds.json", preds_path=d / "predictions.json")
-          for p in per_run]
+    write_jsonl(
+        d / "traces.jsonl", [{**t, "sample": j} for j, tr in enumerate(traces) for t in tr] if samples else traces[0]
+    )
+    ms = [
+        metrics.evaluate(split.task, golds, p, golds_path=d / "golds.json", preds_path=d / "predictions.json")
+        for p in per_run
+    ]
     m = {k: sum(x[k] for x in ms) / len(ms) for k in ms[0]}
     per_q = [metrics.per_question(split.task, g, [p[i] for i in ids]) for p in per_run]
     scores = [sum(col) / len(col) for col in zip(*per_q)]
@@ -158,7 +221,7 @@ def evaluate_split(backend, method: str, split: lamp.Split, out: Path, s: Settin
 
 
 def cell(m: dict, key: str) -> str:
-    """"0.344 [0.234, 0.453]": a metric and, where evaluate_split gave it one, its 95 % bootstrap interval."""
+    """ "0.344 [0.234, 0.453]": a metric and, where evaluate_split gave it one, its 95 % bootstrap interval."""
     ci = m.get(f"{key}_ci95")
     return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
@@ -177,8 +240,14 @@ def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str =
         for name, vals in PAPER_TABLE1.items():
             cells = [f"{vals[COLUMNS.index(c)]:.3f}" for c in cols]
             rows.append(f"| *paper Table 1: {name}* | " + " | ".join(cells) + " |")
-    note = ("\n*paper Table 1* rows: quoted from TagPR (arXiv 2509.23140), real LaMP dev, Qwen3-8B backbone "
-            "(GPT-4o: the API model); not comparable with synthetic users.\n") if paper else ""
+    note = (
+        (
+            "\n*paper Table 1* rows: quoted from TagPR (arXiv 2509.23140), real LaMP dev, Qwen3-8B backbone "
+            "(GPT-4o: the API model); not comparable with synthetic users.\n"
+        )
+        if paper
+        else ""
+    )
     return (f"{title}\n\n" if title else "") + head + "\n".join(rows) + "\n" + note
 
 
@@ -187,7 +256,13 @@ def sweep_plot(results: dict[str, dict[str, dict]], xs: Sequence, xlabel: str, p
     panels = []
     for task in sorted({t for r in results.values() for t in r}):
         metric = next(m for t, m, _ in COLUMNS if t == task)
-        panels.append((f"{task} {metric}", {
-            LABELS.get(method, method): [results.get(f"{method}@{x}", {}).get(task, {}).get(metric) for x in xs]
-            for method in sorted({name.split("@")[0] for name in results})}))
+        panels.append(
+            (
+                f"{task} {metric}",
+                {
+                    LABELS.get(method, method): [results.get(f"{method}@{x}", {}).get(task, {}).get(metric) for x in xs]
+                    for method in sorted({name.split("@")[0] for name in results})
+                },
+            )
+        )
     return plot.panels_plot(panels, xs, xlabel, path)

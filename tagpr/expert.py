@@ -16,7 +16,7 @@ Mistakes, at these rates (each drawn independently per request):
 | teacher | forgets the `Answer:` line | 0.05 | teacher parser |
 | judge | unparsable reply | 0.03 | judge parser |
 | judge | harsh grader: logical consistency 2 | 0.08 | judge threshold |
-| explore tagger | free tag names: a synonym of the step's kind (always: this is what clustering undoes) | 1.00 | clustering |
+| explore tagger | free tag names: a synonym of the step's kind (always: clustering undoes it) | 1.00 | clustering |
 | explore tagger | leaves a tag unclosed | 0.04 | tag parser |
 | restrict tagger | one step under a tag outside the nine | 0.05 | format filter (vocab) |
 | restrict tagger | leaves a tag unclosed | 0.05 | format filter (format) |
@@ -31,6 +31,7 @@ make every stage that reads or writes chains cheaper.
 The restricted tagger finds, for each step, the offered tag nearest to its kind's name
 (by the lexical embedding), as a reader of the tag list would.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,9 +43,17 @@ from . import lamp, synthetic
 from .files import DataError
 from .llm import Backend, HashingEmbedder, Reply
 
-RATES = {"teacher_wrong_rule": 0.25, "teacher_ramble": 0.10, "teacher_no_answer": 0.05,
-         "judge_unparsable": 0.03, "judge_harsh": 0.08, "explore_unclosed": 0.04,
-         "restrict_out_of_vocab": 0.05, "restrict_unclosed": 0.05, "restrict_merge": 0.03}
+RATES = {
+    "teacher_wrong_rule": 0.25,
+    "teacher_ramble": 0.10,
+    "teacher_no_answer": 0.05,
+    "judge_unparsable": 0.03,
+    "judge_harsh": 0.08,
+    "explore_unclosed": 0.04,
+    "restrict_out_of_vocab": 0.05,
+    "restrict_unclosed": 0.05,
+    "restrict_merge": 0.03,
+}
 
 # step kind → (the phrase that opens the step, probability that a chain has it)
 KINDS = {
@@ -59,9 +68,17 @@ KINDS = {
     "verify_answer": ("Double-checking:", 0.25),
 }
 # step kind → the opener of a terse step (style "terse")
-TERSE = {"analyze_input": "Input:", "summarize_profile": "History:", "examine_examples": "Past:",
-         "compare_entities": "Options:", "identify_patterns": "Pattern:", "infer_preference": "Preference:",
-         "apply_pattern": "Apply:", "make_decision": "Decision:", "verify_answer": "Check:"}
+TERSE = {
+    "analyze_input": "Input:",
+    "summarize_profile": "History:",
+    "examine_examples": "Past:",
+    "compare_entities": "Options:",
+    "identify_patterns": "Pattern:",
+    "infer_preference": "Preference:",
+    "apply_pattern": "Apply:",
+    "make_decision": "Decision:",
+    "verify_answer": "Check:",
+}
 # chain style → step kind → the phrase that opens such a step
 OPENERS = {"full": {k: phrase for k, (phrase, _) in KINDS.items()}, "terse": TERSE}
 # what a free tagger calls each kind: variants that share a word or a stem with the kind's name
@@ -86,14 +103,15 @@ def _u(*key) -> float:
     """A deterministic uniform draw in [0, 1) from a key (blake2b: crc32 is affine, so keys that differ
     in a character or two give correlated draws)."""
     h = hashlib.blake2b("|".join(map(str, key)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2 ** 64
+    return int.from_bytes(h, "little") / 2**64
 
 
 class SimulatedExpert(Backend):
     name = "simulated"
 
-    def __init__(self, lamp_dir: str | Path, tasks=synthetic.SYNTHETIC_TASKS, split: str = "train",
-                 style: str = "full"):
+    def __init__(
+        self, lamp_dir: str | Path, tasks=synthetic.SYNTHETIC_TASKS, split: str = "train", style: str = "full"
+    ):
         super().__init__()
         if style not in OPENERS:
             raise ValueError(f"chain style {style!r}: expected one of {', '.join(OPENERS)}")
@@ -102,16 +120,18 @@ class SimulatedExpert(Backend):
         for t in tasks:
             s = lamp.load_split(lamp_dir, t, split)
             if not (lamp.split_files(lamp_dir, t, split)[0].parent / f"{split}_latent.json").is_file():
-                raise DataError(f"{lamp_dir}: {t} {split} has no {split}_latent.json: the simulated expert answers "
-                                "only for synthetic users; for LaMP pass --teacher/--judge/--tagger as "
-                                "openai:MODEL@URL or hf:NAME")
+                raise DataError(
+                    f"{lamp_dir}: {t} {split} has no {split}_latent.json: the simulated expert answers "
+                    "only for synthetic users; for LaMP pass --teacher/--judge/--tagger as "
+                    "openai:MODEL@URL or hf:NAME"
+                )
             latent = synthetic.read_latent(lamp_dir, t, split)
             for q in s.questions:
                 if q.id in latent:
                     self.questions[q.id] = (s.task, q, latent[q.id])
         self._embed = HashingEmbedder()
 
-    def for_role(self) -> "SimulatedExpert":
+    def for_role(self) -> SimulatedExpert:
         """A view with its own call counters (one per role in the manifest)."""
         view = copy.copy(self)
         view.requests = view.cache_hits = view.failures = 0
@@ -126,14 +146,26 @@ class SimulatedExpert(Backend):
             self.requests += 1
             role = r.meta.get("role", "")
             if r.meta.get("id") not in self.questions:
-                out.append(Reply(error=f"the simulated expert knows only synthetic users; no latent rule for "
-                                       f"question {r.meta.get('id')!r}"))
+                out.append(
+                    Reply(
+                        error=f"the simulated expert knows only synthetic users; no latent rule for "
+                        f"question {r.meta.get('id')!r}"
+                    )
+                )
             else:
-                fn = {"teacher": self.teacher, "teacher_blind": self.teacher_blind, "judge": self.judge,
-                      "explore": self.explore, "restrict": self.restrict,
-                      "restrict_rejected": self.restrict}.get(role)
-                out.append(Reply(fn(r.meta, r.messages[-1]["content"])) if fn else
-                           Reply(error=f"the simulated expert has no role {role!r}"))
+                fn = {
+                    "teacher": self.teacher,
+                    "teacher_blind": self.teacher_blind,
+                    "judge": self.judge,
+                    "explore": self.explore,
+                    "restrict": self.restrict,
+                    "restrict_rejected": self.restrict,
+                }.get(role)
+                out.append(
+                    Reply(fn(r.meta, r.messages[-1]["content"]))
+                    if fn
+                    else Reply(error=f"the simulated expert has no role {role!r}")
+                )
         return out
 
     def embed(self, texts):
@@ -149,7 +181,7 @@ class SimulatedExpert(Backend):
         if _u("wrong", *key) < RATES["teacher_wrong_rule"]:
             others = [r for r in gen.rules if r != rule]
             rule = others[int(_u("which", *key) * len(others))]
-        c = synthetic._restore(lat["content"])
+        c = synthetic.restore_content(lat["content"])
         answer = gen.answer(rule, c)
         items = [it for it in q.profile if it.id in set(meta.get("items", []))]
         field = task.answer_field or "title"
@@ -193,14 +225,18 @@ class SimulatedExpert(Backend):
         """Without the profile: the answer most users would give (the mode over rules; median rating)."""
         task, q, lat = self.questions[meta["id"]]
         gen = synthetic.latent_generator(task.name, lat)
-        c = synthetic._restore(lat["content"])
+        c = synthetic.restore_content(lat["content"])
         floor = synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard"))
         if self.style == "terse":
-            return (f"1. {TERSE['analyze_input']} {gen.summary(c)}.\n2. {TERSE['make_decision']} no profile: the "
-                    f"usual {floor}.\nAnswer: {floor}")
-        return (f"1. {KINDS['analyze_input'][0]} the input is {gen.summary(c)}.\n"
-                f"2. {KINDS['make_decision'][0]} with nothing known about the user, the usual answer is {floor}.\n"
-                f"Answer: {floor}")
+            return (
+                f"1. {TERSE['analyze_input']} {gen.summary(c)}.\n2. {TERSE['make_decision']} no profile: the "
+                f"usual {floor}.\nAnswer: {floor}"
+            )
+        return (
+            f"1. {KINDS['analyze_input'][0]} the input is {gen.summary(c)}.\n"
+            f"2. {KINDS['make_decision'][0]} with nothing known about the user, the usual answer is {floor}.\n"
+            f"Answer: {floor}"
+        )
 
     # ------------------------------------------------------------------ judge
 
@@ -209,13 +245,15 @@ class SimulatedExpert(Backend):
         if _u("unparsable", *key) < RATES["judge_unparsable"]:
             return "This reasoning looks mostly fine to me."
         reasoning = prompt.split("Reasoning:\n", 1)[-1].split("\n\nFinal answer:", 1)[0]
-        lines = [re.sub(r"^\d+\.\s*", "", l) for l in reasoning.splitlines() if l.strip()]
+        lines = [re.sub(r"^\d+\.\s*", "", line) for line in reasoning.splitlines() if line.strip()]
         repeated = len(lines) - len(set(lines))
         # a repeated step breaks the flow (logical consistency 4) and the brevity (conciseness 1): ≤ 15, dropped
-        scores = {"logical_consistency": 2 if _u("harsh", *key) < RATES["judge_harsh"] else 5 - bool(repeated),
-                  "factual_accuracy": 4 + (_u("fact", *key) < 0.5),
-                  "completeness": 4 + (len(lines) >= 4),
-                  "conciseness": 1 if repeated else 4 + (_u("conc", *key) < 0.5)}
+        scores = {
+            "logical_consistency": 2 if _u("harsh", *key) < RATES["judge_harsh"] else 5 - bool(repeated),
+            "factual_accuracy": 4 + (_u("fact", *key) < 0.5),
+            "completeness": 4 + (len(lines) >= 4),
+            "conciseness": 1 if repeated else 4 + (_u("conc", *key) < 0.5),
+        }
         return "{" + ", ".join(f'"{k}": {v}' for k, v in scores.items()) + "}"
 
     # ------------------------------------------------------------------ taggers
@@ -228,8 +266,9 @@ class SimulatedExpert(Backend):
         for line in reasoning.splitlines():
             text = re.sub(r"^\d+\.\s*", "", line).strip()
             if text:
-                kind = next((k for k in KINDS if text.startswith(tuple(o[k] for o in OPENERS.values()))),
-                            "analyze_input")
+                kind = next(
+                    (k for k in KINDS if text.startswith(tuple(o[k] for o in OPENERS.values()))), "analyze_input"
+                )
                 out.append((kind, text))
         return out
 
@@ -248,13 +287,13 @@ class SimulatedExpert(Backend):
     def restrict(self, meta: dict, prompt: str) -> str:
         key = ("restrict", _digest(prompt), meta.get("sample", 0))
         offered = re.findall(r"<([a-z0-9_]+)>", prompt.split("Reasoning:\n", 1)[0])
-        emb = self._embed.embed(offered)                                       # (9, D)
+        emb = self._embed.embed(offered)  # (9, D)
         steps = self._steps(prompt)
         if _u("merge", *key) < RATES["restrict_merge"] and len(steps) > 2:
             steps = [steps[0], (steps[-1][0], " ".join(t for _, t in steps[1:]))]
         parts = []
-        for i, (kind, text) in enumerate(steps):
-            sims = emb @ self._embed.embed(list(SYNONYMS[kind])).T                # (9, synonyms)
+        for kind, text in steps:
+            sims = emb @ self._embed.embed(list(SYNONYMS[kind])).T  # (9, synonyms)
             name = offered[int(sims.max(1).argmax())]
             parts.append(f"<{name}> {text} </{name}>")
         if parts and _u("oov", *key) < RATES["restrict_out_of_vocab"]:

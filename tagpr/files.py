@@ -4,14 +4,16 @@ Every file this project writes goes to a temporary name in the same folder and i
 renamed into place (`os.replace` is atomic on POSIX), so a run killed at any moment
 leaves either the old file or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 class DataError(ValueError):

@@ -13,6 +13,7 @@ emulated faithfully by capping the libraries instead (`ATEN_CPU_CAPABILITY=avx2 
 MKL_ENABLE_INSTRUCTIONS=AVX2`): ATen at AVX2 makes the bf16 probes say no, and fp32 weights are still prepacked, as
 on the laptop itself.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,7 +25,7 @@ import torch
 
 from .config import ConfigError
 
-FORCE_ENV = "TAGPR_CPU"          # "plain": every probe answers no; unset or "auto": ask the machine
+FORCE_ENV = "TAGPR_CPU"  # "plain": every probe answers no; unset or "auto": ask the machine
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -55,8 +56,11 @@ def _bf16_matmul_hw() -> bool:
 
 @functools.cache
 def _prepack_ops() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 @functools.cache
@@ -68,8 +72,11 @@ def _onednn_bf16() -> bool:
 
 @functools.cache
 def _mkl_pack_ops() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") \
+    return (
+        torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
         and hasattr(torch.ops.mkl, "_mkl_linear")
+    )
 
 
 def bf16_matmul() -> bool:
@@ -110,8 +117,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type == "cpu" and not bf16_matmul():
-        raise PrecisionError(f"--precision bf16 needs a CPU with bf16 matmul hardware (AVX512-BF16 or AMX); this "
-                             f"one: {describe()}. Use --precision fp32 (or auto).")
+        raise PrecisionError(
+            f"--precision bf16 needs a CPU with bf16 matmul hardware (AVX512-BF16 or AMX); this "
+            f"one: {describe()}. Use --precision fp32 (or auto)."
+        )
     return precision
 
 
@@ -130,7 +139,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:                                                              # not glibc (e.g. musl)
+    except OSError:  # not glibc (e.g. musl)
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

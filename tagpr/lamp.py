@@ -15,42 +15,85 @@ Departures from the official code, all deliberate:
 2. Per-item truncation is a caller-supplied function (e.g. to N tokens) instead of
    the official budget split across items by a tokenizer.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from .files import DataError, read_json, write_json
 
-MOVIE_TAGS = ("sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
-              "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
-              "violence", "true story")
+MOVIE_TAGS = (
+    "sci-fi",
+    "based on a book",
+    "comedy",
+    "action",
+    "twist ending",
+    "dystopia",
+    "dark comedy",
+    "classic",
+    "psychology",
+    "fantasy",
+    "romance",
+    "thought-provoking",
+    "social commentary",
+    "violence",
+    "true story",
+)
 # Order as in the official evaluator (it differs from the order in the input template).
-NEWS_CATEGORIES = ("food & drink", "sports", "education", "parents", "religion", "travel", "business", "crime",
-                   "science & technology", "culture & arts", "entertainment", "politics", "women",
-                   "style & beauty", "healthy living")
-NEWS_CATEGORIES_IN_PROMPT = ("women", "religion", "politics", "style & beauty", "entertainment", "culture & arts",
-                             "sports", "science & technology", "travel", "business", "crime", "education",
-                             "healthy living", "parents", "food & drink")
+NEWS_CATEGORIES = (
+    "food & drink",
+    "sports",
+    "education",
+    "parents",
+    "religion",
+    "travel",
+    "business",
+    "crime",
+    "science & technology",
+    "culture & arts",
+    "entertainment",
+    "politics",
+    "women",
+    "style & beauty",
+    "healthy living",
+)
+NEWS_CATEGORIES_IN_PROMPT = (
+    "women",
+    "religion",
+    "politics",
+    "style & beauty",
+    "entertainment",
+    "culture & arts",
+    "sports",
+    "science & technology",
+    "travel",
+    "business",
+    "crime",
+    "education",
+    "healthy living",
+    "parents",
+    "food & drink",
+)
 
 
 @dataclass(frozen=True)
 class Task:
-    name: str                      # our key, e.g. "LaMP_2N"
-    official: str                  # the "task" value in outputs files, e.g. "LaMP_2"
-    kind: str                      # "classification" | "rating" | "generation"
-    template: str                  # the official input template
-    item_fields: tuple[str, ...]   # fields every profile item must carry (besides id)
-    corpus_fields: tuple[str, ...] # joined by a space: the item's retrieval document
-    query_marker: str | None       # query = text after this marker; None: LaMP-1's quoted references
-    phrase: str                    # one retrieved item in the official augmentation
-    wrap: str                      # how the joined phrases and the input combine
-    long_field: str                # the item field a truncation function shortens
-    answer_field: str | None       # the item field that holds the user's own "output"
-    labels: tuple[str, ...] = ()   # closed label set (classification), official order
+    name: str  # our key, e.g. "LaMP_2N"
+    official: str  # the "task" value in outputs files, e.g. "LaMP_2"
+    kind: str  # "classification" | "rating" | "generation"
+    template: str  # the official input template
+    item_fields: tuple[str, ...]  # fields every profile item must carry (besides id)
+    corpus_fields: tuple[str, ...]  # joined by a space: the item's retrieval document
+    query_marker: str | None  # query = text after this marker; None: LaMP-1's quoted references
+    phrase: str  # one retrieved item in the official augmentation
+    wrap: str  # how the joined phrases and the input combine
+    long_field: str  # the item field a truncation function shortens
+    answer_field: str | None  # the item field that holds the user's own "output"
+    labels: tuple[str, ...] = ()  # closed label set (classification), official order
 
     @property
     def is_classification(self) -> bool:
@@ -61,46 +104,132 @@ class Task:
         return self.kind == "generation"
 
 
-_MOVIE_TEMPLATE = ("Which tag does this movie relate to among the following tags? Just answer with the tag name "
-                   "without further explanation. tags: [" + ", ".join(MOVIE_TAGS) + "] description: {description}")
-_NEWS_TEMPLATE = ("Which category does this article relate to among the following categories? Just answer with the "
-                  "category name without further explanation. categories: [" + ", ".join(NEWS_CATEGORIES_IN_PROMPT)
-                  + "] article: {text}")
+_MOVIE_TEMPLATE = (
+    "Which tag does this movie relate to among the following tags? Just answer with the tag name "
+    "without further explanation. tags: [" + ", ".join(MOVIE_TAGS) + "] description: {description}"
+)
+_NEWS_TEMPLATE = (
+    "Which category does this article relate to among the following categories? Just answer with the "
+    "category name without further explanation. categories: ["
+    + ", ".join(NEWS_CATEGORIES_IN_PROMPT)
+    + "] article: {text}"
+)
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("LaMP_1", "LaMP_1", "classification",
-         'For an author who has written the paper with the title "{title}", which reference is related? Just answer '
-         'with [1] or [2] without explanation. [1]: "{ref1}" [2]: "{ref2}"',
-         ("title", "abstract"), ("title", "abstract"), None,
-         '"{title}"', "@after_title", "title", None, labels=("[1]", "[2]")),
-    Task("LaMP_2", "LaMP_2", "classification", _MOVIE_TEMPLATE,
-         ("description", "tag"), ("description",), "description:",
-         'the tag for the movie: "{description}" is "{tag}" ', "{items}. {input}", "description", "tag",
-         labels=MOVIE_TAGS),
-    Task("LaMP_2N", "LaMP_2", "classification", _NEWS_TEMPLATE,
-         ("text", "title", "category"), ("title", "text"), "article:",
-         'the category for the article: "{text}" is "{category}" ', "{items}. {input}", "text", "category",
-         labels=NEWS_CATEGORIES),
-    Task("LaMP_3", "LaMP_3", "rating",
-         "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 without "
-         "further explanation. review: {text}",
-         ("text", "score"), ("text",), "review:",
-         '{score} is the score for "{text}" ', "{items}. {input}", "text", "score",
-         labels=("1", "2", "3", "4", "5")),
-    Task("LaMP_4", "LaMP_4", "generation", "Generate a headline for the following article: {text}",
-         ("text", "title"), ("title", "text"), "article:",
-         '"{title}" is the title for "{text}" ', "{items}. {input}", "text", "title"),
-    Task("LaMP_5", "LaMP_5", "generation", "Generate a title for the following abstract of a paper: {abstract}",
-         ("title", "abstract"), ("title", "abstract"), "paper:",
-         '"{title}" is a title for "{abstract}" ', "{items}. Following the given patterns {input}", "abstract", "title"),
-    Task("LaMP_6", "LaMP_6", "generation", "Generate a subject for the following email: {text}",
-         ("text", "title"), ("text",), ":",
-         '"{title}" is the title for "{text}" ', "{items}. {input}", "text", "title"),
-    Task("LaMP_7", "LaMP_7", "generation",
-         "Paraphrase the following tweet without any explanation before or after it: {text}",
-         ("text",), ("text",), ":",
-         '"{text}" ', "{items} are written by a person. Following the given patterns {input}", "text", "text"),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "LaMP_1",
+            "LaMP_1",
+            "classification",
+            'For an author who has written the paper with the title "{title}", which reference is related? Just answer '
+            'with [1] or [2] without explanation. [1]: "{ref1}" [2]: "{ref2}"',
+            ("title", "abstract"),
+            ("title", "abstract"),
+            None,
+            '"{title}"',
+            "@after_title",
+            "title",
+            None,
+            labels=("[1]", "[2]"),
+        ),
+        Task(
+            "LaMP_2",
+            "LaMP_2",
+            "classification",
+            _MOVIE_TEMPLATE,
+            ("description", "tag"),
+            ("description",),
+            "description:",
+            'the tag for the movie: "{description}" is "{tag}" ',
+            "{items}. {input}",
+            "description",
+            "tag",
+            labels=MOVIE_TAGS,
+        ),
+        Task(
+            "LaMP_2N",
+            "LaMP_2",
+            "classification",
+            _NEWS_TEMPLATE,
+            ("text", "title", "category"),
+            ("title", "text"),
+            "article:",
+            'the category for the article: "{text}" is "{category}" ',
+            "{items}. {input}",
+            "text",
+            "category",
+            labels=NEWS_CATEGORIES,
+        ),
+        Task(
+            "LaMP_3",
+            "LaMP_3",
+            "rating",
+            "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 without "
+            "further explanation. review: {text}",
+            ("text", "score"),
+            ("text",),
+            "review:",
+            '{score} is the score for "{text}" ',
+            "{items}. {input}",
+            "text",
+            "score",
+            labels=("1", "2", "3", "4", "5"),
+        ),
+        Task(
+            "LaMP_4",
+            "LaMP_4",
+            "generation",
+            "Generate a headline for the following article: {text}",
+            ("text", "title"),
+            ("title", "text"),
+            "article:",
+            '"{title}" is the title for "{text}" ',
+            "{items}. {input}",
+            "text",
+            "title",
+        ),
+        Task(
+            "LaMP_5",
+            "LaMP_5",
+            "generation",
+            "Generate a title for the following abstract of a paper: {abstract}",
+            ("title", "abstract"),
+            ("title", "abstract"),
+            "paper:",
+            '"{title}" is a title for "{abstract}" ',
+            "{items}. Following the given patterns {input}",
+            "abstract",
+            "title",
+        ),
+        Task(
+            "LaMP_6",
+            "LaMP_6",
+            "generation",
+            "Generate a subject for the following email: {text}",
+            ("text", "title"),
+            ("text",),
+            ":",
+            '"{title}" is the title for "{text}" ',
+            "{items}. {input}",
+            "text",
+            "title",
+        ),
+        Task(
+            "LaMP_7",
+            "LaMP_7",
+            "generation",
+            "Paraphrase the following tweet without any explanation before or after it: {text}",
+            ("text",),
+            ("text",),
+            ":",
+            '"{text}" ',
+            "{items} are written by a person. Following the given patterns {input}",
+            "text",
+            "text",
+        ),
+    )
+}
 
 
 def get_task(name: str) -> Task:
@@ -142,9 +271,11 @@ def answer_problem(task: Task, value: str) -> str | None:
 
 # ----------------------------------------------------------------------------- records
 
+
 @dataclass(frozen=True)
 class Item:
     """One entry of a user's profile."""
+
     id: str
     fields: Mapping[str, str]
     date: str | None = None
@@ -176,6 +307,7 @@ class Question:
 @dataclass
 class Split:
     """A task's split: questions in file order and, except for test, their golds."""
+
     task: Task
     questions: list[Question]
     golds: dict[str, str] | None = None
@@ -290,8 +422,9 @@ def swap_profiles(questions: Sequence[Question]) -> list[Question]:
     return [Question(q.id, q.input, other[q.user_id or q.id], q.user_id) for q in questions]
 
 
-def check_prediction_ids(golds: Mapping[str, str], preds: Mapping[str, str], preds_path="<predictions>",
-                         golds_path="<golds>") -> None:
+def check_prediction_ids(
+    golds: Mapping[str, str], preds: Mapping[str, str], preds_path="<predictions>", golds_path="<golds>"
+) -> None:
     """Predictions must cover exactly the gold ids (the official evaluator's rule)."""
     missing = [k for k in golds if k not in preds]
     extra = [k for k in preds if k not in golds]
@@ -309,8 +442,9 @@ def check_prediction_ids(golds: Mapping[str, str], preds: Mapping[str, str], pre
 SPLITS = ("train", "dev", "test")
 
 
-def split_files(lamp_dir: str | os.PathLike, task: Task | str, split: str, time_based: bool = False
-                ) -> tuple[Path, Path]:
+def split_files(
+    lamp_dir: str | os.PathLike, task: Task | str, split: str, time_based: bool = False
+) -> tuple[Path, Path]:
     """Find `{split}_questions.json` / `{split}_outputs.json` under a LaMP folder.
 
     Accepted layouts (the official download layout first):
@@ -328,13 +462,20 @@ def split_files(lamp_dir: str | os.PathLike, task: Task | str, split: str, time_
         if q.is_file():
             return q, d / f"{split}_outputs.json"
     tried = ", ".join(str(d / f"{split}_questions.json") for d in candidates)
-    raise DataError(f"no {task.name} {split} questions under {lamp_dir} (tried {tried}); download LaMP from "
-                    "https://lamp-benchmark.github.io/download or make synthetic users with "
-                    "`python -m tagpr.synthetic --out <dir>`")
+    raise DataError(
+        f"no {task.name} {split} questions under {lamp_dir} (tried {tried}); download LaMP from "
+        "https://lamp-benchmark.github.io/download or make synthetic users with "
+        "`python -m tagpr.synthetic --out <dir>`"
+    )
 
 
-def load_split(lamp_dir: str | os.PathLike, task: Task | str, split: str, time_based: bool = False,
-               require_golds: bool | None = None) -> Split:
+def load_split(
+    lamp_dir: str | os.PathLike,
+    task: Task | str,
+    split: str,
+    time_based: bool = False,
+    require_golds: bool | None = None,
+) -> Split:
     """Load a split's questions and (except for test, whose golds are private) its golds."""
     task = get_task(task) if isinstance(task, str) else task
     qpath, opath = split_files(lamp_dir, task, split, time_based)
@@ -358,6 +499,7 @@ def load_split(lamp_dir: str | os.PathLike, task: Task | str, split: str, time_b
 
 # ----------------------------------------------------------------------------- retrieval text & prompts
 
+
 def _quoted(text: str) -> list[str]:
     """The strings between double quotes, in order (the official LaMP-1 query parser)."""
     return re.findall(r'"([^"]*)"', text)
@@ -375,7 +517,7 @@ def retrieval_query(task: Task | str, text: str) -> str:
         quoted = _quoted(text)
         return f"{quoted[1]} {quoted[2]}" if len(quoted) >= 3 else text.strip()
     at = text.find(task.query_marker)
-    return text.strip() if at < 0 else text[at + len(task.query_marker):].strip()
+    return text.strip() if at < 0 else text[at + len(task.query_marker) :].strip()
 
 
 def item_text(task: Task | str, item: Item) -> str:
@@ -384,8 +526,7 @@ def item_text(task: Task | str, item: Item) -> str:
     return " ".join(item[f] for f in task.corpus_fields)
 
 
-def augment(task: Task | str, text: str, items: Iterable[Item],
-            truncate: Callable[[str], str] | None = None) -> str:
+def augment(task: Task | str, text: str, items: Iterable[Item], truncate: Callable[[str], str] | None = None) -> str:
     """The official LaMP prompt: retrieved items as phrases joined by ", and ".
 
     LaMP-1 inserts the titles after the word "title" of the input; LaMP-5 and LaMP-7
@@ -403,5 +544,5 @@ def augment(task: Task | str, text: str, items: Iterable[Item],
     joined = ", and ".join(phrases)
     if task.wrap == "@after_title":
         at = text.find("title")
-        return text if at < 0 else text[:at + 5] + ", and " + joined + text[at + 5:]
+        return text if at < 0 else text[: at + 5] + ", and " + joined + text[at + 5 :]
     return task.wrap.format(items=joined, input=text)

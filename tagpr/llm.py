@@ -25,6 +25,7 @@ again. The cache is an append-only JSONL file per role; a torn last line (a kill
 mid-write) is ignored on load. Each request also carries an `X-TagPR-Meta` header
 (role and record id; no secrets) that servers ignore and the tests' scripted server reads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,10 +38,10 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,16 +57,17 @@ class LLMError(RuntimeError):
 
 @dataclass
 class Request:
-    messages: list[dict]                 # [{"role": "user", "content": ...}, ...]
+    messages: list[dict]  # [{"role": "user", "content": ...}, ...]
     meta: dict = field(default_factory=dict)  # {"role", "id", ...}: routing and the simulated expert; not sent as body
     temperature: float = 0.0
     max_tokens: int = 1024
-    sample: int = 0                      # the k-th of K samples of one prompt: part of the cache key and the seed
-    prefix: str = ""                     # the assistant's reply so far: generation continues it (R2P intervention)
+    sample: int = 0  # the k-th of K samples of one prompt: part of the cache key and the seed
+    prefix: str = ""  # the assistant's reply so far: generation continues it (R2P intervention)
 
     def key(self, model: str) -> str:
-        body = json.dumps([model, self.messages, self.temperature, self.max_tokens, self.sample, self.prefix],
-                          sort_keys=True)
+        body = json.dumps(
+            [model, self.messages, self.temperature, self.max_tokens, self.sample, self.prefix], sort_keys=True
+        )
         return hashlib.sha256(body.encode()).hexdigest()
 
     @property
@@ -76,9 +78,9 @@ class Request:
 @dataclass
 class Reply:
     text: str = ""
-    error: str = ""          # non-empty: the request failed after all retries
+    error: str = ""  # non-empty: the request failed after all retries
     cached: bool = False
-    finished: bool = True    # the model stopped by itself (False: it hit max_tokens)
+    finished: bool = True  # the model stopped by itself (False: it hit max_tokens)
 
 
 class Cache:
@@ -113,18 +115,18 @@ class Cache:
 
 class Backend:
     name = "backend"
-    model_id = ""               # part of every cache key: replies of different models never mix
+    model_id = ""  # part of every cache key: replies of different models never mix
     cache: Cache | None = None
 
     def __init__(self):
-        self.requests = 0    # requests actually sent (not answered from the cache)
+        self.requests = 0  # requests actually sent (not answered from the cache)
         self.cache_hits = 0
         self.failures = 0
 
     def describe(self) -> str:
         return self.name
 
-    chunk = 256   # requests per `_chat` call: replies are cached after each, so a killed run loses one chunk
+    chunk = 256  # requests per `_chat` call: replies are cached after each, so a killed run loses one chunk
 
     def chat(self, requests: Sequence[Request], progress: str | None = None) -> list[Reply]:
         """Replies in order; cached ones first, the rest through `_chat` in chunks (each cached when done)."""
@@ -141,7 +143,7 @@ class Backend:
         todo.sort(key=lambda i: -len(json.dumps(requests[i].messages)) - len(requests[i].prefix))
         with _bar(len(todo), progress) as bar:
             for a in range(0, len(todo), self.chunk):
-                part = todo[a:a + self.chunk]
+                part = todo[a : a + self.chunk]
                 for i, rep in zip(part, self._chat([requests[i] for i in part])):
                     replies[i] = rep
                     if rep.error:
@@ -170,8 +172,12 @@ class Backend:
         raise LLMError(f"{self.describe()} cannot embed")
 
     def stats(self) -> dict:
-        return {"backend": self.describe(), "requests": self.requests, "cache_hits": self.cache_hits,
-                "failures": self.failures}
+        return {
+            "backend": self.describe(),
+            "requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "failures": self.failures,
+        }
 
 
 def _bar(total: int, desc: str | None):
@@ -184,13 +190,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- openai
 
+
 def continuation(content: str, prefix: str) -> str:
     """The new text of a reply that continued the assistant's `prefix`. Servers differ: vLLM
     (`continue_final_message`) returns the continuation alone; llama.cpp's server treats a trailing assistant
     message as a prefill and returns prefix + continuation. A reply that starts with the whole (non-empty)
     prefix is taken as the second kind — a continuation that repeats a prefix of tens of characters word
     for word is not what a sampler produces."""
-    return content[len(prefix):] if prefix and content.startswith(prefix) else content
+    return content[len(prefix) :] if prefix and content.startswith(prefix) else content
 
 
 class OpenAIBackend(Backend):
@@ -198,8 +205,17 @@ class OpenAIBackend(Backend):
 
     name = "openai"
 
-    def __init__(self, model: str, base_url: str, key_env: str = "OPENAI_API_KEY", cache_path=None,
-                 concurrency: int = 8, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0):
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        key_env: str = "OPENAI_API_KEY",
+        cache_path=None,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        retries: int = 5,
+        backoff: float = 1.0,
+    ):
         super().__init__()
         self.model = self.model_id = model
         self.base_url = base_url.rstrip("/")
@@ -220,7 +236,7 @@ class OpenAIBackend(Backend):
         data = json.dumps(body).encode()
         last = ""
         for attempt in range(self.retries + 1):
-            wait = self.backoff * 2 ** attempt * (0.5 + random.random() / 2)
+            wait = self.backoff * 2**attempt * (0.5 + random.random() / 2)
             with self._count:
                 self.requests += 1
             try:
@@ -245,11 +261,19 @@ class OpenAIBackend(Backend):
         raise LLMError(f"{self.base_url}{path}: gave up after {self.retries + 1} attempts; last: {last}")
 
     def _one(self, r: Request) -> Reply:
-        body = {"model": self.model, "messages": r.messages, "temperature": r.temperature,
-                "max_tokens": r.max_tokens, "seed": r.seed}
+        body = {
+            "model": self.model,
+            "messages": r.messages,
+            "temperature": r.temperature,
+            "max_tokens": r.max_tokens,
+            "seed": r.seed,
+        }
         if r.prefix:  # continue the assistant's partial reply (vLLM's extension of the chat API)
-            body.update(messages=r.messages + [{"role": "assistant", "content": r.prefix}],
-                        continue_final_message=True, add_generation_prompt=False)
+            body.update(
+                messages=r.messages + [{"role": "assistant", "content": r.prefix}],
+                continue_final_message=True,
+                add_generation_prompt=False,
+            )
         try:
             for attempt in range(self.retries + 1):
                 out = self._post("/chat/completions", body, r.meta)
@@ -257,12 +281,14 @@ class OpenAIBackend(Backend):
                     text = out["choices"][0]["message"]["content"]
                     if not isinstance(text, str):
                         raise TypeError
-                    return Reply(continuation(text, r.prefix),
-                                 finished=out["choices"][0].get("finish_reason", "stop") != "length")
+                    return Reply(
+                        continuation(text, r.prefix),
+                        finished=out["choices"][0].get("finish_reason", "stop") != "length",
+                    )
                 except (KeyError, IndexError, TypeError):
                     err = f"malformed reply (no choices[0].message.content): {str(out)[:80]}"
                     if attempt < self.retries:
-                        time.sleep(self.backoff * 2 ** attempt)
+                        time.sleep(self.backoff * 2**attempt)
             return Reply(error=err)
         except LLMError as e:
             return Reply(error=str(e))
@@ -275,8 +301,9 @@ class OpenAIBackend(Backend):
         """In requests of `batch` inputs (APIs cap the inputs per request)."""
         rows = []
         for a in range(0, len(texts), batch):
-            out = self._post("/embeddings", {"model": self.model, "input": list(texts[a:a + batch])},
-                             {"role": "embedder"})
+            out = self._post(
+                "/embeddings", {"model": self.model, "input": list(texts[a : a + batch])}, {"role": "embedder"}
+            )
             try:
                 rows += [d["embedding"] for d in sorted(out["data"], key=lambda d: d["index"])]
             except (KeyError, TypeError, ValueError) as e:
@@ -286,14 +313,16 @@ class OpenAIBackend(Backend):
 
 # ----------------------------------------------------------------------------- hf
 
+
 class HFBackend(Backend):
     """A local transformers model: chat through `tagpr.sampler.generate` (batched, KV cache);
     sampling seeded per request, so a rerun reproduces; greedy when temperature is 0."""
 
     name = "hf"
 
-    def __init__(self, model: str, cache_path=None, batch_size: int = 8, device: str | None = None,
-                 precision: str = "fp32"):
+    def __init__(
+        self, model: str, cache_path=None, batch_size: int = 8, device: str | None = None, precision: str = "fp32"
+    ):
         super().__init__()
         self.chunk = batch_size
         self.precision = precision
@@ -314,14 +343,28 @@ class HFBackend(Backend):
 
     def _chat(self, requests):
 
-
         lm, tok = self._load()
-        ids = [tok(tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefix,
-                   add_special_tokens=False)["input_ids"] for r in requests]
+        ids = [
+            tok(
+                tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) + r.prefix,
+                add_special_tokens=False,
+            )["input_ids"]
+            for r in requests
+        ]
         t = max(r.temperature for r in requests)
         gens = [torch.Generator().manual_seed(r.seed) for r in requests]
-        roll = generate(lm, ids, tok.eos_token_id, tok.pad_token_id, max(r.max_tokens for r in requests),
-                        temperature=t or 1.0, greedy=t == 0, generator=gens, tokenizer=tok, precision=self.precision)
+        roll = generate(
+            lm,
+            ids,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            max(r.max_tokens for r in requests),
+            temperature=t or 1.0,
+            greedy=t == 0,
+            generator=gens,
+            tokenizer=tok,
+            precision=self.precision,
+        )
         self.requests += len(requests)
         return [Reply(text, finished=bool(f)) for text, f in zip(roll.texts, roll.finished.tolist())]
 
@@ -330,15 +373,16 @@ class HFBackend(Backend):
         vecs = []
         with torch.no_grad():
             for a in range(0, len(texts), self.batch_size):
-                batch = tok(list(texts[a:a + self.batch_size]), return_tensors="pt", padding=True)
-                hidden = lm.get_decoder()(**batch).last_hidden_state          # (B, T, H)
-                m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)    # (B, T, 1)
+                batch = tok(list(texts[a : a + self.batch_size]), return_tensors="pt", padding=True)
+                hidden = lm.get_decoder()(**batch).last_hidden_state  # (B, T, H)
+                m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 vecs.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).double().numpy())
         self.requests += len(texts)
         return _unit(np.concatenate(vecs))
 
 
 # ----------------------------------------------------------------------------- hashing
+
 
 class HashingEmbedder(Backend):
     """A lexical embedding with no model: the words of a name (split on `_`, `-`, spaces) and their
@@ -356,7 +400,7 @@ class HashingEmbedder(Backend):
 
     def features(self, text: str) -> list[str]:
         words = [w for w in re.split(r"[\s_\-]+", text.lower()) if w]
-        grams = [f"#{w}#"[i:i + 3] for w in words for i in range(len(w))]
+        grams = [f"#{w}#"[i : i + 3] for w in words for i in range(len(w))]
         return [f"w:{w}" for w in words] + [f"g:{g}" for g in grams if len(g) == 3]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -369,21 +413,32 @@ class HashingEmbedder(Backend):
 
 # ----------------------------------------------------------------------------- specs
 
-def from_spec(spec: str, role: str, cache_dir: str | os.PathLike | None = None, key_env: str = "OPENAI_API_KEY",
-              concurrency: int = 8, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0,
-              expert=None) -> Backend:
+
+def from_spec(
+    spec: str,
+    role: str,
+    cache_dir: str | os.PathLike | None = None,
+    key_env: str = "OPENAI_API_KEY",
+    concurrency: int = 8,
+    timeout: float = 120.0,
+    retries: int = 5,
+    backoff: float = 1.0,
+    expert=None,
+) -> Backend:
     """Build the backend a spec names (see the module docstring). `expert` builds the simulated one."""
     cache = Path(cache_dir) / f"{role}.jsonl" if cache_dir else None
     if spec == "simulated":
         if expert is None:
-            raise LLMError(f"--{role} simulated: the simulated expert answers only for synthetic users "
-                           "(no --lamp-dir); pass an openai: or hf: backend for LaMP")
+            raise LLMError(
+                f"--{role} simulated: the simulated expert answers only for synthetic users "
+                "(no --lamp-dir); pass an openai: or hf: backend for LaMP"
+            )
         return expert.for_role()
     if spec == "hashing":
         return HashingEmbedder()
     if spec.startswith("hf:"):
         return HFBackend(spec[3:], cache_path=cache)
     if spec.startswith("openai:") and "@" in spec:
-        model, url = spec[len("openai:"):].rsplit("@", 1)
+        model, url = spec[len("openai:") :].rsplit("@", 1)
         return OpenAIBackend(model, url, key_env, cache, concurrency, timeout, retries, backoff)
     raise LLMError(f"--{role} {spec!r}: expected simulated, hashing, hf:NAME or openai:MODEL@BASE_URL")

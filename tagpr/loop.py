@@ -7,15 +7,14 @@ empty one runs one row with its loss multiplied by 0 (`fsdp_micro_batches` says 
 divided by global counts (see `tagpr.losses`), and the backward multiplies by the world size because FSDP
 averages gradients over ranks: the sum over ranks is what the global denominator asks for.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
-from typing import Callable
 
 from . import config, dist, synthetic
 from .files import write_jsonl
@@ -55,7 +54,7 @@ def synthetic_fallback(made: Path, lamp_dir: Path, seed: int, sizes: dict, rows:
 def fsdp_micro_batches(rows: list[int], micro: int) -> Iterator[tuple[list[int], bool]]:
     """(rows to run, real) per micro-batch of `rows`; padded with (`[0]`, False) up to the largest count over the
     ranks, so every rank runs the same number of forwards and backwards."""
-    chunks = [rows[a:a + micro] for a in range(0, len(rows), micro)]
+    chunks = [rows[a : a + micro] for a in range(0, len(rows), micro)]
     n = int(dist.all_reduce(torch.tensor(len(chunks)), "max").item())
     for chunk in chunks + [[] for _ in range(n - len(chunks))]:
         yield (chunk or [0]), bool(chunk)
@@ -78,8 +77,9 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
     return float(norm)
 
 
-def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, lr: float | list[float],
-                   grad_clip: float) -> float:
+def optimizer_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, lr: float | list[float], grad_clip: float
+) -> float:
     """Clip, set the learning rate (one value, or one per parameter group), step, zero the gradients. → the
     gradient norm before clipping."""
     gnorm = grad_norm_and_clip(model.parameters(), grad_clip)

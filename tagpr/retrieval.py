@@ -14,13 +14,14 @@ The query and each item's document are the official per-task ones
 - dense: any local transformers encoder, mean pooling over the attention mask, dot
   product (Contriever's recipe).
 """
+
 from __future__ import annotations
 
 import math
 import random
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -36,12 +37,14 @@ def _date_key(date: str | None) -> tuple[int, ...]:
 
 def recency_order(items: Sequence[lamp.Item]) -> list[int]:
     """Indices of items, newest first."""
-    return sorted(range(len(items)), key=lambda i: (items[i].date is not None, _date_key(items[i].date), i),
-                  reverse=True)
+    return sorted(
+        range(len(items)), key=lambda i: (items[i].date is not None, _date_key(items[i].date), i), reverse=True
+    )
 
 
-def bm25_scores(query: str, docs: Sequence[str], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25
-                ) -> list[float]:
+def bm25_scores(
+    query: str, docs: Sequence[str], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25
+) -> list[float]:
     """Okapi BM25 score of every document for the query (whitespace tokens)."""
     toks = [d.split() for d in docs]
     n_docs = len(toks)
@@ -78,23 +81,34 @@ class DenseEncoder:
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tok(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state.float()     # (B, T, H)
-            mask = batch["attention_mask"].unsqueeze(-1).float()         # (B, T, 1)
+            batch = self.tok(
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**batch).last_hidden_state.float()  # (B, T, H)
+            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
             out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))  # (B, H)
         return torch.cat(out) if out else torch.zeros(0)
 
     def scores(self, query: str, docs: Sequence[str]) -> list[float]:
         if not docs:
             return []
-        q = self.encode([query])      # (1, H)
-        d = self.encode(docs)         # (D, H)
+        q = self.encode([query])  # (1, H)
+        d = self.encode(docs)  # (D, H)
         return (d @ q[0]).tolist()
 
 
-def retrieve(task: lamp.Task | str, question: lamp.Question, k: int = 8, retriever: str = "recency",
-             seed: int = 0, encoder: DenseEncoder | None = None) -> list[lamp.Item]:
+def retrieve(
+    task: lamp.Task | str,
+    question: lamp.Question,
+    k: int = 8,
+    retriever: str = "recency",
+    seed: int = 0,
+    encoder: DenseEncoder | None = None,
+) -> list[lamp.Item]:
     """The k profile items the retriever ranks first, best first (k ≤ 0: none)."""
     task = lamp.get_task(task) if isinstance(task, str) else task
     items = question.profile
@@ -103,14 +117,17 @@ def retrieve(task: lamp.Task | str, question: lamp.Question, k: int = 8, retriev
     if retriever == "recency":
         order = recency_order(items)[:k]
     elif retriever == "bm25":
-        order = _top(bm25_scores(lamp.retrieval_query(task, question.input), [lamp.item_text(task, i) for i in items]), k)
+        order = _top(
+            bm25_scores(lamp.retrieval_query(task, question.input), [lamp.item_text(task, i) for i in items]), k
+        )
     elif retriever == "random":
         order = random.Random(f"{seed}:{question.id}").sample(range(len(items)), min(k, len(items)))
     elif retriever == "dense":
         if encoder is None:
             raise ValueError("the dense retriever needs an encoder (--dense-model, a local transformers folder)")
-        order = _top(encoder.scores(lamp.retrieval_query(task, question.input),
-                                    [lamp.item_text(task, i) for i in items]), k)
+        order = _top(
+            encoder.scores(lamp.retrieval_query(task, question.input), [lamp.item_text(task, i) for i in items]), k
+        )
     else:
         raise ValueError(f"unknown retriever {retriever!r}; expected one of {RETRIEVERS}")
     return [items[i] for i in order]

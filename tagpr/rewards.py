@@ -17,11 +17,12 @@ Departures and choices (the paper's text lost the λ values and the exact penalt
 5. The answer is the text after `</think>`; an output with no think block at all is
    its own answer (baselines that answer directly), and an unclosed `<think>` has none.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from . import lamp, tags
 from .metrics import label_index, rouge_pairs
@@ -101,22 +102,26 @@ def repetition_reward(outputs: Sequence[str], n: int = 4, eps: float = 1e-6) -> 
     out = []
     for o in outputs:
         toks = o.split() if isinstance(o, str) else []
-        grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
         out.append(0.0 if not grams else (len(set(grams)) - len(grams)) / (len(grams) + eps))
     return out
 
 
-def tag_reward(outputs: Sequence[str], vocab=tags.DEFAULT_TAGS, min_tags: int = 3,
-               parsed: Sequence[tags.Parsed] | None = None) -> list[float]:
+def tag_reward(
+    outputs: Sequence[str], vocab=tags.DEFAULT_TAGS, min_tags: int = 3, parsed: Sequence[tags.Parsed] | None = None
+) -> list[float]:
     """R_tag (Eq. 9): 0 when every check passes; minus a penalty per failed check
     (format 0.5, tag outside the vocabulary 0.25, fewer than `min_tags` steps 0.25)."""
-    return [-sum(TAG_PENALTIES[k] for k, ok in tags.check(p, vocab, min_tags).items() if not ok)
-            for p in parse_all(outputs, parsed)]
+    return [
+        -sum(TAG_PENALTIES[k] for k, ok in tags.check(p, vocab, min_tags).items() if not ok)
+        for p in parse_all(outputs, parsed)
+    ]
 
 
 @dataclass(frozen=True)
 class RewardWeights:
     """Weights of Eq. 5; `w_format` is λ1 and `w_personal` λ2 (values ours, see module docstring)."""
+
     w_verifiable: float = 1.0
     w_format: float = 0.5
     w_repetition: float = 1.0
@@ -128,10 +133,17 @@ def _finite(xs: Sequence[float]) -> list[float]:
     return [float(x) if x is not None and math.isfinite(float(x)) else 0.0 for x in xs]
 
 
-def composite_reward(outputs: Sequence[str], golds: Sequence[str], tasks, personal: Sequence[float] | None = None,
-                     weights: RewardWeights = RewardWeights(), vocab=tags.DEFAULT_TAGS, min_tags: int = 3,
-                     ngram: int = 4, parsed: Sequence[tags.Parsed] | None = None
-                     ) -> tuple[list[float], dict[str, list[float]]]:
+def composite_reward(
+    outputs: Sequence[str],
+    golds: Sequence[str],
+    tasks,
+    personal: Sequence[float] | None = None,
+    weights: RewardWeights = RewardWeights(),
+    vocab=tags.DEFAULT_TAGS,
+    min_tags: int = 3,
+    ngram: int = 4,
+    parsed: Sequence[tags.Parsed] | None = None,
+) -> tuple[list[float], dict[str, list[float]]]:
     """R (Eq. 5) = w_v·R_v + w_f·R_f + w_rep·R_rep + w_tag·R_tag + w_p·R_p.
 
     `personal` holds PRMU's σ(logit) per output (Eq. 3), computed by the caller so this
@@ -149,14 +161,25 @@ def composite_reward(outputs: Sequence[str], golds: Sequence[str], tasks, person
     }
     if personal is not None and len(parts["personal"]) != n:
         raise ValueError(f"{len(parts['personal'])} personalization scores for {n} outputs")
-    w = {"verifiable": weights.w_verifiable, "format": weights.w_format, "repetition": weights.w_repetition,
-         "tag": weights.w_tag, "personal": weights.w_personal}
+    w = {
+        "verifiable": weights.w_verifiable,
+        "format": weights.w_format,
+        "repetition": weights.w_repetition,
+        "tag": weights.w_tag,
+        "personal": weights.w_personal,
+    }
     totals = [sum(w[k] * parts[k][i] for k in parts) for i in range(n)]
     return totals, parts
 
 
-def foundation_reward(outputs: Sequence[str], golds: Sequence[str], tasks, ngram: int = 4, w_format: float = 0.5,
-                      parsed: Sequence[tags.Parsed] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+def foundation_reward(
+    outputs: Sequence[str],
+    golds: Sequence[str],
+    tasks,
+    ngram: int = 4,
+    w_format: float = 0.5,
+    parsed: Sequence[tags.Parsed] | None = None,
+) -> tuple[list[float], dict[str, list[float]]]:
     """R_found (Eq. 11) = R_v + λ1·R_f + R_rep: the exploratory stage's reward. Eq. 11 is the guided reward
     without R_tag and R_p, so λ1 is the guided stage's (`w_format`, one value for both stages)."""
     weights = RewardWeights(w_verifiable=1.0, w_format=w_format, w_repetition=1.0, w_tag=0.0, w_personal=0.0)

@@ -1,5 +1,6 @@
 """A run's folder: `config.json`, the checkpoint it resumes from, and `metrics.jsonl`, mirrored into TensorBoard
 with `--report-to tensorboard`."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def tensorboard_writer(log_dir: str | os.PathLike, resume_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: the `tensorboard` extra
     except ImportError:
-        raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
-                          ) from None
+        raise ConfigError(
+            "--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
+        ) from None
     return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
 
 
@@ -29,8 +31,9 @@ class MetricsLog:
     (a folder), every number of every row is mirrored as a scalar of the same name at its step, and
     flushed at once, so `tensorboard --logdir` shows the run live."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None,
-                 tensorboard: str | os.PathLike | None = None):
+    def __init__(
+        self, path: str | os.PathLike, resume_step: int | None = None, tensorboard: str | os.PathLike | None = None
+    ):
         self.path = Path(path)
         self.main = dist.get().is_main
         self.tb = None
@@ -42,8 +45,12 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, row: dict) -> None:
         self.write_rows([row])
@@ -67,8 +74,9 @@ class MetricsLog:
             self.tb.flush()
 
 
-def start_run(out: Path, resume: str, model, optimizer, resolved: dict, report_to: str = "none"
-              ) -> tuple[int, MetricsLog]:
+def start_run(
+    out: Path, resume: str, model, optimizer, resolved: dict, report_to: str = "none"
+) -> tuple[int, MetricsLog]:
     """Write `<out>/config.json`, restore the checkpoint `resume` names ("auto": the latest in
     `<out>/ckpt`, "": none, else a path) and open `metrics.jsonl` (mirrored into `<out>/tensorboard`
     with `report_to` "tensorboard"). Returns (start step, log)."""
@@ -81,5 +89,8 @@ def start_run(out: Path, resume: str, model, optimizer, resolved: dict, report_t
     if ckpt is not None:
         start = checkpoint.load(ckpt, model, optimizer)["step"]
         dist.print0(f"resumed from {ckpt} at step {start}")
-    return start, MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None,
-                             tensorboard=out / "tensorboard" if report_to == "tensorboard" else None)
+    return start, MetricsLog(
+        out / "metrics.jsonl",
+        resume_step=start if ckpt is not None else None,
+        tensorboard=out / "tensorboard" if report_to == "tensorboard" else None,
+    )

@@ -12,11 +12,12 @@ instead of concatenating the whole cache again (the concatenation was half of a 
 step's time on a CPU). Under FSDP2 the model is unsharded once for the whole rollout
 phase and resharded after (`gathered`), not once per token.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -28,11 +29,11 @@ from .hardware import autocast
 
 @dataclass
 class Rollouts:
-    prompt_ids: list[list[int]]        # the prompts' tokens, unpadded
-    response_ids: torch.Tensor         # (B, T) right-padded, EOS included when reached
-    response_mask: torch.Tensor        # (B, T) 1 on generated tokens up to and including the first EOS
-    texts: list[str]                   # decoded responses, EOS and special tokens dropped
-    finished: torch.Tensor             # (B,) reached EOS before max_new_tokens
+    prompt_ids: list[list[int]]  # the prompts' tokens, unpadded
+    response_ids: torch.Tensor  # (B, T) right-padded, EOS included when reached
+    response_mask: torch.Tensor  # (B, T) 1 on generated tokens up to and including the first EOS
+    texts: list[str]  # decoded responses, EOS and special tokens dropped
+    finished: torch.Tensor  # (B,) reached EOS before max_new_tokens
     # with `keep_layers`: the residual stream after that many layers, as the sampler computed it: the prompts'
     # (B/G, P, hidden), left-padded like the prompt batch, and the responses' (B, T, hidden); a response's last
     # token is never fed back, so its row there is 0. None on the transformers fallback path.
@@ -55,8 +56,8 @@ class Rollouts:
         P = self.prompt_hidden.shape[1]
         out = self.response_hidden.new_zeros(B, T, self.response_hidden.shape[-1])
         for b, (p, n) in enumerate(zip(self.prompt_ids, self.lengths.tolist())):
-            out[b, :len(p)] = self.prompt_hidden[b // G, P - len(p):]
-            out[b, len(p):len(p) + n] = self.response_hidden[b, :n]
+            out[b, : len(p)] = self.prompt_hidden[b // G, P - len(p) :]
+            out[b, len(p) : len(p) + n] = self.response_hidden[b, :n]
         return out
 
 
@@ -96,10 +97,10 @@ class PreallocatedLayer(DynamicLayer):
         n = key_states.shape[-2]
         if self.length + n > self._k.shape[2]:
             raise RuntimeError(f"KV cache capacity {self._k.shape[2]} exceeded")
-        self._k[:, :, self.length:self.length + n] = key_states
-        self._v[:, :, self.length:self.length + n] = value_states
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
         self.length += n
-        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -118,8 +119,9 @@ def preallocate(cache, extra: int) -> None:
         cache.layers[i] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra)
 
 
-def uniforms(n_rows: int, n: int, generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             device=None) -> torch.Tensor:
+def uniforms(
+    n_rows: int, n: int, generator: torch.Generator | Sequence[torch.Generator] | None = None, device=None
+) -> torch.Tensor:
     """(n_rows, n) uniforms in [0, 1): from one generator for all rows, or row i from generator[i] alone."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != n_rows:
@@ -145,21 +147,25 @@ def nucleus(probs: torch.Tensor, top_p: float, widths: Sequence[int] | None = No
     probability, and with it the set, is the one the full sort gives.
     """
     for k in [w for w in (NUCLEUS_WIDTHS if widths is None else widths) if w < probs.shape[-1]]:
-        top = probs.topk(k, dim=-1).values                                      # (B, k), descending
+        top = probs.topk(k, dim=-1).values  # (B, k), descending
         mass = top.cumsum(-1)
         if bool((mass[:, -1] > top_p).all()):
             break
     else:  # some row's nucleus is wider than every width
-        top = probs.sort(dim=-1, descending=True).values                        # (B, V)
+        top = probs.sort(dim=-1, descending=True).values  # (B, V)
         mass = top.cumsum(-1)
-    floor = top.masked_fill(mass - top > top_p, float("inf")).amin(-1)         # (B,) the last kept probability
+    floor = top.masked_fill(mass - top > top_p, float("inf")).amin(-1)  # (B,) the last kept probability
     return probs.masked_fill(probs < floor[:, None], 0.0)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                greedy: bool | torch.Tensor = False,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                u: torch.Tensor | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool | torch.Tensor = False,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits (B, V) → next tokens (B,).
 
     Inverse-CDF sampling: one uniform u per row (given, or drawn by `uniforms` from
@@ -176,9 +182,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
             u = uniforms(logits.shape[0], 1, generator, logits.device)[:, 0]
         tok = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         rows, others = greedy.nonzero().squeeze(1), (~greedy).nonzero().squeeze(1)
-        if len(others):                                  # the vocabulary-wide softmax for the sampled rows only
+        if len(others):  # the vocabulary-wide softmax for the sampled rows only
             tok[others] = sample_next(logits[others], temperature, top_p, False, u=u[others])
-        if len(rows):                                    # their argmax in fp32: a bf16 argmax over 49k entries
+        if len(rows):  # their argmax in fp32: a bf16 argmax over 49k entries
             tok[rows] = logits[rows].float().argmax(-1)  # is ~2× slower on a CPU
         return tok
     if greedy or temperature == 0:
@@ -192,7 +198,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     cdf = probs.cumsum(-1)
     tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tok = tok.clamp(max=probs.shape[1] - 1)
-    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0                         # u · total rounded to the top
+    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0  # u · total rounded to the top
     return torch.where(bad, probs.argmax(-1), tok) if bool(bad.any()) else tok  # (rare: skip the argmax pass)
 
 
@@ -209,7 +215,7 @@ class _Transformers:
     """The fallback path for models `tagpr.engine` does not cover: transformers' own forward and cache."""
 
     prompt_hidden = response_hidden = None  # keeping hidden states is the engine's alone
-    compacts = False                         # every step computes every row
+    compacts = False  # every step computes every row
 
     def __init__(self, lm, segments, pad_id, max_new_tokens, precision, keep=0, trunk=None):
         prompts = [p for ps, _ in segments for p in ps]
@@ -217,9 +223,9 @@ class _Transformers:
         self.amp = lambda: autocast(ids.device, precision)  # transformers' forward takes the precision from autocast
         with self.amp():
             res = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]   # (prompts, V)
+        self.lm, self.cache, self.logits = lm, res.past_key_values, res.logits[:, -1]  # (prompts, V)
         self.next_pos = pos[:, -1] + 1
-        if len(segments) > 1:                                  # groups of several sizes: each prompt's rows
+        if len(segments) > 1:  # groups of several sizes: each prompt's rows
             sizes = torch.tensor([G for ps, G in segments for _ in ps], device=ids.device)
             rows = torch.arange(len(prompts), device=ids.device).repeat_interleave(sizes)
             self.cache.batch_select_indices(rows)
@@ -233,8 +239,13 @@ class _Transformers:
 
     def step(self, tok, pos, t, active=None):
         with self.amp():
-            res = self.lm(input_ids=tok[:, None], attention_mask=self.attn[:, :self.P + t + 1],
-                          position_ids=pos[:, None], past_key_values=self.cache, use_cache=True)
+            res = self.lm(
+                input_ids=tok[:, None],
+                attention_mask=self.attn[:, : self.P + t + 1],
+                position_ids=pos[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         self.cache = res.past_key_values
         return res.logits[:, -1]
 
@@ -244,7 +255,7 @@ class _Engine:
     together. Groups of several sizes: one prefill and cache per run of equal sizes, one decode loop
     (`engine.Segments`)."""
 
-    compacts = True                          # a step can compute only the rows still generating
+    compacts = True  # a step can compute only the rows still generating
 
     def __init__(self, lm, segments, pad_id, max_new_tokens, precision, keep=0, trunk=None):
         self.lm = lm
@@ -273,17 +284,30 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
     ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((len(prompt_ids), P), dtype=torch.long, device=device)
     for i, p in enumerate(prompt_ids):
-        ids[i, P - len(p):] = torch.tensor(p, device=device)
-        attn[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.tensor(p, device=device)
+        attn[i, P - len(p) :] = 1
     return ids, attn, (attn.cumsum(1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[int], pad_id: int,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool | Sequence[bool] = False,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None, tokenizer=None,
-             n_per_prompt: int | Sequence[int] = 1, precision: str = "fp32", keep_layers: int = 0,
-             logprobs: bool = False, compact: bool = True, trunk: engine.TrunkStore | None = None) -> Rollouts:
+def generate(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    eos_id: int | Sequence[int],
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool | Sequence[bool] = False,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    tokenizer=None,
+    n_per_prompt: int | Sequence[int] = 1,
+    precision: str = "fp32",
+    keep_layers: int = 0,
+    logprobs: bool = False,
+    compact: bool = True,
+    trunk: engine.TrunkStore | None = None,
+) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major. `n_per_prompt` may also give
     each prompt its own count (e.g. a held-out set's 1 + k rows and a control set's 1, in one decode loop).
 
@@ -310,7 +334,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     sizes = [n_per_prompt] * len(prompt_ids) if isinstance(n_per_prompt, int) else list(n_per_prompt)
     if len(sizes) != len(prompt_ids) or min(sizes, default=1) < 1:
         raise ValueError(f"n_per_prompt: {len(sizes)} counts for {len(prompt_ids)} prompts, each at least 1")
-    segments = []                                           # runs of prompts with equal counts: [(prompts, G)]
+    segments = []  # runs of prompts with equal counts: [(prompts, G)]
     for p, G in zip(prompt_ids, sizes):
         if segments and segments[-1][1] == G:
             segments[-1][0].append(p)
@@ -331,26 +355,30 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     sampled = temperature != 0 and (isinstance(greedy, torch.Tensor) or not greedy)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
-        runner = (_Engine if engine.supported(lm) else _Transformers)(lm, segments, pad_id, max_new_tokens, precision,
-                                                                      keep_layers, trunk)
+        runner = (_Engine if engine.supported(lm) else _Transformers)(
+            lm, segments, pad_id, max_new_tokens, precision, keep_layers, trunk
+        )
         rep = torch.tensor(sizes, device=device)
-        logits = runner.logits.repeat_interleave(rep, dim=0) if B > len(sizes) else runner.logits   # (B, V)
-        next_pos = runner.next_pos.repeat_interleave(rep)                       # (B,)
+        logits = runner.logits.repeat_interleave(rep, dim=0) if B > len(sizes) else runner.logits  # (B, V)
+        next_pos = runner.next_pos.repeat_interleave(rep)  # (B,)
         # the rows still generating, once some have stopped (None: every row); only they are sampled, and
         # `logits` holds theirs alone: a step's softmax and prefix sum over the vocabulary cost what its
         # live rows cost, not what the batch costs
-        live, g = None, greedy                                                  # g: the live rows' greedy flags
+        live, g = None, greedy  # g: the live rows' greedy flags
         for t in range(max_new_tokens):
             u = (U[:, t] if live is None else U[live, t]) if sampled else None
-            picked = sample_next(logits, temperature, top_p, g, u=u)                    # (live rows,)
-            tok = picked if live is None else torch.full((B,), pad_id, dtype=picked.dtype,
-                                                         device=device).index_copy_(0, live, picked)
+            picked = sample_next(logits, temperature, top_p, g, u=u)  # (live rows,)
+            tok = (
+                picked
+                if live is None
+                else torch.full((B,), pad_id, dtype=picked.dtype, device=device).index_copy_(0, live, picked)
+            )
             out[:, t] = tok
             mask[:, t] = (~done).long()
             if lp is not None:
                 lp[(slice(None) if live is None else live), t] = chosen_logprobs(logits, picked, temperature)
             done = done | torch.isin(tok, eos)
-            stopped = int(done.sum())                                           # one read of the flags a step
+            stopped = int(done.sum())  # one read of the flags a step
             if stopped == B or t == max_new_tokens - 1:
                 break
             if not stopped:
@@ -358,8 +386,11 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
             else:
                 live = (~done).nonzero().squeeze(1)
                 g = greedy[live] if isinstance(greedy, torch.Tensor) else greedy
-                logits = (runner.step(tok, next_pos, t, live) if compact and runner.compacts
-                          else runner.step(tok, next_pos, t)[live])             # a stopped row's token is pad
+                logits = (
+                    runner.step(tok, next_pos, t, live)
+                    if compact and runner.compacts
+                    else runner.step(tok, next_pos, t)[live]
+                )  # a stopped row's token is pad
             next_pos = next_pos + 1
     T = int(mask.sum(1).max().item()) if B else 0
     out, mask = out[:, :T], mask[:, :T]
@@ -368,5 +399,13 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int | Sequence[
     if tokenizer is not None:
         texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(B)]
     kept = runner.response_hidden[:, :T] if runner.response_hidden is not None else None
-    return Rollouts([list(p) for p, G in zip(prompt_ids, sizes) for _ in range(G)], out, mask, texts, done,
-                    runner.prompt_hidden, kept, lp)
+    return Rollouts(
+        [list(p) for p, G in zip(prompt_ids, sizes) for _ in range(G)],
+        out,
+        mask,
+        texts,
+        done,
+        runner.prompt_hidden,
+        kept,
+        lp,
+    )

@@ -18,6 +18,7 @@ writes the one it derives to `tags.json`, read back with `load_tags`.
 `parse` never raises: garbage, empty, truncated and nested input come back as a
 `Parsed` whose `errors` say what is wrong.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ class Step:
 class Parsed:
     steps: list[Step] = field(default_factory=list)
     answer: str = ""
-    has_think: bool = False      # a <think> … </think> block was found and closed
+    has_think: bool = False  # a <think> … </think> block was found and closed
     errors: list[str] = field(default_factory=list)  # structural problems, in order found
 
     @property
@@ -73,15 +74,15 @@ def parse(text) -> Parsed:
     if start < 0:
         out.errors.append("no <think> block")
         if end >= 0:
-            out.answer = text[end + len(THINK_CLOSE):].strip()
+            out.answer = text[end + len(THINK_CLOSE) :].strip()
         return out
     if end < 0:
         out.errors.append("<think> is never closed (truncated?)")
-        body = text[start + len(THINK_OPEN):]
+        body = text[start + len(THINK_OPEN) :]
     else:
         out.has_think = True
-        body = text[start + len(THINK_OPEN):end]
-        out.answer = text[end + len(THINK_CLOSE):].strip()
+        body = text[start + len(THINK_OPEN) : end]
+        out.answer = text[end + len(THINK_CLOSE) :].strip()
         if text[:start].strip():
             out.errors.append("text before <think>")
     open_tag, open_at = None, 0
@@ -100,7 +101,7 @@ def parse(text) -> Parsed:
         elif name != open_tag:
             out.errors.append(f"</{name}> closes <{open_tag}>")
         else:
-            out.steps.append(Step(name, body[open_at:m.start()].strip()))
+            out.steps.append(Step(name, body[open_at : m.start()].strip()))
             open_tag = None
     if open_tag is not None:
         out.errors.append(f"<{open_tag}> is never closed")

@@ -36,6 +36,7 @@ Statistics are fp32 for fp32, bf16 and fp16 inputs; outputs are fp32. Targets mu
 in [0, V) (pass any valid id at positions you mask out). FLOPs: forward 2NHV,
 forward + backward 8NHV (the backward recomputes the logits).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,8 @@ except ImportError:  # pragma: no cover - triton is a dependency; keep the PyTor
     triton = None
 
 IMPLS = ("triton", "chunked", "naive")
-_DW_CHUNK = 16384          # vocab rows of W per backward launch: bounds the fp32 dW buffer to 16384·H·4 bytes
-_CHUNK_BYTES = 64 << 20    # chunked path: fp32 logits per block of rows
+_DW_CHUNK = 16384  # vocab rows of W per backward launch: bounds the fp32 dW buffer to 16384·H·4 bytes
+_CHUNK_BYTES = 64 << 20  # chunked path: fp32 logits per block of rows
 
 
 def _interpreting() -> bool:
@@ -60,16 +61,18 @@ def _interpreting() -> bool:
 
 # ============================================================================ naive reference
 
+
 def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """Full (N, V) logits in fp32; autograd does the backward. For tests and benchmarks."""
-    z = (hidden @ weight.T).float() / temperature                          # (N, V)
-    logp_all = torch.log_softmax(z, dim=-1)                                # (N, V)
-    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)   # (N,)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)                         # (N,)
+    z = (hidden @ weight.T).float() / temperature  # (N, V)
+    logp_all = torch.log_softmax(z, dim=-1)  # (N, V)
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (N,)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
     return logp, entropy
 
 
 # ============================================================================ chunked PyTorch
+
 
 def _rows_per_chunk(n: int, v: int) -> int:
     return max(1, min(n, _CHUNK_BYTES // (4 * v)))
@@ -88,11 +91,11 @@ def _chunked_forward(h, w, tgt, inv_t):
     step = _rows_per_chunk(n, w.shape[0])
     for a in range(0, n, step):
         b = min(n, a + step)
-        z = (_f32(h[a:b]) @ w.T).mul_(inv_t)                               # (n_c, V) fp32
-        l = torch.logsumexp(z, dim=1)                                      # (n_c,)
-        z.sub_(l[:, None])                                                 # (n_c, V) log-probs, in place
-        lse[a:b] = l
-        ent[a:b] = -torch.linalg.vecdot(z.exp(), z)                        # −Σ p·log p, no cancellation
+        z = (_f32(h[a:b]) @ w.T).mul_(inv_t)  # (n_c, V) fp32
+        norm = torch.logsumexp(z, dim=1)  # (n_c,)
+        z.sub_(norm[:, None])  # (n_c, V) log-probs, in place
+        lse[a:b] = norm
+        ent[a:b] = -torch.linalg.vecdot(z.exp(), z)  # −Σ p·log p, no cancellation
         logp[a:b] = z.gather(1, tgt[a:b, None]).squeeze(1)
     return logp, ent, lse
 
@@ -105,17 +108,17 @@ def _chunked_backward(h, w, tgt, inv_t, lse, ent, g_logp, g_ent, need_dh, need_d
     step = _rows_per_chunk(n, w.shape[0])
     for a in range(0, n, step):
         b = min(n, a + step)
-        h32 = _f32(h[a:b])                                                 # (n_c, H)
-        z = (h32 @ w32.T).mul_(inv_t).sub_(lse[a:b, None])                 # (n_c, V) recomputed z − lse
-        p = z.exp()                                                        # (n_c, V)
+        h32 = _f32(h[a:b])  # (n_c, H)
+        z = (h32 @ w32.T).mul_(inv_t).sub_(lse[a:b, None])  # (n_c, V) recomputed z − lse
+        p = z.exp()  # (n_c, V)
         # dz = −p·(g_logp + g_ent·(z − lse + H)), then + g_logp at the target; in place in z's buffer
         dz = z.add_(ent[a:b, None]).mul_(g_ent[a:b, None]).add_(g_logp[a:b, None]).mul_(p).neg_()
         dz.scatter_add_(1, tgt[a:b, None], g_logp[a:b, None])
-        dz.mul_(inv_t)                                                     # ∂/∂(x·w) = ∂/∂z · 1/τ
+        dz.mul_(inv_t)  # ∂/∂(x·w) = ∂/∂z · 1/τ
         if need_dh:
-            dh[a:b] = (dz @ w32).to(h.dtype)                               # (n_c, H)
+            dh[a:b] = (dz @ w32).to(h.dtype)  # (n_c, H)
         if need_dw:
-            dw.addmm_(dz.T, h32)                                           # (V, H) fp32
+            dw.addmm_(dz.T, h32)  # (V, H) fp32
     return dh, (dw.to(w.dtype) if need_dw else None)
 
 
@@ -124,28 +127,75 @@ def _chunked_backward(h, w, tgt, inv_t, lse, ent, g_logp, g_ent, need_dh, need_d
 if triton is not None:
 
     @triton.jit
-    def _load_xw(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, hk, hk_ok, stride_hn, stride_hh, stride_wv, stride_wh,
-                 UPCAST: tl.constexpr):
+    def _load_xw(
+        h_ptr,
+        w_ptr,
+        rows64,
+        row_ok,
+        cols64,
+        col_ok,
+        hk,
+        hk_ok,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        UPCAST: tl.constexpr,
+    ):
         """The (BLOCK_N, BLOCK_H) tile of X and the (BLOCK_V, BLOCK_H) tile of W; zeros outside."""
-        x = tl.load(h_ptr + rows64[:, None] * stride_hn + hk[None, :] * stride_hh,
-                    mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols64[:, None] * stride_wv + hk[None, :] * stride_wh,
-                    mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
+        x = tl.load(
+            h_ptr + rows64[:, None] * stride_hn + hk[None, :] * stride_hh,
+            mask=row_ok[:, None] & hk_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols64[:, None] * stride_wv + hk[None, :] * stride_wh,
+            mask=col_ok[:, None] & hk_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:  # the interpreter's bf16 dot is broken: do it in fp32
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         return x, w
 
     @triton.jit
-    def _logit_tile(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_hh, stride_wv, stride_wh,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr):
+    def _logit_tile(
+        h_ptr,
+        w_ptr,
+        rows64,
+        row_ok,
+        cols64,
+        col_ok,
+        H,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """x·wᵀ for a (BLOCK_N, BLOCK_V) tile, accumulated over H in fp32."""
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             hk = h0 + tl.arange(0, BLOCK_H)
-            x, w = _load_xw(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, hk, hk < H, stride_hn, stride_hh,
-                            stride_wv, stride_wh, UPCAST)
+            x, w = _load_xw(
+                h_ptr,
+                w_ptr,
+                rows64,
+                row_ok,
+                cols64,
+                col_ok,
+                hk,
+                hk < H,
+                stride_hn,
+                stride_hh,
+                stride_wv,
+                stride_wh,
+                UPCAST,
+            )
             if IEEE:  # fp32 inputs: full-precision dot, not TF32
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
@@ -153,10 +203,27 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr, N, V, H,
-                    stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr):
+    def _fwd_kernel(
+        h_ptr,
+        w_ptr,
+        tgt_ptr,
+        logp_ptr,
+        ent_ptr,
+        lse_ptr,
+        N,
+        V,
+        H,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        inv_temp,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         # 1. this program's rows; int64 offsets (N·H and V·H overflow int32 at LLM sizes)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -171,8 +238,27 @@ if triton is not None:
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             # 3. the logit tile, temperature applied, padded vocab columns at −inf
-            z = _logit_tile(h_ptr, w_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, H, stride_hn, stride_hh,
-                            stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE) * inv_temp
+            z = (
+                _logit_tile(
+                    h_ptr,
+                    w_ptr,
+                    rows64,
+                    row_ok,
+                    cols.to(tl.int64),
+                    col_ok,
+                    H,
+                    stride_hn,
+                    stride_hh,
+                    stride_wv,
+                    stride_wh,
+                    BLOCK_N,
+                    BLOCK_V,
+                    BLOCK_H,
+                    UPCAST,
+                    IEEE,
+                )
+                * inv_temp
+            )
             z = tl.where(col_ok[None, :], z, float("-inf"))
             # 4. online update, relative to the running max so the entropy never cancels;
             #    the first tile's shift is 0, not −inf·0; padded columns get u = 0 and e = 0
@@ -193,11 +279,37 @@ if triton is not None:
         tl.store(lse_ptr + rows64, lse, mask=row_ok)
 
     @triton.jit
-    def _bwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
-                    N, H, v_start, v_end, stride_hn, stride_hh, stride_wv, stride_wh,
-                    stride_dhn, stride_dhh, stride_dwv, stride_dwh, inv_temp,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr):
+    def _bwd_kernel(
+        h_ptr,
+        w_ptr,
+        tgt_ptr,
+        lse_ptr,
+        ent_ptr,
+        g_logp_ptr,
+        g_ent_ptr,
+        dh_ptr,
+        dw_ptr,
+        N,
+        H,
+        v_start,
+        v_end,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        stride_dhn,
+        stride_dhh,
+        stride_dwv,
+        stride_dwh,
+        inv_temp,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
+        NEED_DH: tl.constexpr,
+        NEED_DW: tl.constexpr,
+    ):
         # 1. this program's (row block, vocab tile) within the chunk [v_start, v_end)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -206,8 +318,27 @@ if triton is not None:
         col_ok = cols < v_end
         cols64 = cols.to(tl.int64)
         # 2. recompute the logit tile
-        z = _logit_tile(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_hn, stride_hh, stride_wv,
-                        stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE) * inv_temp
+        z = (
+            _logit_tile(
+                h_ptr,
+                w_ptr,
+                rows64,
+                row_ok,
+                cols64,
+                col_ok,
+                H,
+                stride_hn,
+                stride_hh,
+                stride_wv,
+                stride_wh,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
+                UPCAST,
+                IEEE,
+            )
+            * inv_temp
+        )
         lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows64, mask=row_ok, other=0.0)
         g_logp = tl.load(g_logp_ptr + rows64, mask=row_ok, other=0.0)
@@ -224,24 +355,41 @@ if triton is not None:
         for h0 in range(0, H, BLOCK_H):
             hk = h0 + tl.arange(0, BLOCK_H)
             hk_ok = hk < H
-            x, w = _load_xw(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, hk, hk_ok, stride_hn, stride_hh,
-                            stride_wv, stride_wh, UPCAST)
+            x, w = _load_xw(
+                h_ptr,
+                w_ptr,
+                rows64,
+                row_ok,
+                cols64,
+                col_ok,
+                hk,
+                hk_ok,
+                stride_hn,
+                stride_hh,
+                stride_wv,
+                stride_wh,
+                UPCAST,
+            )
             dz_in = dz.to(x.dtype)  # the tensor cores' input type (bf16 on GPU); fp32 when upcast
             if NEED_DH:
                 if IEEE:
                     d_h = tl.dot(dz_in, w, input_precision="ieee")
                 else:
                     d_h = tl.dot(dz_in, w)
-                tl.atomic_add(dh_ptr + rows64[:, None] * stride_dhn + hk[None, :] * stride_dhh, d_h,
-                              mask=row_ok[:, None] & hk_ok[None, :])
+                tl.atomic_add(
+                    dh_ptr + rows64[:, None] * stride_dhn + hk[None, :] * stride_dhh,
+                    d_h,
+                    mask=row_ok[:, None] & hk_ok[None, :],
+                )
             if NEED_DW:
                 if IEEE:
                     d_w = tl.dot(tl.trans(dz_in), x, input_precision="ieee")
                 else:
                     d_w = tl.dot(tl.trans(dz_in), x)
                 local = (cols64 - v_start)[:, None]
-                tl.atomic_add(dw_ptr + local * stride_dwv + hk[None, :] * stride_dwh, d_w,
-                              mask=col_ok[:, None] & hk_ok[None, :])
+                tl.atomic_add(
+                    dw_ptr + local * stride_dwv + hk[None, :] * stride_dwh, d_w, mask=col_ok[:, None] & hk_ok[None, :]
+                )
 
 
 def _blocks(n: int, h: int):
@@ -257,8 +405,26 @@ def _triton_forward(h, w, tgt, inv_t):
     ent, lse = torch.empty_like(logp), torch.empty_like(logp)
     bn, bv, bh = _blocks(n, hd)
     _fwd_kernel[(triton.cdiv(n, bn),)](
-        h, w, tgt, logp, ent, lse, n, v, hd, h.stride(0), h.stride(1), w.stride(0), w.stride(1), inv_t,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=_interpreting(), IEEE=h.dtype == torch.float32)
+        h,
+        w,
+        tgt,
+        logp,
+        ent,
+        lse,
+        n,
+        v,
+        hd,
+        h.stride(0),
+        h.stride(1),
+        w.stride(0),
+        w.stride(1),
+        inv_t,
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        BLOCK_H=bh,
+        UPCAST=_interpreting(),
+        IEEE=h.dtype == torch.float32,
+    )
     return logp, ent, lse
 
 
@@ -271,15 +437,48 @@ def _triton_backward(h, w, tgt, inv_t, lse, ent, g_logp, g_ent, need_dh, need_dw
     for v0 in range(0, v, _DW_CHUNK):
         v1 = min(v, v0 + _DW_CHUNK)
         # fp32 accumulator for this chunk of W's rows (the gradient itself when W is fp32)
-        dw32 = (dw[v0:v1] if w.dtype == torch.float32 else torch.empty((v1 - v0, hd), dtype=torch.float32,
-                                                                         device=w.device)) if need_dw else dh32
+        dw32 = (
+            (
+                dw[v0:v1]
+                if w.dtype == torch.float32
+                else torch.empty((v1 - v0, hd), dtype=torch.float32, device=w.device)
+            )
+            if need_dw
+            else dh32
+        )
         if need_dw:
             dw32.zero_()
         _bwd_kernel[(triton.cdiv(n, bn), triton.cdiv(v1 - v0, bv))](
-            h, w, tgt, lse, ent, g_logp, g_ent, dh32, dw32, n, hd, v0, v1,
-            h.stride(0), h.stride(1), w.stride(0), w.stride(1), dh32.stride(0), dh32.stride(1),
-            dw32.stride(0), dw32.stride(1), inv_t, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=_interpreting(),
-            IEEE=h.dtype == torch.float32, NEED_DH=need_dh, NEED_DW=need_dw)
+            h,
+            w,
+            tgt,
+            lse,
+            ent,
+            g_logp,
+            g_ent,
+            dh32,
+            dw32,
+            n,
+            hd,
+            v0,
+            v1,
+            h.stride(0),
+            h.stride(1),
+            w.stride(0),
+            w.stride(1),
+            dh32.stride(0),
+            dh32.stride(1),
+            dw32.stride(0),
+            dw32.stride(1),
+            inv_t,
+            BLOCK_N=bn,
+            BLOCK_V=bv,
+            BLOCK_H=bh,
+            UPCAST=_interpreting(),
+            IEEE=h.dtype == torch.float32,
+            NEED_DH=need_dh,
+            NEED_DW=need_dw,
+        )
         if need_dw and w.dtype != torch.float32:
             dw[v0:v1] = dw32.to(w.dtype)
     return (dh32.to(h.dtype) if need_dh else None), dw
@@ -309,8 +508,7 @@ class _FusedLogprobs(torch.autograd.Function):
         g_ent = zeros if g_ent is None else g_ent.float().contiguous()
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):  # `.backward()` may be called inside autocast
-            dh, dw = _BACKWARD[ctx.impl](hidden, weight, targets, ctx.inv_t, lse, ent, g_logp, g_ent, need_dh,
-                                         need_dw)
+            dh, dw = _BACKWARD[ctx.impl](hidden, weight, targets, ctx.inv_t, lse, ent, g_logp, g_ent, need_dh, need_dw)
         return dh, dw, None, None, None
 
 
@@ -323,8 +521,9 @@ def default_impl(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton is not None else "chunked"
 
 
-def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of `targets` under softmax(hidden·Wᵀ/τ).
 
     hidden (*, H), weight (V, H), targets (*) int in [0, V) → logp (*), entropy (*), fp32.
@@ -348,6 +547,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         if h.shape[0] == 0:  # no rows (a rank's empty micro-batch): the chunked path's loops simply do not run
             impl = "chunked"
         with torch.autocast(h.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
-            logp, ent = _FusedLogprobs.apply(h.contiguous(), weight.contiguous(), t.contiguous(), float(temperature),
-                                             impl)
+            logp, ent = _FusedLogprobs.apply(
+                h.contiguous(), weight.contiguous(), t.contiguous(), float(temperature), impl
+            )
     return logp.view(lead), ent.view(lead)

@@ -7,6 +7,7 @@ Retry-After 0), "500", "timeout" (answers after `delay` seconds, past the client
 "malformed" (a body that is not JSON) and "no_choices" (JSON without a reply). `echo_prefix`: a
 trailing assistant message is repeated in front of the reply, as llama.cpp's server does (vLLM does not).
 """
+
 from __future__ import annotations
 
 import json

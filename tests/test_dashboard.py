@@ -1,5 +1,6 @@
 """--report-to tensorboard: the event files hold the numbers of metrics.jsonl, under the same names, at the same
 steps (read back with TensorBoard's own reader); RL adds rollout texts, PRMU its held-out accuracy."""
+
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ def events(folder: Path) -> EventAccumulator:
 
 
 def same_numbers(out: Path) -> EventAccumulator:
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ea = events(out / "tensorboard")
     tags = set(ea.Tags()["scalars"])
     n = 0
@@ -29,9 +30,9 @@ def same_numbers(out: Path) -> EventAccumulator:
             got = {e.step: e.value for e in ea.Scalars(k)}
             assert r["step"] in got, (k, r["step"])
             if math.isfinite(v):
-                assert got[r["step"]] == pytest.approx(v, rel=1e-6, abs=1e-6), k   # stored as float32
+                assert got[r["step"]] == pytest.approx(v, rel=1e-6, abs=1e-6), k  # stored as float32
             n += 1
-    assert n >= 5 * len(rows)                                                   # not a vacuous comparison
+    assert n >= 5 * len(rows)  # not a vacuous comparison
     return ea
 
 
@@ -39,12 +40,38 @@ def test_sft_and_prmu_events_equal_metrics_jsonl(tmp_path):
     import train_prmu
     import train_sft
 
-    train_sft.main(["--preset", "tiny", "--out", str(tmp_path / "sft"), "--max-steps", "3", "--report-to",
-                    "tensorboard", "--resume", ""])
+    train_sft.main(
+        [
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "sft"),
+            "--max-steps",
+            "3",
+            "--report-to",
+            "tensorboard",
+            "--resume",
+            "",
+        ]
+    )
     ea = same_numbers(tmp_path / "sft")
     assert {"loss", "lr", "grad_norm"} <= set(ea.Tags()["scalars"])
-    train_prmu.main(["--preset", "tiny", "--out", str(tmp_path / "prmu"), "--max-steps", "2", "--eval-every", "1",
-                     "--report-to", "tensorboard", "--resume", ""])
+    train_prmu.main(
+        [
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "prmu"),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--report-to",
+            "tensorboard",
+            "--resume",
+            "",
+        ]
+    )
     ea = same_numbers(tmp_path / "prmu")
     assert {"eval_acc/all", "eval_acc/seen", "eval_acc/seen_no_ue"} <= set(ea.Tags()["scalars"])
 
@@ -53,8 +80,9 @@ def test_rl_events_and_rollout_texts(tmp_path):
     import train_rl
 
     out = tmp_path / "rl"
-    train_rl.main(["--preset", "tiny", "--out", str(out), "--max-steps", "2", "--report-to", "tensorboard",
-                   "--resume", ""])
+    train_rl.main(
+        ["--preset", "tiny", "--out", str(out), "--max-steps", "2", "--report-to", "tensorboard", "--resume", ""]
+    )
     ea = same_numbers(out)
     assert {"reward", "loss/u0", "clip_frac_high/u1"} <= set(ea.Tags()["scalars"])
     texts = ea.Tensors("rollouts/text_summary")

@@ -1,20 +1,20 @@
 """build_data.py: parsers, clustering, every stage through the simulated, openai (loopback server) and hf backends."""
+
 import json
 from collections import Counter
 
 import numpy as np
 import pytest
+from llm_server import Server
 
 import build_data
 from tagpr import datagen, lamp, prompts, synthetic, tags
-from tagpr.tags import load_tags
 from tagpr.cluster import cluster_tags, kmeans
 from tagpr.expert import OPENERS, SYNONYMS, SimulatedExpert
 from tagpr.files import DataError
 from tagpr.llm import Cache, HashingEmbedder, OpenAIBackend, Request
 from tagpr.records import read_pairs, read_rl_prompts, read_sft
-
-from llm_server import Server
+from tagpr.tags import load_tags
 
 TASKS = ",".join(synthetic.SYNTHETIC_TASKS)
 
@@ -27,11 +27,29 @@ def lamp_dir(tmp_path_factory):
 
 
 def build(lamp_dir, out, *extra):
-    return build_data.main(["--lamp-dir", str(lamp_dir), "--out", str(out), "--instances-per-task", "30",
-                            "--chains", "4", "--rl-per-task", "20", "--rl-lamp2", "25", "--spot-check", "5", *extra])
+    return build_data.main(
+        [
+            "--lamp-dir",
+            str(lamp_dir),
+            "--out",
+            str(out),
+            "--instances-per-task",
+            "30",
+            "--chains",
+            "4",
+            "--rl-per-task",
+            "20",
+            "--rl-lamp2",
+            "25",
+            "--spot-check",
+            "5",
+            *extra,
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- parsers
+
 
 def test_parse_teacher():
     assert datagen.parse_teacher("1. a\n2. b\nAnswer: [2]") == ("1. a\n2. b", "[2]", "")
@@ -46,11 +64,15 @@ def test_parse_teacher():
 
 def test_parse_judge():
     good = '{"logical_consistency": 5, "factual_accuracy": 4, "completeness": 3, "conciseness": 2}'
-    assert datagen.parse_judge(good) == {"logical_consistency": 5, "factual_accuracy": 4, "completeness": 3,
-                                         "conciseness": 2}
+    assert datagen.parse_judge(good) == {
+        "logical_consistency": 5,
+        "factual_accuracy": 4,
+        "completeness": 3,
+        "conciseness": 2,
+    }
     assert datagen.parse_judge("<think>hmm</think>" + good)["completeness"] == 3
-    assert datagen.parse_judge(good.replace("2}", "6}")) is None          # out of range
-    assert datagen.parse_judge('{"logical_consistency": 5}') is None      # missing keys
+    assert datagen.parse_judge(good.replace("2}", "6}")) is None  # out of range
+    assert datagen.parse_judge('{"logical_consistency": 5}') is None  # missing keys
     assert datagen.parse_judge("looks fine") is None
 
 
@@ -61,12 +83,13 @@ def test_parse_tagged_and_accuracy():
     assert datagen.normalise_tag("Analyze-Input ") == "analyze_input"
     t2, t3, t5 = (lamp.get_task(t) for t in ("LaMP_2", "LaMP_3", "LaMP_5"))
     assert datagen.accuracy(t2, [" comedy ", "Comedy", "drama"], ["comedy"] * 3) == [1.0, 0.0, 0.0]
-    assert datagen.accuracy(t3, ["4", "4.0"], ["4", "4"]) == [1.0, 0.0]   # exact label, as the official mapping
+    assert datagen.accuracy(t3, ["4", "4.0"], ["4", "4"]) == [1.0, 0.0]  # exact label, as the official mapping
     # ROUGE-1 F of "a b c" vs "a b d e": 2 shared unigrams, P 2/3, R 2/4 → F = 4/7
     assert datagen.accuracy(t5, ["a b c"], ["a b d e"])[0] == pytest.approx(4 / 7)
 
 
 # ----------------------------------------------------------------------------- clustering
+
 
 def test_kmeans_by_hand():
     # 1-D points {0, 1} and {10, 11}: centroids 0.5 and 10.5, inertia 4 · 0.25 = 1
@@ -83,8 +106,8 @@ def test_kmeans_by_hand():
 
 def _partition(labels, truth):
     groups = {}
-    for l, t in zip(labels, truth):
-        groups.setdefault(int(l), set()).add(t)
+    for label, t in zip(labels, truth):
+        groups.setdefault(int(label), set()).add(t)
     return groups
 
 
@@ -114,6 +137,7 @@ def test_clustering_recovers_synonym_tag_names(seed):
 
 # ----------------------------------------------------------------------------- the whole pipeline
 
+
 def _outputs(out):
     return {f: (out / f).read_text() for f in ("sft.jsonl", "prp.jsonl", "pqp.jsonl", "rl_prompts.jsonl", "tags.json")}
 
@@ -130,10 +154,17 @@ def test_every_filter_does_counted_work(simulated_run, lamp_dir):
     for stage in ("2_teacher", "3_accuracy", "4_judge", "5_explore", "6_restrict", "7_pair_tagging"):
         assert st[stage]["in"] == st[stage]["out"] + sum(st[stage]["dropped"].values())
     assert st["2_teacher"]["in"] == 6 * 30 * (4 + 1)
-    for stage, reason in [("2_teacher", "no_answer"), ("3_accuracy", "wrong_answer"),
-                          ("3_accuracy", "rouge_below_threshold"), ("4_judge", "judge_unparsable"),
-                          ("4_judge", "composite_at_most_threshold"), ("5_explore", "malformed_tags"),
-                          ("6_restrict", "tag_format"), ("6_restrict", "tag_vocab"), ("6_restrict", "tag_count")]:
+    for stage, reason in [
+        ("2_teacher", "no_answer"),
+        ("3_accuracy", "wrong_answer"),
+        ("3_accuracy", "rouge_below_threshold"),
+        ("4_judge", "judge_unparsable"),
+        ("4_judge", "composite_at_most_threshold"),
+        ("5_explore", "malformed_tags"),
+        ("6_restrict", "tag_format"),
+        ("6_restrict", "tag_vocab"),
+        ("6_restrict", "tag_count"),
+    ]:
         assert st[stage]["dropped"].get(reason, 0) > 0, (stage, reason)
     assert st["6_restrict"]["in"] == st["4_judge"]["out"]
     assert m["backends"]["teacher"].startswith("simulated expert")
@@ -153,7 +184,7 @@ def test_every_filter_does_counted_work(simulated_run, lamp_dir):
         gold = golds[r.id.rsplit("-c", 1)[0]]
         score = datagen.accuracy(lamp.get_task(r.task), [r.answer], [gold])[0]
         assert score >= 0.3 if lamp.get_task(r.task).is_generation else score == 1.0
-        assert all(f"<{t}>" in r.prompt for t in vocab)   # the prompt teaches the derived tags
+        assert all(f"<{t}>" in r.prompt for t in vocab)  # the prompt teaches the derived tags
     assert (out / "spot_check.md").read_text().count("## ") == 5
 
 
@@ -190,7 +221,7 @@ def test_pairs_and_rl_prompts(simulated_run, lamp_dir):
     counts = Counter(r.task for r in rl)
     assert counts["LaMP_2"] == 25 and counts["LaMP_1"] == 20
     sft_ids = {r.id.rsplit("-c", 1)[0] for r in read_sft(out / "sft.jsonl")}
-    assert not sft_ids & {r.id for r in rl}   # RL prompts are questions the SFT data did not use
+    assert not sft_ids & {r.id for r in rl}  # RL prompts are questions the SFT data did not use
     # RL prompts of users PRMU learns (they have pairs) come first, and the manifest counts them
     pair_users = {p.user_id for p in prp + pqp}
     emitted = m["stages"]["7_emit"]["rl_prompts"]
@@ -200,8 +231,11 @@ def test_pairs_and_rl_prompts(simulated_run, lamp_dir):
         if have < n:  # some prompts lack a pair user: then none with one was left out of the pool
             split = lamp.load_split(lamp_dir, task, "train")
             taken = {r.id for r in rl}
-            left = [q.id for q in split.questions if q.profile and q.id not in taken and q.id not in sft_ids
-                    and (q.user_id or q.id) in pair_users]
+            left = [
+                q.id
+                for q in split.questions
+                if q.profile and q.id not in taken and q.id not in sft_ids and (q.user_id or q.id) in pair_users
+            ]
             assert not left, (task, left[:5])
 
 
@@ -222,10 +256,14 @@ def test_held_out_prompts_and_their_swap_control(simulated_run, lamp_dir):
         vocab = load_tags(out / "tags.json")
         q0, q1 = split.questions
         assert mine[0].prompt == prompts.build_prompt(task, q0, 8, vocab=vocab)
-        assert theirs[0].prompt == prompts.build_prompt(task, lamp.Question(q0.id, q0.input, q1.profile), 8,
-                                                        vocab=vocab) != mine[0].prompt
-        assert theirs[1].prompt == prompts.build_prompt(task, lamp.Question(q1.id, q1.input, q0.profile), 8,
-                                                        vocab=vocab)
+        assert (
+            theirs[0].prompt
+            == prompts.build_prompt(task, lamp.Question(q0.id, q0.input, q1.profile), 8, vocab=vocab)
+            != mine[0].prompt
+        )
+        assert theirs[1].prompt == prompts.build_prompt(
+            task, lamp.Question(q1.id, q1.input, q0.profile), 8, vocab=vocab
+        )
     assert not train_users & {r.user_id for r in own}
 
 
@@ -254,8 +292,13 @@ def test_openai_backend_faults_resume_and_key(simulated_run, lamp_dir, tmp_path,
         m = build(lamp_dir, out, *args)
         assert srv.served_faults == ["429", "timeout", "malformed", "500", "no_choices"]
         first = srv.requests
-        assert first == m["calls"]["teacher"]["requests"] + m["calls"]["judge"]["requests"] + \
-            m["calls"]["tagger"]["requests"] + m["calls"]["embedder"]["requests"]
+        assert (
+            first
+            == m["calls"]["teacher"]["requests"]
+            + m["calls"]["judge"]["requests"]
+            + m["calls"]["tagger"]["requests"]
+            + m["calls"]["embedder"]["requests"]
+        )
         assert sum(c["failures"] for c in m["calls"].values()) == 0
         assert srv.auth_seen == {"Bearer sk-test-secret-123"}
         assert _outputs(out) == _outputs(sim_out)
@@ -283,7 +326,7 @@ def test_cache_survives_a_torn_line(tmp_path):
     for i in range(3):
         c.put(f"k{i}", f"text {i}")
     with open(tmp_path / "c.jsonl", "a") as f:
-        f.write('{"key": "k3", "te')                 # killed mid-write
+        f.write('{"key": "k3", "te')  # killed mid-write
     again = Cache(tmp_path / "c.jsonl")
     assert again.data == {"k0": ("text 0", True), "k1": ("text 1", True), "k2": ("text 2", True)}
 

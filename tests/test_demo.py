@@ -1,4 +1,5 @@
 """scripts/demo.py: the whole pipeline, wired end to end on the tiny model; killed in the RL stage, it resumes."""
+
 import json
 import os
 import signal
@@ -15,16 +16,45 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     run = tmp_path / "demo"
-    args = [sys.executable, "scripts/demo.py", "--run", str(run), "--policy", "tiny", "--sft-steps", "2",
-            "--sft-batch", "4", "--sft-train-layers", "2", "--prmu-steps", "2", "--rl-steps", "4", "--rl-prompts", "2",
-            "--rl-group", "2", "--rl-max-new", "8", "--eval-questions", "4", "--rl-eval-every", "2",
-            "--base-methods", "zero-shot", "--seeds", "0,1"]
+    args = [
+        sys.executable,
+        "scripts/demo.py",
+        "--run",
+        str(run),
+        "--policy",
+        "tiny",
+        "--sft-steps",
+        "2",
+        "--sft-batch",
+        "4",
+        "--sft-train-layers",
+        "2",
+        "--prmu-steps",
+        "2",
+        "--rl-steps",
+        "4",
+        "--rl-prompts",
+        "2",
+        "--rl-group",
+        "2",
+        "--rl-max-new",
+        "8",
+        "--eval-questions",
+        "4",
+        "--rl-eval-every",
+        "2",
+        "--base-methods",
+        "zero-shot",
+        "--seeds",
+        "0,1",
+    ]
     # as a user who runs the venv's python without activating it: no venv on PATH (so no `torchrun` there)
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)
     env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "PATH": path, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = run / "rl_seed0" / "ckpt"
     deadline = time.time() + 600
     while time.time() < deadline and not (ckpt.is_dir() and any(ckpt.glob("step_*"))) and p.poll() is None:
@@ -36,31 +66,42 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "== 1 build_data: done already" in done.stdout and "== 2 train_sft: done already" in done.stdout
-    rows = [json.loads(l) for l in (run / "rl_seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]     # one uninterrupted-looking run (0: before training)
-    assert [r["step"] for r in (json.loads(l) for l in (run / "rl_seed1" / "metrics.jsonl").read_text()
-                                .splitlines())] == [1, 2, 3, 4]  # seed 0's step 0 is the SFT row for all
+    rows = [json.loads(line) for line in (run / "rl_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # one uninterrupted-looking run (0: before training)
+    assert [
+        r["step"] for r in (json.loads(line) for line in (run / "rl_seed1" / "metrics.jsonl").read_text().splitlines())
+    ] == [1, 2, 3, 4]  # seed 0's step 0 is the SFT row for all
     assert [k for k in rows[2] if k.startswith("eval/")] == [
-        "eval/held_out/LaMP_2/accuracy_greedy", "eval/held_out/LaMP_2/accuracy_sampled",
-        "eval/swap/LaMP_2/accuracy_greedy"]
+        "eval/held_out/LaMP_2/accuracy_greedy",
+        "eval/held_out/LaMP_2/accuracy_sampled",
+        "eval/swap/LaMP_2/accuracy_greedy",
+    ]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000004"]  # --keep 1: the latest checkpoint only
     report = (run / "report.md").read_text()
-    for row in ("No-profile floor", "Base model: Zero-shot", "After SFT (tagged reasoning)", "After SFT + RL, seed 0",
-                "After SFT + RL, seed 1", "After SFT + RL, mean of seeds 0,1", "Oracle ceiling"):
+    for row in (
+        "No-profile floor",
+        "Base model: Zero-shot",
+        "After SFT (tagged reasoning)",
+        "After SFT + RL, seed 0",
+        "After SFT + RL, seed 1",
+        "After SFT + RL, mean of seeds 0,1",
+        "Oracle ceiling",
+    ):
         assert f"| {row}" in report, row
     # the SFT row is the start policy's held-out scores, the seeds' rows their last ones: means of per-question scores
     sft = json.loads((run / "rl_seed0" / "held_out_step0.json").read_text())
     rl1 = json.loads((run / "rl_seed1" / "held_out_step4.json").read_text())
     mean = lambda d, k: sum(v[k] for v in d.values()) / len(d)
     assert len(sft["held_out"]) == len(sft["swap"]) == 4
-    sft_row = next(l for l in report.splitlines() if l.startswith("| After SFT (tagged"))
+    sft_row = next(line for line in report.splitlines() if line.startswith("| After SFT (tagged"))
     assert sft_row.split(" | ")[1].startswith(f"{mean(sft['held_out'], 'greedy'):.3f} [")
     assert sft_row.split(" | ")[2].startswith(f"{mean(sft['held_out'], 'sampled'):.3f} [")
     assert sft_row.split(" | ")[3].startswith(f"{mean(sft['swap'], 'greedy'):.3f} [")
-    seed1 = next(l for l in report.splitlines() if l.startswith("| After SFT + RL, seed 1"))
+    seed1 = next(line for line in report.splitlines() if line.startswith("| After SFT + RL, seed 1"))
     assert seed1.split(" | ")[2].startswith(f"{mean(rl1['held_out'], 'sampled'):.3f} [")
     assert rows[-1]["eval/held_out/LaMP_2/accuracy_sampled"] == pytest.approx(
-        mean(json.loads((run / "rl_seed0" / "held_out_step4.json").read_text())["held_out"], "sampled"))
+        mean(json.loads((run / "rl_seed0" / "held_out_step4.json").read_text())["held_out"], "sampled")
+    )
     assert "## What the table shows" in report and "- SFT + RL > SFT, sampled: gain" in report
     assert "## Data (build_data.py manifest)" in report and (run / "curves.png").stat().st_size > 1000
     # every RL prompt's user has preference pairs; PRMU trained the embeddings of those it did not hold out, and
@@ -68,7 +109,7 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     emitted = json.loads((run / "data" / "manifest.json").read_text())["stages"]["7_emit"]["rl_prompts"]
     assert all(c["user_has_pairs"] == c["written"] > 0 for c in emitted.values()), emitted
     users = json.loads((run / "prmu" / "model" / "users.json").read_text())
-    prompts = [json.loads(l) for l in (run / "data" / "rl_prompts.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line) for line in (run / "data" / "rl_prompts.jsonl").read_text().splitlines()]
     known = sum(p["user_id"] in users for p in prompts)
     rl_cfg = json.loads((run / "rl_seed0" / "config.json").read_text())
     assert rl_cfg["prompts_with_trained_user"] == known > 0
@@ -76,8 +117,14 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     assert rl_cfg["old_logp"] == {"fp32": "sampler", "bf16": "recompute"}[rl_cfg["precision"]]
     assert f"old log-probs: {rl_cfg['old_logp']}" in report
     timings = json.loads((run / "timings.json").read_text())
-    assert {"1 build_data", "2 train_sft", "3 train_prmu", "4 train_rl seed 0", "4 train_rl seed 1",
-            "5 evaluate base"} == set(timings)
+    assert {
+        "1 build_data",
+        "2 train_sft",
+        "3 train_prmu",
+        "4 train_rl seed 0",
+        "4 train_rl seed 1",
+        "5 evaluate base",
+    } == set(timings)
 
 
 def test_malloc_env(monkeypatch):
@@ -91,8 +138,10 @@ def test_malloc_env(monkeypatch):
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
     monkeypatch.setenv("LD_PRELOAD", "libfoo.so")
     assert demo.malloc_env("system") == {}
-    assert demo.malloc_env("auto") == {"LD_PRELOAD": "libfoo.so libjemalloc.so.2",
-                                       "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    assert demo.malloc_env("auto") == {
+        "LD_PRELOAD": "libfoo.so libjemalloc.so.2",
+        "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1",
+    }
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert demo.malloc_env("auto") == {}
     with pytest.raises(demo.config.ConfigError, match="no libjemalloc"):
@@ -102,15 +151,18 @@ def test_malloc_env(monkeypatch):
 def test_gain_curve_by_hand(tmp_path):
     """The report's gain-against-steps table on two seeds and four questions worked out by hand: the per-seed
     gains, their spread, the verdict, and the GSPO time to the step (held-out scoring excluded)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo
+    from tagpr import demo_report
 
     def scores(greedy, sampled):
-        return {"held_out": {f"q{i}": {"greedy": g, "sampled": s} for i, (g, s) in enumerate(zip(greedy, sampled))},
-                "swap": {f"q{i}": {"greedy": 0.0} for i in range(4)}}
+        return {
+            "held_out": {f"q{i}": {"greedy": g, "sampled": s} for i, (g, s) in enumerate(zip(greedy, sampled))},
+            "swap": {f"q{i}": {"greedy": 0.0} for i in range(4)},
+        }
 
-    files = {0: {0: scores([1, 0, 1, 0], [0, .5, 1, 0]), 2: scores([1, 0, 1, 0], [.5, .5, 1, .5])},
-             1: {2: scores([0, 0, 1, 1], [0, 1, 1, 0])}}
+    files = {
+        0: {0: scores([1, 0, 1, 0], [0, 0.5, 1, 0]), 2: scores([1, 0, 1, 0], [0.5, 0.5, 1, 0.5])},
+        1: {2: scores([0, 0, 1, 1], [0, 1, 1, 0])},
+    }
     for seed, steps in files.items():
         d = tmp_path / f"rl_seed{seed}"
         d.mkdir()
@@ -118,10 +170,18 @@ def test_gain_curve_by_hand(tmp_path):
             (d / f"held_out_step{step}.json").write_text(json.dumps(sc))
         t = 10.0 * (seed + 1)
         rows = [{"step": 0, "time/held_out": 99.0}] + [
-            {"step": s, "time/rollout": t, "time/reward": 1.0, "time/old_logp": 2.0, "time/update": 3.0,
-             **({"time/held_out": 99.0} if s == 2 else {})} for s in (1, 2, 3)]
+            {
+                "step": s,
+                "time/rollout": t,
+                "time/reward": 1.0,
+                "time/old_logp": 2.0,
+                "time/update": 3.0,
+                **({"time/held_out": 99.0} if s == 2 else {}),
+            }
+            for s in (1, 2, 3)
+        ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = demo.gain_curve(tmp_path, [0, 1]).splitlines()
+    table = demo_report.gain_curve(tmp_path, [0, 1]).splitlines()
     assert len(table) == 3  # header, rule, step 2 (step 0 is SFT's own row)
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     # GSPO time to step 2: seed 0 (10+1+2+3)·2 = 32, seed 1 (20+1+2+3)·2 = 52 → 42

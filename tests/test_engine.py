@@ -1,4 +1,5 @@
 """tagpr.engine (group-shared prompt and generated keys in one masked buffer) against transformers' own forward."""
+
 import os
 from unittest import mock
 
@@ -11,12 +12,19 @@ from tagpr import engine, hardware, sampler
 def llama_and_qwen3():
     """A tiny random Llama (no q/k norms, 3 query heads per kv head), a tiny Qwen3 (q/k norms) and a tiny
     Qwen2 (q/k/v biases)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+    common = dict(
+        vocab_size=97,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+    )
     llama = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
     qwen = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=False)).eval()
     qwen2 = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
@@ -38,8 +46,8 @@ def left_pad(prompts, pad=0):
     ids = torch.full((len(prompts), P), pad)
     mask = torch.zeros(len(prompts), P, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.tensor(p)
+        mask[i, P - len(p) :] = 1
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
@@ -48,7 +56,7 @@ def reference_logits(lm, prompt, continuation):
     ids = torch.tensor([prompt + continuation])
     with torch.no_grad():
         logits = lm(input_ids=ids).logits[0]
-    return logits[len(prompt) - 1:]                                             # (len(continuation) + 1, V)
+    return logits[len(prompt) - 1 :]  # (len(continuation) + 1, V)
 
 
 def machine(probe, *args):
@@ -86,11 +94,11 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, few
         for t in range(steps):
             tok = torch.tensor([c[t] for c in conts])
             got.append(engine.decode_step(lm, W, tok, next_pos + t, cache))
-    got = torch.stack(got, 1)                                                   # (B, steps + 1, V)
-    assert (W.head.few is not None) == few                                      # ≤ 9 rows a step: MKL's, if asked
+    got = torch.stack(got, 1)  # (B, steps + 1, V)
+    assert (W.head.few is not None) == few  # ≤ 9 rows a step: MKL's, if asked
     for b in range(len(conts)):
         want = reference_logits(lm, prompts[b // G], conts[b])
-        assert want.abs().max() > 1.0                                           # not a trivially flat model
+        assert want.abs().max() > 1.0  # not a trivially flat model
         torch.testing.assert_close(got[b], want, atol=2e-4, rtol=1e-4)
 
 
@@ -103,7 +111,7 @@ def test_steps_over_the_rows_still_generating_equal_the_full_forward():
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (6, 4)]
     conts = [torch.randint(1, 97, (steps,), generator=g).tolist() for _ in range(len(prompts) * G)]
-    stops = {0: 3, 1: 1, 4: 2, 5: 1}           # row → the last step it runs (rows 2 and 3 run all six)
+    stops = {0: 3, 1: 1, 4: 2, 5: 1}  # row → the last step it runs (rows 2 and 3 run all six)
     ids, mask, pos = left_pad(prompts)
     with torch.no_grad():
         logits, prefix, _ = engine.prefill(lm, W, ids, mask, pos, keep=2)
@@ -119,7 +127,7 @@ def test_steps_over_the_rows_still_generating_equal_the_full_forward():
                 got[b].append(out[r])
             engine.decode_step(lm, W, tok, next_pos + t, full)
     for b, rows in got.items():
-        want = reference_logits(lm, prompts[b // G], conts[b])[:len(rows)]
+        want = reference_logits(lm, prompts[b // G], conts[b])[: len(rows)]
         assert len(rows) == stops.get(b, steps) + 1
         torch.testing.assert_close(torch.stack(rows), want, atol=2e-4, rtol=1e-4)
         n = stops.get(b, steps)
@@ -161,7 +169,7 @@ def test_few_row_linear_equals_f_linear(pack):
     for bias in (None, b):
         lin = engine._Linear(w, bias, pack=pack, few=True)
         x = torch.randn(engine.FEW_ROWS + 1, 24, generator=g)
-        assert torch.equal(lin(x), engine._Linear(w, bias, pack=pack)(x)) and lin.few is None   # 33 rows: not MKL's
+        assert torch.equal(lin(x), engine._Linear(w, bias, pack=pack)(x)) and lin.few is None  # 33 rows: not MKL's
         for shape in ((1, 24), (3, 24), (2, 5, 24), (engine.FEW_ROWS, 24), (0, 24)):
             x = torch.randn(*shape, generator=g)
             want = torch.nn.functional.linear(x, w, bias)
@@ -169,7 +177,7 @@ def test_few_row_linear_equals_f_linear(pack):
             assert got.shape == want.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert lin.few is not None and lin.few.is_mkldnn
-    assert engine._Linear(w.bfloat16(), None, pack=False, few=True).plain is None        # fp32 only: bf16 ignores it
+    assert engine._Linear(w.bfloat16(), None, pack=False, few=True).plain is None  # fp32 only: bf16 ignores it
     # a wrong packing would show: another weight's packed copy gives other numbers
     lin.few = torch.ops.mkl._mkl_reorder_linear_weight(w.flip(0).contiguous(), engine.FEW_ROWS)
     x = torch.randn(3, 24, generator=g)
@@ -188,7 +196,7 @@ def test_bf16_stays_close_and_matches_autocast():
             auto = torch.stack([lm(input_ids=torch.tensor([p])).logits[0, -1] for p in ([5, 6, 7, 8], [9, 10])])
     assert half.dtype == torch.bfloat16
     err = (half.float() - full).abs().max() / full.abs().max()
-    assert 0 < err < 0.05                                                       # bf16 matmuls: close, not identical
+    assert 0 < err < 0.05  # bf16 matmuls: close, not identical
     assert (half.float() - auto.float()).abs().max() / full.abs().max() < 0.02
     p = [[5, 6, 7, 8], [9, 10]]
     a = sampler.generate(lm, p, eos_id=-1, pad_id=0, max_new_tokens=6, greedy=True)
@@ -241,7 +249,7 @@ def test_trunk_store_gives_the_prefill_bit_for_bit_and_skips_the_bottom_layers(t
 
     from safetensors.torch import load_file, save_file
 
-    lm = copy.deepcopy(MODELS["llama"])                                          # 3 layers: a trunk of 2
+    lm = copy.deepcopy(MODELS["llama"])  # 3 layers: a trunk of 2
     ids, mask, pos = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
     W = lambda m: engine.Weights(m, torch.float32, True, False)
     store = engine.TrunkStore(tmp_path, 2)
@@ -258,7 +266,7 @@ def test_trunk_store_gives_the_prefill_bit_for_bit_and_skips_the_bottom_layers(t
         assert (store.hits, store.misses) == (1, 1)
         assert same(first, want) and same(again, want) and len(again[1]) == 3
 
-        top = copy.deepcopy(lm)                                                  # RL trained the top layer
+        top = copy.deepcopy(lm)  # RL trained the top layer
         top.model.layers[2].mlp.down_proj.weight.mul_(1.5)
         got = engine.prefill(top, W(top), ids, mask, pos, trunk=store)
         assert (store.hits, len(list(tmp_path.iterdir()))) == (2, 1)
@@ -269,10 +277,10 @@ def test_trunk_store_gives_the_prefill_bit_for_bit_and_skips_the_bottom_layers(t
         got = engine.prefill(low, W(low), ids, mask, pos, trunk=store)
         assert (store.misses, len(list(tmp_path.iterdir()))) == (2, 2)
         assert same(got, engine.prefill(low, W(low), ids, mask, pos))
-        engine.prefill(lm, W(lm), ids[:2], mask[:2], pos[:2], trunk=store)     # other prompts: another entry
+        engine.prefill(lm, W(lm), ids[:2], mask[:2], pos[:2], trunk=store)  # other prompts: another entry
         assert (store.misses, len(list(tmp_path.iterdir()))) == (3, 3)
 
-        entry = load_file(str(files[0]))                                         # alter the stored stream
+        entry = load_file(str(files[0]))  # alter the stored stream
         entry["hidden"] = entry["hidden"] * 1.01
         save_file(entry, str(files[0]))
         altered = engine.prefill(lm, W(lm), ids, mask, pos, trunk=store)

@@ -1,4 +1,5 @@
 """evaluate.py: R2P's intervention and self-referencing, every method end to end, official scoring of bad answers."""
+
 import json
 
 import pytest
@@ -25,14 +26,17 @@ class Scripted(Backend):
 
 # ----------------------------------------------------------------------------- intervention (pure)
 
+
 def test_intervention_fires_on_drift_and_not_on_compliant():
-    drifting = "<think>\n" + "I love movies, they are fun to watch on weekends with friends. " * 5   # 310 chars
+    drifting = "<think>\n" + "I love movies, they are fun to watch on weekends with friends. " * 5  # 310 chars
     kind, text = r2p.intervention(drifting, T2, finished=False)
     assert kind == "template" and text.startswith(drifting.rstrip()) and text.endswith("Step 1 - Request:")
     compliant = "<think>\nStep 1 - Request: pick one tag.\nStep 2 - Profile: the user tags by genre, e.g. "
     assert r2p.intervention(compliant, T2, finished=False) is None
-    assert r2p.intervention(compliant + "comedy. Step 3 - Response: it is a comedy.\n</think>\ncomedy", T2,
-                            finished=True) is None
+    assert (
+        r2p.intervention(compliant + "comedy. Step 3 - Response: it is a comedy.\n</think>\ncomedy", T2, finished=True)
+        is None
+    )
     # a heading out of order (Step 3 before Step 2): back to the next one in order
     kind, text = r2p.intervention("<think>\nStep 1 - Request: x\nStep 3 - Response: y", T2, False)
     assert kind == "template" and text.endswith("Step 2 - Profile:")
@@ -40,8 +44,9 @@ def test_intervention_fires_on_drift_and_not_on_compliant():
     assert r2p.intervention(text + " the user tags by genre. Step 3 - Response: comedy.", T2, False) is None
     assert r2p.intervention(text + " genre. Step 1 - Request: again", T2, False)[0] == "template"
     # all three headings present but out of order: back to the last step
-    assert r2p.intervention("<think>\nStep 2 - Profile: a Step 1 - Request: b Step 3 - Response: c", T2,
-                            False)[1].endswith("Step 3 - Response:")
+    assert r2p.intervention("<think>\nStep 2 - Profile: a Step 1 - Request: b Step 3 - Response: c", T2, False)[
+        1
+    ].endswith("Step 3 - Response:")
     # short text without a heading yet: not drift (the first 240 characters are free)
     assert r2p.intervention("<think>\nLet me see.", T2, False) is None
 
@@ -64,6 +69,7 @@ def test_length_format_and_unclosed_interventions():
 
 def test_guided_loop_injects_and_continues():
     """Chunk 1 drifts → the template correction is appended → the model continues from it and finishes."""
+
     def fn(req):
         if req.prefix == "<think>\n":
             return Reply("Movies are great fun and I like them a lot. " * 6, finished=False)
@@ -82,8 +88,9 @@ def test_self_referencing_sees_all_candidates():
     def fn(req):
         content = req.messages[-1]["content"]
         if "candidate responses" in content:
-            return Reply("Step 1 - Request: x Step 2 - Profile: y Step 3 - Response: candidates 1 and 3 agree.\n"
-                         "</think>\ncomedy")
+            return Reply(
+                "Step 1 - Request: x Step 2 - Profile: y Step 3 - Response: candidates 1 and 3 agree.\n</think>\ncomedy"
+            )
         label = ("action", "fantasy", "romance")[req.sample]
         return Reply(f"Step 1 - Request: a Step 2 - Profile: b Step 3 - Response: c\n</think>\n{label}")
 
@@ -94,7 +101,7 @@ def test_self_referencing_sees_all_candidates():
 
     b = Batches(fn)
     [res] = r2p.r2p(b, ["Which tag? description: a film"], [T2], r2p.Settings(candidates=3))
-    assert b.calls[0] == [0, 1, 2]                        # the candidates are sampled together, in one batch
+    assert b.calls[0] == [0, 1, 2]  # the candidates are sampled together, in one batch
     final = [r for r in b.seen if "candidate responses" in r.messages[-1]["content"]]
     assert len(final) == 1
     for j in range(3):  # each candidate's full text, numbered
@@ -102,24 +109,33 @@ def test_self_referencing_sees_all_candidates():
         assert ("action", "fantasy", "romance")[j] in final[0].messages[-1]["content"]
     assert res["answer"] == "comedy" and len(res["candidates"]) == 3
     assert {r.temperature for r in b.seen if r not in final} == {0.7} and final[0].temperature == 0.0
+
     # two prompts: each result holds its own prompt's candidates, in sample order
     def fn2(req):
         content = req.messages[-1]["content"]
         what = "film" if "a film" in content.split("Here are")[0] else "show"
         return Reply(f"Step 1 - Request: a Step 2 - Profile: b Step 3 - Response: c\n</think>\n{what}{req.sample}")
 
-    two = r2p.r2p(Scripted(fn2), ["Which tag? description: a film", "Which tag? description: a show"], [T2, T2],
-                  r2p.Settings(candidates=3))
+    two = r2p.r2p(
+        Scripted(fn2),
+        ["Which tag? description: a film", "Which tag? description: a show"],
+        [T2, T2],
+        r2p.Settings(candidates=3),
+    )
     assert [[c.split("</think>\n")[-1] for c in res["candidates"]] for res in two] == [
-        ["film0", "film1", "film2"], ["show0", "show1", "show2"]]
+        ["film0", "film1", "film2"],
+        ["show0", "show1", "show2"],
+    ]
 
 
 # ----------------------------------------------------------------------------- scoring bad answers
+
 
 def test_invalid_and_missing_predictions_are_scored_officially(synthetic_dir, tmp_path):
     """Garbage, an error (no reply) and a valid answer on LaMP-3: unparsable → the worst value, never a crash."""
     split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
     qs = split.questions[:3]
+
     def fn(req):  # requests come longest first: answer by which question the prompt holds
         content = req.messages[-1]["content"]
         if content.endswith(qs[0].input):
@@ -132,18 +148,39 @@ def test_invalid_and_missing_predictions_are_scored_officially(synthetic_dir, tm
     worst = [max(abs(1 - float(split.golds[q.id])), abs(5 - float(split.golds[q.id]))) for q in qs[:2]]
     assert m["MAE"] == pytest.approx(sum(worst) / 3)
     assert m["RMSE"] == pytest.approx((sum(w * w for w in worst) / 3) ** 0.5)
-    traces = [json.loads(l) for l in (tmp_path / "LaMP_3" / "traces.jsonl").read_text().splitlines()]
+    traces = [json.loads(line) for line in (tmp_path / "LaMP_3" / "traces.jsonl").read_text().splitlines()]
     assert traces[1]["error"] == "HTTP 500" and traces[1]["answer"] == ""
 
 
 # ----------------------------------------------------------------------------- every method, end to end
 
+
 @pytest.mark.slow
 def test_every_method_runs_and_the_metrics_cli_agrees(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    args = ["--model", "tiny", "--methods", ",".join(evaluation.METHODS), "--tasks", "LaMP_2,LaMP_3,LaMP_5",
-            "--limit", "2", "--lamp-dir", str(synthetic_dir), "--out", str(out), "--max-new-reason", "16",
-            "--max-new-direct", "8", "--r2p-candidates", "2", "--r2p-chunk", "8", "--paper"]
+    args = [
+        "--model",
+        "tiny",
+        "--methods",
+        ",".join(evaluation.METHODS),
+        "--tasks",
+        "LaMP_2,LaMP_3,LaMP_5",
+        "--limit",
+        "2",
+        "--lamp-dir",
+        str(synthetic_dir),
+        "--out",
+        str(out),
+        "--max-new-reason",
+        "16",
+        "--max-new-direct",
+        "8",
+        "--r2p-candidates",
+        "2",
+        "--r2p-chunk",
+        "8",
+        "--paper",
+    ]
     results = evaluate.main(args)
     assert set(results) == set(evaluation.METHODS)
     assert results["oracle"]["LaMP_3"] == {"MAE": 0.0, "RMSE": 0.0, "MAE_ci95": [0.0, 0.0], "n": 2, "samples": 1}
@@ -169,8 +206,24 @@ def test_every_method_runs_and_the_metrics_cli_agrees(synthetic_dir, tmp_path, c
 
 def test_k_sweep_writes_a_table_and_plot(synthetic_dir, tmp_path):
     out = tmp_path / "sweep"
-    res = evaluate.main(["--model", "tiny", "--methods", "oracle", "--tasks", "LaMP_2,LaMP_5", "--limit", "3",
-                         "--lamp-dir", str(synthetic_dir), "--out", str(out), "--sweep", "k"])
+    res = evaluate.main(
+        [
+            "--model",
+            "tiny",
+            "--methods",
+            "oracle",
+            "--tasks",
+            "LaMP_2,LaMP_5",
+            "--limit",
+            "3",
+            "--lamp-dir",
+            str(synthetic_dir),
+            "--out",
+            str(out),
+            "--sweep",
+            "k",
+        ]
+    )
     assert set(res) == {f"oracle@{k}" for k in (2, 4, 8, 16, 32)}
     assert (out / "sweep.png").stat().st_size > 1000 and "Oracle (latent rule) @ 16" in (out / "table.md").read_text()
     # each setting its own folder (they once shared "oracle/", so a sweep reused its first point's results)
@@ -178,6 +231,7 @@ def test_k_sweep_writes_a_table_and_plot(synthetic_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- sampled scores and the swap control
+
 
 def test_sampled_setting_scores_the_mean_over_samples(synthetic_dir, tmp_path):
     """k = 2 samples: sample 0 always right, sample 1 right on the first question only → 0.75 and 1.0 / 0.5."""
@@ -192,13 +246,12 @@ def test_sampled_setting_scores_the_mean_over_samples(synthetic_dir, tmp_path):
         return Reply(f"<think>x</think>{split.golds[q.id] if right else wrong}")
 
     b = Scripted(fn)
-    m = evaluation.evaluate_split(b, "rag-r", split, tmp_path, evaluation.Settings(temperature=0.7), limit=2,
-                                  samples=2)
+    m = evaluation.evaluate_split(b, "rag-r", split, tmp_path, evaluation.Settings(temperature=0.7), limit=2, samples=2)
     assert m["accuracy"] == 0.75 and m["n"] == 2 and m["samples"] == 2
     assert sorted(r.sample for r in b.seen) == [0, 0, 1, 1]
     assert json.loads((tmp_path / "LaMP_2" / "scores.json").read_text()) == {qs[0].id: 1.0, qs[1].id: 0.5}
     assert m["accuracy_ci95"] == [0.5, 1.0]  # two questions: the resampled means are 0.5, 0.75 and 1.0
-    traces = [json.loads(l) for l in (tmp_path / "LaMP_2" / "traces.jsonl").read_text().splitlines()]
+    traces = [json.loads(line) for line in (tmp_path / "LaMP_2" / "traces.jsonl").read_text().splitlines()]
     assert [t["sample"] for t in traces] == [0, 0, 1, 1]
 
 
@@ -222,8 +275,13 @@ def test_swap_setting_shows_another_profile_to_a_copying_model(tmp_path):
     perfect with the user's own profile and falls to near chance under the swap."""
     from tagpr import synthetic
 
-    synthetic.generate(tmp_path / "lamp", ["LaMP_2"], seed=0, sizes={"train": (1, 1), "dev": (16, 2),
-                                                                     "test": (1, 1)}, difficulty="easy")
+    synthetic.generate(
+        tmp_path / "lamp",
+        ["LaMP_2"],
+        seed=0,
+        sizes={"train": (1, 1), "dev": (16, 2), "test": (1, 1)},
+        difficulty="easy",
+    )
     split = lamp.load_split(tmp_path / "lamp", "LaMP_2", "dev")
 
     def copy_matching_tag(req):

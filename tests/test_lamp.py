@@ -37,15 +37,23 @@ def test_label_sets_and_templates():
 
 
 def test_roundtrip_and_empty_profile(tmp_path):
-    qs = [lamp.Question("7", "Generate a headline for the following article: a", [], None),
-          lamp.Question("8", "Generate a headline for the following article: b",
-                        [lamp.Item("p1", {"text": "t", "title": "h"}, "2020-01-02")], "u1")]
+    qs = [
+        lamp.Question("7", "Generate a headline for the following article: a", [], None),
+        lamp.Question(
+            "8",
+            "Generate a headline for the following article: b",
+            [lamp.Item("p1", {"text": "t", "title": "h"}, "2020-01-02")],
+            "u1",
+        ),
+    ]
     lamp.write_questions(tmp_path / "q.json", qs)
     back = lamp.read_questions(tmp_path / "q.json", "LaMP_4")
     assert back == qs and back[0].profile == []
     lamp.write_outputs(tmp_path / "o.json", "LaMP_4", {"7": "A", "8": "B"})
-    assert json.loads((tmp_path / "o.json").read_text()) == {"task": "LaMP_4", "golds": [
-        {"id": "7", "output": "A"}, {"id": "8", "output": "B"}]}
+    assert json.loads((tmp_path / "o.json").read_text()) == {
+        "task": "LaMP_4",
+        "golds": [{"id": "7", "output": "A"}, {"id": "8", "output": "B"}],
+    }
     assert lamp.read_outputs(tmp_path / "o.json") == ("LaMP_4", {"7": "A", "8": "B"})
 
 
@@ -55,20 +63,27 @@ def test_numbers_become_strings(tmp_path):
     assert rec.id == "5" and rec.profile[0]["score"] == "4" and rec.profile[0].id == "3"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[{\"id\": \"1\",", r"q\.json: malformed JSON at line 1"),
-    ('{"id": "1"}', r"q\.json: expected a JSON list of questions"),
-    ('[{"input": "x", "profile": []}]', r"q\.json: record #0: missing field 'id'"),
-    ('[{"id": "9", "profile": []}]', r"q\.json: record id=9 \(#0\): missing field 'input'"),
-    ('[{"id": "9", "input": "x"}]', r"record id=9 \(#0\): missing field 'profile'"),
-    ('[{"id": "9", "input": "x", "profile": {}}]', r"record id=9 \(#0\): field 'profile' must be a list"),
-    ('[{"id": "9", "input": "x", "profile": [{"id": "a", "text": "t"}]}]',
-     r"record id=9 \(#0\): profile\[0\] \(id=a\): missing field 'title' \(required for LaMP_4\)"),
-    ('[{"id": "9", "input": "x", "profile": [{"text": "t", "title": "h"}]}]', r"profile\[0\]: missing field 'id'"),
-    ('[{"id": "9", "input": "x", "profile": []}, {"id": "9", "input": "y", "profile": []}]',
-     r"record id=9 \(#1\): duplicate id \(first seen at record #0\)"),
-    ('[{"id": "9", "input": null, "profile": []}]', r"record id=9 \(#0\): field 'input': expected a string"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"id": "1",', r"q\.json: malformed JSON at line 1"),
+        ('{"id": "1"}', r"q\.json: expected a JSON list of questions"),
+        ('[{"input": "x", "profile": []}]', r"q\.json: record #0: missing field 'id'"),
+        ('[{"id": "9", "profile": []}]', r"q\.json: record id=9 \(#0\): missing field 'input'"),
+        ('[{"id": "9", "input": "x"}]', r"record id=9 \(#0\): missing field 'profile'"),
+        ('[{"id": "9", "input": "x", "profile": {}}]', r"record id=9 \(#0\): field 'profile' must be a list"),
+        (
+            '[{"id": "9", "input": "x", "profile": [{"id": "a", "text": "t"}]}]',
+            r"record id=9 \(#0\): profile\[0\] \(id=a\): missing field 'title' \(required for LaMP_4\)",
+        ),
+        ('[{"id": "9", "input": "x", "profile": [{"text": "t", "title": "h"}]}]', r"profile\[0\]: missing field 'id'"),
+        (
+            '[{"id": "9", "input": "x", "profile": []}, {"id": "9", "input": "y", "profile": []}]',
+            r"record id=9 \(#1\): duplicate id \(first seen at record #0\)",
+        ),
+        ('[{"id": "9", "input": null, "profile": []}]', r"record id=9 \(#0\): field 'input': expected a string"),
+    ],
+)
 def test_bad_questions(tmp_path, content, message):
     p = tmp_path / "q.json"
     p.write_text(content)
@@ -76,15 +91,20 @@ def test_bad_questions(tmp_path, content, message):
         lamp.read_questions(p, "LaMP_4")
 
 
-@pytest.mark.parametrize("obj, message", [
-    ({"golds": []}, r"missing top-level field 'task'"),
-    ({"task": "LaMP_4"}, r"missing top-level field 'golds'"),
-    ({"task": "LaMP_4", "golds": [{"id": "1"}]}, r"golds\[0\]: missing field 'output'"),
-    ({"task": "LaMP_4", "golds": [{"id": "1", "output": "a"}, {"id": "1", "output": "b"}]},
-     r"golds\[1\] \(id=1\): duplicate id"),
-    ({"task": "LaMP_3", "golds": []}, r"field 'task' is 'LaMP_3' but 'LaMP_4' was expected"),
-    ({"task": "LaMP_99", "golds": []}, r"unknown task 'LaMP_99'"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ({"golds": []}, r"missing top-level field 'task'"),
+        ({"task": "LaMP_4"}, r"missing top-level field 'golds'"),
+        ({"task": "LaMP_4", "golds": [{"id": "1"}]}, r"golds\[0\]: missing field 'output'"),
+        (
+            {"task": "LaMP_4", "golds": [{"id": "1", "output": "a"}, {"id": "1", "output": "b"}]},
+            r"golds\[1\] \(id=1\): duplicate id",
+        ),
+        ({"task": "LaMP_3", "golds": []}, r"field 'task' is 'LaMP_3' but 'LaMP_4' was expected"),
+        ({"task": "LaMP_99", "golds": []}, r"unknown task 'LaMP_99'"),
+    ],
+)
 def test_bad_outputs(tmp_path, obj, message):
     p = write(tmp_path / "o.json", obj)
     with pytest.raises(DataError, match=message):
@@ -93,8 +113,11 @@ def test_bad_outputs(tmp_path, obj, message):
 
 def test_prediction_ids_must_match():
     lamp.check_prediction_ids({"1": "a", "2": "b"}, {"2": "x", "1": "y"})
-    with pytest.raises(DataError, match=r"preds\.json: ids do not match g\.json: 1 gold id\(s\) have no prediction "
-                                        r"\(e\.g\. \['2'\]\); 1 prediction id\(s\) are not in the golds \(e\.g\. \['3'\]\)"):
+    with pytest.raises(
+        DataError,
+        match=r"preds\.json: ids do not match g\.json: 1 gold id\(s\) have no prediction "
+        r"\(e\.g\. \['2'\]\); 1 prediction id\(s\) are not in the golds \(e\.g\. \['3'\]\)",
+    ):
         lamp.check_prediction_ids({"1": "a", "2": "b"}, {"1": "x", "3": "y"}, "preds.json", "g.json")
 
 
@@ -106,9 +129,15 @@ def test_retrieval_query_per_task():
     assert lamp.retrieval_query("LaMP_2", "  A heist with no marker ") == "A heist with no marker"
     assert lamp.retrieval_query("LaMP_3", "What is ... review: Great kettle") == "Great kettle"
     assert lamp.retrieval_query("LaMP_4", "Generate a headline for the following article: News here") == "News here"
-    assert lamp.retrieval_query("LaMP_5", "Generate a title for the following abstract of a paper: We do X") == "We do X"
-    assert lamp.retrieval_query("LaMP_7", "Paraphrase the following tweet without any explanation before or after "
-                                          "it: hi: there") == "hi: there"  # after the first colon only
+    assert (
+        lamp.retrieval_query("LaMP_5", "Generate a title for the following abstract of a paper: We do X") == "We do X"
+    )
+    assert (
+        lamp.retrieval_query(
+            "LaMP_7", "Paraphrase the following tweet without any explanation before or after it: hi: there"
+        )
+        == "hi: there"
+    )  # after the first colon only
 
 
 def test_item_text_per_task():
@@ -122,23 +151,38 @@ def test_item_text_per_task():
 def test_official_augmentation():
     it = lamp.Item
     inp1 = lamp.TASKS["LaMP_1"].template.format(title="P", ref1="R1", ref2="R2")
-    got = lamp.augment("LaMP_1", inp1, [it("1", {"title": "A", "abstract": "x"}), it("2", {"title": "B", "abstract": "y"})])
-    assert got == ('For an author who has written the paper with the title, and "A", and "B" "P", which reference is '
-                   'related? Just answer with [1] or [2] without explanation. [1]: "R1" [2]: "R2"')
-    got = lamp.augment("LaMP_2", "Q", [it("1", {"description": "d1", "tag": "comedy"}),
-                                       it("2", {"description": "d2", "tag": "classic"})])
+    got = lamp.augment(
+        "LaMP_1", inp1, [it("1", {"title": "A", "abstract": "x"}), it("2", {"title": "B", "abstract": "y"})]
+    )
+    assert got == (
+        'For an author who has written the paper with the title, and "A", and "B" "P", which reference is '
+        'related? Just answer with [1] or [2] without explanation. [1]: "R1" [2]: "R2"'
+    )
+    got = lamp.augment(
+        "LaMP_2",
+        "Q",
+        [it("1", {"description": "d1", "tag": "comedy"}), it("2", {"description": "d2", "tag": "classic"})],
+    )
     assert got == 'the tag for the movie: "d1" is "comedy" , and the tag for the movie: "d2" is "classic" . Q'
     assert lamp.augment("LaMP_3", "Q", [it("1", {"text": "ok", "score": "3"})]) == '3 is the score for "ok" . Q'
     assert lamp.augment("LaMP_4", "Q", [it("1", {"text": "t", "title": "h"})]) == '"h" is the title for "t" . Q'
-    assert lamp.augment("LaMP_5", "Q", [it("1", {"title": "h", "abstract": "a"})]) == \
-        '"h" is a title for "a" . Following the given patterns Q'
-    assert lamp.augment("LaMP_7", "Q", [it("1", {"text": "a"}), it("2", {"text": "b"})]) == \
-        '"a" , and "b"  are written by a person. Following the given patterns Q'
-    assert lamp.augment("LaMP_2N", "Q", [it("1", {"text": "t", "title": "x", "category": "sports"})]) == \
-        'the category for the article: "t" is "sports" . Q'
+    assert (
+        lamp.augment("LaMP_5", "Q", [it("1", {"title": "h", "abstract": "a"})])
+        == '"h" is a title for "a" . Following the given patterns Q'
+    )
+    assert (
+        lamp.augment("LaMP_7", "Q", [it("1", {"text": "a"}), it("2", {"text": "b"})])
+        == '"a" , and "b"  are written by a person. Following the given patterns Q'
+    )
+    assert (
+        lamp.augment("LaMP_2N", "Q", [it("1", {"text": "t", "title": "x", "category": "sports"})])
+        == 'the category for the article: "t" is "sports" . Q'
+    )
     assert lamp.augment("LaMP_4", "Q", []) == "Q"  # empty profile: the input unchanged
-    assert lamp.augment("LaMP_4", "Q", [it("1", {"text": "long text", "title": "h"})], truncate=lambda s: s[:4]) == \
-        '"h" is the title for "long" . Q'
+    assert (
+        lamp.augment("LaMP_4", "Q", [it("1", {"text": "long text", "title": "h"})], truncate=lambda s: s[:4])
+        == '"h" is the title for "long" . Q'
+    )
 
 
 def test_split_layouts(tmp_path):

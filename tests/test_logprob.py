@@ -1,11 +1,16 @@
 """The fused log-prob op against an fp64 oracle (Triton runs under TRITON_INTERPRET=1 on CPU)."""
+
 import pytest
 import torch
 
 from tagpr_kernels import logprob as K
 
 SHAPES = [(37, 64, 1000), (128, 96, 4099), (5, 16, 130)]  # N·H·V ≤ 1e8; V never a multiple of the 128 tile
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # slack over the naive op's own error (the fp32 Σp·z cancellation bug was 4e-4)
+TOL = {
+    torch.float32: 2e-5,
+    torch.bfloat16: 2e-3,
+    torch.float16: 5e-4,
+}  # slack over the naive op's own error (the fp32 Σp·z cancellation bug was 4e-4)
 
 
 def case(n, h, v, seed=0, scale=0.3, shift=0.0):
@@ -74,7 +79,7 @@ def test_very_peaked_distributions(impl):
 def test_chunking_inside_the_paths(monkeypatch):
     # several row chunks (chunked path) and several vocab chunks of the fp32 dW buffer (Triton), fp32 and bf16
     monkeypatch.setattr(K, "_CHUNK_BYTES", 7 * 4 * 1000)  # 7 rows per chunk
-    monkeypatch.setattr(K, "_DW_CHUNK", 384)              # 3 chunks of W's rows for V = 1000
+    monkeypatch.setattr(K, "_DW_CHUNK", 384)  # 3 chunks of W's rows for V = 1000
     data = case(37, 64, 1000, seed=1)
     for impl in ("chunked", "triton"):
         check(impl, torch.float32, data, tau=1.3)
@@ -117,8 +122,7 @@ def test_no_rows(impl):
     """A rank's empty micro-batch: no rows in, empty outputs, a zero weight gradient (the weight stays in the
     graph, so FSDP's collectives see it on every rank)."""
     w = torch.randn(50, 8).requires_grad_()
-    logp, ent = K.fused_logprobs(torch.zeros(0, 8, requires_grad=True), w, torch.zeros(0, dtype=torch.long),
-                                 impl=impl)
+    logp, ent = K.fused_logprobs(torch.zeros(0, 8, requires_grad=True), w, torch.zeros(0, dtype=torch.long), impl=impl)
     assert logp.shape == ent.shape == (0,)
     (logp.sum() + ent.sum()).backward()
     assert w.grad is not None and w.grad.abs().max() == 0

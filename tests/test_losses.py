@@ -6,7 +6,6 @@ import torch
 from tagpr import losses
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def float64():
     """Exact arithmetic in the hand-worked cases; restored for the other modules."""
@@ -21,6 +20,7 @@ def leaf(x):
 
 
 # ----------------------------------------------------------------------------- SFT
+
 
 def test_sft_loss_token_mean_and_gradient():
     logp = leaf([[-1.0, -2.0, -3.0], [-4.0, float("-inf"), 0.0]])
@@ -48,6 +48,7 @@ def test_sft_micro_batches_with_global_denominator():
 
 # ----------------------------------------------------------------------------- Bradley–Terry
 
+
 def test_bradley_terry_by_hand():
     loss, m = losses.bradley_terry_loss(torch.zeros(3), torch.zeros(3))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12) and m["accuracy"].item() == 0.5  # equal → log 2
@@ -58,16 +59,19 @@ def test_bradley_terry_by_hand():
     # d/dr_w −log σ(d) = −σ(−d) = −1/(1 + e²); d/dr_l = +σ(−d)
     assert c.grad.item() == pytest.approx(-1 / (1 + math.exp(2)), abs=1e-12)
     assert r.grad.item() == pytest.approx(1 / (1 + math.exp(2)), abs=1e-12)
-    assert losses.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]), margin=1.0)[0].item() == \
-        pytest.approx(math.log(1 + math.exp(-1)), abs=1e-12)  # −log σ(2 − 1)
+    assert losses.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]), margin=1.0)[0].item() == pytest.approx(
+        math.log(1 + math.exp(-1)), abs=1e-12
+    )  # −log σ(2 − 1)
     # centering: + 0.01·(2 + 0)² = 0.04
-    assert losses.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]), center_coef=0.01)[0].item() == \
-        pytest.approx(math.log(1 + math.exp(-2)) + 0.04, abs=1e-12)
+    assert losses.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]), center_coef=0.01)[
+        0
+    ].item() == pytest.approx(math.log(1 + math.exp(-2)) + 0.04, abs=1e-12)
     _, m = losses.bradley_terry_loss(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0]))
     assert m["accuracy"].item() == pytest.approx(0.5) and m["margin"].item() == pytest.approx(0.0)  # (1 + ½ + 0)/3
 
 
 # ----------------------------------------------------------------------------- advantages
+
 
 def test_group_advantages():
     adv, m = losses.group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
@@ -85,6 +89,7 @@ def test_group_advantages():
 
 
 # ----------------------------------------------------------------------------- GSPO
+
 
 def gspo(logp, old, adv, mask, **kw):
     return losses.gspo_loss(logp, old, torch.tensor(adv), torch.tensor(mask), **kw)
@@ -109,13 +114,16 @@ def test_on_policy_ratio_is_one_and_nothing_clips():
     assert logp.grad.flatten().tolist() == pytest.approx([-0.5, -0.5, 0.25, 0.25], abs=1e-12)
 
 
-@pytest.mark.parametrize("delta, adv, clipped, side", [
-    (0.01, 1.0, True, "high"),    # s = e^0.01 > 1 + 4e-4 with Â > 0 → clipped, no gradient
-    (-0.01, -1.0, True, "low"),   # s = e^−0.01 < 1 − 3e-4 with Â < 0 → clipped
-    (-0.01, 1.0, False, None),    # s below the range but Â > 0: the unclipped (pessimistic) branch
-    (0.01, -1.0, False, None),    # s above the range but Â < 0: unclipped
-    (2e-4, 1.0, False, None),     # inside (1 − 3e-4, 1 + 4e-4)
-])
+@pytest.mark.parametrize(
+    "delta, adv, clipped, side",
+    [
+        (0.01, 1.0, True, "high"),  # s = e^0.01 > 1 + 4e-4 with Â > 0 → clipped, no gradient
+        (-0.01, -1.0, True, "low"),  # s = e^−0.01 < 1 − 3e-4 with Â < 0 → clipped
+        (-0.01, 1.0, False, None),  # s below the range but Â > 0: the unclipped (pessimistic) branch
+        (0.01, -1.0, False, None),  # s above the range but Â < 0: unclipped
+        (2e-4, 1.0, False, None),  # inside (1 − 3e-4, 1 + 4e-4)
+    ],
+)
 def test_clipping_both_sides(delta, adv, clipped, side):
     old = torch.tensor([[-1.0, -2.0, -3.0]])
     logp = leaf((old + delta).tolist())
@@ -173,7 +181,9 @@ def test_padding_never_changes_a_number():
     a = leaf(logp.tolist())
     b = leaf(torch.cat([logp, pad], 1).tolist())
     la, ma = losses.gspo_loss(a, old, adv, mask)
-    lb, mb = losses.gspo_loss(b, torch.cat([old, pad.flip(1)], 1), adv, torch.cat([mask, torch.zeros(6, 3, dtype=bool)], 1))
+    lb, mb = losses.gspo_loss(
+        b, torch.cat([old, pad.flip(1)], 1), adv, torch.cat([mask, torch.zeros(6, 3, dtype=bool)], 1)
+    )
     # equal up to the summation order of the extra zeros (fp64)
     assert la.item() == pytest.approx(lb.item(), abs=1e-15)
     assert all(ma[k].item() == pytest.approx(mb[k].item(), abs=1e-15) for k in ma)
@@ -187,7 +197,9 @@ def test_extreme_log_ratios_stay_finite():
     loss, m = gspo(logp, old, [-1.0, 1.0], [[1, 1, 1], [1, 1, 1]])
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
-    assert m["ratio_max"].item() == pytest.approx(math.exp(10)) and m["ratio_min"].item() == pytest.approx(math.exp(-10))
+    assert m["ratio_max"].item() == pytest.approx(math.exp(10)) and m["ratio_min"].item() == pytest.approx(
+        math.exp(-10)
+    )
 
 
 def test_empty_sequence_contributes_nothing():
@@ -218,7 +230,8 @@ def test_grpo_token_level_variant():
     lp, o, adv, mask = random_case(4)
     same = lp.clone()
     assert losses.grpo_loss(same, same, adv, mask)[0].item() == pytest.approx(
-        losses.gspo_loss(same, same, adv, mask)[0].item(), abs=1e-14)
+        losses.gspo_loss(same, same, adv, mask)[0].item(), abs=1e-14
+    )
 
 
 def test_group_advantages_with_truncated_rollouts_masked():

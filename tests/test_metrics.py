@@ -90,12 +90,16 @@ def test_per_question_scores_average_to_the_official_metric():
     from tagpr import lamp
 
     assert metrics.per_question("LaMP_2", ["comedy", "sci-fi", "action"], ["comedy", "nonsense", "sci-fi"]) == [
-        1.0, 0.0, 0.0]
+        1.0,
+        0.0,
+        0.0,
+    ]
     # an unparsable rating scores the official worst value: |1 − 4| for gold 4
     assert metrics.per_question("LaMP_3", ["4", "2"], ["five", "2.5"]) == [3.0, 0.5]
     golds, preds = ["1", "3", "5", "2"], ["2", "3", "x", "5"]
     assert sum(metrics.per_question("LaMP_3", golds, preds)) / 4 == pytest.approx(
-        metrics.evaluate("LaMP_3", dict(enumerate(golds)), dict(enumerate(preds)))["MAE"])
+        metrics.evaluate("LaMP_3", dict(enumerate(golds)), dict(enumerate(preds)))["MAE"]
+    )
     r1 = metrics.per_question(lamp.get_task("LaMP_4"), ["a b c d"], ["a b"])
     assert r1 == [pytest.approx(2 * 1.0 * 0.5 / 1.5)]  # precision 1, recall 1/2
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tagpr import models
+from tagpr import models, tokenizer
 
 
 def test_tiny_is_deterministic_and_chatml(tiny):
@@ -21,8 +21,8 @@ def test_tiny_is_deterministic_and_chatml(tiny):
 
 
 def test_tiny_tokenizer_training_is_deterministic():
-    a = models._tiny_tokenizer_json.__wrapped__(512)
-    b = models._tiny_tokenizer_json.__wrapped__(512)
+    a = tokenizer._tiny_tokenizer_json.__wrapped__(512)
+    b = tokenizer._tiny_tokenizer_json.__wrapped__(512)
     assert a == b
 
 
@@ -53,12 +53,13 @@ def test_smollm2_offline_default(tmp_path_factory, monkeypatch):
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
     assert (models.smollm2_path() / "model.safetensors").is_file()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer  # the real pretrained weights, not a random init
 
 
@@ -101,6 +102,7 @@ def test_split_forward_equals_the_whole(tiny):
     assert len(lm.get_decoder().layers) == n and not isinstance(lm.get_decoder().norm, torch.nn.Identity)
 
     from transformers import GPT2Config, GPT2LMHeadModel
+
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
     assert not models.can_split(gpt2)
     with pytest.raises(ValueError, match="gpt2.*two parts"):

@@ -5,6 +5,7 @@ there named like another distribution's package shadows it for every importer. t
 `kernels` distribution and imports it at `import transformers`: our Triton folder, then `kernels/`, shadowed it and
 no entry point started (`ImportError: cannot import name 'CUDAProperties' from 'kernels'`). It is `tagpr_kernels/`
 since."""
+
 import importlib.metadata
 import re
 import subprocess
@@ -41,6 +42,10 @@ def test_no_top_level_package_of_ours_shadows_an_installed_one():
 
 def test_transformers_imports_from_the_repository_root():
     # what every entry point does first; with a shadowed dependency this raised at import
-    r = subprocess.run([sys.executable, "-c", "import transformers.activations, tagpr_kernels.logprob"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import transformers.activations, tagpr_kernels.logprob"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]

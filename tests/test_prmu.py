@@ -1,4 +1,5 @@
 """PRMU: user embeddings matter, save → load is exact, unknown / missing users, over-long inputs."""
+
 import json
 import random
 import subprocess
@@ -17,8 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def opposite_tastes(n_prompts=40, seed=0):
     """Two users, the same prompts: A prefers the enthusiastic reply, B the critical one."""
     rng = random.Random(seed)
-    things = ["the heist film", "a space opera", "the romance", "this comedy", "a war drama", "the cartoon",
-              "the thriller", "a western", "the musical", "this documentary"]
+    things = [
+        "the heist film",
+        "a space opera",
+        "the romance",
+        "this comedy",
+        "a war drama",
+        "the cartoon",
+        "the thriller",
+        "a western",
+        "the musical",
+        "this documentary",
+    ]
     pairs = []
     for i in range(n_prompts):
         prompt = f"What does this user think of {rng.choice(things)} number {i}?"
@@ -34,12 +45,39 @@ def train(tmp, pairs, use_ue, steps=40, extra=()):
     write_jsonl(tmp / "prp.jsonl", [p.to_json() for p in pairs if p.set == "prp"])
     write_jsonl(tmp / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
     out = tmp / ("ue" if use_ue else "no_ue")
-    train_prmu.main(["--preset", "tiny", "--prp", str(tmp / "prp.jsonl"), "--pqp", str(tmp / "pqp.jsonl"),
-                     "--out", str(out), "--max-steps", str(steps), "--epochs", "100", "--eval-frac", "0.25",
-                     "--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--ue-lr", "3e-2",
-                     "--eval-every", "1000", "--save-every", "1000"]
-                    + ([] if use_ue else ["--no-use-user-embeddings"]) + list(extra))
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_prmu.main(
+        [
+            "--preset",
+            "tiny",
+            "--prp",
+            str(tmp / "prp.jsonl"),
+            "--pqp",
+            str(tmp / "pqp.jsonl"),
+            "--out",
+            str(out),
+            "--max-steps",
+            str(steps),
+            "--epochs",
+            "100",
+            "--eval-frac",
+            "0.25",
+            "--global-batch",
+            "16",
+            "--micro-batch",
+            "16",
+            "--lr",
+            "1e-3",
+            "--ue-lr",
+            "3e-2",
+            "--eval-every",
+            "1000",
+            "--save-every",
+            "1000",
+        ]
+        + ([] if use_ue else ["--no-use-user-embeddings"])
+        + list(extra)
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows[-1], out
 
 
@@ -96,12 +134,12 @@ def test_unseen_users_score_like_the_model_without_user_embeddings(tmp_path):
         assert {"eval_acc/seen", "eval_acc/unseen", "eval_acc/seen_no_ue", "eval_acc/unseen_no_ue"} <= set(m)
     assert ue["eval_acc/seen"] >= 0.9, ue
     assert ue["eval_acc/seen"] - no_ue["eval_acc/seen"] >= 0.15, (ue, no_ue)
-    assert ue["eval_acc/seen_no_ue"] <= ue["eval_acc/seen"] - 0.15              # the user is what it learned
+    assert ue["eval_acc/seen_no_ue"] <= ue["eval_acc/seen"] - 0.15  # the user is what it learned
     assert ue["eval_acc/unseen"] >= no_ue["eval_acc/unseen"] - 0.05, (ue, no_ue)
-    assert ue["eval_acc/unseen"] >= 0.7                                         # the shared rule survives
-    assert no_ue["eval_acc/unseen"] == no_ue["eval_acc/unseen_no_ue"]           # w/o UE: the user changes nothing
+    assert ue["eval_acc/unseen"] >= 0.7  # the shared rule survives
+    assert no_ue["eval_acc/unseen"] == no_ue["eval_acc/unseen_no_ue"]  # w/o UE: the user changes nothing
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["eval_pairs_unseen_users"] == 2 * 2 * 24                          # bob and dan, every pair
+    assert cfg["eval_pairs_unseen_users"] == 2 * 2 * 24  # bob and dan, every pair
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +211,41 @@ def test_two_ranks_run(tmp_path):
     pairs = opposite_tastes(8)
     write_jsonl(tmp_path / "prp.jsonl", [p.to_json() for p in pairs if p.set == "prp"])
     write_jsonl(tmp_path / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_prmu.py"), "--preset", "tiny", "--prp", str(tmp_path / "prp.jsonl"), "--pqp",
-           str(tmp_path / "pqp.jsonl"), "--out", str(tmp_path / "o"), "--max-steps", "3", "--epochs", "10", "--global-batch", "6",
-           "--micro-batch", "2", "--eval-frac", "0.25"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train_prmu.py"),
+        "--preset",
+        "tiny",
+        "--prp",
+        str(tmp_path / "prp.jsonl"),
+        "--pqp",
+        str(tmp_path / "pqp.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "3",
+        "--epochs",
+        "10",
+        "--global-batch",
+        "6",
+        "--micro-batch",
+        "2",
+        "--eval-frac",
+        "0.25",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(0 <= row["train_acc"] <= 1 for row in rows) and "eval_acc/all" in rows[-1]
     assert (tmp_path / "o" / "model" / "user_embeddings.safetensors").is_file()
 
@@ -192,7 +257,7 @@ def test_the_scorer_reads_at_the_length_it_was_trained_at(small_prmu, tmp_path):
     path = prmu.save(model, tok, {"A": 1, "B": 2}, tmp_path / "model", max_len=96)
     assert json.loads((path / "prmu.json").read_text())["max_len"] == 96
     scorer = prmu.Scorer(path)
-    assert scorer.max_len == 96 and prmu.Scorer(path, max_len=512).max_len == 512      # an explicit one wins
+    assert scorer.max_len == 96 and prmu.Scorer(path, max_len=512).max_len == 512  # an explicit one wins
     prompt = " ".join(f"item{i}" for i in range(200)) + " which tag?"
     ids, mask = prmu.pad_right([prmu.Encoder(tok, 96)(prompt, "comedy")], tok.pad_token_id, "cpu")
     assert ids.shape[1] == 96
@@ -202,7 +267,7 @@ def test_the_scorer_reads_at_the_length_it_was_trained_at(small_prmu, tmp_path):
     legacy = json.loads((path / "prmu.json").read_text())
     del legacy["max_len"]
     (path / "prmu.json").write_text(json.dumps(legacy))
-    assert prmu.Scorer(path).max_len == 2048                                   # exports from before: the old default
+    assert prmu.Scorer(path).max_len == 2048  # exports from before: the old default
 
 
 def test_the_unknown_user_row_is_trained_by_the_dropout(tmp_path):
@@ -217,14 +282,34 @@ def test_the_unknown_user_row_is_trained_by_the_dropout(tmp_path):
     write_jsonl(tmp_path / "pqp.jsonl", [p.to_json() for p in pairs if p.set == "pqp"])
 
     def table(name, *extra):
-        train_prmu.main(["--preset", "tiny", "--prp", str(tmp_path / "prp.jsonl"), "--pqp", str(tmp_path / "pqp.jsonl"),
-                         "--out", str(tmp_path / name), "--eval-frac", "0", "--eval-user-frac", "0", "--global-batch",
-                         "8", "--micro-batch", "8", "--ue-lr", "1e-2", *extra])
+        train_prmu.main(
+            [
+                "--preset",
+                "tiny",
+                "--prp",
+                str(tmp_path / "prp.jsonl"),
+                "--pqp",
+                str(tmp_path / "pqp.jsonl"),
+                "--out",
+                str(tmp_path / name),
+                "--eval-frac",
+                "0",
+                "--eval-user-frac",
+                "0",
+                "--global-batch",
+                "8",
+                "--micro-batch",
+                "8",
+                "--ue-lr",
+                "1e-2",
+                *extra,
+            ]
+        )
         return load_file(str(tmp_path / name / "model" / "user_embeddings.safetensors"))["weight"]
 
     init = table("init", "--max-steps", "0")
     always, never = (table(f"rate{r}", "--max-steps", "3", "--unknown-user-rate", r) for r in ("1", "0"))
-    assert init.shape[0] == 3                                                   # unknown, A, B
+    assert init.shape[0] == 3  # unknown, A, B
     assert torch.equal(always[1:], init[1:]) and not torch.equal(always[0], init[0])
     assert torch.equal(never[0], init[0]) and not torch.equal(never[1], init[1]) and not torch.equal(never[2], init[2])
 
@@ -243,7 +328,8 @@ QWEN3_STYLE = (
     "{%- else -%}"
     "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
-    "{%- endfor -%}")
+    "{%- endfor -%}"
+)
 
 
 def test_the_input_is_the_backbones_own_rendering():
@@ -257,8 +343,10 @@ def test_the_input_is_the_backbones_own_rendering():
     tok.chat_template = QWEN3_STYLE
     prompt = "Which tag does this movie relate to? description: a robot heist"
     response = "<think>\n<analyze_input>a heist with robots</analyze_input>\n</think>\nsci-fi"
-    want = ("<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n<think>\n"
-            "<analyze_input>a heist with robots</analyze_input>\n</think>\n\nsci-fi<|im_end|>\n")
+    want = (
+        "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        "<analyze_input>a heist with robots</analyze_input>\n</think>\n\nsci-fi<|im_end|>\n"
+    )
     ids = prmu.Encoder(tok, 512)(prompt, response)
     assert ids == tok(want, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids).count("<think>") == 1

@@ -2,6 +2,7 @@
 `scripts/serve.py` on 127.0.0.1 and a free port, health-checked, stopped at the end. Against it: the continuation
 convention, build_data.py (what a 135M model does wrong, counted), evaluate.py (zero-shot, RAG-R, R2P), and a
 server killed in mid-run, restarted, the run repeated: nothing lost, no cached request sent again."""
+
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZER
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_server import Server  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- both conventions, scripted
+
 
 class Echo:
     """A stand-in expert for the scripted server: every reply is the same continuation."""
@@ -35,16 +36,19 @@ class Echo:
 def test_a_continued_reply_is_its_continuation_on_both_conventions(tmp_path, echo):
     with Server(Echo(), echo_prefix=echo) as srv:
         b = llm.OpenAIBackend("m", srv.url, key_env="NONE", cache_path=tmp_path / "c.jsonl", retries=0)
-        ask = [llm.Request([{"role": "user", "content": "Say hi"}], {"role": "teacher"}, prefix="Hello there, my"),
-               llm.Request([{"role": "user", "content": "Say hi"}], {"role": "teacher"})]
+        ask = [
+            llm.Request([{"role": "user", "content": "Say hi"}], {"role": "teacher"}, prefix="Hello there, my"),
+            llm.Request([{"role": "user", "content": "Say hi"}], {"role": "teacher"}),
+        ]
         got = [r.text for r in b.chat(ask)]
-    assert got == [" friend! How are you?"] * 2                                # the prefix is never doubled
+    assert got == [" friend! How are you?"] * 2  # the prefix is never doubled
     assert llm.continuation("Hello there, my friend", "Hello there, my") == " friend"
     assert llm.continuation(" friend", "Hello there, my") == " friend"
     assert llm.continuation("Hello", "") == "Hello"
 
 
 # ----------------------------------------------------------------------------- a real server
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,10 +67,23 @@ class RealServer:
     def start(self):
         pytest.importorskip("xllamacpp", reason="the serve extra is not installed (pip install -e '.[serve]')")
         with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--port",
-                                          str(self.port), "--parallel", "2", "--ctx", "2048"], env=ENV,
-                                         stdout=subprocess.PIPE, stderr=err, text=True)
-        line = self.proc.stdout.readline()                                      # printed once /health says ok
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "scripts" / "serve.py"),
+                    "--port",
+                    str(self.port),
+                    "--parallel",
+                    "2",
+                    "--ctx",
+                    "2048",
+                ],
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        line = self.proc.stdout.readline()  # printed once /health says ok
         assert line.startswith("serving "), f"the server did not start: {line!r}"
         return self
 
@@ -92,8 +109,9 @@ def server(tmp_path_factory):
 
 
 def post(url, body):
-    req = urllib.request.Request(f"{url}/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
@@ -102,27 +120,69 @@ def post(url, body):
 def test_llama_cpp_repeats_the_prefix_and_the_backend_keeps_the_continuation(server, tmp_path):
     msgs = [{"role": "user", "content": "Say hi"}]
     prefix = "Hello there, my"
-    raw = post(server.url, {"model": "local", "messages": msgs + [{"role": "assistant", "content": prefix}],
-                            "max_tokens": 4, "temperature": 0, "seed": 1, "continue_final_message": True,
-                            "add_generation_prompt": False})["choices"][0]["message"]["content"]
-    assert raw.startswith(prefix) and len(raw) > len(prefix)                   # llama.cpp's convention
+    raw = post(
+        server.url,
+        {
+            "model": "local",
+            "messages": msgs + [{"role": "assistant", "content": prefix}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "seed": 1,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        },
+    )["choices"][0]["message"]["content"]
+    assert raw.startswith(prefix) and len(raw) > len(prefix)  # llama.cpp's convention
     b = llm.OpenAIBackend("local", server.url, key_env="NONE", cache_path=tmp_path / "c.jsonl", retries=1)
     rep = b.chat([llm.Request(msgs, {"role": "teacher"}, temperature=0.0, max_tokens=4, prefix=prefix)])[0]
-    assert not rep.error and rep.text == raw[len(prefix):]
+    assert not rep.error and rep.text == raw[len(prefix) :]
 
 
 def run(args, timeout=900):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def build_args(url, out, teacher=None):
     spec = f"openai:local@{url}"
-    return ["build_data.py", "--out", str(out), "--tasks", "LaMP_3", "--instances-per-task", "3", "--chains", "2",
-            "--max-tokens", "96", "--rl-per-task", "2", "--synthetic-users", "4", "--spot-check", "2",
-            "--teacher", teacher or spec, "--judge", spec, "--tagger", spec, "--embedder", "hashing",
-            "--teacher-key-env", "NONE", "--judge-key-env", "NONE", "--tagger-key-env", "NONE",
-            "--retries", "1", "--backoff", "0.2", "--concurrency", "2"]
+    return [
+        "build_data.py",
+        "--out",
+        str(out),
+        "--tasks",
+        "LaMP_3",
+        "--instances-per-task",
+        "3",
+        "--chains",
+        "2",
+        "--max-tokens",
+        "96",
+        "--rl-per-task",
+        "2",
+        "--synthetic-users",
+        "4",
+        "--spot-check",
+        "2",
+        "--teacher",
+        teacher or spec,
+        "--judge",
+        spec,
+        "--tagger",
+        spec,
+        "--embedder",
+        "hashing",
+        "--teacher-key-env",
+        "NONE",
+        "--judge-key-env",
+        "NONE",
+        "--tagger-key-env",
+        "NONE",
+        "--retries",
+        "1",
+        "--backoff",
+        "0.2",
+        "--concurrency",
+        "2",
+    ]
 
 
 @pytest.mark.slow
@@ -135,7 +195,7 @@ def test_build_data_counts_what_a_small_real_model_does_wrong(server, tmp_path):
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     teacher = m["stages"]["2_teacher"]
     assert teacher["in"] == 3 * (2 + 1) and teacher["in"] == teacher["out"] + sum(teacher["dropped"].values())
-    assert sum(teacher["dropped"].values()) > 0                                 # what the small model did wrong
+    assert sum(teacher["dropped"].values()) > 0  # what the small model did wrong
     assert m["calls"]["teacher"]["requests"] >= 9 and m["calls"]["teacher"]["failures"] == 0
     # the simulated teacher's chains reach the real judge: its replies are counted the same way
     r = run(build_args(server.url, tmp_path / "b", teacher="simulated"))
@@ -152,15 +212,46 @@ def test_evaluate_zero_shot_rag_r_and_r2p(server, tmp_path):
 
     synthetic.generate(tmp_path / "lamp", ["LaMP_3"], seed=0, sizes={"train": (2, 1), "dev": (2, 1), "test": (1, 1)})
     out = tmp_path / "eval"
-    r = run(["evaluate.py", "--model", f"openai:local@{server.url}", "--api-key-env", "NONE", "--methods",
-             "zero-shot,rag-r,r2p", "--tasks", "LaMP_3", "--limit", "2", "--k", "2", "--max-new-direct", "8",
-             "--max-new-reason", "48", "--r2p-candidates", "2", "--r2p-chunk", "24", "--r2p-max-tokens", "48",
-             "--r2p-interventions", "1", "--concurrency", "2", "--out", str(out), "--lamp-dir", str(tmp_path / "lamp")])
+    r = run(
+        [
+            "evaluate.py",
+            "--model",
+            f"openai:local@{server.url}",
+            "--api-key-env",
+            "NONE",
+            "--methods",
+            "zero-shot,rag-r,r2p",
+            "--tasks",
+            "LaMP_3",
+            "--limit",
+            "2",
+            "--k",
+            "2",
+            "--max-new-direct",
+            "8",
+            "--max-new-reason",
+            "48",
+            "--r2p-candidates",
+            "2",
+            "--r2p-chunk",
+            "24",
+            "--r2p-max-tokens",
+            "48",
+            "--r2p-interventions",
+            "1",
+            "--concurrency",
+            "2",
+            "--out",
+            str(out),
+            "--lamp-dir",
+            str(tmp_path / "lamp"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     for method in ("zero-shot", "rag-r", "r2p"):
         assert 0.0 <= metrics[method]["LaMP_3"]["MAE"] <= 4.0, method
-    traces = [json.loads(l) for l in (out / "r2p" / "LaMP_3" / "traces.jsonl").read_text().splitlines()]
+    traces = [json.loads(line) for line in (out / "r2p" / "LaMP_3" / "traces.jsonl").read_text().splitlines()]
     assert len(traces) == 2 and not any(t.get("error") for t in traces)
 
 
@@ -173,15 +264,20 @@ def test_a_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
     srv = RealServer(port, tmp_path / "server1.log").start()
     out = tmp_path / "run"
     cache = out / "cache" / "teacher.jsonl"
-    proc = subprocess.Popen([sys.executable, *build_args(srv.url, out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *build_args(srv.url, out)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and srv.completed() < 3:
         time.sleep(0.05)
     srv.stop()
     proc.wait(timeout=300)
-    cached = [json.loads(l) for l in cache.read_text().splitlines() if l.strip()]
-    assert 3 <= len(cached) < 9, len(cached)                                   # killed mid-run
+    cached = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    assert 3 <= len(cached) < 9, len(cached)  # killed mid-run
     srv = RealServer(port, tmp_path / "server2.log").start()
     try:
         r = run(build_args(srv.url, out))
@@ -191,4 +287,4 @@ def test_a_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     calls = m["calls"]["teacher"]
     assert calls["cache_hits"] == len(cached) and calls["requests"] == 9 - len(cached), calls
-    assert len({json.loads(l)["key"] for l in cache.read_text().splitlines() if l.strip()}) == 9
+    assert len({json.loads(line)["key"] for line in cache.read_text().splitlines() if line.strip()}) == 9

@@ -34,9 +34,11 @@ def test_bm25_by_hand():
 
 
 def test_bm25_retrieve_uses_task_query_and_corpus():
-    its = [lamp.Item("x", {"title": "cooking pasta", "abstract": "food"}),
-           lamp.Item("y", {"title": "graph networks", "abstract": "graph"}),
-           lamp.Item("z", {"title": "speech", "abstract": "audio"})]
+    its = [
+        lamp.Item("x", {"title": "cooking pasta", "abstract": "food"}),
+        lamp.Item("y", {"title": "graph networks", "abstract": "graph"}),
+        lamp.Item("z", {"title": "speech", "abstract": "audio"}),
+    ]
     inp = lamp.TASKS["LaMP_1"].template.format(title="graph", ref1="graph kernels", ref2="audio codecs")
     q = lamp.Question("1", inp, its)
     # query = "graph kernels audio codecs"; idf(graph) = idf(audio) = ln(2.5/1.5); avgdl = 8/3
@@ -65,12 +67,16 @@ def test_dense_mean_pooling_dot_product(tmp_path, tiny):
     docs = ["a graph paper", "speech and audio", "cooking", "graph graph"]
     got = enc.scores("graph networks", docs)
     with torch.no_grad():  # independent computation, one text at a time (no padding involved)
+
         def emb(t):
             ids = tok(t, return_tensors="pt")
             return model.model(**ids).last_hidden_state[0].mean(0)
+
         want = [float(emb(d) @ emb("graph networks")) for d in docs]
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
-    q = lamp.Question("1", "review: graph networks", [lamp.Item(str(i), {"text": d, "score": "1"}) for i, d in enumerate(docs)])
+    q = lamp.Question(
+        "1", "review: graph networks", [lamp.Item(str(i), {"text": d, "score": "1"}) for i, d in enumerate(docs)]
+    )
     top = retrieval.retrieve("LaMP_3", q, k=2, retriever="dense", encoder=enc)
     assert [i.id for i in top] == [str(i) for i in sorted(range(4), key=lambda i: -want[i])[:2]]
     with pytest.raises(ValueError, match="needs an encoder"):

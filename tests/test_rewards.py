@@ -4,8 +4,10 @@ import pytest
 
 from tagpr import rewards, tags
 
-T = "<think>\n<analyze_input> a </analyze_input>\n<examine_examples> b </examine_examples>\n" \
+T = (
+    "<think>\n<analyze_input> a </analyze_input>\n<examine_examples> b </examine_examples>\n"
     "<make_decision> c </make_decision>\n</think>\n"
+)
 LOOP = "<think> " + "<analyze_input> x </analyze_input> " * 50 + "</think> a"
 WEIRD = ["", "<think>", "</think>", "<<<>>> ???", "<think><a><b></a></b></think>", "\x00\n\t", LOOP]
 
@@ -24,8 +26,14 @@ def test_verifiable_reward_by_task():
 
 
 def test_format_reward():
-    assert rewards.format_reward([T + "sci-fi", T, "<think></think> x", "sci-fi", "", LOOP]) == \
-        [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert rewards.format_reward([T + "sci-fi", T, "<think></think> x", "sci-fi", "", LOOP]) == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+    ]
 
 
 def test_repetition_reward():
@@ -61,7 +69,7 @@ def test_composite_and_foundation():
     assert rewards.composite_reward([out], ["comedy"], "LaMP_2", [0.25], w)[0] == [2.25]
     # foundation (Eq. 11): R_v + λ1·R_f + R_rep with the guided stage's λ1, no tag or PRMU term even for broken tags
     broken = [T.replace("make_decision", "guess") + "comedy"]
-    f, parts = rewards.foundation_reward(broken, ["comedy"], "LaMP_2")            # λ1 = 0.5: 1 + 0.5·1 + R_rep
+    f, parts = rewards.foundation_reward(broken, ["comedy"], "LaMP_2")  # λ1 = 0.5: 1 + 0.5·1 + R_rep
     assert f[0] == pytest.approx(1.5 + parts["repetition"][0], abs=1e-12) and parts["tag"] == [0.0]
     f, parts = rewards.foundation_reward(broken, ["comedy"], "LaMP_2", w_format=0.2)  # 1 + 0.2·1 + R_rep
     assert f[0] == pytest.approx(1.2 + parts["repetition"][0], abs=1e-12)
@@ -72,7 +80,9 @@ def test_composite_and_foundation():
         rewards.composite_reward([out], ["comedy"], "LaMP_2", [0.1, 0.2])
 
 
-@pytest.mark.parametrize("task, gold", [("LaMP_1", "[1]"), ("LaMP_2", "comedy"), ("LaMP_3", "3"), ("LaMP_5", "A title")])
+@pytest.mark.parametrize(
+    "task, gold", [("LaMP_1", "[1]"), ("LaMP_2", "comedy"), ("LaMP_3", "3"), ("LaMP_5", "A title")]
+)
 def test_garbage_never_nan(task, gold):
     outs = WEIRD + [None]
     total, parts = rewards.composite_reward(outs, [gold] * len(outs), task, [0.5] * len(outs))
@@ -93,8 +103,9 @@ def test_each_output_is_parsed_once(monkeypatch):
     assert calls == outs
     calls.clear()
     assert rewards.composite_reward(outs, ["comedy"] * 3, "LaMP_2", [0.5] * 3, parsed=parsed) == expected
-    assert rewards.foundation_reward(outs, ["comedy"] * 3, "LaMP_2", parsed=parsed)[1]["format"] == \
-        expected[1]["format"]
+    assert (
+        rewards.foundation_reward(outs, ["comedy"] * 3, "LaMP_2", parsed=parsed)[1]["format"] == expected[1]["format"]
+    )
     assert calls == []
     with pytest.raises(ValueError, match="2 parsed outputs for 3 outputs"):
         rewards.composite_reward(outs, ["comedy"] * 3, "LaMP_2", parsed=parsed[:2])

@@ -1,5 +1,6 @@
 """train_rl.py: a step is reproducible, GSPO's ratio and clipping are live after the first update,
 and garbage rollouts stay finite."""
+
 import json
 import math
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.files import DataError, write_jsonl
+from tagpr.records import RLPrompt, read_rl_prompts
 
 
 def run(tmp_path, name, *extra):
@@ -20,7 +21,7 @@ def run(tmp_path, name, *extra):
 
     out = tmp_path / name
     train_rl.main(["--preset", "tiny", "--out", str(out), "--resume", "", *extra])
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +72,26 @@ def test_rollout_log_gives_the_step_metrics_by_hand(runs):
     metrics, out = runs[0], runs[2]
     cfg = json.loads((out / "config.json").read_text())
     G, n = cfg["group"], cfg["global_batch"] * cfg["group"]
-    logged = [json.loads(l) for l in (out / "rollouts.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(logged) == len(metrics) * n
-    assert any(abs(r["advantage"]) > 0.1 for r in logged)        # not a vacuous check: the groups do vary
+    assert any(abs(r["advantage"]) > 0.1 for r in logged)  # not a vacuous check: the groups do vary
     for m in metrics:
         rows_ = [r for r in logged if r["step"] == m["step"]]
         assert [r["row"] for r in rows_] == list(range(n)) and {r["stage"] for r in rows_} == {m["stage"]}
         texts, golds, tasks = ([r[k] for r in rows_] for k in ("text", "gold", "task"))
-        if m["stage"] == "guided":   # the tiny preset has no PRMU: no R_p
+        if m["stage"] == "guided":  # the tiny preset has no PRMU: no R_p
             w = rewards.RewardWeights(w_format=cfg["w_format"], w_personal=0.0)
-            total, _ = rewards.composite_reward(texts, golds, tasks, None, w, tags.DEFAULT_TAGS, cfg["min_tags"],
-                                                cfg["ngram"])
+            total, _ = rewards.composite_reward(
+                texts, golds, tasks, None, w, tags.DEFAULT_TAGS, cfg["min_tags"], cfg["ngram"]
+            )
         else:
             total, _ = rewards.foundation_reward(texts, golds, tasks, cfg["ngram"], cfg["w_format"])
         assert [r["reward"] for r in rows_] == pytest.approx(total, abs=1e-12)
         for g in range(0, n, G):
-            rs = [struct.unpack("f", struct.pack("f", r["reward"]))[0] for r in rows_[g:g + G]]  # grouped in fp32
+            rs = [struct.unpack("f", struct.pack("f", r["reward"]))[0] for r in rows_[g : g + G]]  # grouped in fp32
             mu, sd = sum(rs) / G, statistics.stdev(rs)
             want = [0.0] * G if len(set(rs)) == 1 else [(x - mu) / (sd + 1e-6) for x in rs]
-            assert [r["advantage"] for r in rows_[g:g + G]] == pytest.approx(want, abs=1e-5)
+            assert [r["advantage"] for r in rows_[g : g + G]] == pytest.approx(want, abs=1e-5)
         assert m["reward"] == pytest.approx(sum(r["reward"] for r in rows_) / n, abs=1e-9)
         assert m["adv_abs_mean"] == pytest.approx(sum(abs(r["advantage"]) for r in rows_) / n, abs=1e-6)
         assert m["response_len"] == pytest.approx(sum(r["tokens"] for r in rows_) / n)
@@ -124,6 +126,7 @@ def test_trunk_cache_changes_nothing(tmp_path):
 
 def weights_of(name):
     from tagpr.models import load_model
+
     return {k: v.detach().clone() for k, v in load_model(name, device="cpu")[0].state_dict().items()}
 
 
@@ -143,8 +146,11 @@ COMMON = ["--preset", "tiny", "--max-steps", "4", "--save-every", "1", "--keep",
 
 
 def script(out, nproc=1, wait=True, extra=()):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
         else [sys.executable]
+    )
     cmd = launch + [str(ROOT / "train_rl.py"), *COMMON, "--out", str(out), *extra]
     if not wait:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -154,11 +160,12 @@ def script(out, nproc=1, wait=True, extra=()):
 
 def rows(out):
     keep = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
-    return [keep(json.loads(l)) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [keep(json.loads(line)) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(out):
     from safetensors.torch import load_file
+
     return load_file(str(Path(out) / "model" / "model.safetensors"))
 
 
@@ -172,8 +179,16 @@ def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
     ev = eval_prompts(synthetic_dir, 5)
     for name, data in (("ev", ev), ("swap", ev[1:] + ev[:1])):
         write_jsonl(tmp_path / f"{name}.jsonl", [r.to_json() for r in data])
-    extra = ["--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts", str(tmp_path / "swap.jsonl"),
-             "--eval-every", "4", "--eval-samples", "2"]
+    extra = [
+        "--eval-prompts",
+        str(tmp_path / "ev.jsonl"),
+        "--eval-swap-prompts",
+        str(tmp_path / "swap.jsonl"),
+        "--eval-every",
+        "4",
+        "--eval-samples",
+        "2",
+    ]
     if layers == "top2":
         extra += ["--train-layers", "2"]
     script(tmp_path / "one", extra=extra + (["--no-trunk-cache"] if layers == "top2" else []))
@@ -182,7 +197,7 @@ def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r.get("stage") for r in a] == [r.get("stage") for r in b]
     if layers == "top2":
-        assert len(list((tmp_path / "trunk").glob("trunk-2-*.safetensors"))) == 4   # 2 sets × 2 ranks
+        assert len(list((tmp_path / "trunk").glob("trunk-2-*.safetensors"))) == 4  # 2 sets × 2 ranks
     assert sorted(k for k in a[0] if k.startswith("eval/")) == sorted(k for k in b[0] if k.startswith("eval/"))
     assert "eval/swap/LaMP_3/MAE_greedy" in b[-1] and "eval/held_out/LaMP_3/MAE_sampled" in b[-1]
     for step in (0, 4):
@@ -192,12 +207,19 @@ def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
         for k, v in x.items():
             if isinstance(v, float):
                 assert v == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
-    la, lb = ([json.loads(l) for l in (tmp_path / d / "rollouts.jsonl").read_text().splitlines()]
-              for d in ("one", "two"))
-    assert len(la) == len(lb) > 0       # both ranks' rollouts, gathered in global row order
+    la, lb = (
+        [json.loads(line) for line in (tmp_path / d / "rollouts.jsonl").read_text().splitlines()]
+        for d in ("one", "two")
+    )
+    assert len(la) == len(lb) > 0  # both ranks' rollouts, gathered in global row order
     for x, y in zip(la, lb):
-        assert (x["step"], x["row"], x["text"], x["tokens"], x["mini_batch"]) == \
-            (y["step"], y["row"], y["text"], y["tokens"], y["mini_batch"])
+        assert (x["step"], x["row"], x["text"], x["tokens"], x["mini_batch"]) == (
+            y["step"],
+            y["row"],
+            y["text"],
+            y["tokens"],
+            y["mini_batch"],
+        )
         assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in wa:
@@ -229,11 +251,16 @@ def test_plot_command(runs, tmp_path):
     from PIL import Image
 
     from tagpr.plot import plot
+
     rows_ = runs[0]
     m = tmp_path / "metrics.jsonl"
     # two guided steps and one exploratory step, as a trainer writes them
-    m.write_text("".join(json.dumps({**r, "step": i + 1, "stage": s}) + "\n"
-                         for i, (r, s) in enumerate(zip(rows_ + rows_[:1], ["guided", "guided", "exploratory"]))))
+    m.write_text(
+        "".join(
+            json.dumps({**r, "step": i + 1, "stage": s}) + "\n"
+            for i, (r, s) in enumerate(zip(rows_ + rows_[:1], ["guided", "guided", "exploratory"]))
+        )
+    )
     png = plot(m)
     assert png == tmp_path / "metrics.png"
     w, h = Image.open(png).size
@@ -251,9 +278,26 @@ def test_rewards_rise_on_a_learnable_task(tmp_path, monkeypatch):
         return r, {"letters": r}
 
     monkeypatch.setattr(train_rl, "compute_rewards", letters)
-    rows_ = run(tmp_path, "learn", "--max-steps", "30", "--guided-epochs", "100", "--lr", "3e-3",
-                "--global-batch", "4", "--group", "8", "--mini-batches", "2", "--max-new-tokens", "8",
-                "--save-every", "1000")
+    rows_ = run(
+        tmp_path,
+        "learn",
+        "--max-steps",
+        "30",
+        "--guided-epochs",
+        "100",
+        "--lr",
+        "3e-3",
+        "--global-batch",
+        "4",
+        "--group",
+        "8",
+        "--mini-batches",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--save-every",
+        "1000",
+    )
     first = sum(r["reward"] for r in rows_[:5]) / 5
     last = sum(r["reward"] for r in rows_[-5:]) / 5
     assert last > first + 0.15, (first, last)
@@ -279,7 +323,7 @@ def test_stratified_batches_give_each_class_its_share():
         n, batch = r.randint(10, 200), r.choice([4, 8, 16])
         keys = ["[1]" if r.random() < r.uniform(0.1, 0.9) else "[2]" for _ in range(n)]
         share = batch * keys.count("[1]") / n
-        for b in stratified_batches(keys, batch, trial, 0)[:n // batch]:
+        for b in stratified_batches(keys, batch, trial, 0)[: n // batch]:
             assert math.floor(share) <= sum(keys[i] == "[1]" for i in b) <= math.ceil(share)
 
 
@@ -290,11 +334,11 @@ def test_stratify_gold_balances_the_rollout_batches(tmp_path):
 
     run(tmp_path, "s", "--max-steps", "2", "--global-batch", "6", "--group", "2", "--stratify", "gold")
     data = read_rl_prompts(tmp_path / "data" / "rl_prompts_synthetic.jsonl")
-    logged = [json.loads(l) for l in (tmp_path / "s" / "rollouts.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "s" / "rollouts.jsonl").read_text().splitlines()]
     keys = prompt_strata(data, "gold")
     assert keys == [f"{p.task}\t{p.gold}" for p in data] and prompt_strata(data, "none") is None
     want = stratified_batches(keys, 6, 0, 0)
-    for step in (0, 1):   # logged from 1
+    for step in (0, 1):  # logged from 1
         ids = [r["prompt_id"] for r in logged if r["step"] == step + 1][::2]
         assert ids == [data[i].id for i in want[step]]
     with pytest.raises(SystemExit, match="--stratify 'label'"):
@@ -306,8 +350,10 @@ def eval_prompts(synthetic_dir, n):
     from tagpr import lamp, prompts
 
     split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
-    return [RLPrompt(q.id, "LaMP_3", q.user_id, prompts.build_prompt("LaMP_3", q, 2), split.golds[q.id])
-            for q in split.questions[:n]]
+    return [
+        RLPrompt(q.id, "LaMP_3", q.user_id, prompts.build_prompt("LaMP_3", q, 2), split.golds[q.id])
+        for q in split.questions[:n]
+    ]
 
 
 def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path, synthetic_dir):
@@ -319,8 +365,18 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     ev = eval_prompts(synthetic_dir, 5)
     write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
     write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])
-    rows = run(tmp_path, "r", "--max-steps", "4", "--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-every", "2",
-               "--eval-swap-prompts", str(tmp_path / "swap.jsonl"))
+    rows = run(
+        tmp_path,
+        "r",
+        "--max-steps",
+        "4",
+        "--eval-prompts",
+        str(tmp_path / "ev.jsonl"),
+        "--eval-every",
+        "2",
+        "--eval-swap-prompts",
+        str(tmp_path / "swap.jsonl"),
+    )
     key = "eval/held_out/LaMP_3/MAE"
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert [f"{key}_greedy" in r and f"{key}_sampled" in r for r in rows] == [True, False, True, False, True]
@@ -334,8 +390,9 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     assert rows[-1]["eval/swap/LaMP_3/MAE_greedy"] == pytest.approx(rows[-1][f"{key}_greedy"])
     backend = llm.HFBackend(str(tmp_path / "r" / "model"), batch_size=8)
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    replies = backend.chat([llm.Request([{"role": "user", "content": p.prompt}], {}, 0.0, cfg["max_new_tokens"])
-                            for p in ev])
+    replies = backend.chat(
+        [llm.Request([{"role": "user", "content": p.prompt}], {}, 0.0, cfg["max_new_tokens"]) for p in ev]
+    )
     preds = {p.id: rewards.extract_answer(r.text) for p, r in zip(ev, replies)}
     mae = metrics.evaluate("LaMP_3", {p.id: p.gold for p in ev}, preds)["MAE"]
     assert rows[-1][f"{key}_greedy"] == pytest.approx(mae, abs=1e-9)
@@ -357,6 +414,7 @@ def test_old_logprobs_from_the_sampler(runs, tmp_path):
             assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-6), k
     from tagpr import hardware
     from tagpr.config import ConfigError
+
     why = "--old-logp sampler needs --precision fp32" if hardware.bf16_matmul() else "needs a CPU with bf16 matmul"
     with pytest.raises(ConfigError, match=why):
         run(tmp_path, "b", "--max-steps", "1", "--old-logp", "sampler", "--precision", "bf16")
@@ -369,20 +427,36 @@ def test_eval_trunk_store_changes_no_score(tmp_path, synthetic_dir):
     ev = eval_prompts(synthetic_dir, 4)
     write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
     write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])
-    args = ["--max-steps", "2", "--lr", "1e-3", "--train-layers", "1", "--eval-prompts", str(tmp_path / "ev.jsonl"),
-            "--eval-swap-prompts", str(tmp_path / "swap.jsonl"), "--eval-every", "1", "--eval-samples", "2"]
+    args = [
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--train-layers",
+        "1",
+        "--eval-prompts",
+        str(tmp_path / "ev.jsonl"),
+        "--eval-swap-prompts",
+        str(tmp_path / "swap.jsonl"),
+        "--eval-every",
+        "1",
+        "--eval-samples",
+        "2",
+    ]
     store = tmp_path / "trunk"
     plain = run(tmp_path, "plain", *args)
     kept = run(tmp_path, "kept", *args, "--eval-trunk-store", str(store))
-    assert len(list(store.glob("trunk-3-*.safetensors"))) == 2          # the tiny model: 4 layers, 3 frozen
+    assert len(list(store.glob("trunk-3-*.safetensors"))) == 2  # the tiny model: 4 layers, 3 frozen
     again = run(tmp_path, "again", *args[:2], "--lr", "3e-3", *args[4:], "--eval-trunk-store", str(store))
-    assert len(list(store.glob("*"))) == 2                               # found, none written
+    assert len(list(store.glob("*"))) == 2  # found, none written
     for step in (0, 1, 2):
         a, b = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("plain", "kept"))
         assert a == b and len(a["held_out"]) == len(a["swap"]) == 4
-    assert json.loads((tmp_path / "again" / "held_out_step0.json").read_text()) == \
-        json.loads((tmp_path / "plain" / "held_out_step0.json").read_text())  # the same start policy
+    assert json.loads((tmp_path / "again" / "held_out_step0.json").read_text()) == json.loads(
+        (tmp_path / "plain" / "held_out_step0.json").read_text()
+    )  # the same start policy
     for x, y in zip(plain, kept):
-        assert {k: v for k, v in x.items() if k.startswith("eval/")} == {k: v for k, v in y.items()
-                                                                         if k.startswith("eval/")}
+        assert {k: v for k, v in x.items() if k.startswith("eval/")} == {
+            k: v for k, v in y.items() if k.startswith("eval/")
+        }
     assert len(again) == 3

@@ -1,4 +1,5 @@
 """The KV-cache sampler against transformers' generate, and its stopping, masks and sampling rules."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -15,20 +16,21 @@ def prompts(tok):
 def test_greedy_equals_transformers_generate(tiny):
     model, tok = tiny
     ps = prompts(tok)
-    ours = sampler.generate(model, ps, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=12,
-                            greedy=True, tokenizer=tok)
+    ours = sampler.generate(
+        model, ps, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=12, greedy=True, tokenizer=tok
+    )
     tok.padding_side = "left"
     batch = tok.pad({"input_ids": ps}, return_tensors="pt")
     tok.padding_side = "right"
     ref = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    ref = ref[:, batch["input_ids"].shape[1]:]
+    ref = ref[:, batch["input_ids"].shape[1] :]
     for i in range(len(ps)):
         n = int(ours.lengths[i])
         assert ours.response_ids[i, :n].tolist() == ref[i, :n].tolist()
     # each prompt alone gives the same tokens as in the left-padded batch
     for i, p in enumerate(ps):
         alone = sampler.generate(model, [p], tok.eos_token_id, tok.pad_token_id, 12, greedy=True)
-        assert alone.response_ids[0].tolist() == ours.response_ids[i, :alone.response_ids.shape[1]].tolist()
+        assert alone.response_ids[0].tolist() == ours.response_ids[i, : alone.response_ids.shape[1]].tolist()
 
 
 class ScriptedLM(torch.nn.Module):
@@ -85,7 +87,9 @@ def test_top_p_and_temperature():
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
     draws = sampler.sample_next(logits, top_p=0.6, generator=gens)
     assert (draws == 2).sum() == 0 and (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
-    draws = sampler.sample_next(logits, temperature=2.0, generator=[torch.Generator().manual_seed(i) for i in range(4000)])
+    draws = sampler.sample_next(
+        logits, temperature=2.0, generator=[torch.Generator().manual_seed(i) for i in range(4000)]
+    )
     assert torch.allclose(torch.bincount(draws, minlength=3).float() / len(draws), want, atol=0.03)
     # u · total at the very top of the CDF (u = 1 − 1e-9 is 1.0 in fp32) finds no entry above it: the clamp lands
     # on the last token, which top-p cut (p 0) — never drawn; the fallback is the most likely token
@@ -97,6 +101,7 @@ def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
     """`nucleus` looks among each row's top 256 (then 4096) tokens before sorting the whole vocabulary;
     the kept tokens and their probabilities must be those of the definition, on rows whose nucleus is
     narrow (peaked), wide (flat: the fallbacks), mixed in one batch, and full of exact ties (bf16 logits)."""
+
     def reference(p, top_p):  # the definition, one row at a time, in Python
         out = torch.zeros_like(p)
         for i, row in enumerate(p.tolist()):
@@ -115,12 +120,12 @@ def test_nucleus_from_a_few_top_tokens_equals_the_full_sort():
     assert sampler.nucleus(hand, 0.6).tolist() == [[0.3, 0.4, 0.3], [0.5, 0.0, 0.3]]
     g = torch.Generator().manual_seed(0)
     V = 6000
-    peaked = torch.randn(3, V, generator=g) * 6.0      # nucleus of a few tokens
-    middling = torch.randn(2, V, generator=g) * 1.5    # hundreds to thousands of tokens
-    flat = torch.randn(2, V, generator=g) * 0.2        # most of the vocabulary
+    peaked = torch.randn(3, V, generator=g) * 6.0  # nucleus of a few tokens
+    middling = torch.randn(2, V, generator=g) * 1.5  # hundreds to thousands of tokens
+    flat = torch.randn(2, V, generator=g) * 0.2  # most of the vocabulary
     tied = (torch.randn(3, V, generator=g) * 3.0).bfloat16().double()  # bf16 logits: many equal probabilities
     for rows in (peaked, torch.cat([peaked, middling]), torch.cat([peaked, flat]), tied):
-        probs = torch.softmax(rows.double(), -1)       # float64: the reference's Python sums match to ~1e-16
+        probs = torch.softmax(rows.double(), -1)  # float64: the reference's Python sums match to ~1e-16
         for top_p in (0.3, 0.9, 0.99):
             got = sampler.nucleus(probs, top_p)
             assert torch.equal(got, reference(probs, top_p)), (rows.shape, top_p)
@@ -144,13 +149,21 @@ def test_group_shares_one_prefill(tiny):
     model, tok = tiny
     ps = prompts(tok)
     shared = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, greedy=True, n_per_prompt=3)
-    repeated = sampler.generate(model, [p for p in ps for _ in range(3)], tok.eos_token_id, tok.pad_token_id, 10,
-                                greedy=True)
+    repeated = sampler.generate(
+        model, [p for p in ps for _ in range(3)], tok.eos_token_id, tok.pad_token_id, 10, greedy=True
+    )
     assert shared.response_ids.shape[0] == 9 and torch.equal(shared.response_ids, repeated.response_ids)
     assert shared.prompt_ids == repeated.prompt_ids
     # sampled groups differ within a group (the cache is shared, the draws are not)
-    s = sampler.generate(model, ps[:1], tok.eos_token_id, tok.pad_token_id, 10, n_per_prompt=4,
-                         generator=torch.Generator().manual_seed(0))
+    s = sampler.generate(
+        model,
+        ps[:1],
+        tok.eos_token_id,
+        tok.pad_token_id,
+        10,
+        n_per_prompt=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len({tuple(r) for r in s.response_ids.tolist()}) > 1
 
 
@@ -167,14 +180,22 @@ def test_kept_hidden_states_equal_the_training_trunk():
     """generate(keep_layers=k) hands back the residual stream after k layers for every prompt and response
     token, laid out like the training batch: it equals `trunk_hidden` of the training path on the same rows
     (fp32), except at a response's last token, which the sampler never feeds back (0 there)."""
-    from tagpr.models import load_model, trunk_hidden
     from tagpr.batching import pad_batch
+    from tagpr.models import load_model, trunk_hidden
 
     lm, tok = load_model("tiny", device="cpu")
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     gens = [torch.Generator().manual_seed(i) for i in range(6)]
-    roll = sampler.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
-                            generator=gens, n_per_prompt=2, keep_layers=2)
+    roll = sampler.generate(
+        lm,
+        prompts,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        max_new_tokens=7,
+        generator=gens,
+        n_per_prompt=2,
+        keep_layers=2,
+    )
     assert roll.prompt_hidden.shape == (3, 5, lm.config.hidden_size)
     seqs = [p + r[:n] for p, r, n in zip(roll.prompt_ids, roll.response_ids.tolist(), roll.lengths.tolist())]
     ids, attn, _ = pad_batch(seqs, seqs, tok.pad_token_id, "cpu")
@@ -186,8 +207,15 @@ def test_kept_hidden_states_equal_the_training_trunk():
         torch.testing.assert_close(kept[b, :n], want[b, :n], atol=1e-5, rtol=1e-5)
         assert kept[b, n:].abs().max() == 0
     assert want.abs().max() > 0.1
-    plain = sampler.generate(lm, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=7,
-                             generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
+    plain = sampler.generate(
+        lm,
+        prompts,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        max_new_tokens=7,
+        generator=[torch.Generator().manual_seed(i) for i in range(6)],
+        n_per_prompt=2,
+    )
     assert torch.equal(plain.response_ids, roll.response_ids) and plain.kept_rows(4) is None
 
 
@@ -197,15 +225,34 @@ def test_greedy_and_sampled_rows_from_one_prefill(tiny):
     model, tok = tiny
     ps = prompts(tok)
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(9)]
-    mixed = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, temperature=1.0, n_per_prompt=3,
-                             generator=gens(), greedy=[i % 3 == 0 for i in range(9)], tokenizer=tok)
+    mixed = sampler.generate(
+        model,
+        ps,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        10,
+        temperature=1.0,
+        n_per_prompt=3,
+        generator=gens(),
+        greedy=[i % 3 == 0 for i in range(9)],
+        tokenizer=tok,
+    )
     greedy = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, greedy=True, tokenizer=tok)
-    sampled = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 10, temperature=1.0, n_per_prompt=3,
-                               generator=gens(), tokenizer=tok)
+    sampled = sampler.generate(
+        model,
+        ps,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        10,
+        temperature=1.0,
+        n_per_prompt=3,
+        generator=gens(),
+        tokenizer=tok,
+    )
     for i in range(9):
         ref = greedy.texts[i // 3] if i % 3 == 0 else sampled.texts[i]
         assert mixed.texts[i] == ref, i
-    assert len({sampled.texts[i] for i in range(9) if i % 3}) > 1       # the sampled rows do sample
+    assert len({sampled.texts[i] for i in range(9) if i % 3}) > 1  # the sampled rows do sample
     with pytest.raises(ValueError, match="2 greedy flags for 9 rows"):
         sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 4, n_per_prompt=3, greedy=[True, False])
 
@@ -220,9 +267,17 @@ def test_sampler_logprobs_equal_the_training_models(tiny, temperature):
 
     model, tok = tiny
     ps = prompts(tok)
-    roll = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 9, temperature=temperature,
-                            generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2,
-                            logprobs=True)
+    roll = sampler.generate(
+        model,
+        ps,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        9,
+        temperature=temperature,
+        generator=[torch.Generator().manual_seed(i) for i in range(6)],
+        n_per_prompt=2,
+        logprobs=True,
+    )
     assert roll.logprobs.shape == roll.response_ids.shape and roll.logprobs.dtype == torch.float32
     assert (roll.logprobs * (1 - roll.response_mask)).abs().max() == 0
     seqs = [p + r[:n] for p, r, n in zip(roll.prompt_ids, roll.response_ids.tolist(), roll.lengths.tolist())]
@@ -236,8 +291,16 @@ def test_sampler_logprobs_equal_the_training_models(tiny, temperature):
     torch.testing.assert_close(got, want[rmask.bool()], atol=2e-5, rtol=0)
     torch.testing.assert_close(got, train[rmask.bool()], atol=2e-5, rtol=0)
     assert got.min() < -1.0  # a random model: real log-probs, not zeros
-    plain = sampler.generate(model, ps, tok.eos_token_id, tok.pad_token_id, 9, temperature=temperature,
-                             generator=[torch.Generator().manual_seed(i) for i in range(6)], n_per_prompt=2)
+    plain = sampler.generate(
+        model,
+        ps,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        9,
+        temperature=temperature,
+        generator=[torch.Generator().manual_seed(i) for i in range(6)],
+        n_per_prompt=2,
+    )
     assert plain.logprobs is None and torch.equal(plain.response_ids, roll.response_ids)
 
 
@@ -247,10 +310,17 @@ def test_stopped_rows_leave_the_batch_without_changing_the_others(tiny):
     the cap, so the batch did shrink."""
     model, tok = tiny
     ps = prompts(tok)
-    eos = list(range(5, tok.vocab_size, 7))              # many stop tokens: rows stop at different steps
+    eos = list(range(5, tok.vocab_size, 7))  # many stop tokens: rows stop at different steps
     gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(12)]
-    kw = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=12, temperature=1.0, n_per_prompt=4,
-              greedy=[i % 4 == 0 for i in range(12)], logprobs=True)
+    kw = dict(
+        eos_id=eos,
+        pad_id=tok.pad_token_id,
+        max_new_tokens=12,
+        temperature=1.0,
+        n_per_prompt=4,
+        greedy=[i % 4 == 0 for i in range(12)],
+        logprobs=True,
+    )
     fast = sampler.generate(model, ps, generator=gens(), **kw)
     full = sampler.generate(model, ps, generator=gens(), compact=False, **kw)
     lengths = fast.lengths.tolist()
@@ -279,16 +349,29 @@ def test_groups_of_different_sizes_equal_separate_calls(tiny, path):
             engine.supported = lambda m: False
         held = sampler.generate(model, ps, n_per_prompt=4, greedy=flags, generator=gens(range(12)), **kw)
         ctrl = sampler.generate(model, swap, greedy=True, **kw)
-        both = sampler.generate(model, ps + swap, n_per_prompt=[4] * 3 + [1] * 3, greedy=flags + [True] * 3,
-                                generator=gens(list(range(12)) + [99] * 3), **kw)
-        mixed = sampler.generate(model, [ps[0], swap[0], ps[1]], n_per_prompt=[4, 1, 4],
-                                 greedy=flags[:4] + [True] + flags[4:8], generator=gens([0, 1, 2, 3, 99, 4, 5, 6, 7]),
-                                 **kw)
+        both = sampler.generate(
+            model,
+            ps + swap,
+            n_per_prompt=[4] * 3 + [1] * 3,
+            greedy=flags + [True] * 3,
+            generator=gens(list(range(12)) + [99] * 3),
+            **kw,
+        )
+        mixed = sampler.generate(
+            model,
+            [ps[0], swap[0], ps[1]],
+            n_per_prompt=[4, 1, 4],
+            greedy=flags[:4] + [True] + flags[4:8],
+            generator=gens([0, 1, 2, 3, 99, 4, 5, 6, 7]),
+            **kw,
+        )
     finally:
         engine.supported = supported
     assert len(set(held.lengths.tolist())) >= 3
-    for got, want in ((both, [(held, i) for i in range(12)] + [(ctrl, i) for i in range(3)]),
-                      (mixed, [(held, i) for i in range(4)] + [(ctrl, 0)] + [(held, i) for i in range(4, 8)])):
+    for got, want in (
+        (both, [(held, i) for i in range(12)] + [(ctrl, i) for i in range(3)]),
+        (mixed, [(held, i) for i in range(4)] + [(ctrl, 0)] + [(held, i) for i in range(4, 8)]),
+    ):
         assert got.prompt_ids == [w.prompt_ids[i] for w, i in want]
         for r, (w, i) in enumerate(want):
             n = int(w.lengths[i])

@@ -1,4 +1,5 @@
 """Runtime and SFT: the loop learns, batching and ranks don't change numbers, kills resume exactly."""
+
 import json
 import os
 import shutil
@@ -13,12 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from tagpr import checkpoint, records, synthetic
+from tagpr.batching import epoch_batches
 from tagpr.files import DataError, write_jsonl
 from tagpr.hardware import keep_freed_memory
+from tagpr.loop import fsdp_micro_batches, lr_at
 from tagpr.models import LogprobModel, load_model
-from tagpr.loop import fsdp_micro_batches
-from tagpr.batching import epoch_batches
-from tagpr.loop import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -34,20 +34,38 @@ def sft_file(tmp_path_factory):
 
 
 def args(sft_file, out, *extra):
-    return ["--preset", "tiny", "--sft", str(sft_file), "--out", str(out), "--global-batch", "8", "--micro-batch", "4",
-            "--eval-frac", "0", "--max-len", "1024", *extra]
+    return [
+        "--preset",
+        "tiny",
+        "--sft",
+        str(sft_file),
+        "--out",
+        str(out),
+        "--global-batch",
+        "8",
+        "--micro-batch",
+        "4",
+        "--eval-frac",
+        "0",
+        "--max-len",
+        "1024",
+        *extra,
+    ]
 
 
 def run_script(argv, nproc=1, timeout=600):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
-           else [sys.executable]) + [str(ROOT / "train_sft.py"), *argv]
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    ) + [str(ROOT / "train_sft.py"), *argv]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def losses(out):
-    return [json.loads(l)["loss"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_schedule_and_batching():
@@ -79,7 +97,7 @@ def test_keep_freed_memory_is_accepted_by_glibc():
     """glibc takes both settings (mallopt returns 1). Their effect is a speed matter (fewer page faults on
     large tensors, not deterministic enough to count in a test): bench/README.md."""
     assert keep_freed_memory() is True
-    assert keep_freed_memory() is True                                          # idempotent
+    assert keep_freed_memory() is True  # idempotent
 
 
 def test_malformed_sft_lines(tmp_path):
@@ -151,12 +169,15 @@ def test_packing_and_activation_checkpointing_change_nothing(sft_file, tmp_path)
 
 
 def test_overfits_and_exports(sft_file, tmp_path):
-    import train_sft
     from transformers import AutoModelForCausalLM
 
-    train_sft.main(args(sft_file, tmp_path / "o", "--max-steps", "40", "--epochs", "100", "--lr", "3e-3", "--save-every", "100"))
-    l = losses(tmp_path / "o")
-    assert l[-1] < 0.35 * l[0], l  # the loss of the same 24 sequences falls by far
+    import train_sft
+
+    train_sft.main(
+        args(sft_file, tmp_path / "o", "--max-steps", "40", "--epochs", "100", "--lr", "3e-3", "--save-every", "100")
+    )
+    curve = losses(tmp_path / "o")
+    assert curve[-1] < 0.35 * curve[0], curve  # the loss of the same 24 sequences falls by far
     # the export loads with plain transformers and gives the trained weights' logits
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model")
     ours, tok = load_model(tmp_path / "o" / "model", device="cpu")
@@ -220,18 +241,33 @@ def test_top_layers_only_and_bf16_autocast(sft_file, tmp_path):
     """--train-layers 1: only the top decoder layer and the final norm move; bf16 autocast still learns. A CPU
     without bf16 hardware (or TAGPR_CPU=plain) refuses --precision bf16 before any work, naming the fix."""
     import train_sft
-
     from tagpr import hardware
 
     if not hardware.bf16_matmul():
         with pytest.raises(hardware.PrecisionError, match=r"AVX512-BF16 or AMX.*--precision fp32"):
             train_sft.main(args(sft_file, tmp_path / "top", "--precision", "bf16"))
-        assert not (tmp_path / "top").exists()                                  # nothing written
+        assert not (tmp_path / "top").exists()  # nothing written
         return
-    train_sft.main(args(sft_file, tmp_path / "top", "--max-steps", "8", "--epochs", "100", "--lr", "3e-3",
-                        "--train-layers", "1", "--precision", "bf16", "--save-every", "100"))
-    l = losses(tmp_path / "top")
-    assert l[-1] < l[0] - 0.25, l
+    train_sft.main(
+        args(
+            sft_file,
+            tmp_path / "top",
+            "--max-steps",
+            "8",
+            "--epochs",
+            "100",
+            "--lr",
+            "3e-3",
+            "--train-layers",
+            "1",
+            "--precision",
+            "bf16",
+            "--save-every",
+            "100",
+        )
+    )
+    curve = losses(tmp_path / "top")
+    assert curve[-1] < curve[0] - 0.25, curve
     start = {k: v for k, v in load_model("tiny", device="cpu", seed=0)[0].state_dict().items()}
     done = load_file(str(tmp_path / "top" / "model" / "model.safetensors"))
     top = max(int(k.split(".")[2]) for k in done if k.startswith("model.layers."))
@@ -248,7 +284,7 @@ def test_top_layers_on_two_ranks_resume(sft_file, tmp_path):
     common = ("--train-layers", "2", "--save-every", "2", "--max-steps", "4", "--keep", "3")
     run_script(args(sft_file, tmp_path / "one", *common))
     run_script(args(sft_file, tmp_path / "two", *common), nproc=2)
-    shutil.rmtree(tmp_path / "two" / "model")                                   # back to the step-2 checkpoint
+    shutil.rmtree(tmp_path / "two" / "model")  # back to the step-2 checkpoint
     shutil.rmtree(checkpoint.latest(tmp_path / "two" / "ckpt"))
     assert checkpoint.latest(tmp_path / "two" / "ckpt").name == "step_00000002"
     run_script(args(sft_file, tmp_path / "two", *common), nproc=2)

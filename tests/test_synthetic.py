@@ -1,11 +1,10 @@
 import filecmp
 
 import pytest
+from conftest import SMALL
 
 from tagpr import lamp, synthetic
 from tagpr.files import read_json
-
-from conftest import SMALL
 
 
 def test_deterministic_by_seed(tmp_path, synthetic_dir):

@@ -5,14 +5,21 @@ import pytest
 from tagpr import tags
 from tagpr.files import DataError
 
-GOOD = ("<think>\n<analyze_input> asks for a tag </analyze_input>\n<examine_examples> all genre tags "
-        "</examine_examples>\n<make_decision> sci-fi </make_decision>\n</think>\nsci-fi")
+GOOD = (
+    "<think>\n<analyze_input> asks for a tag </analyze_input>\n<examine_examples> all genre tags "
+    "</examine_examples>\n<make_decision> sci-fi </make_decision>\n</think>\nsci-fi"
+)
 
 
 def test_default_vocabulary():
     assert len(tags.DEFAULT_TAGS) == 9 and len(set(tags.DEFAULT_TAGS)) == 9
-    assert set(tags.PAPER_TAGS) == {"analyze_input", "examine_examples", "identify_patterns", "compare_entities",
-                                    "make_decision"}
+    assert set(tags.PAPER_TAGS) == {
+        "analyze_input",
+        "examine_examples",
+        "identify_patterns",
+        "compare_entities",
+        "make_decision",
+    }
     assert set(tags.PAPER_TAGS) < set(tags.DEFAULT_TAGS)
 
 
@@ -26,18 +33,21 @@ def test_parse_well_formed():
     assert tags.parse(tags.render(steps, "sci-fi")).steps == p.steps
 
 
-@pytest.mark.parametrize("text, error", [
-    ("", "no <think> block"),
-    ("just an answer", "no <think> block"),
-    (None, "output is NoneType"),
-    ("<think><analyze_input> still thinking", "never closed"),
-    ("<think><a> x <b> y </b> </a></think> z", "opened inside <a> (nesting)"),
-    ("<think><a> x </b></think> z", "</b> closes <a>"),
-    ("<think></a> x</think> z", "</a> closes nothing"),
-    ("<think><think> x </think> z", "nested <think>"),
-    ("preamble <think><a>x</a></think> z", "text before <think>"),
-    ("<think><a> x </think> z", "<a> is never closed"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("", "no <think> block"),
+        ("just an answer", "no <think> block"),
+        (None, "output is NoneType"),
+        ("<think><analyze_input> still thinking", "never closed"),
+        ("<think><a> x <b> y </b> </a></think> z", "opened inside <a> (nesting)"),
+        ("<think><a> x </b></think> z", "</b> closes <a>"),
+        ("<think></a> x</think> z", "</a> closes nothing"),
+        ("<think><think> x </think> z", "nested <think>"),
+        ("preamble <think><a>x</a></think> z", "text before <think>"),
+        ("<think><a> x </think> z", "<a> is never closed"),
+    ],
+)
 def test_parse_never_raises_and_says_why(text, error):
     p = tags.parse(text)
     assert not p.well_formed

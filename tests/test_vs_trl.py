@@ -11,6 +11,7 @@ Conventions that differ between the two, outside this objective (bench/README.md
   the column index, so rows here have prompts of one length (no left padding), as each side's own batches do.
 Skipped with a message when TRL is not installed (`pip install -e .[bench]`; scripts/test.sh installs it).
 """
+
 import tempfile
 
 import pytest
@@ -27,12 +28,28 @@ def trainer():
     from datasets import Dataset
 
     lm, tok = load_model("tiny", device="cpu", dtype=torch.float32, seed=0)
-    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
-                          importance_sampling_level="sequence", loss_type="grpo", beta=0.0, epsilon=3e-4,
-                          epsilon_high=4e-4, temperature=0.9, report_to=[], use_cpu=True, max_completion_length=8,
-                          bf16=False)
-    tr = trl.GRPOTrainer(model=lm, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-                         train_dataset=Dataset.from_dict({"prompt": ["a b"] * 4}), processing_class=tok)
+    args = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        importance_sampling_level="sequence",
+        loss_type="grpo",
+        beta=0.0,
+        epsilon=3e-4,
+        epsilon_high=4e-4,
+        temperature=0.9,
+        report_to=[],
+        use_cpu=True,
+        max_completion_length=8,
+        bf16=False,
+    )
+    tr = trl.GRPOTrainer(
+        model=lm,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a b"] * 4}),
+        processing_class=tok,
+    )
     tr.current_gradient_accumulation_steps = 1  # set by TRL's training loop; one micro-batch here
     return tr, lm
 
@@ -50,27 +67,36 @@ def test_gspo_loss_and_gradient_match_trl(trainer, eps, noise):
     prompt_ids, completion_ids = torch.randint(3, V, (B, P), generator=g), torch.randint(3, V, (B, T), generator=g)
     pmask, cmask = torch.ones(B, P, dtype=torch.long), torch.ones(B, T, dtype=torch.long)
     cmask[1, 4:] = 0
-    cmask[3, 2:] = 0                                       # shorter responses: right padding, as both sides make it
+    cmask[3, 2:] = 0  # shorter responses: right padding, as both sides make it
     x, attn = torch.cat([prompt_ids, completion_ids], 1), torch.cat([pmask, cmask], 1)
     lm.train()
     with torch.no_grad():
-        now = LogprobModel(lm)(x, attn, 0.9)[0][:, P - 1:]           # (B, T) the completion tokens' log-probs
-    old = now + noise * torch.randn(B, T, generator=g)              # a policy that has moved: ratios ≠ 1
+        now = LogprobModel(lm)(x, attn, 0.9)[0][:, P - 1 :]  # (B, T) the completion tokens' log-probs
+    old = now + noise * torch.randn(B, T, generator=g)  # a policy that has moved: ratios ≠ 1
     adv = torch.randn(B, generator=g)
 
     lm.zero_grad()
-    theirs = tr._compute_loss(lm, dict(prompt_ids=prompt_ids, prompt_mask=pmask, completion_ids=completion_ids,
-                                       completion_mask=cmask, advantages=adv, old_per_token_logps=old))
+    theirs = tr._compute_loss(
+        lm,
+        dict(
+            prompt_ids=prompt_ids,
+            prompt_mask=pmask,
+            completion_ids=completion_ids,
+            completion_mask=cmask,
+            advantages=adv,
+            old_per_token_logps=old,
+        ),
+    )
     theirs.backward()
     g_theirs = grads(lm)
     lm.zero_grad()
-    logp = LogprobModel(lm)(x, attn, 0.9)[0][:, P - 1:]
-    ours, m = losses.gspo_loss(logp, old, adv, cmask, *eps)
+    logp = LogprobModel(lm)(x, attn, 0.9)[0][:, P - 1 :]
+    ours, m = losses.gspo_loss(logp, old, adv, cmask, clip_low=eps[0], clip_high=eps[1])
     ours.backward()
     g_ours = grads(lm)
 
     clipped = float(m["clip_frac_low"] + m["clip_frac_high"])
-    assert 0 < clipped < 1, clipped                     # some sequences clipped, some not: both branches compared
+    assert 0 < clipped < 1, clipped  # some sequences clipped, some not: both branches compared
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-6, abs=1e-7)
     assert set(g_ours) == set(g_theirs) and len(g_ours) > 10
     scale = max(float(v.abs().max()) for v in g_theirs.values())
@@ -96,17 +122,40 @@ def test_bench_runs_both_trainers_on_the_same_work(tmp_path, synthetic_dir):
     import vs_trl
 
     split = lamp.load_split(synthetic_dir, "LaMP_2", "train")
-    data = [RLPrompt(q.id, "LaMP_2", q.user_id, prompts.build_prompt("LaMP_2", q, 2), split.golds[q.id])
-            for q in split.questions[:8]]
+    data = [
+        RLPrompt(q.id, "LaMP_2", q.user_id, prompts.build_prompt("LaMP_2", q, 2), split.golds[q.id])
+        for q in split.questions[:8]
+    ]
     write_jsonl(tmp_path / "p.jsonl", [r.to_json() for r in data])
     out = tmp_path / "b"
-    vs_trl.main(["--policy", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out), "--seeds", "0",
-                 "--batches", "2", "--prompts-per-batch", "2", "--group", "2", "--updates", "2", "--max-new", "6",
-                 "--lr", "1e-3"])
+    vs_trl.main(
+        [
+            "--policy",
+            "tiny",
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "--batches",
+            "2",
+            "--prompts-per-batch",
+            "2",
+            "--group",
+            "2",
+            "--updates",
+            "2",
+            "--max-new",
+            "6",
+            "--lr",
+            "1e-3",
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     score = vs_trl.reward_fn(vs_trl.load_vocab(tmp_path / "p.jsonl"))
-    trl_rows = [json.loads(l) for l in (out / "trl_seed0" / "batches.jsonl").read_text().splitlines()]
-    ours_rolls = [json.loads(l) for l in (out / "ours_seed0" / "rollouts.jsonl").read_text().splitlines()]
+    trl_rows = [json.loads(line) for line in (out / "trl_seed0" / "batches.jsonl").read_text().splitlines()]
+    ours_rolls = [json.loads(line) for line in (out / "ours_seed0" / "rollouts.jsonl").read_text().splitlines()]
     for side, rows in (("trl", trl_rows), ("ours", res["runs"]["ours"]["0"]["rows"])):
         assert [r["batch"] for r in rows] == [1, 2], side
         for r in rows:
@@ -116,10 +165,12 @@ def test_bench_runs_both_trainers_on_the_same_work(tmp_path, synthetic_dir):
         rolls = r["rollouts"]
         assert len(rolls) == 4 and r["reward"] == pytest.approx(sum(x["reward"] for x in rolls) / 4)
         assert [x["reward"] for x in rolls] == pytest.approx(
-            score([x["text"] for x in rolls], [x["gold"] for x in rolls], [x["task"] for x in rolls]))
+            score([x["text"] for x in rolls], [x["gold"] for x in rolls], [x["task"] for x in rolls])
+        )
     assert len(ours_rolls) == 8
     assert [x["reward"] for x in ours_rolls] == pytest.approx(
-        score([x["text"] for x in ours_rolls], [x["gold"] for x in ours_rolls], [x["task"] for x in ours_rolls]))
+        score([x["text"] for x in ours_rolls], [x["gold"] for x in ours_rolls], [x["task"] for x in ours_rolls])
+    )
     for b in (1, 2):
         mine = [x["reward"] for x in ours_rolls if x["step"] == b]
         assert res["runs"]["ours"]["0"]["rows"][b - 1]["reward"] == pytest.approx(sum(mine) / 4)

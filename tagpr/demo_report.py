@@ -1,0 +1,196 @@
+"""The demo's report from its run folder: the held-out table in the layout of TagPR's Table 1, what it shows and
+what not (paired differences against SFT, the spread over seeds), the gain against GSPO steps, the curves.
+
+It reads only files the stages wrote: train_rl's `held_out_step<N>.json` and `metrics.jsonl` per seed (seed 0's
+step 0 is the SFT model's row), evaluate's `eval/base/metrics.json` and build_data's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import hardware, metrics, plot
+from .evaluation import LABELS
+from .files import atomic_write_text
+
+KINDS = ("greedy", "sampled", "swap")
+
+
+def _scores(path: Path) -> dict[str, dict[str, float]]:
+    """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
+    "swap" (greedy on the swapped profiles)."""
+    per = json.loads(path.read_text())
+    return {
+        "greedy": {i: v["greedy"] for i, v in per["held_out"].items()},
+        "sampled": {i: v["sampled"] for i, v in per["held_out"].items()},
+        "swap": {i: v["greedy"] for i, v in per["swap"].items()},
+    }
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def cell(vals) -> str:
+    """A table cell: the mean over questions and its 95 % bootstrap interval."""
+    lo, hi = metrics.bootstrap_ci(vals)
+    return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def scored_steps(rl_dir: Path) -> set[int]:
+    """The steps at which an RL run scored the held-out prompts (its held_out_step<N>.json files)."""
+    return {int(p.stem.removeprefix("held_out_step")) for p in rl_dir.glob("held_out_step*.json")}
+
+
+def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
+    """({kind: {question: score}} of the SFT model (seed 0's step 0), the same of each seed's last evaluation,
+    {seed: its last step})."""
+    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
+    last = {s: max(scored_steps(d)) for s, d in rl.items()}
+    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
+    return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
+
+
+def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tuple[str, dict]:
+    """The held-out table (markdown) and the per-question mean over seeds of each kind."""
+    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
+
+    def base_cell(name):
+        m = base[name][task]
+        ci = m.get("accuracy_ci95")
+        return f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['accuracy']:.3f}"
+
+    row = lambda label, sc: f"| {label} | " + " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS) + " |"
+    avg = {k: {i: mean([rl[s][k][i] for s in seeds]) for i in ids} for k in KINDS}
+    lines = [
+        "| model (held-out users) | greedy accuracy | sampled accuracy (T = "
+        f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) |",
+        "|---|---|---|---|",
+        f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | |",
+    ]
+    lines += [f"| Base model: {LABELS.get(m, m)} | {base_cell(m)} | | |" for m in a.base_methods.split(",") if m]
+    lines.append(row("After SFT (tagged reasoning)", sft))
+    lines += [row(f"After SFT + RL, seed {s} ({last[s]} steps)", rl[s]) for s in seeds]
+    lines.append(row(f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", avg))
+    lines.append(f"| Oracle ceiling (latent rule) | {base_cell('oracle')} | | |")
+    return "\n".join(lines), avg
+
+
+def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids) -> dict:
+    """RL against SFT on one kind of score: the mean over seeds' paired gain, its 95 % bootstrap interval over
+    questions, each seed's gain and their spread (max − min); `clears`: the interval above 0 and the gain above
+    the spread (issue #21's test)."""
+    diff = [mean([rl[s][kind][i] for s in seeds]) - sft[kind][i] for i in ids]
+    lo, hi = metrics.bootstrap_ci(diff)
+    gains = [mean([rl[s][kind][i] - sft[kind][i] for i in ids]) for s in seeds]
+    spread = max(gains) - min(gains)
+    return {
+        "gain": mean(diff),
+        "lo": lo,
+        "hi": hi,
+        "seeds": gains,
+        "spread": spread,
+        "clears": lo > 0 and mean(diff) > spread,
+    }
+
+
+def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
+    """What the table shows and what not: SFT against base; RL against SFT (paired interval and seed spread);
+    the profile-swap drops."""
+    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
+    out = []
+    base_best = max(base[m][task]["accuracy"] for m in a.base_methods.split(",") if m)
+    sft_greedy = mean([sft["greedy"][i] for i in ids])
+    out.append(
+        f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
+        f"({'yes' if sft_greedy > base_best else 'no'})."
+    )
+    for k in ("sampled", "greedy"):
+        g = rl_gain(sft, rl, seeds, k, ids)
+        out.append(
+            f"- SFT + RL > SFT, {k}: gain {g['gain']:+.3f}, 95 % interval of the paired difference "
+            f"[{g['lo']:+.3f}, {g['hi']:+.3f}], per seed {', '.join(f'{x:+.3f}' for x in g['seeds'])} (spread "
+            f"{g['spread']:.3f}): {'yes' if g['clears'] else 'not shown'} (needs the interval above 0 and the "
+            "gain above the spread)."
+        )
+    for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
+        diff = [sc["greedy"][i] - sc["swap"][i] for i in ids]
+        lo, hi = metrics.bootstrap_ci(diff)
+        out.append(
+            f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
+            f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'})."
+        )
+    return out
+
+
+def gain_curve(run_dir: Path, seeds) -> str:
+    """The held-out gain over SFT at every step that all seeds scored (markdown): sampled and greedy, each with its
+    interval, per-seed gains, spread and whether it clears; and the GSPO time to that step (mean over seeds, held-out
+    scoring excluded). Where the first "yes" appears is the smallest RL budget that showed the gain."""
+    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
+    steps = sorted(set.intersection(*(scored_steps(d) for d in rl.values())) - {0})
+    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
+    ids = sorted(sft["greedy"])
+    rows = {s: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}
+    step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "old_logp", "update"))
+    lines = [
+        "| GSPO steps | GSPO time to it (s, mean of seeds) | sampled gain [95 %] | per seed | spread | clears "
+        "| greedy gain [95 %] | per seed | spread | clears |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in steps:
+        at = {s: _scores(rl[s] / f"held_out_step{n}.json") for s in seeds}
+        t = mean([sum(step_time(r) for r in rows[s] if 0 < r["step"] <= n) for s in seeds])
+        cells = []
+        for k in ("sampled", "greedy"):
+            g = rl_gain(sft, at, seeds, k, ids)
+            cells += [
+                f"{g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]",
+                ", ".join(f"{x:+.3f}" for x in g["seeds"]),
+                f"{g['spread']:.3f}",
+                "yes" if g["clears"] else "no",
+            ]
+        lines.append(f"| {n} | {t:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_logp: str) -> None:
+    """`<run>/report.md`: the held-out table (each cell a 95 % bootstrap interval), the claims it supports or not,
+    the curves over seeds, the data filter counts and the time per stage. `a`: the demo's settings (DemoConfig);
+    `prec`: the matmuls' precision; `old_logp`: where GSPO's old log-probs came from."""
+    sft, rl, last = held_out_scores(run_dir, seeds)
+    base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
+    table, avg = results_table(a, base, sft, rl, last, seeds)
+    said = claims(a, base, sft, rl, avg, seeds)
+    png = plot.seeds_plot(
+        {f"seed {s}": run_dir / f"rl_seed{s}" / "metrics.jsonl" for s in seeds}, run_dir / "curves.png"
+    )
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    counts = "\n".join(
+        f"| {k} | {v['in']} | {v['out']} | " + ", ".join(f"{r} {n}" for r, n in v["dropped"].items()) + " |"
+        for k, v in manifest["stages"].items()
+        if isinstance(v, dict) and "in" in v
+    )
+    md = (
+        f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
+        f"Held-out synthetic users (dev, disjoint from training): the first {len(sft['greedy'])} questions, k = "
+        f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
+        f"SFT {a.sft_steps} steps × {a.sft_batch}"
+        f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; "
+        f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
+        f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
+        f"top {a.rl_train_layers} layers, lr {a.rl_lr}, old log-probs: {old_logp}. "
+        "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
+        "profile-swap column shows each question another held-out user's profile (a model that personalizes "
+        "falls towards the floor there).\n\n"
+        f"{table}\n\n## What the table shows\n\n" + "\n".join(said) + "\n\n"
+        "## Held-out gain over SFT against GSPO steps\n\n" + gain_curve(run_dir, seeds) + "\n\n"
+        f"![held-out scores and training reward over seeds]({png.name})\n"
+        + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"
+        + "\n## Time per stage (s)\n\n"
+        + "\n".join(f"- {k}: {v}" for k, v in timings.items())
+        + f"\n- this invocation, wall: {wall:.0f}\n"
+    )
+    atomic_write_text(run_dir / "report.md", md)
+    print("\n" + table + "\n\n" + "\n".join(said) + f"\n\nreport: {run_dir / 'report.md'}")
