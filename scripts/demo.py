@@ -1,23 +1,22 @@
 """The whole TagPR pipeline on the embedded default, on a CPU: data → SFT → PRMU → GSPO (2 ranks, 3 seeds) → evaluation.
 
-    python scripts/demo.py                      # runs/demo; rerun to resume after an interruption
-    python scripts/demo.py --rl-steps 16 --rl-lr 5e-5   # the slower recipe: a larger sampled gain, greedy kept
-    python scripts/demo.py --chain-style terse           # cheaper chains; their RL gain is not robust
-    python scripts/demo.py --eval-samples 4 --base-methods zero-shot,rag   # the held-out scoring before 4e67035
-    python scripts/demo.py --sft-train-layers -1 --sft-lr 1e-4   # SFT of all 30 layers (the recipe before fe63cb7)
+    python scripts/demo.py                               # into runs/demo; rerun the same command to resume
+    python scripts/demo.py --rl-steps 16 --rl-lr 5e-5    # 16 GSPO steps a seed: a larger sampled gain, ~8x the RL
+    python scripts/demo.py --chain-style terse           # shorter chains: cheaper, a less robust RL gain
+    python scripts/demo.py --sft-train-layers -1 --sft-lr 1e-4   # SFT of all 30 layers: ~1.7x the SFT time
 
-Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL
-stage under `python -m torch.distributed.run --nproc_per_node=2`, torchrun's module: nothing needs to be on PATH);
-a stage whose export exists is skipped, an interrupted one resumes from its checkpoints. The users are synthetic
-and easy by default (docs/synthetic.md). Evaluation happens on held-out users (`--eval-questions` dev questions):
-the RL stage scores them before its first step (seed 0: the SFT model's row), every `--rl-eval-every` steps and at
-the end (`train_rl.py --eval-prompts`: greedy, sampled at the rollout temperature, and greedy with another user's
-profile, the swap control); `evaluate.py` scores the base model, the no-profile floor and the oracle. At the end
-`<run>/report.md` holds the table (each cell a 95 % bootstrap interval over questions), what it shows and what not
-(paired differences against SFT and the spread over seeds), `curves.png` (training reward and held-out scores,
-mean and range over seeds) and the data manifest's filter counts; `<run>/timings.json` the time each stage took.
-Each trainer keeps only its latest checkpoint (`--keep 1`). The stages allocate with jemalloc where the machine has
-it (`--malloc`; `scripts/demo.sh` installs it as root on Debian/Ubuntu): ~17 % less wall time.
+Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL stage under
+`python -m torch.distributed.run --nproc_per_node=2`: nothing needs to be on PATH). A stage whose export exists is
+skipped; an interrupted one resumes from its checkpoint. The users are synthetic and easy by default
+(docs/synthetic.md). The held-out users (`--eval-questions` dev questions) are scored by the RL stage before its
+first step (seed 0: the SFT model's row), every `--rl-eval-every` steps and at the end: greedy, sampled at the
+rollout temperature, and greedy with another user's profile (the swap control). `evaluate.py` scores the base
+model, the no-profile floor and the oracle.
+
+Writes `<run>/report.md` (the table with 95 % bootstrap intervals, the paired gains against SFT and the spread over
+seeds, the gain against GSPO steps, the data filter counts), `<run>/curves.png` and `<run>/timings.json`.
+Each trainer keeps only its latest checkpoint. The stages allocate with jemalloc where the machine has it
+(`--malloc`): ~17 % less wall time.
 """
 
 from __future__ import annotations
@@ -102,45 +101,36 @@ class Timer:
 
 @dataclass
 class DemoConfig:
-    run: str = "runs/demo"  # the run folder (rerun the same command to resume)
+    run: str = "runs/demo"  # the run folder; rerun the same command to resume
     policy: str = "smollm2-135m"  # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
     tasks: str = "LaMP_2"  # comma-separated synthetic tasks
-    difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules: "easy" (lexical evidence, LaMP_2 only)
-    # or "hard" (docs/synthetic.md)
+    difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules (docs/synthetic.md); easy: LaMP_2 only
     k: int = 2  # profile items in every prompt
-    chain_style: Literal["full", "terse"] = "full"  # the simulated teacher's steps: "full" (~160 tokens a tagged
-    # chain) or "terse" (~110: ~0.86x the demo's time, and an RL gain that
-    # cleared on one of three seed draws: docs/rl_experiments.md)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage: auto = bf16 where the CPU has
-    # AVX512-BF16 / AMX, else fp32; bf16 elsewhere stops before any work
+    chain_style: Literal["full", "terse"] = "full"  # teacher chains: full (~160 tokens) or terse (~110, cheaper)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage; auto: bf16 where the CPU has
+    # AVX512-BF16 or AMX, else fp32
     sft_steps: int = 12  # SFT optimizer steps
     sft_batch: int = 8  # SFT sequences per step
-    sft_lr: float = 2e-4  # SFT learning rate (1e-4 with all layers: docs/rl_experiments.md)
-    sft_train_layers: int = 16  # SFT trains the policy's top N decoder layers (-1: all). SmolLM2 has 30:
-    # 16 take ~0.6x the SFT time of all; all at --sft-lr 1e-4 is the recipe before
+    sft_lr: float = 2e-4  # SFT learning rate
+    sft_train_layers: int = 16  # SFT trains the policy's top N decoder layers (-1: all; SmolLM2 has 30)
     prmu_steps: int = 20  # PRMU (tiny backbone) Bradley-Terry steps
-    rl_steps: int = 2  # GSPO steps per seed (3 at lr 1.3e-4 before; 4 at lr 1e-4 before d28910f:
-    # each step ~1 min a seed in fp32 AVX2)
+    rl_steps: int = 2  # GSPO steps per seed
     rl_train_layers: int = 4  # RL trains the top N decoder layers (-1: all)
     rl_prompts: int = 8  # prompts per rollout batch (all ranks)
     rl_group: int = 4  # rollouts per prompt (G)
-    rl_lr: float = 2e-4  # GSPO learning rate (2 steps × 2e-4 ≈ the 3 × 1.3e-4 and 4 × 1e-4 before)
+    rl_lr: float = 2e-4  # GSPO learning rate
     rl_temperature: float = 1.0  # rollout temperature (paper: 1); the sampled score is taken at it
-    rl_max_new: int = 160  # new tokens per rollout (and per held-out answer) at most
-    rl_overlong: Literal["keep", "mask"] = (
-        "keep"  # rollouts cut at rl_max_new: kept (the paper) or out of the loss (DAPO)
-    )
-    rl_old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # GSPO's old log-probs: the sampler's (auto in
-    # fp32, where they agree with a recomputation to summation order) or a
-    # no-grad pass (auto in bf16; train_rl.py departure 6)
-    rl_eval_every: int = 0  # held-out scores every N GSPO steps too (0: before the first and at the end only)
+    rl_max_new: int = 160  # new tokens per rollout and per held-out answer, at most
+    rl_overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at --rl-max-new: in the loss (paper) or out (DAPO)
+    rl_old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # GSPO's old log-probs: the sampler's or a
+    # no-grad pass; auto: the sampler's in fp32, a pass in bf16 (train_rl.py departure 6)
+    rl_eval_every: int = 0  # also score the held-out users every N GSPO steps (0: before the first and at the end)
     seeds: str = "0,1,2"  # RL seeds, comma-separated: the table shows each and their mean
     eval_questions: int = 64  # held-out dev questions per task (users disjoint from training)
-    eval_samples: int = 2  # samples per held-out question for the sampled score (4: ~1.3x the scoring)
-    base_methods: str = "zero-shot"  # the base model's rows (evaluate.py methods: rag, rag-r, r2p add rows and time)
-    nproc: int = 2  # ranks of the RL stage (torch.distributed.run)
-    trunk_store: bool = True  # the held-out prompts' frozen-layer keys/values computed once for the SFT row
-    # and every seed (train_rl.py --eval-trunk-store; the same scores, bit for bit)
+    eval_samples: int = 2  # samples per held-out question for the sampled score
+    base_methods: str = "zero-shot"  # the base model's rows (evaluate.py methods, comma-separated)
+    nproc: int = 2  # ranks of the RL stage
+    trunk_store: bool = True  # compute the held-out prompts' frozen-layer keys/values once for all seeds (same scores)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
     # it (auto), or glibc's (system)
 

@@ -7,10 +7,10 @@ cheap:
 * **Groups share their prompt.** The G rollouts of a prompt attend to one copy of its
   keys/values, not G copies: per prompt and kv head the whole group's queries (G × heads-per-kv-head
   rows) meet the prompt's keys in one matmul, and each row's queries meet the keys it generated itself in
-  one batched matmul; one softmax spans both parts, with the prompt's padding as a bias. Until
-  2026-12-02 the generated keys shared the prompt's buffer, interleaved across the group, and a mask hid a
-  row's siblings: one matmul, but G× the FLOPs on the generated part; held apart, a decode step's attention
-  takes ~0.7× the time on a CPU (bench/README.md, "the prompt's keys shared").
+  one batched matmul; one softmax spans both parts, with the prompt's padding as a bias. One buffer for
+  the whole group with a mask hiding a row's siblings would be one matmul but G× the FLOPs on the generated
+  part; held apart, a decode step's attention takes ~0.7× that time on a CPU (bench/README.md, "the prompt's
+  keys shared").
 * **The cache never moves.** The buffers are sized for `max_new_tokens` up front (the
   same memory as per-row caches: P per prompt + T per row); a step writes one column per row in
   place and reads the first t + 1.
