@@ -66,7 +66,7 @@ class BuildConfig:
     seed: int = 0  # instance sampling, teacher sampling, k-means
     synthetic_users: int = 150  # synthetic mode: train users per task (4 questions each)
     difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
-    # or "easy" ones whose evidence is lexical (LaMP_2 only; docs/synthetic.md)
+    # or "easy" ones whose evidence is lexical (LaMP_2, LaMP_3, LaMP_7; docs/synthetic.md)
     chain_style: Literal["full", "terse"] = "full"  # synthetic mode: the simulated teacher's steps, a sentence each
     # ("full") or a one-word opener and the content ("terse": ~half the tokens,
     # every stage that reads or writes chains cheaper; tagpr/expert.py)

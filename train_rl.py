@@ -700,8 +700,9 @@ def held_out(
     """Each held-out set's task metric (`metrics.per_question`: accuracy, |error| or ROUGE-1): greedy, and the mean
     over k samples at the rollout temperature where the set has k > 0. Every rank answers its share (the same
     count on each, for FSDP), every set in one `generate` call; the samples' generators are fixed per prompt, so
-    every evaluation of a run draws the same noise. `scores_path`: also write each prompt's scores there
-    ({set: {id: {greedy, sampled}}})."""
+    every evaluation of a run draws the same noise. Each score comes with its parse split (`metrics.parses`): the
+    share of answers that parse, and for the samples the score among parsed answers. `scores_path`: also write
+    each prompt's scores there ({set: {id: {greedy, greedy_parsed, sampled, samples, samples_parsed}}})."""
     cfg, tok, d = run.cfg, run.tok, run.d
     row: dict[str, float] = {}
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}
@@ -750,23 +751,33 @@ def held_out(
         greedy = texts[a : b : k + 1]
         sampled = [t for j, t in enumerate(texts[a:b]) if j % (k + 1)] if k else None
         for task in sorted({p.task for p in data}):
-            key = f"eval/{name}/{task}/{metrics.PRIMARY[lamp.get_task(task).kind]}"
+            metric = metrics.PRIMARY[lamp.get_task(task).kind]
+            key = f"eval/{name}/{task}/{metric}"
             rows = [(j, data[i]) for j, i in enumerate(mine) if data[i].task == task]
-            g = metrics.per_question(
-                task, [p.gold for _, p in rows], [rewards.extract_answer(greedy[j]) for j, _ in rows]
-            )
+            answers = [rewards.extract_answer(greedy[j]) for j, _ in rows]
+            g = metrics.per_question(task, [p.gold for _, p in rows], answers)
+            g_ok = [metrics.parses(task, x) for x in answers]
             n = dist.sum_scalar(len(rows))
             row[f"{key}_greedy"] = dist.sum_scalar(sum(g)) / n
-            mine_scores = {p.id: {"greedy": x} for (_, p), x in zip(rows, g)}
+            row[f"eval/{name}/{task}/parsed_greedy"] = dist.sum_scalar(sum(g_ok)) / n
+            mine_scores = {p.id: {"greedy": x, "greedy_parsed": ok} for (_, p), x, ok in zip(rows, g, g_ok)}
             if sampled is not None:
-                s = metrics.per_question(
-                    task,
-                    [p.gold for _, p in rows for _ in range(k)],
-                    [rewards.extract_answer(sampled[j * k + x]) for j, _ in rows for x in range(k)],
-                )
+                answers = [rewards.extract_answer(sampled[j * k + x]) for j, _ in rows for x in range(k)]
+                s = metrics.per_question(task, [p.gold for _, p in rows for _ in range(k)], answers)
+                s_ok = [metrics.parses(task, x) for x in answers]
                 row[f"{key}_sampled"] = dist.sum_scalar(sum(s)) / (n * k)
+                row[f"eval/{name}/{task}/parsed_sampled"] = dist.sum_scalar(sum(s_ok)) / (n * k)
+                parsed_n = dist.sum_scalar(sum(s_ok))
+                if parsed_n:  # the same on every rank (a reduced count), so every rank joins the collective or none
+                    row[f"{key}_sampled_among_parsed"] = (
+                        dist.sum_scalar(sum(x for x, ok in zip(s, s_ok) if ok)) / parsed_n
+                    )
                 for i, (_, p) in enumerate(rows):
-                    mine_scores[p.id]["sampled"] = sum(s[i * k : (i + 1) * k]) / k
+                    mine_scores[p.id].update(
+                        sampled=sum(s[i * k : (i + 1) * k]) / k,
+                        samples=s[i * k : (i + 1) * k],
+                        samples_parsed=s_ok[i * k : (i + 1) * k],
+                    )
             for part in dist.gather_objects(mine_scores):
                 per_prompt.setdefault(name, {}).update(part)
     run.model.train()

@@ -104,7 +104,7 @@ class DemoConfig:
     run: str = "runs/demo"  # the run folder; rerun the same command to resume
     policy: str = "smollm2-135m"  # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
     tasks: str = "LaMP_2"  # comma-separated synthetic tasks
-    difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules (docs/synthetic.md); easy: LaMP_2 only
+    difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules (docs/synthetic.md); easy: LaMP_2, 3 and 7
     k: int = 2  # profile items in every prompt
     chain_style: Literal["full", "terse"] = "full"  # teacher chains: full (~160 tokens) or terse (~110, cheaper)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage; auto: bf16 where the CPU has

@@ -17,14 +17,72 @@ from .files import atomic_write_text
 KINDS = ("greedy", "sampled", "swap")
 
 
-def _scores(path: Path) -> dict[str, dict[str, float]]:
+def _scores(path: Path) -> dict[str, dict]:
     """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
-    "swap" (greedy on the swapped profiles)."""
+    "swap" (greedy on the swapped profiles); and "split": {question id: (its samples' scores, whether each
+    parsed)} where the file has them."""
     per = json.loads(path.read_text())
-    return {
+    out = {
         "greedy": {i: v["greedy"] for i, v in per["held_out"].items()},
         "sampled": {i: v["sampled"] for i, v in per["held_out"].items()},
         "swap": {i: v["greedy"] for i, v in per["swap"].items()},
+    }
+    if all("samples_parsed" in v for v in per["held_out"].values()):
+        out["split"] = {i: (v["samples"], v["samples_parsed"]) for i, v in per["held_out"].items()}
+    return out
+
+
+def merged_split(models: list[dict], ids) -> dict | None:
+    """Several models' (seeds') samples of each question pooled: {question: (scores, parsed)}; None if one lacks
+    the split."""
+    if not all("split" in m for m in models):
+        return None
+    return {
+        i: ([x for m in models for x in m["split"][i][0]], [x for m in models for x in m["split"][i][1]]) for i in ids
+    }
+
+
+def parsed_share(split: dict, ids) -> list[float]:
+    """Each question's share of sampled answers that parse."""
+    return [sum(split[i][1]) / len(split[i][1]) for i in ids]
+
+
+def among_parsed(split: dict, ids) -> float:
+    """The score among parsed sampled answers, pooled over the questions `ids`."""
+    return metrics.pooled([split[i][0] for i in ids], [split[i][1] for i in ids])
+
+
+def split_cells(split: dict | None, ids) -> str:
+    """Two table cells: the share of sampled answers that parse, and the score among them, with intervals."""
+    if split is None:
+        return " | "
+    if not any(any(split[i][1]) for i in ids):  # no answer parsed: no score among them
+        return f"{cell(parsed_share(split, ids))} | –"
+    lo, hi = metrics.bootstrap_stat_ci(ids, lambda qs: among_parsed(split, qs))
+    return f"{cell(parsed_share(split, ids))} | {among_parsed(split, ids):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def split_gain(sft: dict, rl: dict, seeds, ids) -> dict | None:
+    """RL (seeds pooled) against SFT on the sampled score's two parts, paired over questions: the parse share and
+    the score among parsed answers, each with its 95 % interval; and the sampled gain cut in two exact parts,
+    Δ(p·a) = Δp·a_SFT + p_RL·Δa (p: parse share, a: score among parsed; exact where an unparsed answer scores 0)."""
+    pooled_rl = merged_split([rl[s] for s in seeds], ids)
+    if pooled_rl is None or "split" not in sft:
+        return None
+    s0 = sft["split"]
+    p0, p1 = mean(parsed_share(s0, ids)), mean(parsed_share(pooled_rl, ids))
+    a0, a1 = among_parsed(s0, ids), among_parsed(pooled_rl, ids)
+    dp = [x - y for x, y in zip(parsed_share(pooled_rl, ids), parsed_share(s0, ids))]
+    da = lambda qs: among_parsed(pooled_rl, qs) - among_parsed(s0, qs)
+    seeds_da = [among_parsed(rl[s]["split"], ids) - a0 for s in seeds]
+    return {
+        "parsed": (p1 - p0, *metrics.bootstrap_ci(dp)),
+        "among": (a1 - a0, *metrics.bootstrap_stat_ci(ids, da)),
+        "among_seeds": seeds_da,
+        "from_parsing": (p1 - p0) * a0,
+        "from_decision": p1 * (a1 - a0),
+        "p": (p0, p1),
+        "a": (a0, a1),
     }
 
 
@@ -61,19 +119,25 @@ def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tupl
         ci = m.get("accuracy_ci95")
         return f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['accuracy']:.3f}"
 
-    row = lambda label, sc: f"| {label} | " + " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS) + " |"
+    def row(label, sc):
+        cells = " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS)
+        return f"| {label} | {cells} | {split_cells(sc.get('split'), ids)} |"
+
     avg = {k: {i: mean([rl[s][k][i] for s in seeds]) for i in ids} for k in KINDS}
+    if (pooled := merged_split([rl[s] for s in seeds], ids)) is not None:
+        avg["split"] = pooled
     lines = [
         "| model (held-out users) | greedy accuracy | sampled accuracy (T = "
-        f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) |",
-        "|---|---|---|---|",
-        f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | |",
+        f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) | sampled answers that "
+        "parse | sampled accuracy among parsed |",
+        "|---|---|---|---|---|---|",
+        f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | | | |",
     ]
-    lines += [f"| Base model: {LABELS.get(m, m)} | {base_cell(m)} | | |" for m in a.base_methods.split(",") if m]
+    lines += [f"| Base model: {LABELS.get(m, m)} | {base_cell(m)} | | | | |" for m in a.base_methods.split(",") if m]
     lines.append(row("After SFT (tagged reasoning)", sft))
     lines += [row(f"After SFT + RL, seed {s} ({last[s]} steps)", rl[s]) for s in seeds]
     lines.append(row(f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", avg))
-    lines.append(f"| Oracle ceiling (latent rule) | {base_cell('oracle')} | | |")
+    lines.append(f"| Oracle ceiling (latent rule) | {base_cell('oracle')} | | | | |")
     return "\n".join(lines), avg
 
 
@@ -113,6 +177,17 @@ def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
             f"[{g['lo']:+.3f}, {g['hi']:+.3f}], per seed {', '.join(f'{x:+.3f}' for x in g['seeds'])} (spread "
             f"{g['spread']:.3f}): {'yes' if g['clears'] else 'not shown'} (needs the interval above 0 and the "
             "gain above the spread)."
+        )
+    if (g := split_gain(sft, rl, seeds, ids)) is not None:
+        (dp, plo, phi), (da, alo, ahi) = g["parsed"], g["among"]
+        out.append(
+            f"- The sampled score's two parts, RL (seeds pooled) against SFT: answers that parse "
+            f"{g['p'][0]:.3f} → {g['p'][1]:.3f} ({dp:+.3f} [{plo:+.3f}, {phi:+.3f}]); accuracy among parsed answers "
+            f"{g['a'][0]:.3f} → {g['a'][1]:.3f} ({da:+.3f} [{alo:+.3f}, {ahi:+.3f}], per seed "
+            f"{', '.join(f'{x:+.3f}' for x in g['among_seeds'])}). Of the sampled gain, {g['from_parsing']:+.3f} "
+            f"is parse rate (Δparsed × SFT's accuracy among parsed) and {g['from_decision']:+.3f} decision (RL's "
+            f"parsed share × Δaccuracy among parsed). A better decision after RL: "
+            f"{'yes (the interval is above 0)' if alo > 0 else 'not shown (the interval is not above 0)'}."
         )
     for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
         diff = [sc["greedy"][i] - sc["swap"][i] for i in ids]

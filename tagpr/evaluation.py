@@ -215,9 +215,26 @@ def evaluate_split(
     scores = [sum(col) / len(col) for col in zip(*per_q)]
     primary = metrics.PRIMARY[split.task.kind]
     m.update({"n": len(ids), f"{primary}_ci95": list(metrics.bootstrap_ci(scores)), "samples": max(samples, 1)})
+    m.update(parse_split(split.task, per_q, [[metrics.parses(split.task, p[i]) for i in ids] for p in per_run]))
     write_json(d / "scores.json", dict(zip(ids, scores)))
     write_json(d / "metrics.json", m)
     return m
+
+
+def parse_split(task: lamp.Task, per_run: list[list[float]], parsed: list[list[bool]]) -> dict:
+    """A score's two parts, each with its 95 % bootstrap interval over questions: `parsed`, the share of answers
+    that parse (`metrics.parses`), and `<primary>_parsed`, the score among those answers alone (pooled over the
+    samples; absent when none parses). `per_run[j][q]` is sample j's score of question q, `parsed[j][q]` whether it
+    parsed."""
+    per_question = [(list(sc), list(ok)) for sc, ok in zip(zip(*per_run), zip(*parsed))]
+    share = [sum(ok) / len(ok) for _, ok in per_question]
+    out = {"parsed": sum(share) / len(share) if share else 0.0, "parsed_ci95": list(metrics.bootstrap_ci(share))}
+    if any(any(ok) for _, ok in per_question):
+        among = lambda qs: metrics.pooled([sc for sc, _ in qs], [ok for _, ok in qs])
+        key = f"{metrics.PRIMARY[task.kind]}_parsed"
+        out[key] = among(per_question)
+        out[f"{key}_ci95"] = list(metrics.bootstrap_stat_ci(per_question, among))
+    return out
 
 
 def cell(m: dict, key: str) -> str:
@@ -248,7 +265,33 @@ def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str =
         if paper
         else ""
     )
-    return (f"{title}\n\n" if title else "") + head + "\n".join(rows) + "\n" + note
+    return (f"{title}\n\n" if title else "") + head + "\n".join(rows) + "\n" + note + parse_table(results)
+
+
+def parse_table(results: dict[str, dict[str, dict]]) -> str:
+    """Markdown: for each setting and task, the share of answers that parse and the primary score among them (each
+    with its interval). A score is their product where unparsed answers score 0 (classification, ROUGE)."""
+    tasks = sorted({t for r in results.values() for t, m in r.items() if "parsed" in m})
+    if not tasks:
+        return ""
+    head = (
+        "| method | "
+        + " | ".join(f"{t} parsed | {t} {metrics.PRIMARY[lamp.get_task(t).kind]} among parsed" for t in tasks)
+        + " |\n|---|"
+        + "---|---|" * len(tasks)
+        + "\n"
+    )
+    rows = []
+    for name, r in results.items():
+        cells = []
+        for t in tasks:
+            key = f"{metrics.PRIMARY[lamp.get_task(t).kind]}_parsed"
+            cells += [
+                cell(r[t], "parsed") if t in r and "parsed" in r[t] else "–",
+                cell(r[t], key) if t in r and key in r[t] else "–",
+            ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\nThe parse split: answers that parse, and the score among them alone.\n\n" + head + "\n".join(rows) + "\n"
 
 
 def sweep_plot(results: dict[str, dict[str, dict]], xs: Sequence, xlabel: str, path: Path) -> Path:

@@ -124,6 +124,45 @@ def per_question(task: lamp.Task | str, golds: Sequence[str], preds: Sequence[st
     return rouge_pairs(golds, preds)[0]
 
 
+def parses(task: lamp.Task | str, pred: str) -> bool:
+    """Whether an answer is one the task can score as given: exactly a label of its set, a finite number for a
+    rating, any non-empty text for generation. An answer that does not parse scores as a miss (classification),
+    the worst rating, or ROUGE 0; "the score among parsed answers" leaves those out."""
+    task = lamp.get_task(task) if isinstance(task, str) else task
+    if not isinstance(pred, str):
+        return False
+    if task.kind == "classification":
+        return label_index(task.labels, pred) >= 0
+    if task.kind == "rating":
+        try:
+            return math.isfinite(float(pred.strip()))
+        except ValueError:
+            return False
+    return bool(pred.strip())
+
+
+def pooled(scores: Sequence[Sequence[float]], keep: Sequence[Sequence[bool]]) -> float:
+    """Σ kept scores / Σ kept over all questions' answers (a question contributes what it kept); 0 when none."""
+    num = sum(x for row, ks in zip(scores, keep) for x, k in zip(row, ks) if k)
+    den = sum(k for ks in keep for k in ks)
+    return num / den if den else 0.0
+
+
+def bootstrap_stat_ci(
+    per_question: Sequence, stat, n: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of any statistic of the questions: `stat(list of resampled questions)`, with
+    the questions drawn with replacement as `bootstrap_ci` draws them (the same seed gives the same draws). For a
+    ratio such as the score among parsed answers, or a paired difference of two models on the same questions."""
+    items = list(per_question)
+    if not items:
+        return (0.0, 0.0)
+    draws = np.random.default_rng(seed).integers(0, len(items), size=(n, len(items)))
+    vals = [stat([items[i] for i in row]) for row in draws]
+    lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
+    return (float(lo), float(hi))
+
+
 def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (questions resampled with replacement)."""
     v = np.asarray(values, dtype=np.float64)

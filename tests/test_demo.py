@@ -71,10 +71,13 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     assert [
         r["step"] for r in (json.loads(line) for line in (run / "rl_seed1" / "metrics.jsonl").read_text().splitlines())
     ] == [1, 2, 3, 4]  # seed 0's step 0 is the SFT row for all
-    assert [k for k in rows[2] if k.startswith("eval/")] == [
+    assert [k for k in rows[2] if k.startswith("eval/") and "among_parsed" not in k] == [
         "eval/held_out/LaMP_2/accuracy_greedy",
+        "eval/held_out/LaMP_2/parsed_greedy",
         "eval/held_out/LaMP_2/accuracy_sampled",
+        "eval/held_out/LaMP_2/parsed_sampled",
         "eval/swap/LaMP_2/accuracy_greedy",
+        "eval/swap/LaMP_2/parsed_greedy",
     ]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000004"]  # --keep 1: the latest checkpoint only
     report = (run / "report.md").read_text()
@@ -190,3 +193,45 @@ def test_gain_curve_by_hand(tmp_path):
     assert cells[2].startswith("+0.188 [+0.") and cells[3:6] == ["+0.250, +0.125", "0.125", "yes"]
     # greedy: seed 0 gains 0, seed 1 (−1+0+0+1)/4 = 0 → no gain, spread 0: not shown
     assert cells[6].startswith("+0.000") and cells[7:10] == ["+0.000, +0.000", "0.000", "no"]
+
+
+def test_parse_split_by_hand(tmp_path):
+    """The report's parse split on planted held-out files (3 questions, 2 samples, SFT and two seeds), worked out
+    by hand: parse shares, the score among parsed answers pooled over seeds, and the sampled gain cut into its
+    parse-rate and decision parts."""
+    from tagpr import demo_report
+
+    def planted(name, samples, parsed):
+        per = {
+            f"q{i}": {"greedy": 0.0, "sampled": sum(s) / len(s), "samples": s, "samples_parsed": p}
+            for i, (s, p) in enumerate(zip(samples, parsed))
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"held_out": per, "swap": {q: {"greedy": 0.0} for q in per}}))
+        return demo_report._scores(path)
+
+    t, f = True, False
+    sft = planted("sft", [[1, 0], [0, 0], [1, 1]], [[t, f], [t, t], [t, t]])
+    rl = {
+        0: planted("a", [[1, 1], [1, 0], [1, 0]], [[t, t], [t, t], [t, f]]),
+        1: planted("b", [[0, 0], [1, 1], [1, 1]], [[f, f], [t, t], [t, t]]),
+    }
+    ids = ["q0", "q1", "q2"]
+    # SFT: shares .5, 1, 1 → 5/6; parsed scores 1 + 0 + 0 + 1 + 1 over 5 parsed = .6; sampled .5 = 5/6 · .6
+    assert demo_report.parsed_share(sft["split"], ids) == [0.5, 1.0, 1.0]
+    assert demo_report.among_parsed(sft["split"], ids) == pytest.approx(0.6)
+    g = demo_report.split_gain(sft, rl, [0, 1], ids)
+    # RL pooled: shares 2/4, 4/4, 3/4 → .75; parsed scores 2 + 3 + 3 over 9 parsed = 8/9
+    assert g["p"] == pytest.approx((5 / 6, 0.75)) and g["a"] == pytest.approx((0.6, 8 / 9))
+    assert g["parsed"][0] == pytest.approx(0.75 - 5 / 6) and g["among"][0] == pytest.approx(8 / 9 - 0.6)
+    # per seed among parsed: a 4/5 = .8, b 4/4 = 1 → +.2, +.4
+    assert g["among_seeds"] == pytest.approx([0.2, 0.4])
+    # the parts add up to the sampled gain: RL's sampled mean (.5 + .75 + .75)/3 = 2/3 against SFT's .5
+    assert g["from_parsing"] == pytest.approx((0.75 - 5 / 6) * 0.6)
+    assert g["from_decision"] == pytest.approx(0.75 * (8 / 9 - 0.6))
+    assert g["from_parsing"] + g["from_decision"] == pytest.approx(2 / 3 - 0.5)
+    # the intervals hold their estimate
+    assert g["parsed"][1] <= g["parsed"][0] <= g["parsed"][2] and g["among"][1] <= g["among"][0] <= g["among"][2]
+    cells = demo_report.split_cells(sft["split"], ids).split(" | ")
+    assert cells[0].startswith("0.833 [") and cells[1].startswith("0.600 [")
+    assert demo_report.split_cells(None, ids) == " | "  # files without the split: empty cells

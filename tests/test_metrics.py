@@ -109,3 +109,35 @@ def test_bootstrap_interval_of_a_mean():
     lo, hi = metrics.bootstrap_ci([0.0, 1.0] * 32)  # mean 0.5, standard error 0.0625: ≈ 0.5 ± 1.96 · 0.0625
     assert 0.35 < lo < 0.40 and 0.60 < hi < 0.65
     assert metrics.bootstrap_ci([0.0, 1.0] * 32, seed=1) != (lo, hi)  # a real resampling, seeded
+
+
+def test_parses_by_task():
+    assert metrics.parses("LaMP_2", "sci-fi") and not metrics.parses("LaMP_2", "Sci-Fi")
+    assert not metrics.parses("LaMP_2", "") and not metrics.parses("LaMP_2", None)
+    assert metrics.parses("LaMP_3", " 4 ") and metrics.parses("LaMP_3", "3.5")
+    assert not metrics.parses("LaMP_3", "four") and not metrics.parses("LaMP_3", "nan")
+    assert metrics.parses("LaMP_7", "a tweet") and not metrics.parses("LaMP_7", "  ")
+
+
+def test_pooled_and_the_ratio_interval_by_hand():
+    scores, keep = [[1, 0], [0, 0], [1, 1]], [[True, False], [True, True], [True, True]]
+    assert metrics.pooled(scores, keep) == pytest.approx(3 / 5)  # 1 + 0 + 0 + 1 + 1 over 5 kept
+    assert metrics.pooled([[1.0]], [[False]]) == 0.0
+    # with the mean as its statistic the interval is bootstrap_ci's, draw for draw
+    v = [0.0, 1.0, 1.0, 0.0, 1.0, 0.5]
+    assert metrics.bootstrap_stat_ci(v, lambda q: sum(q) / len(q)) == metrics.bootstrap_ci(v)
+    lo, hi = metrics.bootstrap_stat_ci(list(zip(scores, keep)), lambda q: metrics.pooled(*zip(*q)))
+    assert 0.0 <= lo <= 0.6 <= hi <= 1.0 and hi > lo
+
+
+def test_evaluate_split_reports_the_parse_split_by_hand():
+    from tagpr import evaluation, lamp
+
+    # 2 samples of 3 questions: sample 0 scores 1, 0, 1 with q1 unparsed; sample 1 scores 0, 1, 1, all parsed
+    m = evaluation.parse_split(lamp.get_task("LaMP_2"), [[1, 0, 1], [0, 1, 1]], [[True, False, True], [True] * 3])
+    assert m["parsed"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert m["accuracy_parsed"] == pytest.approx(4 / 5)  # parsed scores 1 + 1 + 0 + 1 + 1 over 5
+    assert m["parsed_ci95"][0] <= m["parsed"] <= m["parsed_ci95"][1]
+    assert m["accuracy_parsed_ci95"][0] <= 0.8 <= m["accuracy_parsed_ci95"][1]
+    none = evaluation.parse_split(lamp.get_task("LaMP_2"), [[0, 0]], [[False, False]])
+    assert none["parsed"] == 0.0 and "accuracy_parsed" not in none

@@ -356,6 +356,11 @@ def eval_prompts(synthetic_dir, n):
     ]
 
 
+def cfg_samples(out: Path) -> int:
+    """The held-out samples per prompt a run was configured with."""
+    return json.loads((out / "config.json").read_text())["eval_samples"]
+
+
 def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path, synthetic_dir):
     """--eval-prompts/--eval-every: rows at steps 0 (before training), 2 and 4 carry the held-out metric; the last
     greedy one equals evaluate's path (HFBackend, extract_answer, the official MAE) on the exported model. LaMP-3
@@ -380,7 +385,10 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     key = "eval/held_out/LaMP_3/MAE"
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert [f"{key}_greedy" in r and f"{key}_sampled" in r for r in rows] == [True, False, True, False, True]
-    assert [k for k in rows[0] if k.startswith("eval/swap/")] == ["eval/swap/LaMP_3/MAE_greedy"]
+    assert [k for k in rows[0] if k.startswith("eval/swap/")] == [
+        "eval/swap/LaMP_3/MAE_greedy",
+        "eval/swap/LaMP_3/parsed_greedy",
+    ]
     assert all(0.0 <= r[k] <= 4.0 for r in rows for k in r if k.startswith("eval/"))
     # each prompt's scores: their means are the logged metrics (the swap set holds the same prompts: same score)
     per = json.loads((tmp_path / "r" / "held_out_step4.json").read_text())
@@ -388,6 +396,17 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     for kind in ("greedy", "sampled"):
         assert sum(x[kind] for x in per["held_out"].values()) / 5 == pytest.approx(rows[-1][f"{key}_{kind}"])
     assert rows[-1]["eval/swap/LaMP_3/MAE_greedy"] == pytest.approx(rows[-1][f"{key}_greedy"])
+    # the parse split: the logged shares are the files' flags, recomputed here from the answers' own parse
+    flags = [x["samples_parsed"] for x in per["held_out"].values()]
+    assert all(len(f) == cfg_samples(tmp_path / "r") for f in flags)
+    assert rows[-1]["eval/held_out/LaMP_3/parsed_sampled"] == pytest.approx(sum(map(sum, flags)) / sum(map(len, flags)))
+    greedy_flags = [x["greedy_parsed"] for x in per["held_out"].values()]
+    assert rows[-1]["eval/held_out/LaMP_3/parsed_greedy"] == pytest.approx(sum(greedy_flags) / 5)
+    parsed_scores = [s for x in per["held_out"].values() for s, ok in zip(x["samples"], x["samples_parsed"]) if ok]
+    if parsed_scores:  # the score among parsed answers, pooled
+        assert rows[-1][f"{key}_sampled_among_parsed"] == pytest.approx(sum(parsed_scores) / len(parsed_scores))
+    else:
+        assert f"{key}_sampled_among_parsed" not in rows[-1]
     backend = llm.HFBackend(str(tmp_path / "r" / "model"), batch_size=8)
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     replies = backend.chat(
@@ -396,6 +415,7 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     preds = {p.id: rewards.extract_answer(r.text) for p, r in zip(ev, replies)}
     mae = metrics.evaluate("LaMP_3", {p.id: p.gold for p in ev}, preds)["MAE"]
     assert rows[-1][f"{key}_greedy"] == pytest.approx(mae, abs=1e-9)
+    assert [per["held_out"][p.id]["greedy_parsed"] for p in ev] == [metrics.parses("LaMP_3", preds[p.id]) for p in ev]
 
 
 def test_old_logprobs_from_the_sampler(runs, tmp_path):

@@ -78,8 +78,45 @@ def test_easy_lamp2_evidence_is_lexical():
         assert {it["description"].split(" movie:")[0][2:] for it in recent} == set(mapping)
         assert e.gold == mapping[e.content["genre"]] and e.question.input.count(f"A {e.content['genre']} movie:")
         assert all(it["tag"] == mapping[it["description"].split(" movie:")[0][2:]] for it in e.question.profile)
-    with pytest.raises(ValueError, match="LaMP_3 has no 'easy'"):
-        synthetic.generator("LaMP_3", "easy")
+    with pytest.raises(ValueError, match="LaMP_4 has no 'easy'"):
+        synthetic.generator("LaMP_4", "easy")
+
+
+def test_easy_lamp3_evidence_is_lexical():
+    """Easy LaMP-3 users: two products, a rating each; the words are lukewarm whatever the rating; the two most
+    recent items show both products, so k = 2 pins the rule; no profile: the median rating."""
+    ex = synthetic.generate_split("LaMP_3", "dev", 60, 2, seed=0, difficulty="easy")
+    res = synthetic.measure({"LaMP_3": ex}, k=2)["LaMP_3"]
+    assert res["oracle"]["MAE"] == res["profile"]["MAE"] == 0.0
+    assert res["floor"]["MAE"] > 0.9  # the floor answers 3 for everyone
+    gen = synthetic.generator("LaMP_3", "easy")
+    product = lambda text: next(p for p in gen.PRODUCTS if text.startswith(f"This {p} "))
+    for e in ex:
+        mapping = gen.parse(e.rule)
+        recent = sorted(e.question.profile, key=lambda it: it.date)[-2:]
+        assert {product(it["text"]) for it in recent} == set(mapping)
+        assert all(it["score"] == mapping[product(it["text"])] for it in e.question.profile)
+        assert e.gold == mapping[e.content["product"]] and f"This {e.content['product']} " in e.question.input
+        assert not any(w in e.question.input for ws in gen.SENTIMENT.values() for w in ws)  # words say nothing
+    # another user's profile points to another rating for the same product
+    assert len({gen.answer(r, {"product": "kettle"}) for r in gen.rules if "kettle" in r}) == 5
+
+
+def test_easy_lamp7_signature_is_in_every_profile_item():
+    """Easy LaMP-7 users: one opening and one sign-off around the input's activity; every profile item carries
+    both, so the profile-identified style is the oracle (ROUGE 1.0), and the best single style for everyone is
+    far below."""
+    ex = synthetic.generate_split("LaMP_7", "dev", 60, 2, seed=0, difficulty="easy")
+    res = synthetic.measure({"LaMP_7": ex}, k=2)["LaMP_7"]
+    assert res["oracle"]["rouge-1"] == res["profile"]["rouge-1"] == pytest.approx(1.0)
+    assert res["floor"]["rouge-1"] < 0.6
+    gen = synthetic.generator("LaMP_7", "easy")
+    for e in ex:
+        opening, sign_off = e.rule.split("|")
+        assert e.gold == f"{opening} {e.content['thing']}. {sign_off}" and e.content["thing"] in e.question.input
+        assert opening not in e.question.input and sign_off not in e.question.input
+        assert all(it["text"].startswith(opening) and it["text"].endswith(sign_off) for it in e.question.profile)
+    assert len(gen.rules) == 36
 
 
 def test_hard_files_do_not_change_with_the_difficulty_knob(tmp_path, synthetic_dir):

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
         "--difficulty",
         default="hard",
         choices=list(DIFFICULTIES),
-        help="hard: today's latent rules (every task); easy: lexical evidence (LaMP_2 only)",
+        help="hard: latent rules to infer (every task); easy: lexical evidence (LaMP_2, LaMP_3, LaMP_7)",
     )
     p.add_argument("--report", action="store_true", help="measure floor / profile / oracle on dev and print the table")
     a = p.parse_args(argv)

@@ -585,10 +585,89 @@ class LaMP7:
         return f"the activity is {c['thing']}"
 
 
+class LaMP3Easy(LaMP3):
+    """LaMP-3 at difficulty "easy": a user reviews products of two kinds and gives each kind its own rating,
+    whatever the review's words say. Every review names its product and reads lukewarm (the words point to no
+    rating), and the two most recent profile items are one of each of the user's kinds. The answer is the rating
+    the user gave the profile item of the input's product: find the product word, copy the score next to it.
+    Without the profile the best guess is the median rating (floor MAE ≈ 1.2); another user's profile points to
+    another user's ratings."""
+
+    WORDS = ("does what it says", "is fine, I suppose", "came as described", "is what I ordered")
+    rules = {
+        f"{p0}={r0};{p1}={r1}": f"This user rates every {p0} {r0} and every {p1} {r1}, whatever the review says."
+        for (p0, p1), (r0, r1) in itertools.product(
+            itertools.combinations(LaMP3.PRODUCTS, 2), itertools.permutations("12345", 2)
+        )
+    }
+
+    @staticmethod
+    def parse(rule: str) -> dict[str, str]:
+        """ "blender=2;kettle=5" → {"blender": "2", "kettle": "5"}."""
+        return dict(part.split("=") for part in rule.split(";"))
+
+    def content(self, rng, product: str | None = None):
+        product = product or rng.choice(self.PRODUCTS)
+        return {"product": product, "text": f"This {product} {rng.choice(self.WORDS)}. {rng.choice(self.FILLER)}"}
+
+    def content_for(self, rule, rng):
+        return self.content(rng, rng.choice(list(self.parse(rule))))
+
+    def profile_content(self, rule, j, n_items, rng):
+        """Item j of n (by date): the most recent two are one of each of the user's products, the rest alternate."""
+        products = list(self.parse(rule))
+        return self.content(rng, products[(n_items - 1 - j) % 2])
+
+    def answer(self, rule, c):
+        return self.parse(rule).get(c["product"], "3")
+
+    def summary(self, c):
+        return f"a review of a {c['product']} whose words are lukewarm"
+
+
+class LaMP7Easy(LaMP7):
+    """LaMP-7 at difficulty "easy": a user keeps a signature, one opening phrase and one sign-off, around the
+    activity of every tweet ("Big news, friends: the farmers market. Stay curious!"). Every profile item shows
+    both, so any one pins the style down; the content (the activity) comes from the input. ROUGE rewards both: the
+    activity alone scores ~0.4, the user's signature around it 1.0. Without the profile the best single signature
+    is the floor; another user's profile points to another signature."""
+
+    OPENINGS = (
+        "Big news, friends:",
+        "Quick update from me:",
+        "Guess what, everyone:",
+        "Today's little adventure:",
+        "Checking in again with",
+        "You will never believe it,",
+    )
+    SIGN_OFFS = (
+        "Stay curious!",
+        "Peace and pancakes.",
+        "More soon, promise.",
+        "Catch you on the flip side.",
+        "That is all for now.",
+        "Keep smiling, people.",
+    )
+    rules = {
+        f"{o}|{e}": f'This user opens every tweet with "{o}" and signs off with "{e}".'
+        for o, e in itertools.product(OPENINGS, SIGN_OFFS)
+    }
+
+    def answer(self, rule, c):
+        opening, sign_off = rule.split("|")
+        return f"{opening} {c['thing']}. {sign_off}"
+
+    def item(self, rule, c, rng):
+        return {"text": self.answer(rule, c)}
+
+    def summary(self, c):
+        return f"the activity is {c['thing']}"
+
+
 GENERATORS = {g.task: g for g in (LaMP1(), LaMP2(), LaMP3(), LaMP4(), LaMP5(), LaMP7())}
 SYNTHETIC_TASKS = tuple(GENERATORS)
 # difficulty → the tasks that have a generator at that level ("hard" is every task's default: GENERATORS)
-DIFFICULTIES = {"hard": GENERATORS, "easy": {"LaMP_2": LaMP2Easy()}}
+DIFFICULTIES = {"hard": GENERATORS, "easy": {g.task: g for g in (LaMP2Easy(), LaMP3Easy(), LaMP7Easy())}}
 
 
 def generator(task: str, difficulty: str = "hard"):
