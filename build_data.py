@@ -70,10 +70,12 @@ class BuildConfig:
     chain_style: Literal["full", "terse"] = "full"  # synthetic mode: the simulated teacher's steps, a sentence each
     # ("full") or a one-word opener and the content ("terse": ~half the tokens,
     # every stage that reads or writes chains cheaper; tagpr/expert.py)
-    eval_users: int = 60  # synthetic mode: dev and test users per task (2 questions each)
-    eval_prompts: int = 64  # held-out prompts per task from the dev split (users disjoint from train) →
-    # eval_prompts.jsonl and eval_prompts_swap.jsonl (another user's profile),
-    # for train_rl.py --eval-prompts; 0: none
+    eval_users: int = 60  # synthetic mode: dev and test users per task (2 questions each; the first users of a
+    # larger number are the same)
+    eval_prompts: int = 64  # held-out prompts per task (users disjoint from train) → eval_prompts.jsonl and
+    # eval_prompts_swap.jsonl (another user's profile), for train_rl.py --eval-prompts; 0: none
+    eval_split: Literal["dev", "test"] = "dev"  # the split the held-out prompts come from: choose recipes on dev,
+    # claim on test (LaMP's own test golds are private: synthetic users only)
 
 
 PRESETS = {
@@ -92,13 +94,16 @@ PRESETS = {
 }
 
 
-def write_eval_prompts(lamp_dir, out: Path, tasks: list[str], n: int, k: int, retriever: str, min_tags: int) -> int:
-    """The first `n` dev questions of each task as RL prompts with golds (the same prompt as training, with the
-    built vocabulary), and the same questions each shown another user's profile (`lamp.swap_profiles`)."""
+def write_eval_prompts(
+    lamp_dir, out: Path, tasks: list[str], n: int, k: int, retriever: str, min_tags: int, split_name: str = "dev"
+) -> int:
+    """The first `n` questions of each task's `split_name` split as RL prompts with golds (the same prompt as
+    training, with the built vocabulary), and the same questions each shown another user's profile
+    (`lamp.swap_profiles`)."""
     vocab = load_tags(out / "tags.json")
     own, swapped = [], []
     for task in tasks:
-        split = lamp.load_split(lamp_dir, task, "dev")
+        split = lamp.load_split(lamp_dir, task, split_name)
         qs = split.questions[:n]
         for shown, rows in ((qs, own), (lamp.swap_profiles(qs), swapped)):
             rows += [
@@ -183,8 +188,13 @@ def main(argv=None) -> dict:
     )
     manifest = datagen.build(lamp_dir, out, s, backends)
     if cfg.eval_prompts:
-        n = write_eval_prompts(lamp_dir, out, tasks, cfg.eval_prompts, cfg.k, cfg.retriever, cfg.min_tags)
-        print(f"held-out prompts: {n} per file → {out / 'eval_prompts.jsonl'}, {out / 'eval_prompts_swap.jsonl'}")
+        n = write_eval_prompts(
+            lamp_dir, out, tasks, cfg.eval_prompts, cfg.k, cfg.retriever, cfg.min_tags, split_name=cfg.eval_split
+        )
+        print(
+            f"held-out prompts ({cfg.eval_split} users): {n} per file → {out / 'eval_prompts.jsonl'}, "
+            f"{out / 'eval_prompts_swap.jsonl'}"
+        )
     print(f"done in {time.time() - t0:.0f}s; counts per stage in {out / 'manifest.json'}")
     return manifest
 

@@ -126,7 +126,9 @@ class DemoConfig:
     # no-grad pass; auto: the sampler's in fp32, a pass in bf16 (train_rl.py departure 6)
     rl_eval_every: int = 0  # also score the held-out users every N GSPO steps (0: before the first and at the end)
     seeds: str = "0,1,2"  # RL seeds, comma-separated: the table shows each and their mean
-    eval_questions: int = 64  # held-out dev questions per task (users disjoint from training)
+    eval_questions: int = 64  # held-out questions per task (users disjoint from training)
+    eval_split: Literal["dev", "test"] = "dev"  # the held-out users' split: choose recipes on dev, claim on test
+    eval_users: int = 64  # held-out users per split and task (2 questions each)
     eval_samples: int = 2  # samples per held-out question for the sampled score
     base_methods: str = "zero-shot"  # the base model's rows (evaluate.py methods, comma-separated)
     nproc: int = 2  # ranks of the RL stage
@@ -190,6 +192,10 @@ def main(argv=None):
             "256",
             "--eval-prompts",
             str(a.eval_questions),
+            "--eval-split",
+            a.eval_split,
+            "--eval-users",
+            str(a.eval_users),
         ],
         logs / "build_data.log",
     )
@@ -341,6 +347,8 @@ def main(argv=None):
             str(lamp_dir),
             "--tasks",
             a.tasks,
+            "--split",
+            a.eval_split,
             "--limit",
             str(a.eval_questions),
             "--k",

@@ -267,6 +267,20 @@ def test_held_out_prompts_and_their_swap_control(simulated_run, lamp_dir):
     assert not train_users & {r.user_id for r in own}
 
 
+def test_held_out_prompts_from_the_test_split(simulated_run, lamp_dir, tmp_path):
+    """--eval-split test: the held-out prompts are the test split's questions (users disjoint from train and dev),
+    prompted as the dev ones are."""
+    out, _ = simulated_run
+    (tmp_path / "tags.json").write_text((out / "tags.json").read_text())
+    n = build_data.write_eval_prompts(lamp_dir, tmp_path, ["LaMP_3"], 8, 8, "recency", 3, split_name="test")
+    own = read_rl_prompts(tmp_path / "eval_prompts.jsonl")
+    test, dev = lamp.load_split(lamp_dir, "LaMP_3", "test"), lamp.load_split(lamp_dir, "LaMP_3", "dev")
+    assert n == len(test.questions) and [r.id for r in own] == [q.id for q in test.questions]
+    assert [r.gold for r in own] == [test.golds[q.id] for q in test.questions]
+    assert not {q.user_id for q in test.questions} & {q.user_id for q in dev.questions}
+    assert own[0].prompt == prompts.build_prompt("LaMP_3", test.questions[0], 8, vocab=load_tags(out / "tags.json"))
+
+
 def test_simulated_expert_refuses_real_data(tmp_path, lamp_dir):
     import shutil
 
