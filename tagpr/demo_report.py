@@ -1,8 +1,11 @@
-"""The demo's report from its run folder: the held-out table in the layout of TagPR's Table 1, what it shows and
-what not (paired differences against SFT, the spread over seeds), the gain against GSPO steps, the curves.
+"""The demo's report from its run folder: per task, the held-out table in the layout of TagPR's Table 1, what it
+shows and what not (paired differences against SFT, the spread over seeds, the parse split), the gain against GSPO
+steps; the curves.
 
 It reads only files the stages wrote: train_rl's `held_out_step<N>.json` and `metrics.jsonl` per seed (seed 0's
-step 0 is the SFT model's row), evaluate's `eval/base/metrics.json` and build_data's manifest.
+step 0 is the SFT model's row), build_data's `eval_prompts.jsonl` (which task each question is) and manifest, and
+evaluate's `eval/base/metrics.json`. Every "gain" is an improvement: RL − SFT for accuracy and ROUGE, SFT − RL for
+LaMP-3's MAE (lower is better).
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import hardware, metrics, plot
+from . import hardware, lamp, metrics, plot
 from .evaluation import LABELS
 from .files import atomic_write_text
 
 KINDS = ("greedy", "sampled", "swap")
+SIGN = {"classification": 1, "rating": -1, "generation": 1}  # +1 where a higher score is better
 
 
 def _scores(path: Path) -> dict[str, dict]:
@@ -29,6 +33,43 @@ def _scores(path: Path) -> dict[str, dict]:
     }
     if all("samples_parsed" in v for v in per["held_out"].values()):
         out["split"] = {i: (v["samples"], v["samples_parsed"]) for i, v in per["held_out"].items()}
+    return out
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def cell(vals) -> str:
+    """A table cell: the mean over questions and its 95 % bootstrap interval."""
+    lo, hi = metrics.bootstrap_ci(vals)
+    return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def scored_steps(rl_dir: Path) -> set[int]:
+    """The steps at which an RL run scored the held-out prompts (its held_out_step<N>.json files)."""
+    return {int(p.stem.removeprefix("held_out_step")) for p in rl_dir.glob("held_out_step*.json")}
+
+
+def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
+    """({kind: {question: score}} of the SFT model (seed 0's step 0), the same of each seed's last evaluation,
+    {seed: its last step})."""
+    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
+    last = {s: max(scored_steps(d)) for s, d in rl.items()}
+    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
+    return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
+
+
+def task_questions(run_dir: Path, ids, default_task: str) -> dict[str, list[str]]:
+    """{task: its held-out question ids, sorted}, from the run's data/eval_prompts.jsonl; every id under
+    `default_task` where the file is absent."""
+    path = run_dir / "data" / "eval_prompts.jsonl"
+    if not path.is_file():
+        return {default_task: sorted(ids)}
+    task_of = {r["id"]: r["task"] for r in map(json.loads, path.read_text().splitlines()) if r}
+    out: dict[str, list[str]] = {}
+    for i in sorted(ids):
+        out.setdefault(task_of.get(i, default_task), []).append(i)
     return out
 
 
@@ -62,10 +103,11 @@ def split_cells(split: dict | None, ids) -> str:
     return f"{cell(parsed_share(split, ids))} | {among_parsed(split, ids):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def split_gain(sft: dict, rl: dict, seeds, ids) -> dict | None:
+def split_gain(sft: dict, rl: dict, seeds, ids, sign: int = 1) -> dict | None:
     """RL (seeds pooled) against SFT on the sampled score's two parts, paired over questions: the parse share and
-    the score among parsed answers, each with its 95 % interval; and the sampled gain cut in two exact parts,
-    Δ(p·a) = Δp·a_SFT + p_RL·Δa (p: parse share, a: score among parsed; exact where an unparsed answer scores 0)."""
+    the improvement in the score among parsed answers (`sign` · Δ), each with its 95 % interval; and where an
+    unparsed answer scores 0 (accuracy, ROUGE) the sampled gain cut in two exact parts,
+    Δ(p·a) = Δp·a_SFT + p_RL·Δa (p: parse share, a: score among parsed)."""
     pooled_rl = merged_split([rl[s] for s in seeds], ids)
     if pooled_rl is None or "split" not in sft:
         return None
@@ -73,12 +115,11 @@ def split_gain(sft: dict, rl: dict, seeds, ids) -> dict | None:
     p0, p1 = mean(parsed_share(s0, ids)), mean(parsed_share(pooled_rl, ids))
     a0, a1 = among_parsed(s0, ids), among_parsed(pooled_rl, ids)
     dp = [x - y for x, y in zip(parsed_share(pooled_rl, ids), parsed_share(s0, ids))]
-    da = lambda qs: among_parsed(pooled_rl, qs) - among_parsed(s0, qs)
-    seeds_da = [among_parsed(rl[s]["split"], ids) - a0 for s in seeds]
+    da = lambda qs: sign * (among_parsed(pooled_rl, qs) - among_parsed(s0, qs))
     return {
         "parsed": (p1 - p0, *metrics.bootstrap_ci(dp)),
-        "among": (a1 - a0, *metrics.bootstrap_stat_ci(ids, da)),
-        "among_seeds": seeds_da,
+        "among": (sign * (a1 - a0), *metrics.bootstrap_stat_ci(ids, da)),
+        "among_seeds": [sign * (among_parsed(rl[s]["split"], ids) - a0) for s in seeds],
         "from_parsing": (p1 - p0) * a0,
         "from_decision": p1 * (a1 - a0),
         "p": (p0, p1),
@@ -86,38 +127,14 @@ def split_gain(sft: dict, rl: dict, seeds, ids) -> dict | None:
     }
 
 
-def mean(xs) -> float:
-    return sum(xs) / len(xs)
-
-
-def cell(vals) -> str:
-    """A table cell: the mean over questions and its 95 % bootstrap interval."""
-    lo, hi = metrics.bootstrap_ci(vals)
-    return f"{mean(vals):.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def scored_steps(rl_dir: Path) -> set[int]:
-    """The steps at which an RL run scored the held-out prompts (its held_out_step<N>.json files)."""
-    return {int(p.stem.removeprefix("held_out_step")) for p in rl_dir.glob("held_out_step*.json")}
-
-
-def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
-    """({kind: {question: score}} of the SFT model (seed 0's step 0), the same of each seed's last evaluation,
-    {seed: its last step})."""
-    rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
-    last = {s: max(scored_steps(d)) for s, d in rl.items()}
-    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
-    return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
-
-
-def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tuple[str, dict]:
-    """The held-out table (markdown) and the per-question mean over seeds of each kind."""
-    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
+def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds, task: str, ids) -> tuple[str, dict]:
+    """One task's held-out table (markdown) and the per-question mean over seeds of each kind."""
+    metric = metrics.PRIMARY[lamp.get_task(task).kind]
 
     def base_cell(name):
         m = base[name][task]
-        ci = m.get("accuracy_ci95")
-        return f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['accuracy']:.3f}"
+        ci = m.get(f"{metric}_ci95")
+        return f"{m[metric]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[metric]:.3f}"
 
     def row(label, sc):
         cells = " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS)
@@ -127,9 +144,9 @@ def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tupl
     if (pooled := merged_split([rl[s] for s in seeds], ids)) is not None:
         avg["split"] = pooled
     lines = [
-        "| model (held-out users) | greedy accuracy | sampled accuracy (T = "
-        f"{a.rl_temperature}, mean of {a.eval_samples}) | profile-swap control (greedy) | sampled answers that "
-        "parse | sampled accuracy among parsed |",
+        f"| model (held-out users) | greedy {metric} | sampled {metric} (T = {a.rl_temperature}, mean of "
+        f"{a.eval_samples}) | profile-swap control (greedy) | sampled answers that parse | sampled {metric} among "
+        "parsed |",
         "|---|---|---|---|---|---|",
         f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | | | |",
     ]
@@ -141,13 +158,13 @@ def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds) -> tupl
     return "\n".join(lines), avg
 
 
-def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids) -> dict:
-    """RL against SFT on one kind of score: the mean over seeds' paired gain, its 95 % bootstrap interval over
-    questions, each seed's gain and their spread (max − min); `clears`: the interval above 0 and the gain above
-    the spread (issue #21's test)."""
-    diff = [mean([rl[s][kind][i] for s in seeds]) - sft[kind][i] for i in ids]
+def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids, sign: int = 1) -> dict:
+    """RL against SFT on one kind of score: the mean over seeds' paired improvement (`sign` · (RL − SFT)), its 95 %
+    bootstrap interval over questions, each seed's and their spread (max − min); `clears`: the interval above 0
+    and the gain above the spread."""
+    diff = [sign * (mean([rl[s][kind][i] for s in seeds]) - sft[kind][i]) for i in ids]
     lo, hi = metrics.bootstrap_ci(diff)
-    gains = [mean([rl[s][kind][i] - sft[kind][i] for i in ids]) for s in seeds]
+    gains = [sign * mean([rl[s][kind][i] - sft[kind][i] for i in ids]) for s in seeds]
     spread = max(gains) - min(gains)
     return {
         "gain": mean(diff),
@@ -159,54 +176,61 @@ def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids) -> dict:
     }
 
 
-def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds) -> list[str]:
-    """What the table shows and what not: SFT against base; RL against SFT (paired interval and seed spread);
-    the profile-swap drops."""
-    task, ids = a.tasks.split(",")[0], sorted(sft["greedy"])
+def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds, task: str, ids) -> list[str]:
+    """What one task's table shows and what not: SFT against base; RL against SFT (paired interval and seed
+    spread); the sampled gain's parse and decision parts; the profile-swap drops."""
+    kind = lamp.get_task(task).kind
+    metric, sign = metrics.PRIMARY[kind], SIGN[kind]
     out = []
-    base_best = max(base[m][task]["accuracy"] for m in a.base_methods.split(",") if m)
+    base_rows = [base[m][task][metric] for m in a.base_methods.split(",") if m]
+    base_best = max(base_rows, key=lambda x: sign * x)
     sft_greedy = mean([sft["greedy"][i] for i in ids])
     out.append(
-        f"- SFT > base: greedy {sft_greedy:.3f} against the best base row's {base_best:.3f} "
-        f"({'yes' if sft_greedy > base_best else 'no'})."
+        f"- SFT > base: greedy {metric} {sft_greedy:.3f} against the best base row's {base_best:.3f} "
+        f"({'yes' if sign * (sft_greedy - base_best) > 0 else 'no'})."
     )
     for k in ("sampled", "greedy"):
-        g = rl_gain(sft, rl, seeds, k, ids)
+        g = rl_gain(sft, rl, seeds, k, ids, sign)
         out.append(
             f"- SFT + RL > SFT, {k}: gain {g['gain']:+.3f}, 95 % interval of the paired difference "
             f"[{g['lo']:+.3f}, {g['hi']:+.3f}], per seed {', '.join(f'{x:+.3f}' for x in g['seeds'])} (spread "
             f"{g['spread']:.3f}): {'yes' if g['clears'] else 'not shown'} (needs the interval above 0 and the "
             "gain above the spread)."
         )
-    if (g := split_gain(sft, rl, seeds, ids)) is not None:
+    if (g := split_gain(sft, rl, seeds, ids, sign)) is not None:
         (dp, plo, phi), (da, alo, ahi) = g["parsed"], g["among"]
+        parts = (
+            f" Of the sampled {metric}'s change, {g['from_parsing']:+.3f} is parse rate (Δparsed × SFT's {metric} "
+            f"among parsed) and {g['from_decision']:+.3f} decision (RL's parsed share × Δ{metric} among parsed)."
+            if kind != "rating"  # an unparsed rating scores the worst error, not 0: the product does not hold
+            else ""
+        )
         out.append(
             f"- The sampled score's two parts, RL (seeds pooled) against SFT: answers that parse "
-            f"{g['p'][0]:.3f} → {g['p'][1]:.3f} ({dp:+.3f} [{plo:+.3f}, {phi:+.3f}]); accuracy among parsed answers "
-            f"{g['a'][0]:.3f} → {g['a'][1]:.3f} ({da:+.3f} [{alo:+.3f}, {ahi:+.3f}], per seed "
-            f"{', '.join(f'{x:+.3f}' for x in g['among_seeds'])}). Of the sampled gain, {g['from_parsing']:+.3f} "
-            f"is parse rate (Δparsed × SFT's accuracy among parsed) and {g['from_decision']:+.3f} decision (RL's "
-            f"parsed share × Δaccuracy among parsed). A better decision after RL: "
+            f"{g['p'][0]:.3f} → {g['p'][1]:.3f} ({dp:+.3f} [{plo:+.3f}, {phi:+.3f}]); {metric} among parsed answers "
+            f"{g['a'][0]:.3f} → {g['a'][1]:.3f} (gain {da:+.3f} [{alo:+.3f}, {ahi:+.3f}], per seed "
+            f"{', '.join(f'{x:+.3f}' for x in g['among_seeds'])}).{parts} A better decision after RL: "
             f"{'yes (the interval is above 0)' if alo > 0 else 'not shown (the interval is not above 0)'}."
         )
     for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
-        diff = [sc["greedy"][i] - sc["swap"][i] for i in ids]
+        diff = [sign * (sc["greedy"][i] - sc["swap"][i]) for i in ids]
         lo, hi = metrics.bootstrap_ci(diff)
         out.append(
-            f"- Profile swap, {name}: greedy accuracy drops by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when "
-            f"each question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'})."
+            f"- Profile swap, {name}: greedy {metric} worsens by {mean(diff):.3f} [{lo:.3f}, {hi:.3f}] when each "
+            f"question shows another user's profile ({'personalizes' if lo > 0 else 'not shown'})."
         )
     return out
 
 
-def gain_curve(run_dir: Path, seeds) -> str:
+def gain_curve(run_dir: Path, seeds, ids=None, sign: int = 1) -> str:
     """The held-out gain over SFT at every step that all seeds scored (markdown): sampled and greedy, each with its
     interval, per-seed gains, spread and whether it clears; and the GSPO time to that step (mean over seeds, held-out
-    scoring excluded). Where the first "yes" appears is the smallest RL budget that showed the gain."""
+    scoring excluded). Where the first "yes" appears is the smallest RL budget that showed the gain. `ids`: the
+    questions (default: all); `sign`: -1 where lower is better."""
     rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
     steps = sorted(set.intersection(*(scored_steps(d) for d in rl.values())) - {0})
     sft = _scores(rl[seeds[0]] / "held_out_step0.json")
-    ids = sorted(sft["greedy"])
+    ids = sorted(sft["greedy"]) if ids is None else ids
     rows = {s: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}
     step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "old_logp", "update"))
     lines = [
@@ -219,7 +243,7 @@ def gain_curve(run_dir: Path, seeds) -> str:
         t = mean([sum(step_time(r) for r in rows[s] if 0 < r["step"] <= n) for s in seeds])
         cells = []
         for k in ("sampled", "greedy"):
-            g = rl_gain(sft, at, seeds, k, ids)
+            g = rl_gain(sft, at, seeds, k, ids, sign)
             cells += [
                 f"{g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]",
                 ", ".join(f"{x:+.3f}" for x in g["seeds"]),
@@ -231,13 +255,26 @@ def gain_curve(run_dir: Path, seeds) -> str:
 
 
 def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_logp: str) -> None:
-    """`<run>/report.md`: the held-out table (each cell a 95 % bootstrap interval), the claims it supports or not,
-    the curves over seeds, the data filter counts and the time per stage. `a`: the demo's settings (DemoConfig);
-    `prec`: the matmuls' precision; `old_logp`: where GSPO's old log-probs came from."""
+    """`<run>/report.md`: per task the held-out table (each cell a 95 % bootstrap interval), the claims it supports
+    or not and the gain against GSPO steps; the curves over seeds, the data filter counts and the time per stage.
+    `a`: the demo's settings (DemoConfig); `prec`: the matmuls' precision; `old_logp`: where GSPO's old log-probs
+    came from."""
     sft, rl, last = held_out_scores(run_dir, seeds)
     base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
-    table, avg = results_table(a, base, sft, rl, last, seeds)
-    said = claims(a, base, sft, rl, avg, seeds)
+    by_task = task_questions(run_dir, sft["greedy"], a.tasks.split(",")[0])
+    sections, printed = [], []
+    for task, ids in by_task.items():
+        kind = lamp.get_task(task).kind
+        table, avg = results_table(a, base, sft, rl, last, seeds, task, ids)
+        said = claims(a, base, sft, rl, avg, seeds, task, ids)
+        sections.append(
+            f"## {task} ({len(ids)} questions, {metrics.PRIMARY[kind]})\n\n{table}\n\n### What the table shows\n\n"
+            + "\n".join(said)
+            + "\n\n### Held-out gain over SFT against GSPO steps\n\n"
+            + gain_curve(run_dir, seeds, ids, SIGN[kind])
+            + "\n"
+        )
+        printed.append(f"{task}\n{table}\n\n" + "\n".join(said))
     png = plot.seeds_plot(
         {f"seed {s}": run_dir / f"rl_seed{s}" / "metrics.jsonl" for s in seeds}, run_dir / "curves.png"
     )
@@ -250,7 +287,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_l
     md = (
         f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
         f"Held-out synthetic users ({getattr(a, 'eval_split', 'dev')}, disjoint from training): the first "
-        f"{len(sft['greedy'])} questions, k = "
+        f"{a.eval_questions} questions of each task, k = "
         f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
         f"SFT {a.sft_steps} steps × {a.sft_batch}"
         f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; "
@@ -259,14 +296,13 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_l
         f"top {a.rl_train_layers} layers, lr {a.rl_lr}, old log-probs: {old_logp}. "
         "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
         "profile-swap column shows each question another held-out user's profile (a model that personalizes "
-        "falls towards the floor there).\n\n"
-        f"{table}\n\n## What the table shows\n\n" + "\n".join(said) + "\n\n"
-        "## Held-out gain over SFT against GSPO steps\n\n" + gain_curve(run_dir, seeds) + "\n\n"
-        f"![held-out scores and training reward over seeds]({png.name})\n"
+        "falls towards the floor there). A gain is an improvement: for LaMP-3's MAE, SFT − RL.\n\n"
+        + "\n".join(sections)
+        + f"\n![held-out scores and training reward over seeds]({png.name})\n"
         + f"\n## Data (build_data.py manifest)\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{counts}\n"
         + "\n## Time per stage (s)\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in timings.items())
         + f"\n- this invocation, wall: {wall:.0f}\n"
     )
     atomic_write_text(run_dir / "report.md", md)
-    print("\n" + table + "\n\n" + "\n".join(said) + f"\n\nreport: {run_dir / 'report.md'}")
+    print("\n" + "\n\n".join(printed) + f"\n\nreport: {run_dir / 'report.md'}")

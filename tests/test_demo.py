@@ -105,7 +105,7 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     assert rows[-1]["eval/held_out/LaMP_2/accuracy_sampled"] == pytest.approx(
         mean(json.loads((run / "rl_seed0" / "held_out_step4.json").read_text())["held_out"], "sampled")
     )
-    assert "## What the table shows" in report and "- SFT + RL > SFT, sampled: gain" in report
+    assert "### What the table shows" in report and "- SFT + RL > SFT, sampled: gain" in report
     assert "## Data (build_data.py manifest)" in report and (run / "curves.png").stat().st_size > 1000
     # every RL prompt's user has preference pairs; PRMU trained the embeddings of those it did not hold out, and
     # the RL run counted exactly those
@@ -235,3 +235,22 @@ def test_parse_split_by_hand(tmp_path):
     cells = demo_report.split_cells(sft["split"], ids).split(" | ")
     assert cells[0].startswith("0.833 [") and cells[1].startswith("0.600 [")
     assert demo_report.split_cells(None, ids) == " | "  # files without the split: empty cells
+
+
+def test_gains_are_improvements_per_task_by_hand(tmp_path):
+    """LaMP-3's MAE falls when RL helps: its gain is SFT − RL. And the report finds each question's task in the
+    run's eval_prompts.jsonl."""
+    from tagpr import demo_report
+
+    sft = {"greedy": {"q0": 2.0, "q1": 1.0}}
+    rl = {0: {"greedy": {"q0": 1.0, "q1": 1.0}}, 1: {"greedy": {"q0": 1.0, "q1": 0.0}}}
+    g = demo_report.rl_gain(sft, rl, [0, 1], "greedy", ["q0", "q1"], sign=-1)
+    # per question SFT − mean RL: 2 − 1 = 1, 1 − .5 = .5 → .75; per seed (1 + 0)/2 = .5 and (1 + 1)/2 = 1
+    assert g["gain"] == pytest.approx(0.75) and g["seeds"] == pytest.approx([0.5, 1.0]) and g["spread"] == 0.5
+    assert g["lo"] == pytest.approx(0.5) and g["clears"]
+    assert demo_report.rl_gain(sft, rl, [0, 1], "greedy", ["q0", "q1"])["gain"] == pytest.approx(-0.75)
+    (tmp_path / "data").mkdir()
+    rows = [{"id": "b", "task": "LaMP_3"}, {"id": "a", "task": "LaMP_2"}, {"id": "c", "task": "LaMP_3"}]
+    (tmp_path / "data" / "eval_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo_report.task_questions(tmp_path, ["c", "a", "b"], "LaMP_2") == {"LaMP_2": ["a"], "LaMP_3": ["b", "c"]}
+    assert demo_report.task_questions(tmp_path / "none", ["b", "a"], "LaMP_7") == {"LaMP_7": ["a", "b"]}
