@@ -19,9 +19,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from tagpr import config, datagen, lamp, llm, prompts, synthetic
+from tagpr.config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 from tagpr.expert import SimulatedExpert
 from tagpr.files import write_json, write_jsonl
 from tagpr.hardware import keep_freed_memory
@@ -36,20 +37,20 @@ class BuildConfig:
     lamp_dir: str = ""  # LaMP folder; empty: synthetic users written to <out>/synthetic_lamp
     out: str = "runs/default/data"  # output folder: the data files, manifest.json, cache/ of every reply
     tasks: str = TASKS  # comma-separated task names
-    instances_per_task: int = 1000  # LaMP train instances sampled per task (paper)
-    chains: int = 16  # teacher samples per instance (paper)
-    k: int = 8  # profile items (paper: 8 most recent)
+    instances_per_task: Annotated[int, COUNT] = 1000  # LaMP train instances sampled per task (paper)
+    chains: Annotated[int, COUNT] = 16  # teacher samples per instance (paper)
+    k: Annotated[int, COUNT] = 8  # profile items (paper: 8 most recent)
     retriever: Literal["recency", "bm25", "random"] = "recency"  # which k profile items a prompt shows
-    rouge_threshold: float = 0.3  # generation accuracy filter (ours)
-    judge_threshold: int = 15  # keep composite > 15 (paper)
-    n_tags: int = 9  # primary tags the free tags are clustered into (paper)
-    kmeans_restarts: int = 50  # k-means runs from random starts; the best is kept
-    min_tags: int = 3  # format filter: fewest tags a chain must use (paper)
-    rl_per_task: int = 1024  # RL prompts per task (paper)
-    rl_lamp2: int = 3200  # RL prompts for LaMP-2 (paper)
-    spot_check: int = 20  # chains written to spot_check.md for a person to read
-    teacher_temperature: float = 1.0  # sampling temperature of the teacher's chains
-    max_tokens: int = 4096  # per reply of teacher, judge or tagger
+    rouge_threshold: Annotated[float, FRACTION] = 0.3  # generation accuracy filter (ours)
+    judge_threshold: Annotated[int, NON_NEGATIVE] = 15  # keep composite > 15 (paper)
+    n_tags: Annotated[int, COUNT] = 9  # primary tags the free tags are clustered into (paper)
+    kmeans_restarts: Annotated[int, COUNT] = 50  # k-means runs from random starts; the best is kept
+    min_tags: Annotated[int, NON_NEGATIVE] = 3  # format filter: fewest tags a chain must use (paper)
+    rl_per_task: Annotated[int, NON_NEGATIVE] = 1024  # RL prompts per task (paper)
+    rl_lamp2: Annotated[int, NON_NEGATIVE] = 3200  # RL prompts for LaMP-2 (paper)
+    spot_check: Annotated[int, NON_NEGATIVE] = 20  # chains written to spot_check.md for a person to read
+    teacher_temperature: Annotated[float, NON_NEGATIVE] = 1.0  # sampling temperature of the teacher's chains
+    max_tokens: Annotated[int, COUNT] = 4096  # per reply of teacher, judge or tagger
     teacher: str = "simulated"  # backend: openai:MODEL@URL (any OpenAI-compatible server) | hf:NAME (a local
     # model folder, smollm2-135m, tiny) | simulated (synthetic users only)
     judge: str = "simulated"  # the judge's backend (same forms as --teacher)
@@ -59,21 +60,21 @@ class BuildConfig:
     judge_key_env: str = "OPENAI_API_KEY"  # the judge's key variable (as --teacher-key-env)
     tagger_key_env: str = "OPENAI_API_KEY"  # the tagger's key variable (as --teacher-key-env)
     embedder_key_env: str = "OPENAI_API_KEY"  # the embedder's key variable (as --teacher-key-env)
-    concurrency: int = 16  # HTTP requests in flight at once, per backend
-    timeout: float = 600.0  # seconds per HTTP request (long thinking chains)
-    retries: int = 5  # on 429 / 5xx / timeouts / malformed replies
-    backoff: float = 2.0  # seconds; doubles per retry, with jitter
-    seed: int = 0  # instance sampling, teacher sampling, k-means
-    synthetic_users: int = 150  # synthetic mode: train users per task (4 questions each)
+    concurrency: Annotated[int, COUNT] = 16  # HTTP requests in flight at once, per backend
+    timeout: Annotated[float, POSITIVE] = 600.0  # seconds per HTTP request (long thinking chains)
+    retries: Annotated[int, NON_NEGATIVE] = 5  # on 429 / 5xx / timeouts / malformed replies
+    backoff: Annotated[float, NON_NEGATIVE] = 2.0  # seconds; doubles per retry, with jitter
+    seed: Annotated[int, NON_NEGATIVE] = 0  # instance sampling, teacher sampling, k-means
+    synthetic_users: Annotated[int, COUNT] = 150  # synthetic mode: train users per task (4 questions each)
     difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
     # or "easy" ones whose evidence is lexical (LaMP_2, LaMP_3, LaMP_7; docs/synthetic.md)
     chain_style: Literal["full", "terse"] = "full"  # synthetic mode: the simulated teacher's steps, a sentence each
     # ("full") or a one-word opener and the content ("terse": ~half the tokens,
     # every stage that reads or writes chains cheaper; tagpr/expert.py)
-    eval_users: int = 60  # synthetic mode: dev and test users per task (2 questions each; the first users of a
-    # larger number are the same)
-    eval_prompts: int = 64  # held-out prompts per task (users disjoint from train) → eval_prompts.jsonl and
-    # eval_prompts_swap.jsonl (another user's profile), for train_rl.py --eval-prompts; 0: none
+    eval_users: Annotated[int, COUNT] = 60  # synthetic mode: dev and test users per task (2 questions each; the first
+    # users of a larger number are the same)
+    eval_prompts: Annotated[int, NON_NEGATIVE] = 64  # held-out prompts per task (users disjoint from train) →
+    # eval_prompts.jsonl and eval_prompts_swap.jsonl (another user's profile), for train_rl.py --eval-prompts; 0: none
     eval_split: Literal["dev", "test"] = "dev"  # the split the held-out prompts come from: choose recipes on dev,
     # claim on test (LaMP's own test golds are private: synthetic users only)
 

@@ -22,11 +22,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from tagpr import config, evaluation, lamp, llm, r2p, synthetic, tags
+from tagpr.config import COUNT, NON_NEGATIVE, POSITIVE
 from tagpr.files import atomic_write_text, write_json
 from tagpr.hardware import keep_freed_memory, resolve_precision
 from tagpr.retrieval import DenseEncoder
@@ -43,28 +44,28 @@ class EvalConfig:
     split: Literal["train", "dev", "test"] = "dev"  # test golds are private: the paper evaluates on dev
     lamp_dir: str = ""  # empty: runs/default/data/synthetic_lamp if present, else synthetic users
     out: str = ""  # empty: runs/default/eval/<model name>
-    limit: int = 0  # questions per task (0: all)
-    k: int = 8  # paper: the 8 most recent items
+    limit: Annotated[int, NON_NEGATIVE] = 0  # questions per task (0: all)
+    k: Annotated[int, COUNT] = 8  # paper: the 8 most recent items
     retriever: Literal["recency", "bm25", "random", "dense"] = "recency"  # which k profile items a prompt shows
     dense_model: str = ""  # a local encoder folder for --retriever dense
     sweep: Literal["", "k", "retriever"] = ""  # "k": k in 2, 4, 8, 16, 32; "retriever": each retriever
     tags: str = ""  # tags.json for the TagPR prompt; empty: beside the RL prompts, else default
     paper: bool = False  # add the paper's Table 1 rows (quoted, labelled)
-    batch_size: int = 16  # a local model's prompts per generation batch
+    batch_size: Annotated[int, COUNT] = 16  # a local model's prompts per generation batch
     precision: Literal["fp32", "bf16"] = "fp32"  # a local model's matmuls; bf16 (~2× faster) needs AVX512-BF16 / AMX
-    max_new_direct: int = 48  # new tokens for methods that answer directly
-    max_new_reason: int = 320  # new tokens for methods that reason first (rag-r, tagpr)
-    r2p_candidates: int = 3  # R2P: candidate responses before self-referencing
-    r2p_chunk: int = 48  # R2P: tokens generated between two intervention checks
-    r2p_max_tokens: int = 384  # R2P: new tokens per candidate at most
-    r2p_budget_words: int = 180  # R2P: reasoning words before a "too long" intervention
-    r2p_interventions: int = 3  # corrections per response at most
+    max_new_direct: Annotated[int, COUNT] = 48  # new tokens for methods that answer directly
+    max_new_reason: Annotated[int, COUNT] = 320  # new tokens for methods that reason first (rag-r, tagpr)
+    r2p_candidates: Annotated[int, COUNT] = 3  # R2P: candidate responses before self-referencing
+    r2p_chunk: Annotated[int, COUNT] = 48  # R2P: tokens generated between two intervention checks
+    r2p_max_tokens: Annotated[int, COUNT] = 384  # R2P: new tokens per candidate at most
+    r2p_budget_words: Annotated[int, COUNT] = 180  # R2P: reasoning words before a "too long" intervention
+    r2p_interventions: Annotated[int, NON_NEGATIVE] = 3  # corrections per response at most
     api_key_env: str = "OPENAI_API_KEY"  # with openai: the environment variable that holds the key (never logged)
-    concurrency: int = 16  # with openai: requests in flight at once
-    seed: int = 0  # sampling (R2P candidates) and the random retriever
-    samples: int = 0  # also score each model method on k samples per question at --temperature
+    concurrency: Annotated[int, COUNT] = 16  # with openai: requests in flight at once
+    seed: Annotated[int, NON_NEGATIVE] = 0  # sampling (R2P candidates) and the random retriever
+    samples: Annotated[int, NON_NEGATIVE] = 0  # also score each model method on k samples per question at --temperature
     # (setting "<method>@sampled": the mean over the k; 0: greedy only)
-    temperature: float = 1.0  # the sampled setting's temperature (the RL rollouts' by default)
+    temperature: Annotated[float, POSITIVE] = 1.0  # the sampled setting's temperature (the RL rollouts' by default)
     swap: bool = False  # also score each model method with every question shown another user's
     # profile (setting "<method>@swap", greedy): the personalization control
 

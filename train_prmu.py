@@ -32,13 +32,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
 from tagpr.batching import epoch_batches, held_out
+from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 from tagpr.files import DataError
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.losses import bradley_terry_loss
@@ -52,31 +53,33 @@ class PRMUConfig:
     pqp: str = ""  # pqp.jsonl; empty: <run>/data/pqp.jsonl (else synthetic pairs)
     out: str = "runs/default/prmu"  # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
     use_user_embeddings: bool = True  # the learnable user-embedding token (--no-use-user-embeddings: "w/o UE")
-    lr: float = 1e-5  # the backbone's learning rate
-    ue_lr: float = 1e-3  # the user embeddings' learning rate
-    global_batch: int = 64  # pairs per optimizer step
-    micro_batch: int = 4  # pairs per forward/backward on one rank
-    epochs: int = 1  # passes over the pairs
-    max_steps: int = -1  # stop early (quick runs); -1: all epochs
-    warmup_ratio: float = 0.03  # share of the steps with a linear LR warmup
-    min_lr_ratio: float = 0.1  # the cosine schedule ends at this share of --lr
-    weight_decay: float = 0.0  # AdamW's weight decay
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    margin: float = 0.0  # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
-    center_coef: float = 0.0  # + coef * mean((r_chosen + r_rejected)^2), keeps rewards near 0 (~0.01)
-    max_len: int = 2048  # tokens per scored input (user turn + response); longer ones lose their start
-    eval_frac: float = 0.1  # held-out share of the seen users' pairs (by pair id hash)
-    eval_user_frac: float = 0.1  # held-out share of the users (by user id hash): all their pairs, scored as
-    # users PRMU never saw (through the unknown-user row)
-    unknown_user_rate: float = 0.1  # each training pair's user replaced by the unknown row with this probability
-    # (per epoch), so that row is trained for users PRMU never saw
-    eval_every: int = 50  # held-out pair accuracy every N steps (and at the end)
-    save_every: int = 100  # checkpoint every N steps (and at the end)
-    keep: int = 2  # checkpoints kept (older ones removed after a new one is in place)
+    lr: Annotated[float, POSITIVE] = 1e-5  # the backbone's learning rate
+    ue_lr: Annotated[float, POSITIVE] = 1e-3  # the user embeddings' learning rate
+    global_batch: Annotated[int, COUNT] = 64  # pairs per optimizer step
+    micro_batch: Annotated[int, COUNT] = 4  # pairs per forward/backward on one rank
+    epochs: Annotated[int, COUNT] = 1  # passes over the pairs
+    max_steps: Annotated[int, ALL_OR_COUNT] = -1  # stop early (quick runs); -1: all epochs
+    warmup_ratio: Annotated[float, FRACTION] = 0.03  # share of the steps with a linear LR warmup
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1  # the cosine schedule ends at this share of --lr
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # AdamW's weight decay
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0  # clip the global gradient norm to this (0: no clipping)
+    margin: Annotated[float, NON_NEGATIVE] = 0.0  # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
+    center_coef: Annotated[float, NON_NEGATIVE] = 0.0  # + coef * mean((r_chosen + r_rejected)^2), keeps rewards near 0
+    # (~0.01)
+    max_len: Annotated[int, COUNT] = 2048  # tokens per scored input (user turn + response); longer ones lose their
+    # start
+    eval_frac: Annotated[float, FRACTION] = 0.1  # held-out share of the seen users' pairs (by pair id hash)
+    eval_user_frac: Annotated[float, FRACTION] = 0.1  # held-out share of the users (by user id hash): all their pairs,
+    # scored as users PRMU never saw (through the unknown-user row)
+    unknown_user_rate: Annotated[float, FRACTION] = 0.1  # each training pair's user replaced by the unknown row with
+    # this probability (per epoch), so that row is trained for users PRMU never saw
+    eval_every: Annotated[int, COUNT] = 50  # held-out pair accuracy every N steps (and at the end)
+    save_every: Annotated[int, COUNT] = 100  # checkpoint every N steps (and at the end)
+    keep: Annotated[int, COUNT] = 2  # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
-    seed: int = 0  # batch order and the tiny backbone's weights
+    seed: Annotated[int, NON_NEGATIVE] = 0  # batch order and the tiny backbone's weights
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard
-    synthetic_users: int = 200  # when falling back to synthetic users: users per task
+    synthetic_users: Annotated[int, COUNT] = 200  # when falling back to synthetic users: users per task
 
 
 PRESETS = {

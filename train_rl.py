@@ -60,13 +60,14 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
+from tagpr.config import ALL_OR_COUNT, COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
 from tagpr.files import DataError, write_json
 from tagpr.hardware import autocast
@@ -96,40 +97,40 @@ class RLConfig:
     # term (the guided reward without λ2·R_p)
     tags: str = ""  # tags.json (R_tag's vocabulary); empty: beside the prompts, else the default
     out: str = "runs/default/rl"  # output folder: config.json, metrics.jsonl, rollouts.jsonl, ckpt/
-    lr: float = 1e-6  # learning rate (paper)
-    global_batch: int = 128  # prompts per rollout batch (paper)
-    group: int = 5  # rollouts per prompt (paper)
-    mini_batches: int = 4  # optimizer updates per rollout batch (paper)
-    micro_batch: int = 8  # sequences per forward/backward on one rank
-    guided_epochs: int = 13  # epochs of the guided stage (paper)
-    exploratory_epochs: int = 2  # epochs of the exploratory stage (paper)
-    max_steps: int = -1  # stop early (quick runs); -1: both stages' epochs
-    temperature: float = 1.0  # sampling temperature of the rollouts (paper)
-    top_p: float = 1.0  # nucleus sampling of the rollouts (paper: 1, off)
+    lr: Annotated[float, POSITIVE] = 1e-6  # learning rate (paper)
+    global_batch: Annotated[int, COUNT] = 128  # prompts per rollout batch (paper)
+    group: Annotated[int, COUNT] = 5  # rollouts per prompt (paper)
+    mini_batches: Annotated[int, COUNT] = 4  # optimizer updates per rollout batch (paper)
+    micro_batch: Annotated[int, COUNT] = 8  # sequences per forward/backward on one rank
+    guided_epochs: Annotated[int, NON_NEGATIVE] = 13  # epochs of the guided stage (paper)
+    exploratory_epochs: Annotated[int, NON_NEGATIVE] = 2  # epochs of the exploratory stage (paper)
+    max_steps: Annotated[int, ALL_OR_COUNT] = -1  # stop early (quick runs); -1: both stages' epochs
+    temperature: Annotated[float, POSITIVE] = 1.0  # sampling temperature of the rollouts (paper)
+    top_p: Annotated[float, TOP_P] = 1.0  # nucleus sampling of the rollouts (paper: 1, off)
     stratify: Literal["none", "task", "gold"] = "none"  # rollout batches: "none" a plain shuffle (paper);
     # "task": each task its share of every batch; "gold": each
     # (task, gold answer) its share
-    max_new_tokens: int = 512  # per rollout; unfinished rollouts are cut here (no answer: R_v 0)
-    clip_low: float = 3e-4  # GSPO ε_low: the ratio is clipped below at 1 - ε_low (paper)
-    clip_high: float = 4e-4  # GSPO ε_high: clipped above at 1 + ε_high (paper)
-    kl_coef: float = 0.0  # k3 KL to the frozen start policy (paper: none)
-    w_format: float = 0.5  # λ1, the weight of R_f in both stages (ours; lost from the paper)
-    w_personal: float = 0.5  # λ2, the weight of R_p (ours; lost from the paper's text)
-    ngram: int = 4  # R_rep's n-gram length (paper)
-    min_tags: int = 3  # R_tag: fewest tags a chain must use (paper)
-    warmup_steps: int = 0  # linear LR warmup over N optimizer updates (then constant)
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    save_every: int = 10  # checkpoint every N steps (and at the end)
-    rollouts_every: int = 1  # every rollout of every Nth step → rollouts.jsonl (0: none)
-    keep: int = 2  # checkpoints kept (older ones removed after a new one is in place)
+    max_new_tokens: Annotated[int, COUNT] = 512  # per rollout; unfinished rollouts are cut here (no answer: R_v 0)
+    clip_low: Annotated[float, POSITIVE] = 3e-4  # GSPO ε_low: the ratio is clipped below at 1 - ε_low (paper)
+    clip_high: Annotated[float, POSITIVE] = 4e-4  # GSPO ε_high: clipped above at 1 + ε_high (paper)
+    kl_coef: Annotated[float, NON_NEGATIVE] = 0.0  # k3 KL to the frozen start policy (paper: none)
+    w_format: Annotated[float, NON_NEGATIVE] = 0.5  # λ1, the weight of R_f in both stages (ours; lost from the paper)
+    w_personal: Annotated[float, NON_NEGATIVE] = 0.5  # λ2, the weight of R_p (ours; lost from the paper's text)
+    ngram: Annotated[int, COUNT] = 4  # R_rep's n-gram length (paper)
+    min_tags: Annotated[int, NON_NEGATIVE] = 3  # R_tag: fewest tags a chain must use (paper)
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # linear LR warmup over N optimizer updates (then constant)
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0  # clip the global gradient norm to this (0: no clipping)
+    save_every: Annotated[int, COUNT] = 10  # checkpoint every N steps (and at the end)
+    rollouts_every: Annotated[int, NON_NEGATIVE] = 1  # every rollout of every Nth step → rollouts.jsonl (0: none)
+    keep: Annotated[int, COUNT] = 2  # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
-    seed: int = 0  # prompt order and every rollout's sampling
+    seed: Annotated[int, NON_NEGATIVE] = 0  # prompt order and every rollout's sampling
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard,
     # with one prompt's rollouts as text per --rollouts-every step
-    synthetic_users: int = 100  # without rl_prompts.jsonl: synthetic train users per task
+    synthetic_users: Annotated[int, COUNT] = 100  # without rl_prompts.jsonl: synthetic train users per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls, rollouts too: auto = bf16 on CUDA, fp32 on
     # a CPU; bf16 on a CPU needs AVX512-BF16 or AMX (else: stops at once)
-    train_layers: int = -1  # train only the top N decoder layers + final norm (-1: all)
+    train_layers: Annotated[int, ALL_OR_COUNT] = -1  # train only the top N decoder layers + final norm (-1: all)
     trunk_cache: bool = True  # with train_layers: the frozen layers' output computed once per rollout
     # batch (kept by the sampler where it can), not in every forward
     overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
@@ -139,9 +140,10 @@ class RLConfig:
     eval_swap_prompts: str = ""  # the same questions shown other users' profiles (build_data's
     # eval_prompts_swap.jsonl), scored greedy alongside: the control
     eval_before: bool = True  # also score them before the first step (the start policy's row)
-    eval_every: int = 0  # score the held-out prompts every N steps and at the end (0: only
+    eval_every: Annotated[int, NON_NEGATIVE] = 0  # score the held-out prompts every N steps and at the end (0: only
     # before training and at the end, when --eval-prompts is given)
-    eval_samples: int = 2  # samples per held-out prompt at the rollout temperature (besides greedy)
+    eval_samples: Annotated[int, NON_NEGATIVE] = 2  # samples per held-out prompt at the rollout temperature (besides
+    # greedy)
     eval_trunk_store: str = ""  # with --train-layers: a folder that keeps the held-out prompts' keys/values
     # in the frozen layers, so later scorings (this run's, and other runs' from
     # the same start policy) prefill the top layers only; empty: none

@@ -24,13 +24,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prompts, records, synthetic
 from tagpr.batching import epoch_batches, held_out, pack_rows, packed_batch, pad_batch
+from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 from tagpr.files import DataError
 from tagpr.hardware import autocast
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
@@ -44,31 +45,33 @@ class SFTConfig:
     model: str = "smollm2-135m"  # HF folder, "smollm2-135m" or "tiny"
     sft: str = ""  # sft.jsonl; empty: <run>/data/sft.jsonl, else synthetic expert chains
     out: str = "runs/default/sft"  # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
-    lr: float = 1e-5  # peak learning rate (paper)
-    global_batch: int = 64  # sequences per optimizer step, all ranks (paper)
-    micro_batch: int = 4  # sequences per forward/backward on one rank
-    epochs: int = 2  # passes over the chains (paper)
-    max_steps: int = -1  # stop early (quick runs); -1: all epochs
-    warmup_ratio: float = 0.03  # share of the steps with a linear LR warmup
-    min_lr_ratio: float = 0.1  # the cosine schedule ends at this share of --lr
-    weight_decay: float = 0.0  # AdamW's weight decay
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    max_len: int = 2048  # tokens per sequence (prompt + chain + answer)
+    lr: Annotated[float, POSITIVE] = 1e-5  # peak learning rate (paper)
+    global_batch: Annotated[int, COUNT] = 64  # sequences per optimizer step, all ranks (paper)
+    micro_batch: Annotated[int, COUNT] = 4  # sequences per forward/backward on one rank
+    epochs: Annotated[int, COUNT] = 2  # passes over the chains (paper)
+    max_steps: Annotated[int, ALL_OR_COUNT] = -1  # stop early (quick runs); -1: all epochs
+    warmup_ratio: Annotated[float, FRACTION] = 0.03  # share of the steps with a linear LR warmup
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1  # the cosine schedule ends at this share of --lr
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # AdamW's weight decay
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0  # clip the global gradient norm to this (0: no clipping)
+    max_len: Annotated[int, COUNT] = 2048  # tokens per sequence (prompt + chain + answer)
     skip_long: bool = False  # drop records longer than --max-len (counted) instead of stopping with an error
     group_by_length: bool = True  # batches of similar lengths (less padding); the batch order stays random
     pack: Literal["auto", "on", "off"] = "auto"  # pack sequences into rows of --max-len (auto: when flash-attn is used)
-    eval_frac: float = 0.05  # held-out share of the records (by id hash)
-    eval_every: int = 50  # held-out loss every N steps (and at the end)
-    save_every: int = 100  # checkpoint every N steps (and at the end)
-    keep: int = 2  # checkpoints kept (older ones removed after a new one is in place)
+    eval_frac: Annotated[float, FRACTION] = 0.05  # held-out share of the records (by id hash)
+    eval_every: Annotated[int, COUNT] = 50  # held-out loss every N steps (and at the end)
+    save_every: Annotated[int, COUNT] = 100  # checkpoint every N steps (and at the end)
+    keep: Annotated[int, COUNT] = 2  # checkpoints kept (older ones removed after a new one is in place)
     resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
-    seed: int = 0  # batch order and the tiny model's weights
+    seed: Annotated[int, NON_NEGATIVE] = 0  # batch order and the tiny model's weights
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard
     activation_checkpointing: bool = False  # recompute each layer in the backward (memory for time)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls: auto = bf16 on CUDA, fp32 on a CPU; bf16
     # (autocast) on a CPU needs AVX512-BF16 or AMX, else the run stops before any work
-    train_layers: int = -1  # train only the top N decoder layers + final norm (-1: all; quick CPU runs)
-    synthetic_users: int = 200  # when falling back to synthetic users: train users per task
+    train_layers: Annotated[
+        int, ALL_OR_COUNT
+    ] = -1  # train only the top N decoder layers + final norm (-1: all; quick CPU runs)
+    synthetic_users: Annotated[int, COUNT] = 200  # when falling back to synthetic users: train users per task
 
 
 PRESETS = {

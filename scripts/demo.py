@@ -30,13 +30,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tagpr import config, demo_report, hardware  # noqa: E402  (the repository root first: the demo runs from a checkout)
+from tagpr.config import ALL_OR_COUNT, COUNT, NON_NEGATIVE, POSITIVE  # noqa: E402
 
 PY = sys.executable
 
@@ -105,33 +106,35 @@ class DemoConfig:
     policy: str = "smollm2-135m"  # the base policy: "smollm2-135m" (offline default), "tiny" or an HF folder
     tasks: str = "LaMP_2"  # comma-separated synthetic tasks
     difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules (docs/synthetic.md); easy: LaMP_2, 3 and 7
-    k: int = 2  # profile items in every prompt
+    k: Annotated[int, COUNT] = 2  # profile items in every prompt
     chain_style: Literal["full", "terse"] = "full"  # teacher chains: full (~160 tokens) or terse (~110, cheaper)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage; auto: bf16 where the CPU has
     # AVX512-BF16 or AMX, else fp32
-    sft_steps: int = 12  # SFT optimizer steps
-    sft_batch: int = 8  # SFT sequences per step
-    sft_lr: float = 2e-4  # SFT learning rate
-    sft_train_layers: int = 16  # SFT trains the policy's top N decoder layers (-1: all; SmolLM2 has 30)
-    prmu_steps: int = 20  # PRMU (tiny backbone) Bradley-Terry steps
-    rl_steps: int = 2  # GSPO steps per seed
-    rl_train_layers: int = 4  # RL trains the top N decoder layers (-1: all)
-    rl_prompts: int = 8  # prompts per rollout batch (all ranks)
-    rl_group: int = 4  # rollouts per prompt (G)
-    rl_lr: float = 2e-4  # GSPO learning rate
-    rl_temperature: float = 1.0  # rollout temperature (paper: 1); the sampled score is taken at it
-    rl_max_new: int = 160  # new tokens per rollout and per held-out answer, at most
+    sft_steps: Annotated[int, COUNT] = 12  # SFT optimizer steps
+    sft_batch: Annotated[int, COUNT] = 8  # SFT sequences per step
+    sft_lr: Annotated[float, POSITIVE] = 2e-4  # SFT learning rate
+    sft_train_layers: Annotated[int, ALL_OR_COUNT] = 16  # SFT trains the policy's top N decoder layers (-1: all;
+    # SmolLM2 has 30)
+    prmu_steps: Annotated[int, COUNT] = 20  # PRMU (tiny backbone) Bradley-Terry steps
+    rl_steps: Annotated[int, COUNT] = 2  # GSPO steps per seed
+    rl_train_layers: Annotated[int, ALL_OR_COUNT] = 4  # RL trains the top N decoder layers (-1: all)
+    rl_prompts: Annotated[int, COUNT] = 8  # prompts per rollout batch (all ranks)
+    rl_group: Annotated[int, COUNT] = 4  # rollouts per prompt (G)
+    rl_lr: Annotated[float, POSITIVE] = 2e-4  # GSPO learning rate
+    rl_temperature: Annotated[float, POSITIVE] = 1.0  # rollout temperature (paper: 1); the sampled score is taken at it
+    rl_max_new: Annotated[int, COUNT] = 160  # new tokens per rollout and per held-out answer, at most
     rl_overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at --rl-max-new: in the loss (paper) or out (DAPO)
     rl_old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # GSPO's old log-probs: the sampler's or a
     # no-grad pass; auto: the sampler's in fp32, a pass in bf16 (train_rl.py departure 6)
-    rl_eval_every: int = 0  # also score the held-out users every N GSPO steps (0: before the first and at the end)
+    rl_eval_every: Annotated[int, NON_NEGATIVE] = 0  # also score the held-out users every N GSPO steps (0: before the
+    # first and at the end)
     seeds: str = "0,1,2"  # RL seeds, comma-separated: the table shows each and their mean
-    eval_questions: int = 64  # held-out questions per task (users disjoint from training)
+    eval_questions: Annotated[int, COUNT] = 64  # held-out questions per task (users disjoint from training)
     eval_split: Literal["dev", "test"] = "dev"  # the held-out users' split: choose recipes on dev, claim on test
-    eval_users: int = 64  # held-out users per split and task (2 questions each)
-    eval_samples: int = 2  # samples per held-out question for the sampled score
+    eval_users: Annotated[int, COUNT] = 64  # held-out users per split and task (2 questions each)
+    eval_samples: Annotated[int, NON_NEGATIVE] = 2  # samples per held-out question for the sampled score
     base_methods: str = "zero-shot"  # the base model's rows (evaluate.py methods, comma-separated)
-    nproc: int = 2  # ranks of the RL stage
+    nproc: Annotated[int, COUNT] = 2  # ranks of the RL stage
     trunk_store: bool = True  # compute the held-out prompts' frozen-layer keys/values once for all seeds (same scores)
     malloc: Literal["auto", "jemalloc", "system"] = "auto"  # the stages' allocator: jemalloc where the machine has
     # it (auto), or glibc's (system)

@@ -1,7 +1,9 @@
 """One dataclass per script; every field becomes a CLI flag (`--lr 1e-6`); presets set sizes.
 
 Precedence: dataclass defaults (the paper's values) < `--preset NAME` < explicit flags.
-Booleans take `--flag` / `--no-flag`. The dataclass is the one source of the help: a field's
+Booleans take `--flag` / `--no-flag`. A numeric field typed `Annotated[int, Range(1)]` accepts only that range
+(every float must also be finite), checked before any work and shown in `--help`. The dataclass is the one source
+of the help: a field's
 comment (on its line, and the comment lines right below it with no blank line between) is its help
 text, and a field typed `Literal[...]` accepts exactly those values.
 
@@ -15,12 +17,13 @@ import argparse
 import dataclasses
 import inspect
 import io
+import math
 import os
 import sys
 import textwrap
 import tokenize
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 from .files import DataError
 
@@ -29,6 +32,56 @@ TRACEBACK_ENV = "TAGPR_TRACEBACK"
 
 class ConfigError(ValueError):
     """A flag, preset or setting that cannot be used as given (said before any work)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: lo ≤ x ≤ hi (either end open, or absent), or one of `also` (a special
+    value such as -1 for "all")."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def accepts(self, x) -> bool:
+        if x in self.also:
+            return True
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '≥'} {_num(self.lo)}"
+        else:
+            text = f"{'<' if self.hi_open else '≤'} {_num(self.hi)}"
+        return " or ".join([*map(_num, self.also), text])
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+# the ranges the scripts use
+COUNT = Range(1)  # a positive integer
+NON_NEGATIVE = Range(0)  # 0 or more (0 often means "none" or "off")
+POSITIVE = Range(0, lo_open=True)  # a real number > 0
+FRACTION = Range(0, 1)  # a share in [0, 1]
+ALL_OR_COUNT = Range(1, also=(-1,))  # -1 for "all" (or "no cap"), else ≥ 1
+TOP_P = Range(0, 1, lo_open=True)  # a nucleus share in (0, 1]
+
+
+def _numeric(hint) -> tuple[type | None, Range | None]:
+    """(int or float, its range) of a field's type hint (`Annotated[int, Range(1)]` or plain); (None, None) else."""
+    base, extras = (
+        (typing.get_args(hint)[0], typing.get_args(hint)[1:]) if typing.get_origin(hint) is Annotated else (hint, ())
+    )
+    rng = next((x for x in extras if isinstance(x, Range)), None)
+    return (base, rng) if base in (int, float) else (None, None)
 
 
 def field_help(cls) -> dict[str, str]:
@@ -82,6 +135,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def parser(cls, presets: dict[str, dict[str, Any]], description: str | None = None) -> argparse.ArgumentParser:
     """The script's argparse parser, built from `cls`: one flag a field, help from its comment, default once."""
     hints = typing.get_type_hints(cls)
+    ranges = {name: _numeric(h)[1] for name, h in typing.get_type_hints(cls, include_extras=True).items()}
     helps = field_help(cls)
     ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     if presets:
@@ -94,7 +148,8 @@ def parser(cls, presets: dict[str, dict[str, Any]], description: str | None = No
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{helps.get(f.name, '')} (default: {_show(default)})".strip()
+        accepted = f"{ranges[f.name]}; " if ranges.get(f.name) else ""
+        text = f"{helps.get(f.name, '')} ({accepted}default: {_show(default)})".strip()
         hint, choices = hints[f.name], _choices(hints[f.name])
         if hint is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -116,10 +171,17 @@ def parse(cls, presets: dict[str, dict[str, Any]], argv=None, description: str |
         raise ConfigError(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
     values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     hints = typing.get_type_hints(cls)
+    extras = typing.get_type_hints(cls, include_extras=True)
     for name, value in values.items():
+        flag = f"--{name.replace('_', '-')}"
         choices = _choices(hints[name])
         if choices and value not in choices:  # a preset's value, say
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(map(str, choices))}")
+        base, rng = _numeric(extras[name])
+        if base is float and not math.isfinite(value):
+            raise ConfigError(f"{flag} {value!r}: expected a finite number")
+        if rng is not None and not rng.accepts(value):
+            raise ConfigError(f"{flag} {value!r}: expected {rng}")
     return cls(**values), preset
 
 

@@ -6,8 +6,10 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,13 +78,17 @@ def test_every_flag_has_a_help_and_its_default_once(module):
     text = config.parser(cls, getattr(m, "PRESETS", {}), m.__doc__).format_help()
     assert "(default: None)" not in text
     flat = " ".join(text.split())
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f"(default: {default!r})" if isinstance(default, str) else f"(default: {default})"
+        rng = config._numeric(hints[f.name])[1]
+        accepted = f"{rng}; " if rng else ""  # a numeric flag's accepted range, before its default
+        shown = f"({accepted}default: {default!r})" if isinstance(default, str) else f"({accepted}default: {default})"
         assert shown in flat, (flag, shown)
-    assert flat.count("(default:") == len(fields)  # once each
+        assert rng is None or rng.accepts(default), (flag, "the default is outside its own range")
+    assert len(re.findall(r"(?:\(|; )default: ", flat)) == len(fields)  # once each
     assert m.__doc__.strip().splitlines()[0] in text  # the module docstring leads
 
 
