@@ -144,6 +144,8 @@ class RLConfig:
     # before training and at the end, when --eval-prompts is given)
     eval_samples: Annotated[int, NON_NEGATIVE] = 2  # samples per held-out prompt at the rollout temperature (besides
     # greedy)
+    eval_batch: Annotated[int, NON_NEGATIVE] = 0  # held-out prompts per decode call on each rank (0: all in one
+    # call); a smaller batch bounds the memory of a large held-out set, and in bf16 may change some answers
     eval_trunk_store: str = ""  # with --train-layers: a folder that keeps the held-out prompts' keys/values
     # in the frozen layers, so later scorings (this run's, and other runs' from
     # the same start policy) prefill the top layers only; empty: none
@@ -704,7 +706,8 @@ def held_out(
     count on each, for FSDP), every set in one `generate` call; the samples' generators are fixed per prompt, so
     every evaluation of a run draws the same noise. Each score comes with its parse split (`metrics.parses`): the
     share of answers that parse, and for the samples the score among parsed answers. `scores_path`: also write
-    each prompt's scores there ({set: {id: {greedy, greedy_parsed, sampled, samples, samples_parsed}}})."""
+    each prompt's scores and the texts they score there ({set: {id: {greedy, greedy_parsed, sampled, samples,
+    samples_parsed, texts}}}: texts[0] the greedy answer, then the samples)."""
     cfg, tok, d = run.cfg, run.tok, run.d
     row: dict[str, float] = {}
     per_prompt: dict[str, dict[str, dict[str, float]]] = {}
@@ -733,21 +736,26 @@ def held_out(
         parts[name] = (mine, len(flags) - len(p_ids) * (k + 1), len(flags))
         ids += p_ids
         sizes += [k + 1] * len(p_ids)
-    texts = generate(
-        run.model,
-        ids,
-        tok.eos_token_id,
-        tok.pad_token_id,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_p,
-        greedy=flags,
-        generator=gens,
-        tokenizer=tok,
-        n_per_prompt=sizes,
-        precision=run.precision,
-        trunk=store,
-    ).texts
+    # in chunks of --eval-batch prompts (every rank the same number of calls: FSDP's collectives)
+    chunk = cfg.eval_batch or max(1, len(ids))
+    starts = [sum(sizes[:c]) for c in range(0, len(ids), chunk)] + [len(flags)]
+    texts = []
+    for c, (r0, r1) in enumerate(zip(starts, starts[1:])):
+        texts += generate(
+            run.model,
+            ids[c * chunk : (c + 1) * chunk],
+            tok.eos_token_id,
+            tok.pad_token_id,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            greedy=flags[r0:r1],
+            generator=gens[r0:r1],
+            tokenizer=tok,
+            n_per_prompt=sizes[c * chunk : (c + 1) * chunk],
+            precision=run.precision,
+            trunk=store,
+        ).texts
     for name, (data, k) in sets.items():
         mine, a, b = parts[name]
         greedy = texts[a : b : k + 1]
@@ -762,7 +770,9 @@ def held_out(
             n = dist.sum_scalar(len(rows))
             row[f"{key}_greedy"] = dist.sum_scalar(sum(g)) / n
             row[f"eval/{name}/{task}/parsed_greedy"] = dist.sum_scalar(sum(g_ok)) / n
-            mine_scores = {p.id: {"greedy": x, "greedy_parsed": ok} for (_, p), x, ok in zip(rows, g, g_ok)}
+            mine_scores = {
+                p.id: {"greedy": x, "greedy_parsed": ok, "texts": [greedy[j]]} for (j, p), x, ok in zip(rows, g, g_ok)
+            }
             if sampled is not None:
                 answers = [rewards.extract_answer(sampled[j * k + x]) for j, _ in rows for x in range(k)]
                 s = metrics.per_question(task, [p.gold for _, p in rows for _ in range(k)], answers)
@@ -774,7 +784,8 @@ def held_out(
                     row[f"{key}_sampled_among_parsed"] = (
                         dist.sum_scalar(sum(x for x, ok in zip(s, s_ok) if ok)) / parsed_n
                     )
-                for i, (_, p) in enumerate(rows):
+                for i, (j, p) in enumerate(rows):
+                    mine_scores[p.id]["texts"] += sampled[j * k : (j + 1) * k]
                     mine_scores[p.id].update(
                         sampled=sum(s[i * k : (i + 1) * k]) / k,
                         samples=s[i * k : (i + 1) * k],

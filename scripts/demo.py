@@ -133,6 +133,8 @@ class DemoConfig:
     eval_split: Literal["dev", "test"] = "dev"  # the held-out users' split: choose recipes on dev, claim on test
     eval_users: Annotated[int, COUNT] = 64  # held-out users per split and task (2 questions each)
     eval_samples: Annotated[int, NON_NEGATIVE] = 2  # samples per held-out question for the sampled score
+    eval_batch: Annotated[int, NON_NEGATIVE] = 0  # held-out prompts per decode call and rank (0: all at once; ~32
+    # bounds the memory of a large held-out set)
     base_methods: str = "zero-shot"  # the base model's rows (evaluate.py methods, comma-separated)
     nproc: Annotated[int, COUNT] = 2  # ranks of the RL stage
     trunk_store: bool = True  # compute the held-out prompts' frozen-layer keys/values once for all seeds (same scores)
@@ -316,6 +318,8 @@ def main(argv=None):
                 str(data / "eval_prompts_swap.jsonl"),
                 "--eval-samples",
                 str(a.eval_samples),
+                "--eval-batch",
+                str(a.eval_batch),
                 "--eval-every",
                 str(a.rl_eval_every),
                 "--eval-before" if i == 0 else "--no-eval-before",

@@ -480,3 +480,18 @@ def test_eval_trunk_store_changes_no_score(tmp_path, synthetic_dir):
             k: v for k, v in y.items() if k.startswith("eval/")
         }
     assert len(again) == 3
+
+
+def test_held_out_scoring_in_chunks_generates_the_same_texts(tmp_path, synthetic_dir):
+    """--eval-batch 2 decodes the held-out prompts 2 at a time (the memory bound for a large held-out set): in fp32
+    every prompt gets the same greedy answer and samples, text for text, as in one call, and the same scores."""
+    ev = eval_prompts(synthetic_dir, 5)
+    write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
+    write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])
+    common = ["--max-steps", "1", "--eval-prompts", str(tmp_path / "ev.jsonl"), "--eval-swap-prompts"]
+    run(tmp_path, "one", *common, str(tmp_path / "swap.jsonl"))
+    run(tmp_path, "chunks", *common, str(tmp_path / "swap.jsonl"), "--eval-batch", "2")
+    one, chunks = (json.loads((tmp_path / d / "held_out_step0.json").read_text()) for d in ("one", "chunks"))
+    texts = [t for per in one.values() for x in per.values() for t in x["texts"]]
+    assert len(texts) == 5 * (1 + cfg_samples(tmp_path / "one")) + 5 and len(set(texts)) > 5  # the answers differ
+    assert one == chunks
