@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import checkpoint, dist
 from .config import ConfigError
-from .files import write_json
+from .files import DataError, atomic_write_text, read_text, write_json
 
 REPORT_TO = ("none", "tensorboard")
 
@@ -43,14 +43,30 @@ class MetricsLog:
             self.tb = tensorboard_writer(tensorboard, resume_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         elif self.path.is_file():
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text(self.path, "".join(line + "\n" for line in self.rows_to(resume_step)))
+
+    def rows_to(self, step: int) -> list[str]:
+        """The file's lines up to `step`. A torn last line (a run killed during an append) is dropped, and said;
+        a malformed line before it is an error naming it."""
+        lines = [(n, line) for n, line in enumerate(read_text(self.path).split("\n"), 1) if line.strip()]
+        keep = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(
+                        f"{self.path}:{n}: dropped a torn last line ({len(line)} characters) left by an interrupted "
+                        "append",
+                        flush=True,
+                    )
+                    break
+                raise DataError(f"{self.path}:{n}: malformed JSON (not the last line: not a torn append)") from None
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        return keep
 
     def write(self, row: dict) -> None:
         self.write_rows([row])

@@ -91,3 +91,45 @@ def test_as_a_user_sees_it(tmp_path, script, argv, line):
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == line and "Traceback" not in p.stderr
     assert not out.exists()  # nothing written
+
+
+def test_bytes_that_are_not_utf8_name_the_file_line_and_byte(tmp_path):
+    from tagpr.files import DataError, iter_jsonl, read_json
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_bytes(b'{"id": "a"}\n{"id": "b\xe9"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: not UTF-8 \(byte 0xe9 at column 10\)$"):
+        list(iter_jsonl(bad))
+    (tmp_path / "t.json").write_bytes(b'{\n "a":\n "\xff"}')
+    with pytest.raises(DataError, match=r"t.json:3: not UTF-8 \(byte 0xff at column 3\)$"):
+        read_json(tmp_path / "t.json")
+
+
+def test_a_torn_last_line_of_the_metrics_log_is_dropped_and_said(tmp_path, capsys):
+    from tagpr.files import DataError
+    from tagpr.runlog import MetricsLog
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-append
+    MetricsLog(log, resume_step=2).write({"step": 3, "loss": 1.0})
+    assert log.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n'
+    assert "metrics.jsonl:3: dropped a torn last line (15 characters)" in capsys.readouterr().out
+    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')  # a broken line in the middle is not a torn append
+    with pytest.raises(DataError, match="metrics.jsonl:2: malformed JSON"):
+        MetricsLog(log, resume_step=3)
+
+
+def test_a_prompt_file_that_is_not_utf8_as_a_user_sees_it(tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_bytes(b'{"id": "x\x80"}\n')
+    out = tmp_path / "out"
+    p = subprocess.run(
+        [sys.executable, "train_sft.py", "--preset", "tiny", "--sft", str(bad), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == f"error: {bad}:1: not UTF-8 (byte 0x80 at column 10)"
+    assert not out.exists()
