@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from tagpr import config, datagen, lamp, llm, prompts, synthetic
 from tagpr.config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 from tagpr.expert import SimulatedExpert
-from tagpr.files import write_json, write_jsonl
+from tagpr.files import check_out, write_json, write_jsonl
 from tagpr.hardware import keep_freed_memory
 from tagpr.records import RLPrompt
 from tagpr.tags import load_tags
@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
     if preset is None and not cfg.lamp_dir:  # synthetic users without a preset: the offline default's sizes
         cfg, preset = config.parse(BuildConfig, PRESETS, ["--preset", "synthetic", *argv])
     out = Path(cfg.out)
+    check_out(out)
     t0 = time.time()
     tasks = [t for t in cfg.tasks.split(",") if t]
     expert = None

@@ -28,8 +28,9 @@ import torch
 
 from tagpr import config, evaluation, lamp, llm, r2p, synthetic, tags
 from tagpr.config import COUNT, NON_NEGATIVE, POSITIVE
-from tagpr.files import atomic_write_text, write_json
+from tagpr.files import DataError, atomic_write_text, check_out, write_json
 from tagpr.hardware import keep_freed_memory, resolve_precision
+from tagpr.models import check_model
 from tagpr.retrieval import DenseEncoder
 
 SWEEPS = {"k": [2, 4, 8, 16, 32], "retriever": ["recency", "bm25", "random", "dense"]}
@@ -68,6 +69,8 @@ class EvalConfig:
     temperature: Annotated[float, POSITIVE] = 1.0  # the sampled setting's temperature (the RL rollouts' by default)
     swap: bool = False  # also score each model method with every question shown another user's
     # profile (setting "<method>@swap", greedy): the personalization control
+    allow_failures: bool = False  # score a failed model call as unanswered (the table shows n and the failures);
+    # without it, any failure stops the run before anything is scored
 
 
 def slug(name: str) -> str:
@@ -100,13 +103,13 @@ def plan(cfg: EvalConfig, methods: list[str]) -> tuple[list[tuple], DenseEncoder
     settings too. And the dense encoder, when a setting retrieves with it."""
     for m in methods:
         if m not in evaluation.METHODS:
-            raise SystemExit(f"--methods: unknown {m!r}; expected {', '.join(evaluation.METHODS)}")
+            raise config.ConfigError(f"--methods: unknown {m!r}; expected one of {', '.join(evaluation.METHODS)}")
     settings = [(m, cfg.k, cfg.retriever) for m in methods]
     if cfg.sweep and (cfg.samples or cfg.swap):
-        raise SystemExit("--samples and --swap score one setting; run them without --sweep")
+        raise config.ConfigError("--samples and --swap score one setting; run them without --sweep")
     if cfg.sweep:
         if cfg.sweep not in SWEEPS:
-            raise SystemExit(f"--sweep: expected one of {', '.join(SWEEPS)}")
+            raise config.ConfigError(f"--sweep: expected one of {', '.join(SWEEPS)}")
         settings = [
             (m, x if cfg.sweep == "k" else cfg.k, x if cfg.sweep == "retriever" else cfg.retriever)
             for m in methods
@@ -116,7 +119,7 @@ def plan(cfg: EvalConfig, methods: list[str]) -> tuple[list[tuple], DenseEncoder
     if any(r == "dense" for _, _, r in settings):
         if not cfg.dense_model:
             if cfg.sweep != "retriever":
-                raise SystemExit("--retriever dense needs --dense-model (a local encoder folder)")
+                raise config.ConfigError("--retriever dense needs --dense-model (a local encoder folder)")
             print("no --dense-model: the retriever sweep skips dense")
             settings = [x for x in settings if x[2] != "dense"]
         else:
@@ -167,11 +170,17 @@ def main(argv=None) -> dict:
     t0 = time.time()
     lamp_dir = lamp_folder(cfg)
     out = Path(cfg.out or f"runs/default/eval/{slug(cfg.model)}")
-    write_json(out / "config.json", config.to_dict(cfg))
+    # every input checked before the first write: the output folder, the methods, the tags, the model folder
+    check_out(out)
     methods = [m for m in cfg.methods.split(",") if m]
     runs, encoder = plan(cfg, methods)
     tags_path = Path(cfg.tags) if cfg.tags else Path("runs/default/data/tags.json")
+    if cfg.tags and not tags_path.is_file():
+        raise DataError(f"--tags {tags_path}: file not found")
     vocab = tags.load_tags(tags_path) if tags_path.is_file() else tags.DEFAULT_TAGS
+    if not cfg.model.startswith("openai:") and set(methods) - set(evaluation.NO_MODEL):
+        check_model(cfg.model, "--model")
+    write_json(out / "config.json", config.to_dict(cfg))
     backend = make_backend(cfg, out / "cache") if set(methods) - set(evaluation.NO_MODEL) else None
     results: dict[str, dict] = {}
     for name, method, k, retriever, samples, swap in runs:
@@ -196,7 +205,18 @@ def main(argv=None) -> dict:
             split = lamp.load_split(lamp_dir, task, cfg.split)
             folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # tagpr@sampled → tagpr_sampled, r2p@16 → r2p_16
             m = evaluation.evaluate_split(
-                backend, method, split, folder, s, cfg.limit, encoder, lamp_dir, cfg.split, samples, swap
+                backend,
+                method,
+                split,
+                folder,
+                s,
+                limit=cfg.limit,
+                encoder=encoder,
+                lamp_dir=lamp_dir,
+                split_name=cfg.split,
+                samples=samples,
+                swap=swap,
+                allow_failures=cfg.allow_failures,
             )
             results[name][split.task.name] = m
             print(

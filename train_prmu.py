@@ -43,6 +43,7 @@ from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NON_NEGATIVE, POSITIVE
 from tagpr.files import DataError
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.losses import bradley_terry_loss
+from tagpr.models import check_model
 from tagpr.runlog import start_run
 
 
@@ -184,6 +185,7 @@ def setup(cfg: PRMUConfig, preset: str | None) -> tuple[Run, dict, int, object]:
     """Pairs (split into train and held-out), backbone + user table (FSDP), optimizer (the user embeddings with
     their own LR); resume. → (run, resolved config, start step, metrics log)."""
     d, out = dist.get(), Path(cfg.out)
+    check_model(cfg.backbone, "--backbone")
     train, evals = split_pairs(load_pairs(cfg, out), cfg.eval_frac, cfg.eval_user_frac)
     users = prmu.user_map([p.user_id for p in train])
     backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)

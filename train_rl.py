@@ -82,7 +82,15 @@ from tagpr.loop import (
     synthetic_fallback,
 )
 from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
-from tagpr.models import LogprobModel, can_split, decoder_layers, load_for_sharding, load_model, train_top_layers
+from tagpr.models import (
+    LogprobModel,
+    can_split,
+    check_model,
+    decoder_layers,
+    load_for_sharding,
+    load_model,
+    train_top_layers,
+)
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
 from tagpr.runlog import MetricsLog, start_run
@@ -362,8 +370,7 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     metrics log, rollout log)."""
     d = dist.get()
     out = Path(cfg.out)
-    if cfg.policy not in ("tiny", "smollm2-135m") and not (Path(cfg.policy) / "config.json").is_file():
-        raise SystemExit(f"{cfg.policy}: no policy folder; run `python train_sft.py` first (or pass --policy)")
+    check_model(cfg.policy, "--policy")
     if cfg.old_logp == "sampler" and precision != "fp32":
         raise config.ConfigError(
             f"--old-logp sampler needs --precision fp32 (not {precision}): in bf16 the sampler's "

@@ -36,7 +36,14 @@ from tagpr.files import DataError
 from tagpr.hardware import autocast
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.losses import sft_loss
-from tagpr.models import LogprobModel, attention_implementation, load_for_sharding, load_model, train_top_layers
+from tagpr.models import (
+    LogprobModel,
+    attention_implementation,
+    check_model,
+    load_for_sharding,
+    load_model,
+    train_top_layers,
+)
 from tagpr.runlog import start_run
 
 
@@ -218,13 +225,14 @@ def setup(cfg: SFTConfig, preset: str | None, precision: str) -> tuple[Run, dict
     records split into train / held-out and tokenized, optimizer; resume. → (run, resolved config, start step,
     metrics log)."""
     d, out = dist.get(), Path(cfg.out)
+    check_model(cfg.model, "--model")
+    recs = load_records(cfg, out)  # the records checked before the model loads
     if d.distributed:  # meta on every rank, weights read once by rank 0 and broadcast shard by shard
         lm, tok, full = load_for_sharding(cfg.model, d.is_main, d.device, cfg.seed)
     else:
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
     trainable, n_params = train_top_layers(lm, cfg.train_layers)
-    recs = load_records(cfg, out)
     train, skipped = tokenize([r for r in recs if not held_out(r.id, cfg.eval_frac)], tok, cfg)
     evals, _ = tokenize([r for r in recs if held_out(r.id, cfg.eval_frac)], tok, cfg)
     if not train:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import lamp, metrics, plot, prompts, r2p, retrieval, synthetic
-from .files import read_json, write_json, write_jsonl
+from .files import DataError, read_json, write_json, write_jsonl
 from .llm import Backend, Request
 from .rewards import extract_answer
 from .tags import DEFAULT_TAGS
@@ -179,6 +179,7 @@ def evaluate_split(
     split_name: str = "dev",
     samples: int = 0,
     swap: bool = False,
+    allow_failures: bool = False,
 ) -> dict:
     """Run one method on one task; write predictions (official format), traces, per-question scores and metrics;
     return the metrics, with `n` (questions) and `<primary>_ci95` (95 % bootstrap interval).
@@ -187,6 +188,10 @@ def evaluate_split(
     samples' metrics, a question's score the mean of its k, predictions.json holds sample 0's answers.
     `swap`: every question shows another user's profile (`lamp.swap_profiles`). A finished (method, task)
     folder is reused as it is; an unfinished one resumes from the backend's cache.
+
+    A failed model call is never scored: if any failed, the traces are written (each with its `error`) and the
+    run stops with an error naming the count and the first one; `allow_failures` scores them as unanswered and
+    records the count (`failures`) beside `n`.
     """
     qs = split.questions[:limit] if limit else split.questions
     golds = {q.id: split.golds[q.id] for q in qs}
@@ -200,6 +205,17 @@ def evaluate_split(
     traces = [run_method(backend, method, split, shown, r, encoder, lamp_dir, split_name) for r in runs]
     ids = [q.id for q in qs]
     g = [golds[i] for i in ids]
+    failed = [t for tr in traces for t in tr if t.get("error")]
+    if failed and not allow_failures:
+        write_jsonl(
+            d / "traces.jsonl",
+            [{**t, "sample": j} for j, tr in enumerate(traces) for t in tr] if samples else traces[0],
+        )
+        raise DataError(
+            f"{method} on {split.task.name}: {len(failed)} of {sum(map(len, traces))} model calls failed (first: "
+            f"{failed[0]['id']}: {failed[0]['error']}); nothing scored (traces: {d / 'traces.jsonl'}). Rerun to "
+            "retry them, or pass --allow-failures to score them as unanswered"
+        )
     per_run = [{t["id"]: t["answer"] for t in tr} for tr in traces]
     lamp.write_outputs(d / "predictions.json", split.task, per_run[0])
     lamp.write_outputs(d / "golds.json", split.task, golds)
@@ -215,6 +231,8 @@ def evaluate_split(
     scores = [sum(col) / len(col) for col in zip(*per_q)]
     primary = metrics.PRIMARY[split.task.kind]
     m.update({"n": len(ids), f"{primary}_ci95": list(metrics.bootstrap_ci(scores)), "samples": max(samples, 1)})
+    if failed:
+        m["failures"] = len(failed)
     m.update(parse_split(split.task, per_q, [[metrics.parses(split.task, p[i]) for i in ids] for p in per_run]))
     write_json(d / "scores.json", dict(zip(ids, scores)))
     write_json(d / "metrics.json", m)
@@ -238,9 +256,11 @@ def parse_split(task: lamp.Task, per_run: list[list[float]], parsed: list[list[b
 
 
 def cell(m: dict, key: str) -> str:
-    """ "0.344 [0.234, 0.453]": a metric and, where evaluate_split gave it one, its 95 % bootstrap interval."""
+    """ "0.344 [0.234, 0.453]": a metric and, where evaluate_split gave it one, its 95 % bootstrap interval; with
+    failed model calls scored as unanswered (--allow-failures), the question count and the failures."""
     ci = m.get(f"{key}_ci95")
-    return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    failed = f" (n = {m['n']}, {m['failures']} model calls failed)" if m.get("failures") else ""
+    return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + failed
 
 
 def table(results: dict[str, dict[str, dict]], paper: bool = False, title: str = "") -> str:

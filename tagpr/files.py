@@ -37,6 +37,21 @@ def atomic_target(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def check_out(path: str | os.PathLike, flag: str = "--out") -> None:
+    """An output folder that can be made and written, checked before any work: not an existing file, not under
+    one, and its nearest existing ancestor writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: an existing file, not a folder")
+    up = path
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise DataError(f"{flag} {path}: {up} is a file, so no folder can be made under it")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {path}: {up} is not writable")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

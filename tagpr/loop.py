@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import config, dist, synthetic
-from .files import write_jsonl
+from .files import check_out, write_jsonl
 from .hardware import keep_freed_memory, resolve_precision
 
 
@@ -35,6 +35,7 @@ def begin(cls, presets: dict, argv, doc: str | None):
     the precision (checked before any work: a CPU may not take bf16) and the seed. → (cfg, preset, dist, precision)."""
     keep_freed_memory()
     cfg, preset = config.parse(cls, presets, argv, description=doc)
+    check_out(cfg.out)
     d = dist.init()
     precision = resolve_precision(getattr(cfg, "precision", "fp32"), d.device)
     torch.manual_seed(cfg.seed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3C
 
 from tagpr_kernels.logprob import fused_logprobs
 
+from .files import DataError, read_json
 from .tokenizer import finish_tokenizer, tiny_tokenizer
 
 SMOLLM2 = "smollm2-135m"
@@ -130,11 +132,54 @@ def resolve_model_path(name: str | os.PathLike) -> Path | str:
         return smollm2_path()
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"{path}: not a model folder (no config.json); use a local HF folder, "
             f"'{SMOLLM2}' or '{TINY}' (no hub downloads)"
         )
     return path
+
+
+def check_model(name: str | os.PathLike, flag: str) -> None:
+    """A model folder as its loader will need it, checked before any work: `config.json` readable, and every
+    safetensors file of its weights (the index's shards too) complete: the header parses and the file holds every
+    byte the header promises (a truncated copy is caught here, not mid-load). `tiny` and `smollm2-135m` pass."""
+    if str(name) in (TINY, SMOLLM2):
+        return
+    path = Path(name)
+    if not path.is_dir():
+        raise DataError(f"{flag} {path}: no such folder (a local HF folder, '{SMOLLM2}' or '{TINY}')")
+    try:
+        resolve_model_path(path)
+    except DataError as e:
+        raise DataError(f"{flag} {e}") from None
+    read_json(path / "config.json")  # malformed JSON names the file and line
+    index = path / "model.safetensors.index.json"
+    shards = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else []
+    files = [path / f for f in shards] or sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("*.bin")):
+        raise DataError(f"{flag} {path}: no weights (no *.safetensors or *.bin)")
+    for f in files:
+        _check_safetensors(f, flag)
+
+
+def _check_safetensors(f: Path, flag: str) -> None:
+    """The safetensors layout: 8 bytes (little-endian header length), the JSON header, then the data, whose
+    length is the largest end offset the header names."""
+    if not f.is_file():
+        raise DataError(f"{flag} {f}: missing (named in the weights' index)")
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise DataError(f"{flag} {f}: not a safetensors file (or truncated in its header)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{flag} {f}: unreadable safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise DataError(f"{flag} {f}: {size} bytes, the header promises {8 + n + end}: a truncated or damaged copy")
 
 
 def load_tokenizer(name: str | os.PathLike):

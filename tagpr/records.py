@@ -101,9 +101,10 @@ def _read(
     check: Callable[[dict, str], None] | None = None,
     nullable: tuple[str, ...] = (),
 ) -> list[R]:
-    """Every line of `path` as a `cls`: fields present and strings (`nullable` ones may be null → ""),
-    the task known, the answer field valid for the task, then `check(obj, where)`."""
+    """Every line of `path` as a `cls`: fields present and strings (`nullable` ones may be null → ""), ids
+    unique, the task known, the answer field valid for the task, then `check(obj, where)`."""
     out = []
+    seen: dict[str, int] = {}  # id → the line that has it
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
         for f in cls.FIELDS:
@@ -111,6 +112,9 @@ def _read(
                 raise DataError(f"{where}: missing field '{f}' (a {cls.__name__} needs {', '.join(cls.FIELDS)})")
             if not isinstance(obj[f], str) and not (obj[f] is None and f in nullable):
                 raise DataError(f"{where}: field '{f}' must be a string, got {type(obj[f]).__name__}")
+        if obj["id"] in seen:
+            raise DataError(f"{where}: field 'id': {obj['id']!r} repeats line {seen[obj['id']]} (ids must be unique)")
+        seen[obj["id"]] = lineno
         try:
             task = lamp.get_task(obj["task"])
         except DataError as e:

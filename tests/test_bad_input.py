@@ -133,3 +133,125 @@ def test_a_prompt_file_that_is_not_utf8_as_a_user_sees_it(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == f"error: {bad}:1: not UTF-8 (byte 0x80 at column 10)"
     assert not out.exists()
+
+
+def user_run(tmp_path, *argv):
+    """An entry script as a user runs it: (exit status, the last line of stderr, whether it printed a traceback)."""
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    return p.returncode, last, "Traceback" in p.stderr
+
+
+class FailingBackend:
+    """A model whose every call for the questions in `fail` fails after its retries (as an unreachable server's)."""
+
+    name, model_id = "failing", "failing"
+
+    def __init__(self, fail):
+        self.fail = set(fail)
+
+    def chat(self, requests, progress=None):
+        from tagpr.llm import Reply
+
+        return [
+            Reply(error="connection refused") if any(f in r.messages[-1]["content"] for f in self.fail) else Reply("x")
+            for r in requests
+        ]
+
+
+def test_a_failed_model_call_is_never_scored(tmp_path, synthetic_dir):
+    from tagpr import evaluation, lamp
+    from tagpr.files import DataError
+
+    split = lamp.load_split(synthetic_dir, "LaMP_2", "dev")
+    q = split.questions[0]
+    settings = evaluation.Settings(k=2, max_new_direct=8)
+    with pytest.raises(
+        DataError, match=r"zero-shot on LaMP_2: 1 of 2 model calls failed \(first: .*connection refused"
+    ):
+        evaluation.evaluate_split(FailingBackend([q.input]), "zero-shot", split, tmp_path / "a", settings, limit=2)
+    assert not (tmp_path / "a" / "LaMP_2" / "metrics.json").exists()  # nothing scored
+    assert (tmp_path / "a" / "LaMP_2" / "traces.jsonl").read_text().count('"connection refused"') == 1
+    m = evaluation.evaluate_split(
+        FailingBackend([q.input]), "zero-shot", split, tmp_path / "b", settings, limit=2, allow_failures=True
+    )
+    assert m["failures"] == 1 and m["n"] == 2
+    assert evaluation.cell(m, "accuracy").endswith("(n = 2, 1 model calls failed)")
+
+
+def test_evaluate_refuses_an_unknown_method_and_a_missing_tags_file_before_writing(tmp_path, synthetic_dir):
+    out = tmp_path / "out"
+    common = ["evaluate.py", "--model", "tiny", "--lamp-dir", str(synthetic_dir), "--out", str(out), "--limit", "1"]
+    assert user_run(tmp_path, *common, "--methods", "foo") == (
+        2,
+        "error: --methods: unknown 'foo'; expected one of zero-shot, rag, rag-r, pag, r2p, tagpr, oracle, floor",
+        False,
+    )
+    code, last, tb = user_run(tmp_path, *common, "--methods", "tagpr", "--tags", str(tmp_path / "none.json"))
+    assert (code, last, tb) == (2, f"error: --tags {tmp_path / 'none.json'}: file not found", False)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """The tiny model saved as an HF folder (safetensors), as train_sft exports one."""
+    from tagpr.models import load_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    model, tok = load_model("tiny", device="cpu")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_truncated_or_missing_model_folder_is_refused_before_any_work(tmp_path, tiny_export):
+    import shutil
+
+    from tagpr.files import DataError
+    from tagpr.models import check_model
+
+    check_model(tiny_export, "--policy")  # a whole export passes
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_export, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(
+        DataError, match=rf"--policy {weights}: {len(data) - 1000} bytes, the header promises {len(data)}"
+    ):
+        check_model(bad, "--policy")
+    with pytest.raises(DataError, match="--model .*nowhere: no such folder"):
+        check_model(tmp_path / "nowhere", "--model")
+    (bad / "config.json").write_text("{")
+    with pytest.raises(DataError, match="config.json: malformed JSON"):
+        check_model(bad, "--policy")
+    out = tmp_path / "rl"
+    code, last, tb = user_run(tmp_path, "train_rl.py", "--preset", "tiny", "--policy", str(bad), "--out", str(out))
+    assert code == 2 and last.startswith(f"error: {bad / 'config.json'}: malformed JSON") and not tb
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    assert user_run(tmp_path, "train_sft.py", "--preset", "tiny", "--out", str(f)) == (
+        2,
+        f"error: --out {f}: an existing file, not a folder",
+        False,
+    )
+    assert user_run(tmp_path, "build_data.py", "--preset", "tiny", "--out", str(f / "sub"))[1] == (
+        f"error: --out {f / 'sub'}: {f} is a file, so no folder can be made under it"
+    )
+    assert f.read_text() == "mine"  # nothing lost
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    import json
+
+    row = {"id": "q1", "task": "LaMP_2", "user_id": "u", "prompt": "p", "gold": "comedy"}
+    path = tmp_path / "rl_prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row, {**row, "id": "q2"}, {**row, "gold": "horror"})))
+    out = tmp_path / "rl"
+    code, last, tb = user_run(tmp_path, "train_rl.py", "--preset", "tiny", "--prompts", str(path), "--out", str(out))
+    assert (code, last, tb) == (2, f"error: {path}:3: field 'id': 'q1' repeats line 1 (ids must be unique)", False)
+    assert not out.exists()

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tagpr import models, tokenizer
+from tagpr.files import DataError
 
 
 def test_tiny_is_deterministic_and_chatml(tiny):
@@ -38,7 +39,7 @@ def test_local_folder_reloads_identically(tmp_path, tiny):
 
 
 def test_bad_names_and_devices(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a model folder"):
+    with pytest.raises(DataError, match="not a model folder"):
         models.load_model(tmp_path / "nothing")
     assert models.attention_implementation("cpu") == "sdpa"
     assert models.default_dtype("cpu") == torch.float32 and models.default_dtype("cuda") == torch.bfloat16
