@@ -69,7 +69,7 @@ from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, syn
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
 from tagpr.config import ALL_OR_COUNT, COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
-from tagpr.files import DataError, write_json
+from tagpr.files import DataError, iter_jsonl, write_json
 from tagpr.hardware import autocast
 from tagpr.loop import (
     accumulate,
@@ -89,6 +89,9 @@ from tagpr.models import (
     decoder_layers,
     load_for_sharding,
     load_model,
+    load_tokenizer,
+    model_config,
+    resolve_model_path,
     train_top_layers,
 )
 from tagpr.prmu import Scorer
@@ -131,7 +134,8 @@ class RLConfig:
     save_every: Annotated[int, COUNT] = 10  # checkpoint every N steps (and at the end)
     rollouts_every: Annotated[int, NON_NEGATIVE] = 1  # every rollout of every Nth step → rollouts.jsonl (0: none)
     keep: Annotated[int, COUNT] = 2  # checkpoints kept (older ones removed after a new one is in place)
-    resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path. A checkpoint
+    # holds pickled metadata (torch.distributed.checkpoint), so loading one runs code: resume only your own runs
     seed: Annotated[int, NON_NEGATIVE] = 0  # prompt order and every rollout's sampling
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard,
     # with one prompt's rollouts as text per --rollouts-every step
@@ -152,6 +156,10 @@ class RLConfig:
     # before training and at the end, when --eval-prompts is given)
     eval_samples: Annotated[int, NON_NEGATIVE] = 2  # samples per held-out prompt at the rollout temperature (besides
     # greedy)
+    max_prompt_len: Annotated[int, NON_NEGATIVE] = 0  # tokens a prompt may have (its chat template included); 0:
+    # the policy's context less --max-new-tokens
+    long_prompts: Literal["error", "drop"] = "error"  # a prompt over the limit: stop before any work naming it, or
+    # leave it out of training and say how many
     eval_batch: Annotated[int, NON_NEGATIVE] = 0  # held-out prompts per decode call on each rank (0: all in one
     # call); a smaller batch bounds the memory of a large held-out set, and in bf16 may change some answers
     eval_trunk_store: str = ""  # with --train-layers: a folder that keeps the held-out prompts' keys/values
@@ -257,6 +265,58 @@ def prompt_strata(data: list[RLPrompt], stratify: str) -> list[str] | None:
     raise SystemExit(f"--stratify {stratify!r}: expected none, task or gold")
 
 
+def prompt_limit(cfg: RLConfig, tok) -> int:
+    """The most tokens a prompt may have: --max-prompt-len, else the policy's context less --max-new-tokens."""
+    if cfg.max_prompt_len:
+        return cfg.max_prompt_len
+    path = resolve_model_path(cfg.policy)
+    context = getattr(model_config(path, tok), "max_position_embeddings", None) or tok.model_max_length
+    return context - cfg.max_new_tokens
+
+
+def fit_prompts(
+    cfg: RLConfig, data: list[RLPrompt], eval_sets: dict[str, tuple[list[RLPrompt], int]], tok
+) -> list[RLPrompt]:
+    """Every prompt's length against the limit, before any work: a training prompt over it stops the run naming
+    its file, line and token count (or, with --long-prompts drop, leaves training, counted in the log); a held-out
+    prompt over it always stops the run (its score would not be comparable)."""
+    limit = prompt_limit(cfg, tok)
+    if limit < 1:
+        raise config.ConfigError(
+            f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's context"
+        )
+    files = {
+        "train": Path(cfg.prompts) if cfg.prompts else Path(cfg.out).parent / "data" / "rl_prompts.jsonl",
+        **{n: Path(f) for n, f in (("held_out", cfg.eval_prompts), ("swap", cfg.eval_swap_prompts)) if f},
+    }
+    kept = []
+    for name, rows in (("train", data), *((n, rows) for n, (rows, _) in eval_sets.items())):
+        for p in rows:
+            n = len(chat_ids(tok, p.prompt))
+            if n <= limit:
+                if name == "train":
+                    kept.append(p)
+                continue
+            if name == "train" and cfg.long_prompts == "drop":
+                continue
+            where = f"{files[name]}:{line_of(files[name], p.id)}" if files[name].is_file() else "synthetic users"
+            drop = "; --long-prompts drop leaves such prompts out" if name == "train" else ""
+            raise DataError(
+                f"{where}: prompt {p.id!r} has {n} tokens, over the limit of {limit} (--max-prompt-len, or the "
+                f"policy's context less --max-new-tokens){drop}"
+            )
+    if len(kept) < len(data):
+        dist.print0(f"--long-prompts drop: {len(data) - len(kept)} of {len(data)} prompts over {limit} tokens left out")
+        if not kept:
+            raise DataError(f"every prompt is over {limit} tokens: nothing to train on")
+    return kept
+
+
+def line_of(path: Path, record_id: str) -> int:
+    """The line of a JSONL file that holds the record `record_id` (ids are unique: records._read checks)."""
+    return next(n for n, obj in iter_jsonl(path) if obj.get("id") == record_id)
+
+
 def load_vocab(cfg: RLConfig, out: Path) -> tuple[str, ...]:
     """The tag vocabulary R_tag checks: build_data's `tags.json` beside the prompts, else the default nine."""
     path = (
@@ -321,6 +381,7 @@ class Run:
     steps_per_epoch: int
     guided: int  # steps of the guided stage
     updates: int  # optimizer updates in the whole run (the LR schedule's length)
+    eval_sets: dict[str, tuple[list[RLPrompt], int]]  # the held-out sets (load_eval_sets)
 
     @property
     def per_rank(self) -> int:
@@ -377,6 +438,9 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
             "and the training model's log-probs differ by more than the clip range ε"
         )
     data = load_prompts(cfg, out)
+    vocab = load_vocab(cfg, out)  # every input read before the model loads and before the first write
+    eval_sets = load_eval_sets(cfg)
+    data = fit_prompts(cfg, data, eval_sets, load_tokenizer(cfg.policy))
     if d.distributed:
         lm, tok, full = load_for_sharding(cfg.policy, d.is_main, d.device, cfg.seed)
     else:
@@ -432,25 +496,25 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
         f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), "
         f"{precision}, {trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained"
     )
-    vocab = load_vocab(cfg, out)
     dist.print0(f"tag vocabulary: {', '.join(vocab)}")
     run = Run(
-        cfg,
-        d,
-        lm,
-        model,
-        tok,
-        opt,
-        ref,
-        scorer,
-        vocab,
-        precision,
-        frozen,
-        data,
-        prompt_strata(data, cfg.stratify),
-        steps_per_epoch,
-        guided,
-        total * cfg.mini_batches,
+        cfg=cfg,
+        d=d,
+        lm=lm,
+        model=model,
+        tok=tok,
+        opt=opt,
+        ref=ref,
+        scorer=scorer,
+        vocab=vocab,
+        precision=precision,
+        frozen=frozen,
+        data=data,
+        strata=prompt_strata(data, cfg.stratify),
+        steps_per_epoch=steps_per_epoch,
+        guided=guided,
+        updates=total * cfg.mini_batches,
+        eval_sets=eval_sets,
     )
     return run, resolved, start, log, samples
 
@@ -832,7 +896,7 @@ def main(argv=None):
     cfg, preset, d, precision = begin(RLConfig, PRESETS, argv, __doc__)
     run, resolved, step, log, samples = setup(cfg, preset, precision)
     cfg, total = run.cfg, resolved["total_steps"]
-    eval_sets = load_eval_sets(cfg)
+    eval_sets = run.eval_sets
     if eval_sets and step == 0 and cfg.eval_before:
         t0 = time.perf_counter()
         before = held_out(run, eval_sets, Path(cfg.out) / "held_out_step0.json")

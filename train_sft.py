@@ -69,7 +69,8 @@ class SFTConfig:
     eval_every: Annotated[int, COUNT] = 50  # held-out loss every N steps (and at the end)
     save_every: Annotated[int, COUNT] = 100  # checkpoint every N steps (and at the end)
     keep: Annotated[int, COUNT] = 2  # checkpoints kept (older ones removed after a new one is in place)
-    resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path
+    resume: str = "auto"  # "auto": latest checkpoint in <out>/ckpt if any; "": fresh; or a path. A checkpoint
+    # holds pickled metadata (torch.distributed.checkpoint), so loading one runs code: resume only your own runs
     seed: Annotated[int, NON_NEGATIVE] = 0  # batch order and the tiny model's weights
     report_to: Literal["none", "tensorboard"] = "none"  # also log every metrics.jsonl row to <out>/tensorboard
     activation_checkpointing: bool = False  # recompute each layer in the backward (memory for time)

@@ -255,3 +255,47 @@ def test_duplicate_ids_are_refused(tmp_path):
     code, last, tb = user_run(tmp_path, "train_rl.py", "--preset", "tiny", "--prompts", str(path), "--out", str(out))
     assert (code, last, tb) == (2, f"error: {path}:3: field 'id': 'q1' repeats line 1 (ids must be unique)", False)
     assert not out.exists()
+
+
+def test_an_rl_prompt_over_the_limit_stops_the_run_or_is_dropped_and_counted(tmp_path):
+    """A 200k-character prompt (the issue's probe) is named with its line and token count before the model loads;
+    --long-prompts drop leaves it out and says so; a held-out prompt over the limit always stops the run."""
+    import json
+
+    rows = [
+        {"id": f"q{i}", "task": "LaMP_2", "user_id": "u", "prompt": "Which tag? A movie.", "gold": "comedy"}
+        for i in range(4)
+    ]
+    rows.insert(2, {**rows[0], "id": "huge", "prompt": "word " * 40_000})
+    path = tmp_path / "rl_prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rl"
+    common = ["train_rl.py", "--preset", "tiny", "--prompts", str(path), "--out", str(out), "--max-steps", "1"]
+    code, last, tb = user_run(tmp_path, *common)
+    assert code == 2 and not tb and not out.exists()
+    assert last.startswith(f"error: {path}:3: prompt 'huge' has ") and "tokens, over the limit of 4072 (" in last
+    p = subprocess.run(
+        [sys.executable, *common, "--long-prompts", "drop", "--global-batch", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--long-prompts drop: 1 of 5 prompts over 4072 tokens left out" in p.stdout
+    assert json.loads((out / "config.json").read_text())["prompts"] == 4
+    (tmp_path / "ev.jsonl").write_text(json.dumps({**rows[2], "id": "e1"}) + "\n")
+    code, last, _ = user_run(
+        tmp_path,
+        *common[:-2],
+        "--out",
+        str(tmp_path / "rl2"),
+        "--max-prompt-len",
+        "64",
+        "--long-prompts",
+        "drop",
+        "--eval-prompts",
+        str(tmp_path / "ev.jsonl"),
+    )
+    assert code == 2 and last.startswith(f"error: {tmp_path / 'ev.jsonl'}:1: prompt 'e1' has ")
+    assert "over the limit of 64" in last and not (tmp_path / "rl2").exists()
