@@ -299,3 +299,16 @@ def test_an_rl_prompt_over_the_limit_stops_the_run_or_is_dropped_and_counted(tmp
     )
     assert code == 2 and last.startswith(f"error: {tmp_path / 'ev.jsonl'}:1: prompt 'e1' has ")
     assert "over the limit of 64" in last and not (tmp_path / "rl2").exists()
+
+
+def test_a_bad_tags_or_held_out_file_leaves_nothing_behind(tmp_path):
+    bad = tmp_path / "ev.jsonl"
+    bad.write_text('{"id": "e1", "task": "LaMP_2"}\n')
+    out = tmp_path / "rl"
+    code, last, tb = user_run(
+        tmp_path, "train_rl.py", "--preset", "tiny", "--out", str(out), "--eval-prompts", str(bad)
+    )
+    assert (code, tb) == (2, False) and last.startswith(f"error: {bad}:1: missing field 'user_id'")
+    code, last, tb = user_run(tmp_path, "train_rl.py", "--preset", "tiny", "--out", str(out), "--tags", str(bad))
+    assert (code, tb) == (2, False) and last.startswith("error: ") and str(bad) in last
+    assert not out.exists()  # no config.json, metrics.jsonl or rollouts.jsonl left behind
