@@ -312,3 +312,17 @@ def test_a_bad_tags_or_held_out_file_leaves_nothing_behind(tmp_path):
     code, last, tb = user_run(tmp_path, "train_rl.py", "--preset", "tiny", "--out", str(out), "--tags", str(bad))
     assert (code, tb) == (2, False) and last.startswith("error: ") and str(bad) in last
     assert not out.exists()  # no config.json, metrics.jsonl or rollouts.jsonl left behind
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    """A read-only folder (root writes anyway, so the permission is stubbed to say no, as it says for a user)."""
+    import os
+
+    from tagpr.files import DataError, check_out
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(ro))
+    with pytest.raises(DataError, match=rf"--out {ro / 'run'}: {ro} is not writable"):
+        check_out(ro / "run")
+    check_out(tmp_path / "fine" / "run")  # a writable ancestor passes
