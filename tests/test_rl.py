@@ -203,6 +203,8 @@ def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
     for step in (0, 4):
         one, two = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("one", "two"))
         assert one == two and len(two["held_out"]) == len(two["swap"]) == 5
+        # the files hold what was generated, and it differs from prompt to prompt: equal files mean equal texts
+        assert len({t for x in one["held_out"].values() for t in x["texts"]}) > 5  # the samples, at least
     for x, y in zip(a, b):  # same samples, same rewards, same updates
         for k, v in x.items():
             if isinstance(v, float):
@@ -416,6 +418,9 @@ def test_held_out_scores_are_logged_and_match_an_independent_evaluation(tmp_path
     mae = metrics.evaluate("LaMP_3", {p.id: p.gold for p in ev}, preds)["MAE"]
     assert rows[-1][f"{key}_greedy"] == pytest.approx(mae, abs=1e-9)
     assert [per["held_out"][p.id]["greedy_parsed"] for p in ev] == [metrics.parses("LaMP_3", preds[p.id]) for p in ev]
+    # not only the scores (an unparsable rating scores the worst error whatever was written): the texts themselves
+    assert [per["held_out"][p.id]["texts"][0] for p in ev] == [r.text for r in replies]
+    assert len({r.text for r in replies}) > 1
 
 
 def test_old_logprobs_from_the_sampler(runs, tmp_path):
@@ -472,6 +477,7 @@ def test_eval_trunk_store_changes_no_score(tmp_path, synthetic_dir):
     for step in (0, 1, 2):
         a, b = (json.loads((tmp_path / d / f"held_out_step{step}.json").read_text()) for d in ("plain", "kept"))
         assert a == b and len(a["held_out"]) == len(a["swap"]) == 4
+        assert len({t for x in a["held_out"].values() for t in x["texts"]}) > 4  # texts, and they differ
     assert json.loads((tmp_path / "again" / "held_out_step0.json").read_text()) == json.loads(
         (tmp_path / "plain" / "held_out_step0.json").read_text()
     )  # the same start policy
