@@ -129,6 +129,9 @@ def main():
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--child", action="store_true")
     a = ap.parse_args()
+    if os.environ.get("TAGPR_CHECK_ARGS") == "1":  # bench/gpu_check.sh --dry
+        print(f"arguments ok: bench/logprob.py {' '.join(sys.argv[1:])}")
+        return
     gpu = a.device.startswith("cuda")
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.n, a.h, a.v = a.n or (8192 if gpu else 4096), a.h or (4096 if gpu else 576), a.v or (151936 if gpu else 49152)

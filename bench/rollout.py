@@ -24,6 +24,7 @@ bf16 rows may part (rounding).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,13 +45,20 @@ from tagpr.records import read_rl_prompts  # noqa: E402
 from tagpr.sampler import generate  # noqa: E402
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bandwidth(device) -> float:
     a = torch.empty(256 * 2**20 // 4, device=device)
     b = torch.empty_like(a)
     best = float("inf")
     for _ in range(5):
+        sync(device)
         t0 = time.perf_counter()
         b.copy_(a)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * a.numel() * 4 / best  # read + write
 
@@ -60,8 +68,10 @@ def matmul_rate(device, dtype=torch.float32, n=2048) -> float:
     a @ b
     best = float("inf")
     for _ in range(5):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -88,8 +98,12 @@ def main():
         default="fp32",
         help="bf16: both engines under bf16 autocast (weights stay fp32)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: bench/gpu_check.sh runs it there)")
     a = ap.parse_args()
-    dev = torch.device("cpu")
+    dev = torch.device(a.device)
+    if os.environ.get("TAGPR_CHECK_ARGS") == "1":  # bench/gpu_check.sh --dry: the arguments, nothing run
+        print(f"arguments ok: bench/rollout.py {' '.join(sys.argv[1:])}")
+        return
     model, tok = load_model(a.model, device=dev, dtype=torch.float32)
     if a.prompts:
         texts = [prompts.chat(tok, p.prompt) for p in read_rl_prompts(a.prompts)[: a.batch // a.group]]
@@ -99,9 +113,9 @@ def main():
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     n_tokens = a.batch * a.new
     tok.padding_side = "left"
-    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
+    batch = tok.pad({"input_ids": ids}, return_tensors="pt").to(dev)
     tok.padding_side = "right"
-    with torch.autocast("cpu", torch.bfloat16, enabled=a.precision == "bf16"):  # warm both up (allocator, kernels)
+    with torch.autocast(dev.type, torch.bfloat16, enabled=a.precision == "bf16"):  # warm both up (allocator, kernels)
         model.generate(**batch, do_sample=True, max_new_tokens=2, pad_token_id=tok.pad_token_id)
     generate(model, ids, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=2, precision=a.precision)
 
@@ -116,7 +130,7 @@ def main():
                 max_new_tokens=a.new,
                 temperature=1.0,
                 top_p=a.top_p,
-                generator=[torch.Generator().manual_seed(i) for i in range(a.batch)],
+                generator=[torch.Generator(device=dev).manual_seed(i) for i in range(a.batch)],
                 n_per_prompt=a.group,
                 precision=a.precision,
                 compact=compact,
@@ -128,7 +142,7 @@ def main():
 
     def hf_once():
         torch.manual_seed(0)
-        with torch.autocast("cpu", torch.bfloat16, enabled=a.precision == "bf16"):
+        with torch.autocast(dev.type, torch.bfloat16, enabled=a.precision == "bf16"):
             out = model.generate(
                 **batch,
                 do_sample=True,
@@ -153,8 +167,10 @@ def main():
     times = {name: [] for name, _ in engines}
     for _ in range(a.repeats):  # interleaved, so a slow spell of a shared machine hits all
         for name, fn in engines:
+            sync(dev)
             t0 = time.perf_counter()
             fn()
+            sync(dev)
             times[name].append(time.perf_counter() - t0)
     t_ours, t_hf = min(times["ours"]), min(times["hf"])
 
@@ -165,7 +181,7 @@ def main():
     prompt_len = sum(map(len, ids)) / len(ids)
     print(
         f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, {a.new} new tokens, "
-        f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}"
+        f"prompts ~{prompt_len:.0f} tokens, T=1.0 top-p={a.top_p}, {a.precision}, {dev}, best of {a.repeats}"
     )
     print(
         f"measured: matmul {rate / 1e9:.0f} GFLOP/s, memory {bw / 1e9:.1f} GB/s → decode limit "
@@ -190,13 +206,15 @@ def stopping(a, ours_once):
     times = {True: [], False: []}
     for _ in range(a.repeats):
         for compact in times:
+            sync(a.device)
             t0 = time.perf_counter()
             ours_once(compact=compact)
+            sync(a.device)
             times[compact].append(time.perf_counter() - t0)
     n = out.lengths.float()
     print(
         f"{a.model}, batch {a.batch} = {a.batch // a.group} prompts × {a.group} rollouts, stop at EOS, ≤ {a.new} "
-        f"new tokens, T=1.0 top-p={a.top_p}, {a.precision}, CPU, best of {a.repeats}"
+        f"new tokens, T=1.0 top-p={a.top_p}, {a.precision}, {a.device}, best of {a.repeats}"
     )
     print(
         f"lengths: mean {n.mean():.1f}, max {int(n.max())}, {int((n == a.new).sum())} of {a.batch} rows cut at "

@@ -28,6 +28,7 @@ from typing import Annotated, Any
 from .files import DataError
 
 TRACEBACK_ENV = "TAGPR_TRACEBACK"
+CHECK_ARGS_ENV = "TAGPR_CHECK_ARGS"  # 1: parse and check the arguments, then exit 0 without any work
 
 
 class ConfigError(ValueError):
@@ -182,7 +183,11 @@ def parse(cls, presets: dict[str, dict[str, Any]], argv=None, description: str |
             raise ConfigError(f"{flag} {value!r}: expected a finite number")
         if rng is not None and not rng.accepts(value):
             raise ConfigError(f"{flag} {value!r}: expected {rng}")
-    return cls(**values), preset
+    cfg = cls(**values)
+    if os.environ.get(CHECK_ARGS_ENV) == "1":  # bench/gpu_check.sh --dry: the arguments are checked, nothing runs
+        print(f"arguments ok: {cls.__name__} {' '.join(sys.argv[1:] if argv is None else argv)}", flush=True)
+        raise SystemExit(0)
+    return cfg, preset
 
 
 def to_dict(cfg) -> dict:
