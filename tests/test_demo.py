@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,8 +64,16 @@ def test_pipeline_runs_and_resumes_after_a_kill(tmp_path):
     os.killpg(p.pid, signal.SIGKILL)  # the driver and its torchrun workers, mid-RL
     p.wait()
     assert not (run / "rl_seed0" / "model").exists()
+    before = (run / "rl_seed0" / "metrics.jsonl").read_text().splitlines()  # the rows written before the kill
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # a resume, not a restart: the rerun says where it resumed, and the rows up to there are the killed run's own
+    said = re.findall(r"resumed from \S+step_(\d+) at step (\d+)", (run / "logs" / "train_rl_seed0.log").read_text())
+    assert said and int(said[-1][1]) >= 2 and int(said[-1][0]) == int(said[-1][1]), said
+    resumed = int(said[-1][1])
+    kept = [line for line in before if line.endswith("}") and json.loads(line)["step"] <= resumed]  # (not a torn one)
+    assert len(kept) == resumed + 1  # steps 0 … N, each written once before the kill
+    assert (run / "rl_seed0" / "metrics.jsonl").read_text().splitlines()[: len(kept)] == kept  # byte for byte
     assert "== 1 build_data: done already" in done.stdout and "== 2 train_sft: done already" in done.stdout
     rows = [json.loads(line) for line in (run / "rl_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # one uninterrupted-looking run (0: before training)
