@@ -203,7 +203,11 @@ def test_build_data_counts_what_a_small_real_model_does_wrong(server, tmp_path):
     judge = m["stages"]["4_judge"]
     assert judge["in"] > 0 and judge["in"] == judge["out"] + sum(judge["dropped"].values())
     assert m["calls"]["judge"]["requests"] >= judge["in"]
-    assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    if r.returncode == 2:  # the 135M judge may drop every chain: then the run says so in one line, and nothing else
+        assert r.stderr.strip().splitlines()[-1].startswith("error: no chain survived"), r.stderr[-2000:]
+    else:  # else the survivors are written
+        assert r.returncode == 0 and judge["out"] > 0 and (tmp_path / "b" / "sft.jsonl").is_file(), r.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -249,10 +253,23 @@ def test_evaluate_zero_shot_rag_r_and_r2p(server, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    for method in ("zero-shot", "rag-r", "r2p"):
-        assert 0.0 <= metrics[method]["LaMP_3"]["MAE"] <= 4.0, method
+    for method in ("zero-shot", "rag-r", "r2p"):  # the MAE recomputed from the official files it wrote
+        folder = out / method / "LaMP_3"
+        golds = {g["id"]: float(g["output"]) for g in json.loads((folder / "golds.json").read_text())["golds"]}
+        preds = {g["id"]: g["output"] for g in json.loads((folder / "predictions.json").read_text())["golds"]}
+        assert set(preds) == set(golds) and len(golds) == 2
+        errors = [rating_error(preds[i], golds[i]) for i in golds]
+        assert metrics[method]["LaMP_3"]["MAE"] == pytest.approx(sum(errors) / 2, abs=1e-9), method
     traces = [json.loads(line) for line in (out / "r2p" / "LaMP_3" / "traces.jsonl").read_text().splitlines()]
     assert len(traces) == 2 and not any(t.get("error") for t in traces)
+
+
+def rating_error(pred: str, gold: float) -> float:
+    """The official LaMP-3 rule, written out: |pred − gold|, or the worst error for the gold when pred is no number."""
+    try:
+        return abs(float(pred) - gold)
+    except ValueError:
+        return max(abs(1 - gold), abs(5 - gold))
 
 
 @pytest.mark.slow
