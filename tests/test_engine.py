@@ -65,8 +65,15 @@ def machine(probe, *args):
         return probe(*args)
 
 
-PACK = [False] + ([True] if machine(hardware.can_prepack, torch.float32) else [])
-FEW = [False] + ([True] if machine(hardware.can_pack_few_rows, torch.float32) else [])
+PACK = [False, True]  # True where oneDNN can prepack fp32 weights, else the case skips by name
+FEW = [False, True]  # True where MKL can pack fp32 weights for few rows, else the case skips by name
+
+
+def skip_unless_the_machine_can(pack: bool, few: bool) -> None:
+    if pack and not machine(hardware.can_prepack, torch.float32):
+        pytest.skip(f"oneDNN cannot prepack fp32 weights on this CPU ({machine(hardware.describe)})")
+    if few and not machine(hardware.can_pack_few_rows, torch.float32):
+        pytest.skip(f"MKL on this build cannot pack fp32 weights for few rows ({machine(hardware.describe)})")
 
 
 @pytest.mark.parametrize("G", [1, 3])
@@ -76,6 +83,7 @@ def test_prefill_and_decode_steps_equal_the_full_forward(family, fuse, pack, few
     """Every row's logits at every step = transformers on that row alone (its prompt unpadded + its own tokens):
     left padding, the group's shared buffer and its mask (a row sees none of its siblings' tokens); with the
     weights prepacked for oneDNN or not, and packed by MKL for the decode steps' few rows or not."""
+    skip_unless_the_machine_can(pack, few)
     lm = MODELS[family]
     assert engine.supported(lm)
     W = engine.Weights(lm, torch.float32, fuse, pack, few)
@@ -162,8 +170,7 @@ def test_few_row_linear_equals_f_linear(pack):
     """MKL's packed fp32 weight (`few`) gives F.linear's numbers up to summation order, with and without a bias,
     on 2-D and 3-D inputs; it is made at the first call of at most FEW_ROWS rows and used only there: more rows
     take the other path, whose numbers are F.linear's (unpacked: bit for bit)."""
-    if not machine(hardware.can_pack_few_rows, torch.float32):
-        pytest.skip(f"MKL on this build cannot pack fp32 weights ({machine(hardware.describe)})")
+    skip_unless_the_machine_can(pack, True)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
     for bias in (None, b):

@@ -82,6 +82,7 @@ class RealServer:
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
+                start_new_session=True,  # its own process group, so kill() takes the server and its children
             )
         line = self.proc.stdout.readline()  # printed once /health says ok
         assert line.startswith("serving "), f"the server did not start: {line!r}"
@@ -90,6 +91,12 @@ class RealServer:
     def completed(self) -> int:
         """Chat completions the server has finished (llama.cpp logs one "stop processing" per request)."""
         return self.log.read_text(errors="replace").count("stop processing") if self.log.is_file() else 0
+
+    def kill(self):
+        """SIGKILL to the server's whole process group: no chance to finish a request or flush anything."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -291,7 +298,7 @@ def test_a_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and srv.completed() < 3:
         time.sleep(0.05)
-    srv.stop()
+    srv.kill()  # SIGKILL, mid-request: not a polite stop
     proc.wait(timeout=300)
     cached = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
     assert 3 <= len(cached) < 9, len(cached)  # killed mid-run
