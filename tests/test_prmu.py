@@ -246,8 +246,25 @@ def test_two_ranks_run(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(0 <= row["train_acc"] <= 1 for row in rows) and "eval_acc/all" in rows[-1]
+    assert len(rows) == 3 and "eval_acc/all" in rows[-1]
     assert (tmp_path / "o" / "model" / "user_embeddings.safetensors").is_file()
+    # the same run on one rank: the same global batches, so the same losses and accuracies step by step
+    script_args = cmd[cmd.index(str(ROOT / "train_prmu.py")) :]
+    script_args[script_args.index(str(tmp_path / "o"))] = str(tmp_path / "one")
+    one = subprocess.run(
+        [sys.executable, *script_args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows]
+    for a, b in zip(rows, rows1):
+        for k in ("loss", "train_acc") + (("eval_acc/all",) if "eval_acc/all" in a else ()):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (k, a["step"])
+    assert rows[0]["loss"] != rows[-1]["loss"]  # the steps did something to compare
 
 
 def test_the_scorer_reads_at_the_length_it_was_trained_at(small_prmu, tmp_path):
