@@ -501,3 +501,19 @@ def test_held_out_scoring_in_chunks_generates_the_same_texts(tmp_path, synthetic
     texts = [t for per in one.values() for x in per.values() for t in x["texts"]]
     assert len(texts) == 5 * (1 + cfg_samples(tmp_path / "one")) + 5 and len(set(texts)) > 5  # the answers differ
     assert one == chunks
+
+
+def test_bf16_gspo_runs_twice_to_the_same_numbers(tmp_path):
+    """bf16 autocast is as deterministic as fp32 on one machine: two runs give the same rows and the same weights."""
+    import torch
+
+    from tagpr import hardware
+
+    if not hardware.bf16_matmul():
+        pytest.skip("bf16 autocast needs a CPU with AVX512-BF16 or AMX (this one has neither, or TAGPR_CPU=plain)")
+    a = run(tmp_path, "a", "--max-steps", "2", "--lr", "1e-3", "--precision", "bf16")
+    b = run(tmp_path, "b", "--max-steps", "2", "--lr", "1e-3", "--precision", "bf16")
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
+    assert [drop(r) for r in a] == [drop(r) for r in b] and a[0]["grad_norm"] > 0
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
