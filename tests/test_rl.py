@@ -4,6 +4,7 @@ and garbage rollouts stay finite."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,9 +154,12 @@ def script(out, nproc=1, wait=True, extra=()):
     )
     cmd = launch + [str(ROOT / "train_rl.py"), *COMMON, "--out", str(out), *extra]
     if not wait:
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(  # its own process group: a kill takes torchrun and every rank
+            cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout + r.stderr
 
 
 def rows(out):
@@ -230,18 +234,22 @@ def test_one_rank_equals_two_ranks(tmp_path, layers, synthetic_dir):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, nproc):
+    """SIGKILL (to the whole process group: under torchrun every rank) once a checkpoint exists, then the same
+    command: the same rows, rollout log and weights as a run never interrupted, on 1 rank and on 2 (FSDP2)."""
     from tagpr import checkpoint
 
-    script(tmp_path / "full")
-    proc = script(tmp_path / "kill", wait=False)
+    script(tmp_path / "full", nproc=nproc)
+    proc = script(tmp_path / "kill", nproc=nproc, wait=False)
     deadline = time.time() + 300
     while checkpoint.latest(tmp_path / "kill" / "ckpt") is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert checkpoint.latest(tmp_path / "kill" / "ckpt") is not None and not (tmp_path / "kill" / "model").exists()
-    script(tmp_path / "kill")
+    resumed = script(tmp_path / "kill", nproc=nproc)
+    assert re.search(r"resumed from \S+ at step [1-9]", resumed), resumed[-2000:]  # a resume, not a restart
     assert rows(tmp_path / "kill") == rows(tmp_path / "full")
     # the rollout log too: the killed run's lines past its checkpoint were dropped and written again
     assert (tmp_path / "kill" / "rollouts.jsonl").read_text() == (tmp_path / "full" / "rollouts.jsonl").read_text()
