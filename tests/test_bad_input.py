@@ -326,3 +326,18 @@ def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=rf"--out {ro / 'run'}: {ro} is not writable"):
         check_out(ro / "run")
     check_out(tmp_path / "fine" / "run")  # a writable ancestor passes
+
+
+def test_train_prmu_refuses_a_bad_pair_file_as_a_user_sees_it(tmp_path):
+    import json
+
+    bad = tmp_path / "prp.jsonl"
+    row = {"id": "p1", "set": "prp", "user_id": "u", "task": "LaMP_2", "prompt": "p", "chosen": "a", "rejected": "b"}
+    bad.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "p2", "set": "best"}) + "\n")
+    good = tmp_path / "pqp.jsonl"
+    good.write_text(json.dumps({**row, "id": "q1", "set": "pqp"}) + "\n")
+    out = tmp_path / "prmu"
+    argv = ["train_prmu.py", "--preset", "tiny", "--prp", str(bad), "--pqp", str(good), "--out", str(out)]
+    code, last, tb = user_run(tmp_path, *argv)
+    assert (code, last, tb) == (2, f"error: {bad}:2: field 'set' must be 'prp' or 'pqp', got 'best'", False)
+    assert not out.exists()
