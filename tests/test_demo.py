@@ -263,3 +263,42 @@ def test_gains_are_improvements_per_task_by_hand(tmp_path):
     (tmp_path / "data" / "eval_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert demo_report.task_questions(tmp_path, ["c", "a", "b"], "LaMP_2") == {"LaMP_2": ["a"], "LaMP_3": ["b", "c"]}
     assert demo_report.task_questions(tmp_path / "none", ["b", "a"], "LaMP_7") == {"LaMP_7": ["a", "b"]}
+
+
+def test_results_table_and_claims_by_hand():
+    """The report's table and verdicts on planted scores (4 questions, SFT and two seeds), worked out by hand: the
+    mean-of-seeds row is the per-question mean over seeds; the sampled gain clears (interval above 0, above the
+    spread), the greedy one does not; the swap drop personalizes for RL and not for SFT."""
+    from types import SimpleNamespace
+
+    from tagpr import demo_report, metrics
+
+    ids = ["q0", "q1", "q2", "q3"]
+    sc = lambda g, s, w: {"greedy": dict(zip(ids, g)), "sampled": dict(zip(ids, s)), "swap": dict(zip(ids, w))}
+    sft = sc([1, 0, 1, 0], [0.5, 0.0, 0.5, 0.0], [1, 0, 1, 0])
+    rl = {
+        0: sc([1, 0, 1, 1], [1.0, 0.5, 1.0, 0.5], [0, 0, 0, 0]),
+        1: sc([1, 1, 1, 0], [1.0, 0.5, 0.5, 0.5], [0, 0, 0, 0]),
+    }
+    base = {m: {"LaMP_2": {"accuracy": 0.25}} for m in ("zero-shot", "floor", "oracle")}
+    a = SimpleNamespace(rl_temperature=1.0, eval_samples=2, base_methods="zero-shot")
+    table, avg = demo_report.results_table(a, base, sft, rl, {0: 2, 1: 2}, [0, 1], "LaMP_2", ids)
+    mean_row = next(line for line in table.splitlines() if line.startswith("| After SFT + RL, mean of seeds 0,1"))
+    cells = [c.strip() for c in mean_row.strip("|").split("|")]
+    # greedy: per question (1+1)/2, (0+1)/2, 1, (1+0)/2 → 0.75; sampled: 1, .5, .75, .5 → 0.6875; swap 0
+    assert cells[1].startswith("0.750 [") and cells[2].startswith("0.688 [") and cells[3].startswith("0.000 [")
+    lo, hi = metrics.bootstrap_ci([1.0, 0.5, 1.0, 0.5])
+    assert cells[1] == f"0.750 [{lo:.3f}, {hi:.3f}]"
+    said = demo_report.claims(a, base, sft, rl, avg, [0, 1], "LaMP_2", ids)
+    # sampled: SFT .25, RL .6875 → +.4375; per seed +.5 and +.375, spread .125; every question gains ≥ .5·… > 0
+    sampled = next(x for x in said if x.startswith("- SFT + RL > SFT, sampled"))
+    assert "gain +0.438" in sampled and "per seed +0.500, +0.375 (spread 0.125): yes" in sampled
+    # greedy: SFT .5, RL .75 → +.25; per seed +.25, +.25; but q0 and q2 gain 0: the interval reaches 0 → no
+    greedy = next(x for x in said if x.startswith("- SFT + RL > SFT, greedy"))
+    assert "gain +0.250" in greedy and greedy.endswith(
+        "not shown (needs the interval above 0 and the gain above the spread)."
+    )
+    assert "- SFT > base: greedy accuracy 0.500 against the best base row's 0.250 (yes)." in said
+    swaps = [x for x in said if x.startswith("- Profile swap")]
+    assert swaps[0].endswith("(not shown).") and "worsens by 0.000" in swaps[0]  # SFT: swap = greedy here
+    assert "worsens by 0.750" in swaps[1] and swaps[1].endswith("(personalizes).")
