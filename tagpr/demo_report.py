@@ -287,7 +287,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_l
     md = (
         f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
         f"Held-out synthetic users ({getattr(a, 'eval_split', 'dev')}, disjoint from training): the first "
-        f"{a.eval_questions} questions of each task, k = "
+        f"{', '.join(f'{len(q)} {t}' for t, q in by_task.items())} questions, k = "
         f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
         f"SFT {a.sft_steps} steps × {a.sft_batch}"
         f"{f' (top {a.sft_train_layers} layers)' if a.sft_train_layers > 0 else ''}, lr {a.sft_lr}; "
