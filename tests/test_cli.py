@@ -150,7 +150,7 @@ def test_bad_rl_prompts_are_refused_by_name(tmp_path, task, gold, said):
 def test_bad_sft_answers_and_pairs(tmp_path):
     good = {"id": "1", "task": "LaMP_3", "user_id": "u", "prompt": "p", "chain": "<think></think>", "answer": "3"}
     p = tmp_path / "sft.jsonl"
-    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": "0"}) + "\n")
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "2", "answer": "0"}) + "\n")
     with pytest.raises(DataError, match=r"sft\.jsonl:2: field 'answer': '0' is outside the rating range 1-5"):
         records.read_sft(p)
     p.write_text(json.dumps({**good, "task": "LaMP_2N", "answer": "comedy"}) + "\n")  # a movie tag on news
