@@ -6,6 +6,7 @@ import pytest
 
 import evaluate
 from tagpr import evaluation, lamp, metrics, r2p
+from tagpr.files import DataError
 from tagpr.llm import Backend, Reply
 
 T2, T3 = lamp.get_task("LaMP_2"), lamp.get_task("LaMP_3")
@@ -132,7 +133,8 @@ def test_self_referencing_sees_all_candidates():
 
 
 def test_invalid_and_missing_predictions_are_scored_officially(synthetic_dir, tmp_path):
-    """Garbage, an error (no reply) and a valid answer on LaMP-3: unparsable → the worst value, never a crash."""
+    """Garbage, an error (no reply) and a valid answer on LaMP-3: the failed call stops the scoring (never a score
+    by default); with allow_failures it scores as unanswered: unparsable → the worst value, never a crash."""
     split = lamp.load_split(synthetic_dir, "LaMP_3", "dev")
     qs = split.questions[:3]
 
@@ -144,7 +146,11 @@ def test_invalid_and_missing_predictions_are_scored_officially(synthetic_dir, tm
 
     b = Scripted(fn)
     s = evaluation.Settings()
-    m = evaluation.evaluate_split(b, "rag", split, tmp_path, s, limit=3)
+    with pytest.raises(DataError, match="rag on LaMP_3: 1 of 3 model calls failed"):
+        evaluation.evaluate_split(b, "rag", split, tmp_path, s, limit=3)
+    assert not (tmp_path / "LaMP_3" / "metrics.json").exists()
+    m = evaluation.evaluate_split(b, "rag", split, tmp_path, s, limit=3, allow_failures=True)
+    assert m["failures"] == 1
     worst = [max(abs(1 - float(split.golds[q.id])), abs(5 - float(split.golds[q.id]))) for q in qs[:2]]
     assert m["MAE"] == pytest.approx(sum(worst) / 3)
     assert m["RMSE"] == pytest.approx((sum(w * w for w in worst) / 3) ** 0.5)
