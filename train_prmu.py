@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prmu, records, synthetic
 from tagpr.batching import epoch_batches, held_out
-from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NON_NEGATIVE, POSITIVE
+from tagpr.config import COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE
 from tagpr.files import DataError
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.losses import bradley_terry_loss
@@ -59,7 +59,7 @@ class PRMUConfig:
     global_batch: Annotated[int, COUNT] = 64  # pairs per optimizer step
     micro_batch: Annotated[int, COUNT] = 4  # pairs per forward/backward on one rank
     epochs: Annotated[int, COUNT] = 1  # passes over the pairs
-    max_steps: Annotated[int, ALL_OR_COUNT] = -1  # stop early (quick runs); -1: all epochs
+    max_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # stop early (quick runs); -1: all epochs
     warmup_ratio: Annotated[float, FRACTION] = 0.03  # share of the steps with a linear LR warmup
     min_lr_ratio: Annotated[float, FRACTION] = 0.1  # the cosine schedule ends at this share of --lr
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # AdamW's weight decay

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
-from tagpr.config import ALL_OR_COUNT, COUNT, NON_NEGATIVE, POSITIVE, TOP_P
+from tagpr.config import ALL_OR_COUNT, COUNT, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
 from tagpr.files import DataError, iter_jsonl, write_json
 from tagpr.hardware import autocast
@@ -115,7 +115,7 @@ class RLConfig:
     micro_batch: Annotated[int, COUNT] = 8  # sequences per forward/backward on one rank
     guided_epochs: Annotated[int, NON_NEGATIVE] = 13  # epochs of the guided stage (paper)
     exploratory_epochs: Annotated[int, NON_NEGATIVE] = 2  # epochs of the exploratory stage (paper)
-    max_steps: Annotated[int, ALL_OR_COUNT] = -1  # stop early (quick runs); -1: both stages' epochs
+    max_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # stop early (quick runs); -1: both stages' epochs
     temperature: Annotated[float, POSITIVE] = 1.0  # sampling temperature of the rollouts (paper)
     top_p: Annotated[float, TOP_P] = 1.0  # nucleus sampling of the rollouts (paper: 1, off)
     stratify: Literal["none", "task", "gold"] = "none"  # rollout batches: "none" a plain shuffle (paper);

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, prompts, records, synthetic
 from tagpr.batching import epoch_batches, held_out, pack_rows, packed_batch, pad_batch
-from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NON_NEGATIVE, POSITIVE
+from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE
 from tagpr.files import DataError
 from tagpr.hardware import autocast
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
@@ -56,7 +56,7 @@ class SFTConfig:
     global_batch: Annotated[int, COUNT] = 64  # sequences per optimizer step, all ranks (paper)
     micro_batch: Annotated[int, COUNT] = 4  # sequences per forward/backward on one rank
     epochs: Annotated[int, COUNT] = 2  # passes over the chains (paper)
-    max_steps: Annotated[int, ALL_OR_COUNT] = -1  # stop early (quick runs); -1: all epochs
+    max_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # stop early (quick runs); -1: all epochs
     warmup_ratio: Annotated[float, FRACTION] = 0.03  # share of the steps with a linear LR warmup
     min_lr_ratio: Annotated[float, FRACTION] = 0.1  # the cosine schedule ends at this share of --lr
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # AdamW's weight decay
@@ -76,9 +76,7 @@ class SFTConfig:
     activation_checkpointing: bool = False  # recompute each layer in the backward (memory for time)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls: auto = bf16 on CUDA, fp32 on a CPU; bf16
     # (autocast) on a CPU needs AVX512-BF16 or AMX, else the run stops before any work
-    train_layers: Annotated[
-        int, ALL_OR_COUNT
-    ] = -1  # train only the top N decoder layers + final norm (-1: all; quick CPU runs)
+    train_layers: Annotated[int, ALL_OR_COUNT] = -1  # train only the top N decoder layers + final norm (-1: all)
     synthetic_users: Annotated[int, COUNT] = 200  # when falling back to synthetic users: train users per task
 
 

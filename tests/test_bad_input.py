@@ -34,7 +34,7 @@ RL_PROBES = [
     ("--max-new-tokens", "-5", "≥ 1"),
     ("--max-new-tokens", "0", "≥ 1"),
     ("--train-layers", "0", "-1 or ≥ 1"),
-    ("--max-steps", "0", "-1 or ≥ 1"),
+    ("--max-steps", "-2", "-1 or ≥ 0"),
 ]
 
 

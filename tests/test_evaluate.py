@@ -189,7 +189,17 @@ def test_every_method_runs_and_the_metrics_cli_agrees(synthetic_dir, tmp_path, c
     ]
     results = evaluate.main(args)
     assert set(results) == set(evaluation.METHODS)
-    assert results["oracle"]["LaMP_3"] == {"MAE": 0.0, "RMSE": 0.0, "MAE_ci95": [0.0, 0.0], "n": 2, "samples": 1}
+    assert results["oracle"]["LaMP_3"] == {
+        "MAE": 0.0,
+        "RMSE": 0.0,
+        "MAE_ci95": [0.0, 0.0],
+        "n": 2,
+        "samples": 1,
+        "parsed": 1.0,  # the oracle's ratings all parse, and are all right
+        "parsed_ci95": [1.0, 1.0],
+        "MAE_parsed": 0.0,
+        "MAE_parsed_ci95": [0.0, 0.0],
+    }
     table = (out / "table.md").read_text()
     assert "| Oracle (latent rule) |" in table and "*paper Table 1: TagPR*" in table
     for setting, per_task in results.items():
