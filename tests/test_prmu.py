@@ -1,6 +1,7 @@
 """PRMU: user embeddings matter, save → load is exact, unknown / missing users, over-long inputs."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -240,12 +241,13 @@ def test_two_ranks_run(tmp_path):
         "--eval-frac",
         "0.25",
     ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         cmd,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
@@ -259,7 +261,7 @@ def test_two_ranks_run(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        env=env,
     )
     assert one.returncode == 0, one.stderr[-3000:]
     rows1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
