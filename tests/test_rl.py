@@ -59,6 +59,38 @@ def test_garbage_rollouts_are_finite(runs):
         assert row["stage"] == "guided"
 
 
+def reward_by_hand(text, gold, task, stage, n):
+    """Eq. 5 (guided, no PRMU in the tiny preset) or Eq. 11 (exploratory), typed out for what a random tiny model
+    writes: no think block (asserted), so the whole text is the answer, R_f = 0, and R_tag = −(0.5 broken format
+    + 0.25 no tag from the vocabulary + 0.25 fewer than 3 steps) = −1 in the guided stage (absent in Eq. 11)."""
+    from collections import Counter
+
+    from rouge_score import rouge_scorer
+
+    from tagpr import lamp
+
+    assert "<think>" not in text and "</think>" not in text, text  # the branch this reference covers
+    answer = text.strip()
+    kind = lamp.get_task(task).kind
+    if kind == "classification":
+        r_v = 1.0 if answer == gold.strip() and answer in lamp.get_task(task).labels else 0.0
+    elif kind == "rating":
+        try:
+            y = float(answer)
+            r_v = max(0.0, 1.0 - abs(y - float(gold)) / 4) if math.isfinite(y) else 0.0
+        except ValueError:
+            r_v = 0.0
+    else:  # (ROUGE-1 F + ROUGE-L F) / 2, rouge-score without stemming
+        s = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False).score(gold.strip(), answer)
+        r_v = (s["rouge1"].fmeasure + s["rougeL"].fmeasure) / 2
+    words = text.split()
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    m = sum(grams.values())
+    r_rep = (len(grams) - m) / (m + 1e-6) if m else 0.0  # distinct n-grams over all, minus 1 (Eq. 8)
+    r_tag = -1.0 if stage == "guided" else 0.0
+    return r_v + r_rep + r_tag  # + λ1·R_f with R_f = 0
+
+
 def test_rollout_log_gives_the_step_metrics_by_hand(runs):
     """rollouts.jsonl holds every rollout of every step in global row order. From it, by hand: each reward (the
     logged text scored against the logged gold), each group's advantages (Eq. 10 on the fp32 rewards: Bessel
@@ -67,8 +99,6 @@ def test_rollout_log_gives_the_step_metrics_by_hand(runs):
     the mini-batch's rows with tokens, divided by the mini-batch's size."""
     import statistics
     import struct
-
-    from tagpr import rewards, tags
 
     metrics, out = runs[0], runs[2]
     cfg = json.loads((out / "config.json").read_text())
@@ -79,14 +109,7 @@ def test_rollout_log_gives_the_step_metrics_by_hand(runs):
     for m in metrics:
         rows_ = [r for r in logged if r["step"] == m["step"]]
         assert [r["row"] for r in rows_] == list(range(n)) and {r["stage"] for r in rows_} == {m["stage"]}
-        texts, golds, tasks = ([r[k] for r in rows_] for k in ("text", "gold", "task"))
-        if m["stage"] == "guided":  # the tiny preset has no PRMU: no R_p
-            w = rewards.RewardWeights(w_format=cfg["w_format"], w_personal=0.0)
-            total, _ = rewards.composite_reward(
-                texts, golds, tasks, None, w, tags.DEFAULT_TAGS, cfg["min_tags"], cfg["ngram"]
-            )
-        else:
-            total, _ = rewards.foundation_reward(texts, golds, tasks, cfg["ngram"], cfg["w_format"])
+        total = [reward_by_hand(r["text"], r["gold"], r["task"], m["stage"], cfg["ngram"]) for r in rows_]
         assert [r["reward"] for r in rows_] == pytest.approx(total, abs=1e-12)
         for g in range(0, n, G):
             rs = [struct.unpack("f", struct.pack("f", r["reward"]))[0] for r in rows_[g : g + G]]  # grouped in fp32
