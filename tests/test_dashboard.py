@@ -108,3 +108,33 @@ def test_without_the_package_the_flag_says_what_to_install(tmp_path, monkeypatch
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(config.ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
         tensorboard_writer(tmp_path, None)
+
+
+def test_a_resumed_run_drops_the_events_past_its_checkpoint(tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold: on resume those steps' events go, and
+    TensorBoard shows each step once, with the resumed run's numbers. The killed tail is planted (reward 999 at
+    steps 3 and 4, as a crashed run would leave them) so that a stale event cannot pass for a fresh one."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    import train_rl
+
+    out = tmp_path / "rl"
+    args = ["--preset", "tiny", "--out", str(out), "--report-to", "tensorboard", "--save-every", "2"]
+    train_rl.main([*args, "--max-steps", "4", "--resume", ""])
+    full = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # back to the state of a run killed after step 4's events, with step 2 its last checkpoint
+    shutil.rmtree(out / "ckpt" / "step_00000004")
+    shutil.rmtree(out / "model")
+    stale = SummaryWriter(log_dir=str(out / "tensorboard"))
+    for step in (3, 4):
+        stale.add_scalar("reward", 999.0, step)
+    stale.close()
+    train_rl.main([*args, "--max-steps", "4", "--resume", "auto"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    ea = same_numbers(out)
+    reward = ea.Scalars("reward")
+    assert [e.step for e in reward] == [1, 2, 3, 4]  # each step once: the killed tail is gone
+    assert [e.value for e in reward] == pytest.approx([r["reward"] for r in full], rel=1e-6)
