@@ -120,10 +120,11 @@ class _Linear:
 def _linears(mods, dtype: torch.dtype, fuse: bool, pack: bool, few: bool = False) -> list[_Linear]:
     """One `_Linear` for all of `mods` (their outputs side by side), or one each."""
     bias = lambda m: None if m.bias is None else m.bias.to(dtype)
+    weight = lambda m: m.merged_weight() if hasattr(m, "merged_weight") else m.weight  # a LoRA adapter merged
     if not fuse or len(mods) == 1:
-        return [_Linear(m.weight.to(dtype), bias(m), pack, few) for m in mods]
+        return [_Linear(weight(m).to(dtype), bias(m), pack, few) for m in mods]
     b = None if mods[0].bias is None else torch.cat([m.bias for m in mods]).to(dtype)
-    return [_Linear(torch.cat([m.weight for m in mods]).to(dtype), b, pack, few)]
+    return [_Linear(torch.cat([weight(m) for m in mods]).to(dtype), b, pack, few)]
 
 
 class Weights:
