@@ -65,9 +65,9 @@ from typing import Annotated, Literal
 import torch
 from tqdm import tqdm
 
-from tagpr import checkpoint, config, dist, lamp, metrics, prompts, rewards, synthetic, tags
+from tagpr import checkpoint, config, dist, lamp, lora, metrics, prompts, rewards, synthetic, tags
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
-from tagpr.config import ALL_OR_COUNT, COUNT, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
+from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
 from tagpr.files import DataError, iter_jsonl, write_json
 from tagpr.hardware import autocast
@@ -92,7 +92,6 @@ from tagpr.models import (
     load_tokenizer,
     model_config,
     resolve_model_path,
-    train_top_layers,
 )
 from tagpr.prmu import Scorer
 from tagpr.records import RLPrompt, read_rl_prompts
@@ -142,7 +141,12 @@ class RLConfig:
     synthetic_users: Annotated[int, COUNT] = 100  # without rl_prompts.jsonl: synthetic train users per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls, rollouts too: auto = bf16 on CUDA, fp32 on
     # a CPU; bf16 on a CPU needs AVX512-BF16 or AMX (else: stops at once)
-    train_layers: Annotated[int, ALL_OR_COUNT] = -1  # train only the top N decoder layers + final norm (-1: all)
+    train_layers: Annotated[int, ALL_OR_COUNT] = -1  # train only the top N decoder layers + final norm (-1: all);
+    # with --lora-rank: the adapters go into the top N layers only, and nothing else trains
+    lora_rank: Annotated[int, NON_NEGATIVE] = 0  # LoRA adapters of rank r instead of full weights (0: off, the paper)
+    lora_alpha: Annotated[float, POSITIVE] = 16.0  # LoRA α: the adapters' update is scaled by α / r
+    lora_dropout: Annotated[float, FRACTION] = 0.0  # dropout on the adapters' input; GSPO needs 0 (ratio 1 on-policy)
+    lora_targets: str = "all"  # projections that get adapters: "all" (q,k,v,o,gate,up,down_proj) or a comma list
     trunk_cache: bool = True  # with train_layers: the frozen layers' output computed once per rollout
     # batch (kept by the sampler where it can), not in every forward
     overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
@@ -432,6 +436,12 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     d = dist.get()
     out = Path(cfg.out)
     check_model(cfg.policy, "--policy")
+    adapters = lora.spec_from_flags(cfg)
+    if adapters is not None and cfg.lora_dropout > 0:
+        raise config.ConfigError(
+            f"--lora-dropout {cfg.lora_dropout}: must be 0 in GSPO (dropout would make the rollouts' and the "
+            "update's log-probs differ, so the on-policy ratio would not be 1)"
+        )
     if cfg.old_logp == "sampler" and precision != "fp32":
         raise config.ConfigError(
             f"--old-logp sampler needs --precision fp32 (not {precision}): in bf16 the sampler's "
@@ -446,7 +456,7 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     else:
         (lm, tok), full = load_model(cfg.policy, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
-    trainable, n_params = train_top_layers(lm, cfg.train_layers)
+    trainable, n_params = lora.make_trainable(lm, adapters, cfg.train_layers, cfg.seed, full)
     # the frozen lower layers' output is a constant of the rollout batch: computed once, it feeds the old
     # log-probs and every update (the top layers alone run per update); 0: no cache
     frozen = (
@@ -494,7 +504,7 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     dist.print0(
         f"GSPO {cfg.policy}: {len(data)} prompts, {total} steps ({guided} guided) of {cfg.global_batch} "
         f"prompts × {cfg.group} rollouts, {cfg.mini_batches} updates each, on {d.world_size} rank(s), "
-        f"{precision}, {trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained"
+        f"{precision}, {trainable / 1e6:.3g}M of {n_params / 1e6:.1f}M parameters trained"
     )
     dist.print0(f"tag vocabulary: {', '.join(vocab)}")
     run = Run(

@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 import torch
 from tqdm import tqdm
 
-from tagpr import checkpoint, config, dist, prompts, records, synthetic
+from tagpr import checkpoint, config, dist, lora, prompts, records, synthetic
 from tagpr.batching import epoch_batches, held_out, pack_rows, packed_batch, pad_batch
 from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE
 from tagpr.files import DataError
@@ -42,7 +42,6 @@ from tagpr.models import (
     check_model,
     load_for_sharding,
     load_model,
-    train_top_layers,
 )
 from tagpr.runlog import start_run
 
@@ -76,7 +75,12 @@ class SFTConfig:
     activation_checkpointing: bool = False  # recompute each layer in the backward (memory for time)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward matmuls: auto = bf16 on CUDA, fp32 on a CPU; bf16
     # (autocast) on a CPU needs AVX512-BF16 or AMX, else the run stops before any work
-    train_layers: Annotated[int, ALL_OR_COUNT] = -1  # train only the top N decoder layers + final norm (-1: all)
+    train_layers: Annotated[int, ALL_OR_COUNT] = -1  # train only the top N decoder layers + final norm (-1: all);
+    # with --lora-rank: the adapters go into the top N layers only, and nothing else trains
+    lora_rank: Annotated[int, NON_NEGATIVE] = 0  # LoRA adapters of rank r instead of full weights (0: off, the paper)
+    lora_alpha: Annotated[float, POSITIVE] = 16.0  # LoRA α: the adapters' update is scaled by α / r
+    lora_dropout: Annotated[float, FRACTION] = 0.0  # dropout on the adapters' input
+    lora_targets: str = "all"  # projections that get adapters: "all" (q,k,v,o,gate,up,down_proj) or a comma list
     synthetic_users: Annotated[int, COUNT] = 200  # when falling back to synthetic users: train users per task
 
 
@@ -225,13 +229,14 @@ def setup(cfg: SFTConfig, preset: str | None, precision: str) -> tuple[Run, dict
     metrics log)."""
     d, out = dist.get(), Path(cfg.out)
     check_model(cfg.model, "--model")
+    adapters = lora.spec_from_flags(cfg)
     recs = load_records(cfg, out)  # the records checked before the model loads
     if d.distributed:  # meta on every rank, weights read once by rank 0 and broadcast shard by shard
         lm, tok, full = load_for_sharding(cfg.model, d.is_main, d.device, cfg.seed)
     else:
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
-    trainable, n_params = train_top_layers(lm, cfg.train_layers)
+    trainable, n_params = lora.make_trainable(lm, adapters, cfg.train_layers, cfg.seed, full)
     train, skipped = tokenize([r for r in recs if not held_out(r.id, cfg.eval_frac)], tok, cfg)
     evals, _ = tokenize([r for r in recs if held_out(r.id, cfg.eval_frac)], tok, cfg)
     if not train:
@@ -263,7 +268,7 @@ def setup(cfg: SFTConfig, preset: str | None, precision: str) -> tuple[Run, dict
     dist.print0(
         f"SFT {cfg.model}: {len(train)} train / {len(evals)} eval sequences, {total} steps of "
         f"{cfg.global_batch} on {d.world_size} rank(s), lr {cfg.lr}, {precision}, "
-        f"{trainable / 1e6:.1f}M of {n_params / 1e6:.1f}M parameters trained"
+        f"{trainable / 1e6:.3g}M of {n_params / 1e6:.1f}M parameters trained"
     )
     run = Run(
         cfg,

@@ -1,8 +1,11 @@
 """Checkpoints: atomic, exact, sharded under FSDP; and the final Hugging Face export.
 
 A checkpoint is a folder `step_{step:08d}` holding
-- the model and optimizer state through torch.distributed.checkpoint (each rank writes
-  its own shards under FSDP2; a single process writes everything),
+- the trained parameters and their optimizer state through torch.distributed.checkpoint
+  (each rank writes its own shards under FSDP2; a single process writes everything).
+  Frozen parameters (the layers below `--train-layers`, a LoRA run's whole base model) are
+  not written: a resumed run reads them again from the model it starts from, as it did
+  the first time;
 - `rng_rank{r}.pt`: every RNG the run uses (python, numpy, torch CPU, CUDA), per rank,
 - `trainer_state.json`: step, data position and whatever the trainer needs to go on,
 - `config.json`: the resolved config.
@@ -31,10 +34,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from . import dist
+from . import dist, lora
 from .files import read_json, write_json
 
 _STEP = re.compile(r"^step_(\d{8})$")
+TRAINED = StateDictOptions(ignore_frozen_params=True)  # frozen parameters come from the start model
+TRAINED_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # ... so they are absent on loading
 # one process saving without a process group is intended here, not a mistake
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -79,7 +84,8 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=TRAINED)
+    msd = _trained_only(model, msd)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if d.is_main:
@@ -96,13 +102,22 @@ def save(
     return final
 
 
+def _trained_only(model, msd: dict) -> dict:
+    """`msd` without frozen parameters under any of their names (a tied lm_head is the frozen embedding again,
+    which `ignore_frozen_params` keeps)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in msd.items() if k not in frozen}
+
+
 def load(path: str | os.PathLike, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNGs; return the trainer state."""
     path = Path(path)
-    msd, osd = get_state_dict(model, optimizer)  # also materialises optimizer state to load into
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = get_state_dict(model, optimizer, options=TRAINED)  # also materialises optimizer state to load into
+    state = {"model": _trained_only(model, msd), "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))  # every trained tensor must be there (DCP refuses a missing key)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINED_LOAD
+    )
     trainer_state = read_json(path / "trainer_state.json")
     rng = path / f"rng_rank{dist.get().rank}.pt"
     if trainer_state.get("world_size") == dist.get().world_size and rng.is_file():
@@ -141,10 +156,13 @@ def export_hf(model, lm, tokenizer, out_dir: str | os.PathLike) -> Path | None:
         dist.barrier()
         return None
     prefix = "lm." if any(k.startswith("lm.") for k in sd) else ""
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if any(k.endswith(".lora_A") for k in sd):  # LoRA: the adapters folded into the weights they adapt
+        sd = lora.merged_state_dict(sd, lora.scalings(lm))
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_hf_folder({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, lm, tokenizer, tmp)
+    write_hf_folder(sd, lm, tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     dist.barrier()

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import decoder_layers
+from .config import ConfigError
+from .models import decoder_layers, train_top_layers
 
 # every attention and MLP projection of the Llama / Qwen2 / Qwen3 decoder layers the engine supports
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -166,3 +167,33 @@ def merged_state_dict(sd: dict[str, torch.Tensor], scaling: dict[str, float]) ->
     if left:
         raise ValueError(f"adapters with no scaling: {left[:3]}")
     return out
+
+
+def spec_from_flags(cfg) -> LoRASpec | None:
+    """The trainers' `--lora-rank/--lora-alpha/--lora-dropout/--lora-targets` and `--train-layers` (the adapters go
+    into the top N layers; -1: all) → a spec, or None with `--lora-rank 0`. A bad target is a ConfigError naming
+    the flag."""
+    if cfg.lora_rank == 0:
+        return None
+    try:
+        targets = parse_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return LoRASpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.train_layers)
+
+
+def make_trainable(lm, spec: LoRASpec | None, train_layers: int, seed: int, full: dict | None) -> tuple[int, int]:
+    """What a trainer trains: without a spec the top `train_layers` layers and the final norm
+    (`models.train_top_layers`); with one, the adapters alone. On a meta-device model (FSDP from rank 0's
+    weights) the adapters' starting values go into rank 0's `full` state dict; otherwise they are filled here.
+    → (trainable, total) parameter counts."""
+    if spec is None:
+        return train_top_layers(lm, train_layers)
+    meta = any(p.is_meta for p in lm.parameters())
+    try:
+        n = add_adapters(lm, spec, seed=None if meta else seed)
+    except ValueError as e:
+        raise ConfigError(f"--lora-targets {','.join(spec.targets)} / --train-layers {spec.layers}: {e}") from None
+    if full is not None:
+        full.update(initial_state(lm, spec, seed))
+    return n, sum(p.numel() for p in lm.parameters())

@@ -129,3 +129,151 @@ def test_bad_specs_are_refused():
         adapted("llama", lora.LoRASpec(rank=2, layers=5))
     with pytest.raises(ValueError, match="already has an adapter"):
         lora.add_adapters(adapted("llama"), SPEC, seed=0)
+
+
+# ----------------------------------------------------------------------------- in the trainers
+
+LORA = ("--lora-rank", "4", "--lora-alpha", "8")
+
+
+def exported(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def checkpoint_keys(out):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from tagpr import checkpoint
+
+    meta = FileSystemReader(str(checkpoint.latest(out / "ckpt"))).read_metadata()
+    return [k for k in meta.state_dict_metadata if k.startswith("model.")]
+
+
+def check_export_is_base_plus_adapters(sd, layers=range(2)):
+    """The export holds the base model's keys only; every tensor not adapted is the tiny base's bit for bit, every
+    adapted projection in `layers` moved."""
+    from tagpr.models import load_model
+
+    base = {k: v for k, v in load_model("tiny", device="cpu")[0].state_dict().items() if k != "lm_head.weight"}
+    assert sd.keys() == base.keys()
+    adapted = [k for k in base if any(f"layers.{i}." in k for i in layers) and k.endswith("_proj.weight")]
+    assert len(adapted) == 7 * len(layers)
+    for k in base:
+        assert torch.equal(sd[k], base[k]) != (k in adapted), k
+
+
+def test_sft_with_lora_exports_the_adapted_model_merged(tmp_path):
+    """train_sft --lora-rank 4: the checkpoint holds the adapters alone; the export is a plain model whose logits
+    are the adapted model's (rebuilt from the checkpoint) within fp32 rounding, and only adapted weights moved."""
+    from transformers import AutoModelForCausalLM
+
+    import train_sft
+    from tagpr import checkpoint
+    from tagpr.models import LogprobModel, load_model
+
+    out = tmp_path / "sft"
+    train_sft.main(["--preset", "tiny", "--out", str(out), "--max-steps", "3", "--lr", "1e-2", "--resume", "", *LORA])
+    keys = checkpoint_keys(out)
+    assert keys and all(k.endswith((".lora_A", ".lora_B")) for k in keys), keys[:5]
+    sd = exported(out)
+    check_export_is_base_plus_adapters(sd, layers=range(4))  # every layer of the 4
+    lm, tok = load_model("tiny", device="cpu")
+    lora.add_adapters(lm, lora.LoRASpec(rank=4, alpha=8.0), seed=0)
+    model = LogprobModel(lm)
+    checkpoint.load(checkpoint.latest(out / "ckpt"), model, torch.optim.AdamW(lora.adapter_parameters(lm)))
+    plain = AutoModelForCausalLM.from_pretrained(out / "model")
+    ids = tok("Which tag does this movie relate to", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want, got = lm(ids).logits, plain(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.slow
+def test_gspo_with_lora_one_rank_two_ranks_and_a_kill(tmp_path):
+    """train_rl with adapters on the top 2 layers: 1 rank recomputing the frozen trunk in every forward = 2 ranks
+    (FSDP2, the trunk cached per rollout batch) up to reduction order; on 2 ranks, resumed from the step-2
+    checkpoint = the uninterrupted run, bit for bit (a SIGKILL's restart is test_rl's; here the checkpoint holds
+    the adapters alone). The export is the base model with adapted top-layer projections."""
+    import re
+    import shutil
+
+    from test_rl import rows, script, weights
+
+    extra = [*LORA, "--train-layers", "2"]
+    script(tmp_path / "one", extra=[*extra, "--no-trunk-cache"])
+    two = script(tmp_path / "two", nproc=2, extra=extra)
+    # r·(in + out) a projection, hidden 128, q/o 128 out, k/v 64, MLP 384: 4·(256+192+192+256+512+512+512) a layer
+    assert "0.0195M of 1.1M parameters trained" in two  # × 2 layers = 19,456
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    assert any(r["clip_frac_low/u1"] + r["clip_frac_high/u1"] > 0 for r in b)  # the adapters did move the policy
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all((wa[k] - wb[k]).abs().max() <= 1e-5 for k in wa)
+    check_export_is_base_plus_adapters(wb, layers=(2, 3))
+    keys = checkpoint_keys(tmp_path / "two")
+    assert len(keys) == 2 * 7 * 2 and all(".layers.2." in k or ".layers.3." in k for k in keys)
+
+    # back to the step-2 checkpoint of the 2-rank run (as a kill after it would leave it), then the same command
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    for step in (3, 4):
+        shutil.rmtree(tmp_path / "resumed" / "ckpt" / f"step_{step:08d}")
+    resumed = script(tmp_path / "resumed", nproc=2, extra=extra)
+    assert re.search(r"resumed from \S+step_00000002 at step 2", resumed), resumed[-2000:]
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "two")
+    wr = weights(tmp_path / "resumed")
+    assert all(torch.equal(wr[k], wb[k]) for k in wb)
+
+
+def test_gspo_refuses_lora_dropout(tmp_path):
+    import train_rl
+    from tagpr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--lora-dropout 0\.1: must be 0 in GSPO"):
+        train_rl.main(["--preset", "tiny", "--out", str(tmp_path / "x"), *LORA, "--lora-dropout", "0.1"])
+    with pytest.raises(ConfigError, match=r"--lora-targets 'q,v'"):
+        train_rl.main(["--preset", "tiny", "--out", str(tmp_path / "x"), *LORA, "--lora-targets", "q,v"])
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("weights", ["full", "lora"])
+def test_a_gspo_step_with_adapters_moves_the_policy_as_the_full_step_does(weights):
+    """One on-policy GSPO update (the library's loss, then Adam at a small lr) on 4 groups of 4 fixed rollouts
+    with zero-mean advantages: the surrogate Σ Â_i·s_i / N rises from its on-policy value 0 (first order: the step
+    goes up the gradient), and each rollout's log-ratio ranks with its advantage; with the full weights and with
+    adapters alike (the adapters' step: only they move). (The toy letters task of test_rl climbs through the tied
+    embeddings, which LoRA does not train: it cannot compare the two.)"""
+    from tagpr.losses import gspo_loss
+    from tagpr.models import LogprobModel
+
+    lm = copy.deepcopy(MODELS["qwen3"]).train()
+    if weights == "lora":
+        lora.add_adapters(lm, lora.LoRASpec(rank=8, alpha=16.0), seed=0)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    model = LogprobModel(lm)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 97, (16, 14), generator=g)
+    mask = torch.zeros(16, 13, dtype=torch.bool)
+    mask[:, 7:] = True  # the rollouts: the last 6 of each row's 13 predicted tokens
+    adv = torch.randn(16, generator=g).view(4, 4)
+    adv = ((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).flatten()
+    with torch.no_grad():
+        old = model(ids)[0]
+    loss, _ = gspo_loss(model(ids)[0], old, adv, mask, clip_low=0.2, clip_high=0.2)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)  # on-policy: s = 1 and Σ Â = 0
+    loss.backward()
+    opt = torch.optim.Adam(params, lr=1e-3)
+    opt.step()
+    with torch.no_grad():
+        new = model(ids)[0]
+    log_s = ((new - old) * mask).sum(1) / mask.sum(1)
+    surrogate = float((adv * log_s.exp()).mean())
+    assert surrogate > 1e-3, surrogate
+    rank = lambda x: x.argsort().argsort().double()
+    assert torch.corrcoef(torch.stack([rank(adv), rank(log_s)]))[0, 1] > 0.6  # Spearman's ρ

@@ -303,7 +303,10 @@ def test_plot_command(runs, tmp_path):
 @pytest.mark.slow
 def test_rewards_rise_on_a_learnable_task(tmp_path, monkeypatch):
     """GSPO climbs a reward the random tiny policy already varies on: the share of its response's
-    characters in a–m (a synthetic task; LaMP rewards are all 0 for a random policy)."""
+    characters in a–m (a synthetic task; LaMP rewards are all 0 for a random policy). The climb goes through the
+    tied embeddings: training the decoder layers alone (`--train-layers 4`, or LoRA) leaves it flat over 30 steps
+    (measured: 0.455 → 0.450; LoRA r 16, lr 3e-3: 0.454 → 0.436), so test_lora compares LoRA's step with the
+    full step to first order instead."""
     import train_rl
 
     def letters(cfg, stage, texts, batch, scorer, vocab, parsed=None):
