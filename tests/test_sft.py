@@ -289,9 +289,12 @@ def test_bf16_is_refused_without_the_hardware(sft_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_top_layers_on_two_ranks_resume(sft_file, tmp_path):
-    """FSDP2 with frozen lower layers: 2 ranks, resumed from step 2, = 1 rank straight through."""
+@pytest.mark.parametrize("weights", ["top", "lora"])
+def test_top_layers_on_two_ranks_resume(sft_file, tmp_path, weights):
+    """FSDP2 with frozen lower layers: 2 ranks, resumed from step 2, = 1 rank straight through. `lora`: rank-4
+    adapters in the top 2 layers instead (the base sharded and frozen, the checkpoint the adapters alone)."""
     common = ("--train-layers", "2", "--save-every", "2", "--max-steps", "4", "--keep", "3")
+    common += ("--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2") if weights == "lora" else ()
     run_script(args(sft_file, tmp_path / "one", *common))
     run_script(args(sft_file, tmp_path / "two", *common), nproc=2)
     shutil.rmtree(tmp_path / "two" / "model")  # back to the step-2 checkpoint
@@ -303,3 +306,6 @@ def test_top_layers_on_two_ranks_resume(sft_file, tmp_path):
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-4, k
+    base = load_model("tiny", device="cpu")[0].state_dict()  # with top 2 of 4 layers, layer 1 never moves
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    assert not torch.equal(a[q.format(3)], base[q.format(3)]) and torch.equal(a[q.format(1)], base[q.format(1)])
