@@ -457,6 +457,8 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
         (lm, tok), full = load_model(cfg.policy, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
     trainable, n_params = lora.make_trainable(lm, adapters, cfg.train_layers, cfg.seed, full)
+    if adapters is not None and precision == "bf16" and not d.distributed:  # the frozen base at half the memory
+        lora.hold_base_in_bf16(lm)
     # the frozen lower layers' output is a constant of the rollout batch: computed once, it feeds the old
     # log-probs and every update (the top layers alone run per update); 0: no cache
     frozen = (

@@ -237,6 +237,8 @@ def setup(cfg: SFTConfig, preset: str | None, precision: str) -> tuple[Run, dict
         (lm, tok), full = load_model(cfg.model, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
     trainable, n_params = lora.make_trainable(lm, adapters, cfg.train_layers, cfg.seed, full)
+    if adapters is not None and precision == "bf16" and not d.distributed:  # the frozen base at half the memory
+        lora.hold_base_in_bf16(lm)
     train, skipped = tokenize([r for r in recs if not held_out(r.id, cfg.eval_frac)], tok, cfg)
     evals, _ = tokenize([r for r in recs if held_out(r.id, cfg.eval_frac)], tok, cfg)
     if not train:

@@ -155,14 +155,14 @@ def scalings(model) -> dict[str, float]:
 
 
 def merged_state_dict(sd: dict[str, torch.Tensor], scaling: dict[str, float]) -> dict[str, torch.Tensor]:
-    """A full state dict with the adapters folded in: `<p>.weight` += α/r · `<p>.lora_B` @ `<p>.lora_A` (in fp32,
-    then the weight's dtype), the adapter keys dropped. `scaling` is `scalings(model)` (names without any wrapper
+    """A full state dict with the adapters folded in: `<p>.weight` += α/r · `<p>.lora_B` @ `<p>.lora_A` (in fp32),
+    the adapter keys dropped. `scaling` is `scalings(model)` (names without any wrapper
     prefix, like `sd`'s)."""
     out = {k: v for k, v in sd.items() if not k.endswith((".lora_A", ".lora_B"))}
     for name, s in scaling.items():
         w = out[f"{name}.weight"]
         delta = sd[f"{name}.lora_B"].float() @ sd[f"{name}.lora_A"].float()
-        out[f"{name}.weight"] = (w.float() + delta * s).to(w.dtype)
+        out[f"{name}.weight"] = w.float() + delta * s  # fp32, like a full-weight run's export (W may be bf16)
     left = [k for k in sd if k.endswith((".lora_A", ".lora_B")) and k.rsplit(".", 1)[0] not in scaling]
     if left:
         raise ValueError(f"adapters with no scaling: {left[:3]}")
@@ -197,3 +197,16 @@ def make_trainable(lm, spec: LoRASpec | None, train_layers: int, seed: int, full
     if full is not None:
         full.update(initial_state(lm, spec, seed))
     return n, sum(p.numel() for p in lm.parameters())
+
+
+def hold_base_in_bf16(lm) -> int:
+    """Keep the frozen projections' weights of the decoder layers in bf16 (a LoRA run under bf16 autocast on one
+    process: half the base's memory). Autocast casts an fp32 weight to bf16 at every matmul, so the forward is
+    bit for bit the same; norms, embeddings, biases and the adapters stay fp32. → bytes saved."""
+    saved = 0
+    for layer in decoder_layers(lm):
+        for m in layer.modules():
+            if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32:
+                m.weight = nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+                saved += m.weight.numel() * 2
+    return saved

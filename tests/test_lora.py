@@ -277,3 +277,27 @@ def test_a_gspo_step_with_adapters_moves_the_policy_as_the_full_step_does(weight
     assert surrogate > 1e-3, surrogate
     rank = lambda x: x.argsort().argsort().double()
     assert torch.corrcoef(torch.stack([rank(adv), rank(log_s)]))[0, 1] > 0.6  # Spearman's ρ
+
+
+def test_a_bf16_base_gives_the_same_autocast_forward():
+    """`hold_base_in_bf16`: the frozen projections stored in bf16 give, under bf16 autocast, the logits and the
+    adapters' gradients of the fp32 base bit for bit (autocast rounds an fp32 weight the same way at every call),
+    at half the projections' memory; the merged export is fp32 either way."""
+    a = adapted("qwen2")
+    randomize_b(a)
+    b = copy.deepcopy(a)
+    saved = lora.hold_base_in_bf16(b)
+    proj = sum(m.weight.numel() for m in a.modules() if isinstance(m, lora.LoRALinear))
+    assert saved == 2 * proj and b.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    layer = b.model.layers[0]
+    assert layer.input_layernorm.weight.dtype == layer.self_attn.q_proj.lora_A.dtype == torch.float32
+    out = []
+    for m in (a, b):
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = m(input_ids=IDS).logits
+        logits.float().square().mean().backward()
+        out.append((logits, [p.grad for p in lora.adapter_parameters(m)]))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(x, y) for x, y in zip(out[0][1], out[1][1]))
+    merged = lora.merged_state_dict(b.state_dict(), lora.scalings(b))
+    assert all(v.dtype == torch.float32 for v in merged.values())
