@@ -340,6 +340,7 @@ def train_step(run: Run, step: int) -> dict:
         "grad_norm": gnorm,
         "target_tokens": n_tok,
         "tokens_per_s": seen / (time.perf_counter() - t0),
+        "time/step": time.perf_counter() - t0,
     }
 
 
