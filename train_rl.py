@@ -147,6 +147,7 @@ class RLConfig:
     lora_alpha: Annotated[float, POSITIVE] = 16.0  # LoRA α: the adapters' update is scaled by α / r
     lora_dropout: Annotated[float, FRACTION] = 0.0  # dropout on the adapters' input; GSPO needs 0 (ratio 1 on-policy)
     lora_targets: str = "all"  # projections that get adapters: "all" (q,k,v,o,gate,up,down_proj) or a comma list
+    activation_checkpointing: bool = False  # recompute each layer in the update's backward (memory for time)
     trunk_cache: bool = True  # with train_layers: the frozen layers' output computed once per rollout
     # batch (kept by the sampler where it can), not in every forward
     overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
@@ -467,7 +468,9 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
         else 0
     )
     ref = LogprobModel(load_model(cfg.policy, device=d.device, seed=cfg.seed)[0]).eval() if cfg.kl_coef else None
-    model = dist.apply_fsdp(LogprobModel(lm), d.device, full_state=full, from_meta=d.distributed)
+    model = dist.apply_fsdp(
+        LogprobModel(lm), d.device, cfg.activation_checkpointing, full_state=full, from_meta=d.distributed
+    )
     del full
     if d.distributed:  # FSDP initialises lazily from the first module called: make it the root, not the sampler's lm
         with torch.no_grad():

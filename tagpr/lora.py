@@ -150,8 +150,10 @@ def adapter_parameters(model) -> list[nn.Parameter]:
 
 
 def scalings(model) -> dict[str, float]:
-    """{qualified name of each adapted projection: α / r}."""
-    return {n: m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """{qualified name of each adapted projection, as state dicts spell it: α / r} (activation checkpointing's
+    wrapper adds a `_checkpoint_wrapped_module` level to module names that state dicts leave out)."""
+    strip = lambda n: n.replace("._checkpoint_wrapped_module", "")
+    return {strip(n): m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def merged_state_dict(sd: dict[str, torch.Tensor], scaling: dict[str, float]) -> dict[str, torch.Tensor]:

@@ -188,6 +188,14 @@ def test_sft_with_lora_exports_the_adapted_model_merged(tmp_path):
     with torch.no_grad():
         want, got = lm(ids).logits, plain(ids).logits
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # with activation checkpointing (the qwen3-8b preset's): the same adapters, the same export, bit for bit
+    ac = tmp_path / "ac"
+    train_sft.main(
+        ["--preset", "tiny", "--out", str(ac), "--max-steps", "3", "--lr", "1e-2", "--resume", "", *LORA]
+        + ["--activation-checkpointing"]
+    )
+    other = exported(ac)
+    assert all(torch.equal(other[k], sd[k]) for k in sd)
 
 
 @pytest.mark.slow
@@ -301,3 +309,18 @@ def test_a_bf16_base_gives_the_same_autocast_forward():
     assert all(torch.equal(x, y) for x, y in zip(out[0][1], out[1][1]))
     merged = lora.merged_state_dict(b.state_dict(), lora.scalings(b))
     assert all(v.dtype == torch.float32 for v in merged.values())
+
+
+def test_gspo_activation_checkpointing_changes_nothing(tmp_path):
+    """train_rl --activation-checkpointing (the one-GPU LoRA recipe's): the same rows and the same merged export,
+    bit for bit, with adapters on the top 2 layers and the trunk cache below them."""
+    from test_rl import run, weights
+
+    args = ("--max-steps", "2", "--lr", "1e-2", "--train-layers", "2", *LORA)
+    a = run(tmp_path, "plain", *args)
+    b = run(tmp_path, "ac", *args, "--activation-checkpointing")
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
+    assert [drop(r) for r in a] == [drop(r) for r in b]
+    assert any(r["clip_frac_low/u1"] + r["clip_frac_high/u1"] > 0 for r in a)  # the first update moved the policy
+    wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "ac")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
