@@ -12,7 +12,9 @@ adds `lora_A` and `lora_B` beside them. So:
   which then loads as a plain model of the base architecture;
 - `LoRALinear.merged_weight()` is that same sum for one projection: the rollout engine (`engine.Weights`) reads it, so
   rollouts run the merged weights at the cost of one (out × r)·(r × in) product per projection per rollout
-  batch, and no extra work per token.
+  batch and no extra work per token; the price is memory: one copy of the adapted projections in the sampling
+  dtype while a rollout batch runs (Qwen3-8B, bf16: 13.9 GB; the README's one-GPU table counts it). Applying
+  A and B inside the engine instead would save that copy and cost two thin matmuls per projection per token.
 
 The initial A's come from a generator seeded by the run's seed, in module order (`initial_state`), on the CPU:
 the same values on 1 rank, on 2 ranks (where rank 0 hands them to FSDP with the base weights) and on a GPU.
