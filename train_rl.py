@@ -126,6 +126,7 @@ class RLConfig:
     kl_coef: Annotated[float, NON_NEGATIVE] = 0.0  # k3 KL to the frozen start policy (paper: none)
     w_format: Annotated[float, NON_NEGATIVE] = 0.5  # λ1, the weight of R_f in both stages (ours; lost from the paper)
     w_personal: Annotated[float, NON_NEGATIVE] = 0.5  # λ2, the weight of R_p (ours; lost from the paper's text)
+    w_tag: Annotated[float, NON_NEGATIVE] = 1.0  # the weight of R_tag in the guided reward (paper: 1; 0: "w/o Tag")
     ngram: Annotated[int, COUNT] = 4  # R_rep's n-gram length (paper)
     min_tags: Annotated[int, NON_NEGATIVE] = 3  # R_tag: fewest tags a chain must use (paper)
     warmup_steps: Annotated[int, NON_NEGATIVE] = 0  # linear LR warmup over N optimizer updates (then constant)
@@ -352,7 +353,9 @@ def compute_rewards(
     if scorer is not None:
         users = [p.user_id for p in batch for _ in range(cfg.group)]
         personal = scorer.score(users, [p.prompt for p in batch for _ in range(cfg.group)], texts).tolist()
-    w = rewards.RewardWeights(w_format=cfg.w_format, w_personal=cfg.w_personal if scorer is not None else 0.0)
+    w = rewards.RewardWeights(
+        w_format=cfg.w_format, w_tag=cfg.w_tag, w_personal=cfg.w_personal if scorer is not None else 0.0
+    )
     return rewards.composite_reward(texts, golds, tasks, personal, w, vocab, cfg.min_tags, cfg.ngram, parsed)
 
 

@@ -59,7 +59,7 @@ def test_garbage_rollouts_are_finite(runs):
         assert row["stage"] == "guided"
 
 
-def reward_by_hand(text, gold, task, stage, n):
+def reward_by_hand(text, gold, task, stage, n, w_tag=1.0):
     """Eq. 5 (guided, no PRMU in the tiny preset) or Eq. 11 (exploratory), typed out for what a random tiny model
     writes: no think block (asserted), so the whole text is the answer, R_f = 0, and R_tag = −(0.5 broken format
     + 0.25 no tag from the vocabulary + 0.25 fewer than 3 steps) = −1 in the guided stage (absent in Eq. 11)."""
@@ -87,7 +87,7 @@ def reward_by_hand(text, gold, task, stage, n):
     grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     m = sum(grams.values())
     r_rep = (len(grams) - m) / (m + 1e-6) if m else 0.0  # distinct n-grams over all, minus 1 (Eq. 8)
-    r_tag = -1.0 if stage == "guided" else 0.0
+    r_tag = -1.0 * w_tag if stage == "guided" else 0.0  # --w-tag weighs it (Eq. 5's weight 1 by default)
     return r_v + r_rep + r_tag  # + λ1·R_f with R_f = 0
 
 
@@ -124,6 +124,17 @@ def test_rollout_log_gives_the_step_metrics_by_hand(runs):
         assert len(first) == n // cfg["mini_batches"]
         want_loss = -sum(r["advantage"] for r in first if r["tokens"] > 0) / len(first)
         assert m["loss/u0"] == pytest.approx(want_loss, abs=1e-5)
+
+
+def test_the_tag_reward_weight(tmp_path):
+    """--w-tag 0.25: every guided rollout's logged reward is Eq. 5 typed out with R_tag weighed 0.25 (the
+    ablation's "w/o Tag" row is --w-tag 0)."""
+    run(tmp_path, "w", "--max-steps", "1", "--w-tag", "0.25")
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    logged = [json.loads(line) for line in (tmp_path / "w" / "rollouts.jsonl").read_text().splitlines()]
+    assert cfg["w_tag"] == 0.25 and {r["stage"] for r in logged} == {"guided"}
+    want = [reward_by_hand(r["text"], r["gold"], r["task"], "guided", cfg["ngram"], w_tag=0.25) for r in logged]
+    assert [r["reward"] for r in logged] == pytest.approx(want, abs=1e-12)
 
 
 def test_trunk_cache_changes_nothing(tmp_path):
