@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {  # name → the flags that set what trains
-    "top 4 layers": ["--train-layers", "4"],
-    "top 16 layers": ["--train-layers", "16"],
-    "all layers": ["--train-layers", "-1"],
-    "LoRA r16, top 4": ["--train-layers", "4", "--lora-rank", "16", "--lora-alpha", "32"],
-    "LoRA r16, all": ["--train-layers", "-1", "--lora-rank", "16", "--lora-alpha", "32"],
+    "top4": ["--train-layers", "4"],
+    "top16": ["--train-layers", "16"],
+    "all": ["--train-layers", "-1"],
+    "lora16-top4": ["--train-layers", "4", "--lora-rank", "16", "--lora-alpha", "32"],
+    "lora16-all": ["--train-layers", "-1", "--lora-rank", "16", "--lora-alpha", "32"],
 }
 
 

@@ -324,3 +324,36 @@ def test_gspo_activation_checkpointing_changes_nothing(tmp_path):
     assert any(r["clip_frac_low/u1"] + r["clip_frac_high/u1"] > 0 for r in a)  # the first update moved the policy
     wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "ac")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_the_lora_bench_runs_at_tiny_size(tmp_path, synthetic_dir, capsys):
+    """bench/lora.py on the tiny policy, 2 configurations × 2 steps: one row each, with the trained parameter count
+    worked out by hand (rank 16 on the 4 layers: 16 × 2432 a layer × 4 = 155,648)."""
+    import sys
+    from pathlib import Path
+
+    from tagpr import lamp, prompts, synthetic
+    from tagpr.files import write_jsonl
+    from tagpr.records import RLPrompt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import lora as bench_lora  # bench/lora.py
+
+    write_jsonl(tmp_path / "sft.jsonl", [r.to_json() for r in synthetic.sft_records(synthetic_dir, ("LaMP_2",), k=2)])
+    split = lamp.load_split(synthetic_dir, "LaMP_2", "train")
+    data = [
+        RLPrompt(q.id, "LaMP_2", q.user_id, prompts.build_prompt("LaMP_2", q, 2), split.golds[q.id])
+        for q in split.questions[:16]
+    ]
+    write_jsonl(tmp_path / "p.jsonl", [r.to_json() for r in data])
+    argv = ["--policy", "tiny", "--sft", str(tmp_path / "sft.jsonl"), "--prompts", str(tmp_path / "p.jsonl")]
+    bench_lora.main([*argv, "--steps", "2", "--precision", "fp32", "--configs", "top4,lora16-top4"])
+    rows = [
+        line.split("|")[1:-1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| top4") or line.startswith("| lora16")
+    ]
+    assert [r[0].strip() for r in rows] == ["top4", "lora16-top4"]
+    assert rows[1][1].strip() == "0.16M"  # 155,648
+    assert all(float(x) > 0 for r in rows for x in r[2:])
