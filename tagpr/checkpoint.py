@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import dist, lora
+from .config import ConfigError
 from .files import read_json, write_json
 
 _STEP = re.compile(r"^step_(\d{8})$")
@@ -114,7 +115,14 @@ def load(path: str | os.PathLike, model, optimizer) -> dict:
     path = Path(path)
     msd, osd = get_state_dict(model, optimizer, options=TRAINED)  # also materialises optimizer state to load into
     state = {"model": _trained_only(model, msd), "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))  # every trained tensor must be there (DCP refuses a missing key)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in state["model"] if f"model.{k}" not in saved]
+    if missing:  # the run trains parameters this checkpoint never trained (e.g. another --train-layers)
+        raise ConfigError(
+            f"{path}: this checkpoint has no {missing[0]} ({len(missing)} trained tensors missing): it was written "
+            "with other --train-layers / --lora-* flags; resume with those, or start afresh with --resume ''"
+        )
+    dcp.load(state, checkpoint_id=str(path))
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINED_LOAD
     )

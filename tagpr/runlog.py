@@ -96,15 +96,15 @@ def start_run(
     """Write `<out>/config.json`, restore the checkpoint `resume` names ("auto": the latest in
     `<out>/ckpt`, "": none, else a path) and open `metrics.jsonl` (mirrored into `<out>/tensorboard`
     with `report_to` "tensorboard"). Returns (start step, log)."""
-    if dist.get().is_main:
-        write_json(out / "config.json", resolved)
     ckpt = None
     if resume:
         ckpt = checkpoint.latest(out / "ckpt") if resume == "auto" else Path(resume)
     start = 0
-    if ckpt is not None:
+    if ckpt is not None:  # loaded first: a checkpoint refused leaves the run's config.json as it was
         start = checkpoint.load(ckpt, model, optimizer)["step"]
         dist.print0(f"resumed from {ckpt} at step {start}")
+    if dist.get().is_main:
+        write_json(out / "config.json", resolved)
     return start, MetricsLog(
         out / "metrics.jsonl",
         resume_step=start if ckpt is not None else None,

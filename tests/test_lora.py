@@ -357,3 +357,23 @@ def test_the_lora_bench_runs_at_tiny_size(tmp_path, synthetic_dir, capsys):
     assert [r[0].strip() for r in rows] == ["top4", "lora16-top4"]
     assert rows[1][1].strip() == "0.16M"  # 155,648
     assert all(float(x) > 0 for r in rows for x in r[2:])
+
+
+def test_a_checkpoint_of_other_trained_parameters_is_refused(tmp_path):
+    """A checkpoint holds only what its run trained: resuming it with more trained layers, or with adapters, stops
+    with one line that names the checkpoint, a missing tensor and the flags, and leaves the run's files as they
+    were."""
+    import json
+
+    import train_sft
+    from tagpr.config import ConfigError
+
+    out = tmp_path / "sft"
+    base = ["--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save-every", "1"]
+    train_sft.main([*base, "--max-steps", "1", "--train-layers", "2", "--resume", ""])
+    before = {p.name: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")}
+    for flags, missing in ((["--train-layers", "3"], "layers.1.self_attn.q_proj.weight"), (LORA, "lora_A")):
+        with pytest.raises(ConfigError, match=rf"step_00000001: this checkpoint has no \S*{missing} .*--train-layers"):
+            train_sft.main([*base, *flags])
+        assert {p.name: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")} == before
+    assert json.loads(before["config.json"])["train_layers"] == 2
