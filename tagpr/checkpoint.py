@@ -39,8 +39,7 @@ from .config import ConfigError
 from .files import read_json, write_json
 
 _STEP = re.compile(r"^step_(\d{8})$")
-TRAINED = StateDictOptions(ignore_frozen_params=True)  # frozen parameters come from the start model
-TRAINED_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # ... so they are absent on loading
+PARTIAL = StateDictOptions(strict=False)  # frozen parameters come from the start model: absent from a checkpoint
 # one process saving without a process group is intended here, not a mistake
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -85,7 +84,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    msd, osd = get_state_dict(model, optimizer, options=TRAINED)
+    msd, osd = get_state_dict(model, optimizer)
     msd = _trained_only(model, msd)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
@@ -104,8 +103,7 @@ def save(
 
 
 def _trained_only(model, msd: dict) -> dict:
-    """`msd` without frozen parameters under any of their names (a tied lm_head is the frozen embedding again,
-    which `ignore_frozen_params` keeps)."""
+    """`msd` without frozen parameters, under any of their names (a tied lm_head is the frozen embedding again)."""
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in msd.items() if k not in frozen}
 
@@ -113,7 +111,7 @@ def _trained_only(model, msd: dict) -> dict:
 def load(path: str | os.PathLike, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNGs; return the trainer state."""
     path = Path(path)
-    msd, osd = get_state_dict(model, optimizer, options=TRAINED)  # also materialises optimizer state to load into
+    msd, osd = get_state_dict(model, optimizer)  # also materialises optimizer state to load into
     state = {"model": _trained_only(model, msd), "optim": osd}
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     missing = [k for k in state["model"] if f"model.{k}" not in saved]
@@ -123,9 +121,7 @@ def load(path: str | os.PathLike, model, optimizer) -> dict:
             "with other --train-layers / --lora-* flags; resume with those, or start afresh with --resume ''"
         )
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINED_LOAD
-    )
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=PARTIAL)
     trainer_state = read_json(path / "trainer_state.json")
     rng = path / f"rng_rank{dist.get().rank}.pt"
     if trainer_state.get("world_size") == dist.get().world_size and rng.is_file():

@@ -47,10 +47,6 @@ class LoRASpec:
     targets: tuple[str, ...] = ALL_TARGETS
     layers: int = -1
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
 
 def parse_targets(text: str, flag: str = "--lora-targets") -> tuple[str, ...]:
     """ "q_proj,v_proj" → ("q_proj", "v_proj"); "all" → every projection. An unknown name is a ValueError that
