@@ -38,9 +38,18 @@ Departures from the paper:
 5. `--temperature`, `--group`, `--lr`, `--train-layers`, `--stratify` change the recipe; their defaults are
    the paper's (the demo's choices and what each was measured to do: docs/rl_experiments.md).
 6. `--old-logp sampler` (off: recompute, as the paper and verl do) takes the old log-probs from the
-   sampler's own logits instead of a no-grad pass of the training model; fp32 only, where the two agree
-   to summation order (bf16's rounding gap is larger than ε = 3e-4). Every mini-batch, the first included,
-   then compares with the sampler's numbers; `ratio_min/u0`, `ratio_max/u0` show the gap.
+   sampler's own logits instead of a no-grad pass of the training model. In fp32 the two agree to summation
+   order; every mini-batch, the first included, then compares with the sampler's numbers (`ratio_min/u0`,
+   `ratio_max/u0` show the gap). In bf16 their gap is larger than ε = 3e-4, so it needs departure 7.
+7. `--is-correction token|sequence` (off: the paper, which assumes the sampler is the trainer) weights each
+   update by the truncated ratio of the trainer's to the sampler's probability of the sampled tokens,
+   w = min(π_train/π_samp, `--is-cap`), wherever both exist (`losses.mismatch_weights`): per token, the
+   truncated importance sampling (TIS) of Yao et al. 2025, "Your efficient RL framework secretly brings you
+   off-policy RL training" (TRL's `vllm_importance_sampling_correction`, verl's rollout correction); per
+   sequence, the same at GSPO's length-normalised ratio. The trainer's π_old exists at every update when it is
+   recomputed, and at update 0 alone (its own forward) with `--old-logp sampler`; the later mini-batches there
+   measure their ratio against the sampler's numbers, unweighted. Logged per update: `mismatch_log_ratio/uK`,
+   `is_weight_mean/uK`, `is_capped_frac/uK`.
 
 `--eval-prompts FILE --eval-every N` (verl's `val/test_score`) scores held-out prompts
 (`build_data.py` writes `eval_prompts.jsonl` from dev users) before training and every N steps:
@@ -67,7 +76,7 @@ from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, lora, metrics, prompts, rewards, synthetic, tags
 from tagpr.batching import epoch_batches, pad_batch, stratified_batches
-from tagpr.config import ALL_OR_COUNT, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
+from tagpr.config import ALL_OR_COUNT, AT_LEAST_ONE, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
 from tagpr.files import DataError, iter_jsonl, write_json
 from tagpr.hardware import autocast
@@ -81,7 +90,7 @@ from tagpr.loop import (
     reduce_across_ranks,
     synthetic_fallback,
 )
-from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss
+from tagpr.losses import GSPO_REDUCE, group_advantages, gspo_loss, mismatch_weights
 from tagpr.models import (
     LogprobModel,
     can_split,
@@ -172,7 +181,11 @@ class RLConfig:
     # in the frozen layers, so later scorings (this run's, and other runs' from
     # the same start policy) prefill the top layers only; empty: none
     old_logp: Literal["recompute", "sampler"] = "recompute"  # old log-probs: a no-grad pass of the training model
-    # (paper) or the sampler's own, fp32 only (departure 6)
+    # (paper) or the sampler's own; in bf16 only with --is-correction (departure 6)
+    is_correction: Literal["none", "token", "sequence"] = "none"  # weight the update by the truncated ratio of
+    # trainer to sampler probabilities: per token (TIS) or per sequence (GSPO's geometric mean) (departure 7)
+    is_cap: Annotated[float, AT_LEAST_ONE] = 2.0  # --is-correction's cap C on the weight (verl's and ms-swift's
+    # default)
 
 
 PRESETS = {
@@ -425,6 +438,7 @@ class Plan:
     sizes: list[int]  # each global mini-batch's sequence count
     minis: list[list[int]]  # this rank's rows of each mini-batch
     old: torch.Tensor  # (B, T - 1) old log-probs (recompute: mini-batch 0's come from update 0)
+    sampler: torch.Tensor | None  # (B, T - 1) the sampler's log-probs (--old-logp sampler, --is-correction), or None
     trunk: torch.Tensor | None  # (B, T, H) the frozen layers' output, or None
     ref: torch.Tensor | None  # (B, T - 1) reference log-probs, or None
 
@@ -446,10 +460,10 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
             f"--lora-dropout {cfg.lora_dropout}: must be 0 in GSPO (dropout would make the rollouts' and the "
             "update's log-probs differ, so the on-policy ratio would not be 1)"
         )
-    if cfg.old_logp == "sampler" and precision != "fp32":
+    if cfg.old_logp == "sampler" and precision != "fp32" and cfg.is_correction == "none":
         raise config.ConfigError(
-            f"--old-logp sampler needs --precision fp32 (not {precision}): in bf16 the sampler's "
-            "and the training model's log-probs differ by more than the clip range ε"
+            f"--old-logp sampler needs --precision fp32 (not {precision}) or --is-correction token|sequence: in "
+            f"{precision} the sampler's and the training model's log-probs differ by more than the clip range ε"
         )
     data = load_prompts(cfg, out)
     vocab = load_vocab(cfg, out)  # every input read before the model loads and before the first write
@@ -602,7 +616,7 @@ def rollout(run: Run, batch: Batch):
         n_per_prompt=cfg.group,
         precision=run.precision,
         keep_layers=run.frozen,
-        logprobs=cfg.old_logp == "sampler",
+        logprobs=cfg.old_logp == "sampler" or cfg.is_correction != "none",
     )
     run.model.train()
     return roll
@@ -622,7 +636,8 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
     temperature, by the training model. Mini-batches come from one permutation of the global batch, so 1 rank
     and N ranks make the same updates. Mini-batch 0 takes its old log-probs from update 0's own forward (the
     policy has not moved yet: its ratio is exactly 1); the other rows need one no-grad pass now. With
-    `--old-logp sampler` every row's come from the sampler (no pass)."""
+    `--old-logp sampler` every row's come from the sampler (no pass); with `--is-correction` mini-batch 0's still
+    come from update 0's forward."""
     cfg, model, dev = run.cfg, run.model, run.d.device
     x, attn, rmask = sequences(roll, dev, run.tok.pad_token_id)
     n_global = cfg.global_batch * cfg.group
@@ -636,6 +651,7 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
         sizes=[len(c) for c in chunks],
         minis=minis,
         old=torch.zeros(len(x), x.shape[1] - 1, device=dev),
+        sampler=None,
         trunk=roll.kept_rows(x.shape[1]) if run.frozen else None,  # the sampler's trunk: no pass of its own
         ref=None,
     )
@@ -647,8 +663,11 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
                 if real:
                     plan.trunk[rows] = h
         if roll.logprobs is not None:  # the sampler's, in the training rows' layout (both row-major over responses)
-            plan.old[rmask.bool()] = roll.logprobs[roll.response_mask.bool()].to(dev)
-        rest = sorted(r for mini in minis[1:] for r in mini) if roll.logprobs is None else []
+            plan.sampler = torch.zeros_like(plan.old)
+            plan.sampler[rmask.bool()] = roll.logprobs[roll.response_mask.bool()].to(dev)
+            if cfg.old_logp == "sampler":
+                plan.old = plan.sampler
+        rest = sorted(r for mini in minis[1:] for r in mini) if cfg.old_logp == "recompute" else []
         for rows, real in fsdp_micro_batches(rest, cfg.micro_batch):
             lp = model(x[rows], attn[rows], cfg.temperature, **plan.top(run, rows))[0]
             if real:
@@ -678,6 +697,15 @@ class Update:
     grad_norm: float  # the global gradient norm before clipping
 
 
+MISMATCH = ("mismatch_log_ratio", "is_weight_mean", "is_capped_frac")  # mismatch_weights' metrics
+
+
+def corrected(cfg: RLConfig, k: int) -> bool:
+    """Whether update k weights by π_train/π_sampler (departure 7): with --is-correction, wherever the trainer's
+    old log-probs exist, i.e. every update when they are recomputed, update 0 alone with --old-logp sampler."""
+    return cfg.is_correction != "none" and (k == 0 or cfg.old_logp == "recompute")
+
+
 def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update:
     """Optimizer update `k` on mini-batch k (GSPO's loss, Eq. 10)."""
     cfg, dev = run.cfg, run.d.device
@@ -687,7 +715,12 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update
     for rows, real in fsdp_micro_batches(plan.minis[k], cfg.micro_batch):
         with autocast(dev, run.precision):
             logp, ent = run.model(plan.x[rows], plan.attn[rows], cfg.temperature, **plan.top(run, rows))
-        old = logp.detach() if k == 0 and cfg.old_logp == "recompute" else plan.old[rows]
+        # update 0's own forward is the trainer's π_old: the paper's path, and --is-correction's in sampler mode
+        own = k == 0 and (cfg.old_logp == "recompute" or cfg.is_correction != "none")
+        old = logp.detach() if own else plan.old[rows]
+        w, mm = None, {}
+        if corrected(cfg, k):  # the trainer's and the sampler's log-probs both exist: weight by their truncated ratio
+            w, mm = mismatch_weights(old, plan.sampler[rows], plan.rmask[rows], cfg.is_correction, cfg.is_cap)
         loss, m = gspo_loss(
             logp,
             old,
@@ -698,7 +731,9 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update
             num_sequences=n_mini,
             ref_logp=plan.ref[rows] if plan.ref is not None else None,
             kl_coef=cfg.kl_coef,
+            weights=w,
         )
+        m.update(mm)
         backward(loss, real, run.d.world_size)
         if real:
             accumulate(stats, m, GSPO_REDUCE, len(rows) / n_mini)  # weight: this rank's share of the mini-batch
@@ -742,9 +777,10 @@ def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list[Update],
         "time/old_logp": t3 - t2,
         "time/update": t4 - t3,
     }
-    names = [n for n in GSPO_REDUCE if n != "kl" or run.ref is not None]
+    names = [n for n in GSPO_REDUCE if (n != "kl" or run.ref is not None) and n not in MISMATCH]
     for k, u in enumerate(updates):
-        row.update({f"{n}/u{k}": v for n, v in reduce_across_ranks(u.stats, names, GSPO_REDUCE).items()})
+        these = names + (list(MISMATCH) if corrected(cfg, k) else [])
+        row.update({f"{n}/u{k}": v for n, v in reduce_across_ranks(u.stats, these, GSPO_REDUCE).items()})
     return row
 
 

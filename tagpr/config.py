@@ -72,6 +72,7 @@ COUNT = Range(1)  # a positive integer
 NON_NEGATIVE = Range(0)  # 0 or more (0 often means "none" or "off")
 POSITIVE = Range(0, lo_open=True)  # a real number > 0
 FRACTION = Range(0, 1)  # a share in [0, 1]
+AT_LEAST_ONE = Range(1)  # a real number ≥ 1 (a cap on a ratio)
 ALL_OR_COUNT = Range(1, also=(-1,))  # -1 for "all", else ≥ 1
 NO_CAP_OR_COUNT = Range(0, also=(-1,))  # -1 for "no cap", else ≥ 0 (0: export the start model)
 TOP_P = Range(0, 1, lo_open=True)  # a nucleus share in (0, 1]

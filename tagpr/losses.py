@@ -6,6 +6,8 @@
 - `gspo_loss`           Eq. 10, GSPO (Zheng et al., arXiv 2507.18071): sequence-level ratio,
                         clipped surrogate, "seq-mean-token-mean".
 - `grpo_loss`           the token-level variant (PPO-style per-token ratios), same signature.
+- `mismatch_weights`    truncated importance weights π_trainer/π_sampler for a sampler that rounds
+                        differently from the trainer (TIS, token or sequence level).
 
 Denominators are arguments: a loss summed over a micro-batch is divided by the count
 over the **global** batch (all micro-batches, all ranks), so splitting a batch never
@@ -14,6 +16,8 @@ Shapes: B sequences, T tokens.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +170,52 @@ GSPO_REDUCE = {
     "kl": "mean",
     "ratio_min": "min",
     "ratio_max": "max",
+    "mismatch_log_ratio": "mean",
+    "is_weight_mean": "mean",
+    "is_capped_frac": "mean",
 }
+
+
+def mismatch_weights(
+    trainer_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    level: str,
+    cap: float,
+) -> tuple[torch.Tensor, Metrics]:
+    """Truncated importance weights for rollouts drawn by a sampler whose probabilities differ from the trainer's
+    at the same parameters (another precision, another kernel, another engine):
+
+        token:     w_t = min(π_train(t) / π_samp(t), C)                          (TIS: Yao et al. 2025,
+                                                                                  TRL's and verl's token level)
+        sequence:  w_i = min(exp((1/|y_i|) Σ_t log π_train(t)/π_samp(t)), C)  at every token of sequence i
+
+    The sequence level takes GSPO's length-normalised (geometric-mean) ratio, so that the weight and the ratio it
+    multiplies measure the same thing. Both are detached: the weight corrects which distribution the rollouts came
+    from, and carries no gradient. trainer_logp, sampler_logp, mask: (B, T) → weights (B, T) (1 off the mask) and
+    metrics, each a mean over the B sequences: `mismatch_log_ratio` (the sequence's mean log π_train/π_samp),
+    `is_weight_mean` (its mean weight), `is_capped_frac` (the share of its tokens, or of the sequence, at the cap).
+    """
+    mask = mask.bool()
+    d = torch.where(mask, _up(trainer_logp.detach()) - _up(sampler_logp.detach()), 0.0)  # (B, T) log ratios
+    seq = _seq_mean(d, mask)  # (B,)
+    if level == "token":
+        log_w = d
+    elif level == "sequence":
+        log_w = seq.unsqueeze(1).expand_as(d)
+    else:
+        raise ValueError(f"unknown level {level!r}; expected 'token' or 'sequence'")
+    capped = log_w > math.log(cap)
+    w = torch.where(mask, torch.exp(log_w.clamp(max=math.log(cap))), 1.0)
+    valid = mask.any(1)
+    n = valid.sum().clamp(min=1)
+    per_seq = lambda x: (_seq_mean(x.to(d.dtype), mask) * valid).sum() / n
+    metrics = {
+        "mismatch_log_ratio": (seq * valid).sum() / n,
+        "is_weight_mean": per_seq(w),
+        "is_capped_frac": per_seq(capped),
+    }
+    return w, metrics
 
 
 def gspo_loss(
@@ -182,6 +231,7 @@ def gspo_loss(
     kl_coef: float = 0.0,
     max_log_ratio: float = 10.0,
     form: str = "token",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GSPO (Eq. 10):  L = −Σ_i (1/|y_i|) Σ_t min(s_i,t·Â_i, clip(s_i,t, 1−ε_low, 1+ε_high)·Â_i) / N_seq
 
@@ -194,6 +244,9 @@ def gspo_loss(
     logp (B, T) requires grad; old_logp (B, T) and advantages (B,) do not; mask (B, T).
     The mean log-ratio is clamped to ±max_log_ratio before exp. N_seq = `num_sequences`
     (the global count; default B). Optional k3 KL to `ref_logp` with weight `kl_coef`.
+    `weights` (B, T), detached (`mismatch_weights`): each token's clipped term is multiplied by its weight, so
+    ∇L = −Â_i·s_i·(1/|y_i|) Σ_t w_t·∇log π_θ(t) / N_seq where unclipped; the sequence form takes each sequence's
+    mean weight (exact for sequence-level weights).
     """
     mask = mask.bool()
     adv = _up(advantages.detach())  # (B,)
@@ -207,10 +260,14 @@ def gspo_loss(
         s_t = torch.exp(log_st)  # (B, T)
         a = adv.unsqueeze(1)  # (B, 1)
         obj = torch.minimum(s_t * a, s_t.clamp(lo, hi) * a)  # (B, T)
+        if weights is not None:
+            obj = obj * _up(weights.detach())
         per_seq = _seq_mean(obj, mask)  # (B,)
     elif form == "sequence":
         s = torch.exp(log_s)  # (B,) carries the gradient
         per_seq = torch.where(valid, torch.minimum(s * adv, s.clamp(lo, hi) * adv), torch.zeros_like(s))
+        if weights is not None:
+            per_seq = per_seq * _seq_mean(_up(weights.detach()), mask)
     else:
         raise ValueError(f"unknown form {form!r}; expected 'token' or 'sequence'")
     denom = logp.shape[0] if num_sequences is None else num_sequences

@@ -245,3 +245,61 @@ def test_group_advantages_with_truncated_rollouts_masked():
     assert float(m["zero_variance_frac"]) == 0.5 and float(m["valid_frac"]) == 0.5
     plain, _ = losses.group_advantages(r, 4)
     assert torch.equal(losses.group_advantages(r, 4, valid=torch.ones(8, dtype=torch.bool))[0], plain)
+
+
+# ----------------------------------------------------------------------------- sampler/trainer mismatch
+
+
+def test_mismatch_weights_token_and_sequence_by_hand():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5, 9.0], [-0.2, -3.0, 0.0, 0.0]], dtype=torch.float64)
+    sampler = torch.tensor([[-1.1, -1.0, -1.5, -7.0], [-0.2, -3.4, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # log π_train/π_samp: row 0 [0.1, −1.0, 1.0] (the 4th is padding), row 1 [0, 0.4]
+    w, m = losses.mismatch_weights(trainer, sampler, mask, "token", cap=2.0)
+    want = [[math.exp(0.1), math.exp(-1.0), 2.0, 1.0], [1.0, math.exp(0.4), 1.0, 1.0]]  # e^1 = 2.72 → cap 2
+    assert torch.allclose(w, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+    # per sequence, then the mean over the 2 sequences
+    assert m["mismatch_log_ratio"].item() == pytest.approx((0.1 / 3 + 0.2) / 2, abs=1e-12)
+    assert m["is_capped_frac"].item() == pytest.approx((1 / 3 + 0) / 2, abs=1e-12)
+    assert m["is_weight_mean"].item() == pytest.approx(
+        ((math.exp(0.1) + math.exp(-1) + 2) / 3 + (1 + math.exp(0.4)) / 2) / 2, abs=1e-12
+    )
+    # sequence level: the geometric mean of each row's ratios, capped, at every token of the row
+    w, m = losses.mismatch_weights(trainer, sampler, mask, "sequence", cap=1.1)
+    s0, s1 = math.exp(0.1 / 3), min(math.exp(0.2), 1.1)  # e^0.2 = 1.22 → cap 1.1
+    assert torch.allclose(
+        w, torch.tensor([[s0, s0, s0, 1.0], [s1, s1, 1.0, 1.0]], dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    assert m["is_capped_frac"].item() == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(ValueError):
+        losses.mismatch_weights(trainer, sampler, mask, "tokens", cap=2.0)
+
+
+@pytest.mark.parametrize("form", ["token", "sequence"])
+def test_weights_scale_each_tokens_gradient(form):
+    """On policy (s = 1), ∂L/∂logp_t = −Â·w_t/(|y|·N): the weight multiplies each token's term; the sequence form
+    takes the row's mean weight, so it equals the token form for sequence-level weights."""
+    logp = leaf([[-1.0, -2.0, -0.3], [-0.5, -0.7, 4.0]])
+    mask = [[1, 1, 1], [1, 1, 0]]
+    w = torch.tensor([[1.5, 1.5, 1.5], [0.5, 0.5, 7.0]], dtype=torch.float64)  # per sequence; the 7 is padding
+    loss, _ = gspo(logp, logp.detach().clone(), [2.0, -1.0], mask, weights=w, form=form)
+    # J = (2·1.5 + (−1)·0.5)/2 → loss = −1.25
+    assert loss.item() == pytest.approx(-1.25, abs=1e-12)
+    loss.backward()
+    want = [[-2 * 1.5 / 6] * 3, [0.5 / 4, 0.5 / 4, 0.0]]
+    assert torch.allclose(logp.grad, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+    if form == "token":  # per-token weights differ within a row
+        logp.grad = None
+        wt = torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+        gspo(logp, logp.detach().clone(), [2.0, -1.0], mask, weights=wt)[0].backward()
+        want = torch.tensor([[-1 / 3, -2 / 3, 0.0], [0.25, 0.25, 0.0]], dtype=torch.float64)
+        assert torch.allclose(logp.grad, want, rtol=0, atol=1e-12)
+
+
+def test_weights_of_one_change_nothing():
+    logp, old, adv, mask = random_case(3)
+    a, b = leaf(logp.tolist()), leaf(logp.tolist())
+    la, ma = losses.gspo_loss(a, old, adv, mask)
+    lb, mb = losses.gspo_loss(b, old, adv, mask, weights=torch.ones_like(old))
+    la.backward(), lb.backward()
+    assert la.item() == lb.item() and torch.equal(a.grad, b.grad)
