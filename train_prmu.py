@@ -322,6 +322,9 @@ def main(argv=None):
                 out / "ckpt", step, run.model, run.opt, {"epoch": epoch, "batch_in_epoch": pos + 1}, resolved, cfg.keep
             )
     bar.close()
+    if run.total == 0 and run.evals:  # no step (--max-steps 0: an untrained reward model): its accuracy still
+        last_eval = evaluate(run)
+        log.write({"step": 0, **last_eval})
     if last_eval:
         dist.print0("held-out pairwise accuracy: " + summary(last_eval))
     full = checkpoint.full_state_dict(run.model)

@@ -123,6 +123,8 @@ class RLConfig:
     micro_batch: Annotated[int, COUNT] = 8  # sequences per forward/backward on one rank
     guided_epochs: Annotated[int, NON_NEGATIVE] = 13  # epochs of the guided stage (paper)
     exploratory_epochs: Annotated[int, NON_NEGATIVE] = 2  # epochs of the exploratory stage (paper)
+    guided_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # steps of the guided stage, then the exploratory one
+    # (short runs: e.g. --guided-steps 4 --max-steps 8 gives 4 of each); -1: --guided-epochs
     max_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # stop early (quick runs); -1: both stages' epochs
     temperature: Annotated[float, POSITIVE] = 1.0  # sampling temperature of the rollouts (paper)
     top_p: Annotated[float, TOP_P] = 1.0  # nucleus sampling of the rollouts (paper: 1, off)
@@ -506,7 +508,7 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
         )
         cfg = dataclasses.replace(cfg, global_batch=batch)
     steps_per_epoch = max(1, len(data) // cfg.global_batch)
-    guided = steps_per_epoch * cfg.guided_epochs
+    guided = steps_per_epoch * cfg.guided_epochs if cfg.guided_steps < 0 else cfg.guided_steps
     total = guided + steps_per_epoch * cfg.exploratory_epochs
     total = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
     resolved = {

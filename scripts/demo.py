@@ -21,11 +21,8 @@ Each trainer keeps only its latest checkpoint. The stages allocate with jemalloc
 
 from __future__ import annotations
 
-import ctypes.util
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,68 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tagpr import config, demo_report, hardware  # noqa: E402  (the repository root first: the demo runs from a checkout)
+from tagpr import config, demo_report, hardware, stages  # noqa: E402  (the repository root first: the demo runs from a checkout)
 from tagpr.config import ALL_OR_COUNT, COUNT, NON_NEGATIVE, POSITIVE  # noqa: E402
-
-PY = sys.executable
-
-
-def malloc_env(choice: str) -> dict[str, str]:
-    """Environment that makes the stages allocate with jemalloc, where the machine has it (`auto`, `jemalloc`).
-
-    PyTorch on a CPU frees and re-allocates its activations every step; glibc hands large blocks back to the
-    kernel and faults them in again, jemalloc told to keep its pages (`retain`, no decay) does not: the same
-    numbers, ~17 % less wall time, ~1 GB more resident memory per process (bench/README.md, "Allocator").
-    """
-    if choice == "system":
-        return {}
-    lib = ctypes.util.find_library("jemalloc")
-    if lib is None:
-        if choice == "jemalloc":
-            raise config.ConfigError(
-                "--malloc jemalloc: no libjemalloc on this machine (Debian/Ubuntu: apt install libjemalloc2)"
-            )
-        return {}
-    preload = " ".join(x for x in (os.environ.get("LD_PRELOAD", ""), lib) if x)
-    return {"LD_PRELOAD": preload, "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
-
-
-def run(cmd: list[str], log: Path) -> None:
-    """Run a stage, its output shown and kept in `log`; stop the demo if it fails."""
-    print("$", " ".join(cmd), flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        p = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
-        )
-        for line in p.stdout:
-            f.write(line)
-            if "it/s]" not in line and "s/it]" not in line:  # progress bars go to the log only
-                print("   ", line.rstrip()[-160:], flush=True)
-        if p.wait():
-            raise SystemExit(f"stage failed (exit {p.returncode}): {' '.join(cmd)}; log: {log}")
-
-
-class Timer:
-    def __init__(self, path: Path):
-        self.path = path
-        self.t = json.loads(path.read_text()) if path.is_file() else {}
-
-    def stage(self, name: str, done: Path, cmd: list[str], log: Path) -> None:
-        if done.exists():
-            print(f"== {name}: done already ({done})")
-            return
-        print(f"== {name}")
-        t0 = time.time()
-        run(cmd, log)
-        self.t[name] = round(self.t.get(name, 0.0) + time.time() - t0, 1)  # summed over interrupted attempts
-        self.path.write_text(json.dumps(self.t, indent=1))
 
 
 @dataclass
@@ -149,7 +86,7 @@ def old_logp_source(a: DemoConfig, prec: str) -> str:
 
 def main(argv=None):
     a, _ = config.parse(DemoConfig, {}, argv, description=__doc__)
-    allocator = malloc_env(a.malloc)
+    allocator = stages.malloc_env(a.malloc)
     os.environ.update(allocator)  # the stages inherit it
     if a.precision == "auto":
         prec = "bf16" if hardware.bf16_matmul() else "fp32"
@@ -162,7 +99,7 @@ def main(argv=None):
     run_dir = ROOT / a.run
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
-    timer = Timer(run_dir / "timings.json")
+    timer = stages.Timer(run_dir / "timings.json")
     data, sft, prmu = run_dir / "data", run_dir / "sft", run_dir / "prmu"
     seeds = [int(s) for s in a.seeds.split(",") if s]
     old_logp = old_logp_source(a, prec)
@@ -170,213 +107,30 @@ def main(argv=None):
     t_start = time.time()
 
     timer.stage(
-        "1 build_data",
-        data / "eval_prompts_swap.jsonl",
-        [
-            PY,
-            "build_data.py",
-            "--preset",
-            "synthetic",
-            "--out",
-            str(data),
-            "--tasks",
-            a.tasks,
-            "--k",
-            str(a.k),
-            "--difficulty",
-            a.difficulty,
-            "--chain-style",
-            a.chain_style,
-            "--instances-per-task",
-            "200",
-            "--chains",
-            "2",
-            "--rl-per-task",
-            "256",
-            "--rl-lamp2",
-            "256",
-            "--eval-prompts",
-            str(a.eval_questions),
-            "--eval-split",
-            a.eval_split,
-            "--eval-users",
-            str(a.eval_users),
-        ],
-        logs / "build_data.log",
+        "1 build_data", data / "eval_prompts_swap.jsonl", stages.build_data_cmd(a, data), logs / "build_data.log"
     )
     timer.stage(
-        "2 train_sft",
-        sft / "model" / "config.json",
-        [
-            PY,
-            "train_sft.py",
-            "--model",
-            a.policy,
-            "--sft",
-            str(data / "sft.jsonl"),
-            "--out",
-            str(sft),
-            "--lr",
-            str(a.sft_lr),
-            "--global-batch",
-            str(a.sft_batch),
-            "--micro-batch",
-            "4",
-            "--max-steps",
-            str(a.sft_steps),
-            "--epochs",
-            "10",
-            "--max-len",
-            "1024",
-            "--eval-frac",
-            "0.02",
-            "--eval-every",
-            "1000",
-            "--save-every",
-            "6",
-            "--keep",
-            "1",
-            "--warmup-ratio",
-            "0.1",
-            "--precision",
-            prec,
-            "--train-layers",
-            str(a.sft_train_layers),
-        ],
-        logs / "train_sft.log",
+        "2 train_sft", sft / "model" / "config.json", stages.sft_cmd(a, data, sft, prec), logs / "train_sft.log"
     )
-    timer.stage(
-        "3 train_prmu",
-        prmu / "model" / "users.json",
-        [
-            PY,
-            "train_prmu.py",
-            "--preset",
-            "tiny",
-            "--prp",
-            str(data / "prp.jsonl"),
-            "--pqp",
-            str(data / "pqp.jsonl"),
-            "--out",
-            str(prmu),
-            "--max-steps",
-            str(a.prmu_steps),
-            "--epochs",
-            "5",
-            "--save-every",
-            "10",
-        ],
-        logs / "train_prmu.log",
-    )
+    timer.stage("3 train_prmu", prmu / "model" / "users.json", stages.prmu_cmd(a, data, prmu), logs / "train_prmu.log")
     for i, s in enumerate(seeds):
         rl = run_dir / f"rl_seed{s}"
-        timer.stage(
-            f"4 train_rl seed {s}",
-            rl / "model" / "config.json",
-            [
-                PY,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={a.nproc}",
-                "train_rl.py",
-                "--policy",
-                str(sft / "model"),
-                "--prmu",
-                str(prmu / "model"),
-                "--prompts",
-                str(data / "rl_prompts.jsonl"),
-                "--out",
-                str(rl),
-                "--seed",
-                str(s),
-                "--lr",
-                str(a.rl_lr),
-                "--global-batch",
-                str(a.rl_prompts),
-                "--group",
-                str(a.rl_group),
-                "--mini-batches",
-                "2",
-                "--micro-batch",
-                "8",
-                "--max-new-tokens",
-                str(a.rl_max_new),
-                "--max-steps",
-                str(a.rl_steps),
-                "--guided-epochs",
-                "100",
-                "--temperature",
-                str(a.rl_temperature),
-                "--overlong",
-                a.rl_overlong,
-                "--old-logp",
-                old_logp,
-                "--eval-prompts",
-                str(data / "eval_prompts.jsonl"),
-                "--eval-swap-prompts",
-                str(data / "eval_prompts_swap.jsonl"),
-                "--eval-samples",
-                str(a.eval_samples),
-                "--eval-batch",
-                str(a.eval_batch),
-                "--eval-every",
-                str(a.rl_eval_every),
-                "--eval-before" if i == 0 else "--no-eval-before",
-                "--save-every",
-                "2",
-                "--keep",
-                "1",
-                "--precision",
-                prec,
-                "--train-layers",
-                str(a.rl_train_layers),
-                "--eval-trunk-store",
-                str(trunk) if a.trunk_store else "",
-            ],
-            logs / f"train_rl_seed{s}.log",
-        )
-    shutil.rmtree(trunk, ignore_errors=True)  # derived data (~1.6 GB for the demo's 128 prompts): not kept
-    lamp_dir = data / "synthetic_lamp"
-    timer.stage(
-        "5 evaluate base",
-        run_dir / "eval" / "base" / "table.md",
-        [
-            PY,
-            "evaluate.py",
-            "--model",
-            a.policy,
-            "--methods",
-            f"{a.base_methods},floor,oracle",
-            "--out",
-            str(run_dir / "eval" / "base"),
-            "--lamp-dir",
-            str(lamp_dir),
-            "--tasks",
-            a.tasks,
-            "--split",
-            a.eval_split,
-            "--limit",
-            str(a.eval_questions),
-            "--k",
-            str(a.k),
-            "--tags",
-            str(data / "tags.json"),
-            "--r2p-candidates",
-            "2",
-            "--r2p-chunk",
-            "96",
-            "--r2p-max-tokens",
-            "192",
-            "--r2p-budget-words",
-            "120",
-            "--r2p-interventions",
-            "1",
-            "--precision",
+        cmd = stages.rl_cmd(
+            a,
+            sft / "model",
+            prmu / "model",
+            data,
+            rl,
+            s,
             prec,
-        ],
-        logs / "evaluate_base.log",
-    )
+            old_logp,
+            eval_before=i == 0,
+            eval_trunk_store=trunk if a.trunk_store else "",
+        )
+        timer.stage(f"4 train_rl seed {s}", rl / "model" / "config.json", cmd, logs / f"train_rl_seed{s}.log")
+    shutil.rmtree(trunk, ignore_errors=True)  # derived data (~1.6 GB for the demo's 128 prompts): not kept
+    cmd = stages.evaluate_base_cmd(a, data, run_dir / "eval" / "base", prec)
+    timer.stage("5 evaluate base", run_dir / "eval" / "base" / "table.md", cmd, logs / "evaluate_base.log")
     demo_report.report(run_dir, a, seeds, timer.t, time.time() - t_start, prec, old_logp)
 
 

@@ -90,7 +90,16 @@ def _numeric(hint) -> tuple[type | None, Range | None]:
 def field_help(cls) -> dict[str, str]:
     """Each field's comment in the class source: `name: type = default  # help`, continued by the comment-only
     lines right below it (no blank line between: a comment after a blank line is the class's own). Fields without
-    a comment are missing from the result."""
+    a comment are missing from the result. A dataclass that subclasses another inherits its helps; its own win."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            out.update(_own_field_help(base))
+    out.update(_own_field_help(cls))
+    return out
+
+
+def _own_field_help(cls) -> dict[str, str]:
     out: dict[str, str] = {}
     current, last = None, 0  # the field whose help is being read, and the line its help reached
     try:

@@ -21,7 +21,7 @@ KINDS = ("greedy", "sampled", "swap")
 SIGN = {"classification": 1, "rating": -1, "generation": 1}  # +1 where a higher score is better
 
 
-def _scores(path: Path) -> dict[str, dict]:
+def scores_from(path: Path) -> dict[str, dict]:
     """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
     "swap" (greedy on the swapped profiles); and "split": {question id: (its samples' scores, whether each
     parsed)} where the file has them."""
@@ -56,8 +56,8 @@ def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
     {seed: its last step})."""
     rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
     last = {s: max(scored_steps(d)) for s, d in rl.items()}
-    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
-    return sft, {s: _scores(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
+    sft = scores_from(rl[seeds[0]] / "held_out_step0.json")
+    return sft, {s: scores_from(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
 
 
 def task_questions(run_dir: Path, ids, default_task: str) -> dict[str, list[str]]:
@@ -229,7 +229,7 @@ def gain_curve(run_dir: Path, seeds, ids=None, sign: int = 1) -> str:
     questions (default: all); `sign`: -1 where lower is better."""
     rl = {s: run_dir / f"rl_seed{s}" for s in seeds}
     steps = sorted(set.intersection(*(scored_steps(d) for d in rl.values())) - {0})
-    sft = _scores(rl[seeds[0]] / "held_out_step0.json")
+    sft = scores_from(rl[seeds[0]] / "held_out_step0.json")
     ids = sorted(sft["greedy"]) if ids is None else ids
     rows = {s: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}
     step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "old_logp", "update"))
@@ -239,7 +239,7 @@ def gain_curve(run_dir: Path, seeds, ids=None, sign: int = 1) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in steps:
-        at = {s: _scores(rl[s] / f"held_out_step{n}.json") for s in seeds}
+        at = {s: scores_from(rl[s] / f"held_out_step{n}.json") for s in seeds}
         t = mean([sum(step_time(r) for r in rows[s] if 0 < r["step"] <= n) for s in seeds])
         cells = []
         for k in ("sampled", "greedy"):

@@ -28,6 +28,7 @@ SCRIPTS = {
     "train_rl": "RLConfig",
     "evaluate": "EvalConfig",
     "scripts.demo": "DemoConfig",
+    "scripts.ablate": "AblateConfig",
 }
 
 

@@ -144,20 +144,19 @@ def test_malloc_env(monkeypatch):
     kept, or nothing where the machine has none; jemalloc where there is none → a clear error."""
     import ctypes.util
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo
+    from tagpr import config, stages
 
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
     monkeypatch.setenv("LD_PRELOAD", "libfoo.so")
-    assert demo.malloc_env("system") == {}
-    assert demo.malloc_env("auto") == {
+    assert stages.malloc_env("system") == {}
+    assert stages.malloc_env("auto") == {
         "LD_PRELOAD": "libfoo.so libjemalloc.so.2",
         "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1",
     }
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    assert demo.malloc_env("auto") == {}
-    with pytest.raises(demo.config.ConfigError, match="no libjemalloc"):
-        demo.malloc_env("jemalloc")
+    assert stages.malloc_env("auto") == {}
+    with pytest.raises(config.ConfigError, match="no libjemalloc"):
+        stages.malloc_env("jemalloc")
 
 
 def test_gain_curve_by_hand(tmp_path):
@@ -217,7 +216,7 @@ def test_parse_split_by_hand(tmp_path):
         }
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"held_out": per, "swap": {q: {"greedy": 0.0} for q in per}}))
-        return demo_report._scores(path)
+        return demo_report.scores_from(path)
 
     t, f = True, False
     sft = planted("sft", [[1, 0], [0, 0], [1, 1]], [[t, f], [t, t], [t, t]])

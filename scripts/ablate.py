@@ -1,0 +1,184 @@
+"""TagPR's ablations in miniature: Table 1's lower rows, Table 3 and the reward weights, on the same data, the same
+SFT policy and the same seeds, scored on held-out test users; one report with every row's paired difference
+against full TagPR.
+
+    python scripts/ablate.py                     # every row, 3 seeds, into runs/ablate; rerun to resume
+    python scripts/ablate.py --quick             # Table 3 on one task and one seed
+    python scripts/ablate.py --rows full,no_tag  # some rows only
+
+Rows (`--rows`, names as below; every RL row runs `--rl-steps` GSPO steps from the SFT policy unless it says):
+- Table 1: `full` (SFT → PRMU → GSPO: `--guided-steps` guided steps with Eq. 5's reward, then exploratory ones
+  with Eq. 11's), `no_sft` (GSPO from the base policy), `no_rl` (the SFT policy itself), `no_tag` (R_tag's
+  weight 0), `no_prmu` (no reward model: no R_p), `one_stage` (every step guided).
+- Table 3: `no_prmu` (no reward model), `untrained_rm` (PRMU's backbone with a fresh head and fresh user rows:
+  `train_prmu --max-steps 0`), `no_ue` (PRMU trained without user embeddings), `full` (PRMU).
+- Weights: `w_format_x0.5`, `w_format_x2`, `w_personal_x0.5`, `w_personal_x2`, `w_tag_x0.5`, `w_tag_x2`: one
+  weight of the composite reward halved or doubled around train_rl's default.
+
+The SFT policy's own scores (`no_rl`) come from `full` seed 0's evaluation before its first step (the held-out
+samples' generators do not depend on the run's seed, so every row is scored with the same random numbers).
+Writes `<run>/report.md` (also `--report`, e.g. docs/ablations/report.md): per task the rows with greedy and
+sampled scores, the share of sampled answers that parse and the score among them, and each row's paired
+difference against `full` over questions (mean over seeds) with its 95 % bootstrap interval; PRMU's held-out
+pair accuracy beside Table 3; the base model, the no-profile floor and the oracle (evaluate.py) for scale; the time
+taken.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from demo import DemoConfig, old_logp_source  # noqa: E402  (scripts/demo.py: the pipeline's settings)
+
+from tagpr import ablation_report, config, hardware, stages  # noqa: E402
+from tagpr.config import COUNT, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE  # noqa: E402
+
+DEFAULT_WEIGHTS = {"w_format": 0.5, "w_personal": 0.5, "w_tag": 1.0}  # train_rl.py's defaults
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ablation row: where its policy starts, which reward model it has, and its other train_rl flags."""
+
+    name: str
+    label: str
+    tables: tuple[str, ...]  # "1", "3", "weights"
+    policy: str = "sft"  # "sft" or "base"
+    prmu: str = "full"  # "full", "no_ue", "untrained" or "none"
+    flags: dict = field(default_factory=dict)  # train_rl flags (the stages' names)
+    trained: bool = True  # False: the SFT policy's own scores (w/o RL)
+
+
+def rows_of(a) -> list[Row]:
+    full_flags = {"guided_steps": a.guided_steps}
+    rows = [
+        Row("full", "TagPR (full)", ("1", "3", "weights"), flags=full_flags),
+        Row("no_sft", "w/o SFT", ("1",), policy="base", flags=full_flags),
+        Row("no_rl", "w/o RL", ("1",), trained=False),
+        Row("no_tag", "w/o Tag (R_tag weight 0)", ("1",), flags={**full_flags, "w_tag": 0.0}),
+        Row("no_prmu", "w/o Reward (no PRMU)", ("1", "3"), prmu="none", flags=full_flags),
+        Row("one_stage", "One RL stage (guided only)", ("1",), flags={"guided_steps": a.rl_steps}),
+        Row("untrained_rm", "Untrained reward model", ("3",), prmu="untrained", flags=full_flags),
+        Row("no_ue", "PRMU w/o UE", ("3",), prmu="no_ue", flags=full_flags),
+    ]
+    for w, v in DEFAULT_WEIGHTS.items():
+        for times in (0.5, 2):
+            rows.append(
+                Row(
+                    f"{w}_x{times:g}",
+                    f"{w} × {times:g} ({v * times:g})",
+                    ("weights",),
+                    flags={**full_flags, w: v * times},
+                )
+            )
+    return rows
+
+
+QUICK_ROWS = "full,no_prmu,untrained_rm,no_ue"  # Table 3
+
+
+@dataclass
+class AblateConfig(DemoConfig):
+    run: str = "runs/ablate"  # the run folder; rerun the same command to resume
+    chain_style: Literal["full", "terse"] = "terse"
+    sft_steps: Annotated[int, COUNT] = 48
+    rl_steps: Annotated[int, COUNT] = 8
+    rl_lr: Annotated[float, POSITIVE] = 1e-4
+    eval_questions: Annotated[int, COUNT] = 128
+    eval_split: Literal["dev", "test"] = "test"
+    eval_samples: Annotated[int, NON_NEGATIVE] = 4
+    eval_batch: Annotated[int, NON_NEGATIVE] = 24
+    guided_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # full TagPR's guided GSPO steps, the rest exploratory (-1:
+    # half of --rl-steps)
+    rows: str = "all"  # the rows to run, comma-separated (names in the docstring), or "all"
+    quick: bool = False  # Table 3's rows on the first task and the first seed
+    report: str = "auto"  # also copy <run>/report.md here; auto: docs/ablations/report.md when every row runs on
+    # every task and seed (not --quick, not --rows), else nowhere; empty: nowhere
+
+
+def main(argv=None):
+    a, _ = config.parse(AblateConfig, {}, argv, description=__doc__)
+    if a.guided_steps < 0:
+        a.guided_steps = a.rl_steps // 2
+    if a.guided_steps > a.rl_steps:
+        raise config.ConfigError(f"--guided-steps {a.guided_steps}: more than --rl-steps {a.rl_steps}")
+    if a.quick:
+        a.tasks, a.seeds = a.tasks.split(",")[0], a.seeds.split(",")[0]
+        a.rows = QUICK_ROWS if a.rows == "all" else a.rows
+    every = {r.name: r for r in rows_of(a)}
+    names = list(every) if a.rows == "all" else [n for n in a.rows.split(",") if n]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise config.ConfigError(f"--rows {a.rows}: unknown {', '.join(unknown)}; expected some of {', '.join(every)}")
+    rows = [every[n] for n in dict.fromkeys(["full", *names])]  # full: every difference is against it
+    os.environ.update(stages.malloc_env(a.malloc))
+    prec = (
+        "bf16" if a.precision == "auto" and hardware.bf16_matmul() else "fp32" if a.precision == "auto" else a.precision
+    )
+    prec = hardware.resolve_precision(prec, torch.device("cpu"))
+    old_logp = old_logp_source(a, prec)
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    run_dir = ROOT / a.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs, data, sft = run_dir / "logs", run_dir / "data", run_dir / "sft"
+    timer = stages.Timer(run_dir / "timings.json")
+    t_start = time.time()
+    print(f"rows: {', '.join(r.name for r in rows)}; seeds {seeds}; {prec} (CPU: {hardware.describe()})")
+
+    timer.stage("build_data", data / "eval_prompts_swap.jsonl", stages.build_data_cmd(a, data), logs / "build_data.log")
+    timer.stage("train_sft", sft / "model" / "config.json", stages.sft_cmd(a, data, sft, prec), logs / "train_sft.log")
+    prmu_extra = {"full": (), "no_ue": ("--no-use-user-embeddings",), "untrained": ("--max-steps", "0")}
+    prmus = {r.prmu for r in rows} - {"none"}
+    for kind in sorted(prmus):
+        out = run_dir / "prmu" / kind
+        cmd = stages.prmu_cmd(a, data, out, *prmu_extra[kind])
+        timer.stage(f"train_prmu {kind}", out / "model" / "users.json", cmd, logs / f"train_prmu_{kind}.log")
+    trunks = {"sft": run_dir / "eval_trunk_sft", "base": run_dir / "eval_trunk_base"}
+    for r in rows:
+        if not r.trained:
+            continue
+        for i, s in enumerate(seeds):
+            out = run_dir / "rl" / r.name / f"seed{s}"
+            cmd = stages.rl_cmd(
+                a,
+                sft / "model" if r.policy == "sft" else a.policy,
+                run_dir / "prmu" / r.prmu / "model" if r.prmu != "none" else "none",
+                data,
+                out,
+                s,
+                prec,
+                old_logp,
+                eval_before=r.name == "full" and i == 0,  # the SFT policy's row (w/o RL)
+                eval_trunk_store=trunks[r.policy] if a.trunk_store else "",
+                exploratory_epochs=100,
+                **r.flags,
+            )
+            timer.stage(
+                f"train_rl {r.name} seed {s}", out / "model" / "config.json", cmd, logs / f"rl_{r.name}_{s}.log"
+            )
+    for t in trunks.values():
+        shutil.rmtree(t, ignore_errors=True)  # derived data: not kept
+    cmd = stages.evaluate_base_cmd(a, data, run_dir / "eval" / "base", prec)
+    timer.stage("evaluate base", run_dir / "eval" / "base" / "table.md", cmd, logs / "evaluate_base.log")
+    md = ablation_report.report(run_dir, a, rows, seeds, timer.t, time.time() - t_start, prec)
+    report = a.report if a.report != "auto" else "" if a.quick or a.rows != "all" else "docs/ablations/report.md"
+    if report:
+        dest = ROOT / report
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "report.md", dest)
+    print(md + f"\nreport: {run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    config.run(main)

@@ -1,0 +1,154 @@
+"""scripts/ablate.py: every row changes what it claims to change (read back from the runs' own files, tiny size),
+and the report's paired differences worked out by hand on planted files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def held_out(path: Path, greedy: dict, samples: dict, parsed: dict) -> None:
+    """A train_rl held_out_step<N>.json: each question's greedy score, its samples' scores and parse flags."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per = {
+        i: {
+            "greedy": greedy[i],
+            "greedy_parsed": True,
+            "sampled": sum(samples[i]) / len(samples[i]),
+            "samples": samples[i],
+            "samples_parsed": parsed[i],
+        }
+        for i in greedy
+    }
+    path.write_text(json.dumps({"held_out": per, "swap": {i: {"greedy": 0.0} for i in greedy}}))
+
+
+def test_report_differences_by_hand(tmp_path):
+    """Two seeds, four LaMP-2 questions: full and w/o Tag planted; the differences are worked out here."""
+    import ablate
+
+    from tagpr import ablation_report
+
+    ids = ["q0", "q1", "q2", "q3"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval_prompts.jsonl").write_text(
+        "".join(json.dumps({"id": i, "task": "LaMP_2"}) + "\n" for i in ids)
+    )
+    T, F = True, False
+    # full: seed 0 right on q0, q1; seed 1 right on q0. Samples: two a question.
+    plant = {
+        ("full", 0): ({"q0": 1, "q1": 1, "q2": 0, "q3": 0}, {"q0": [1, 1], "q1": [1, 0], "q2": [0, 0], "q3": [0, 0]}),
+        ("full", 1): ({"q0": 1, "q1": 0, "q2": 0, "q3": 0}, {"q0": [1, 0], "q1": [1, 1], "q2": [0, 0], "q3": [1, 0]}),
+        ("no_tag", 0): ({"q0": 0, "q1": 0, "q2": 0, "q3": 0}, {"q0": [0, 0], "q1": [0, 0], "q2": [0, 0], "q3": [0, 0]}),
+        ("no_tag", 1): ({"q0": 1, "q1": 0, "q2": 0, "q3": 0}, {"q0": [1, 0], "q1": [0, 0], "q2": [0, 0], "q3": [0, 0]}),
+    }
+    # parse flags: full parses everything; w/o Tag parses only the right answers and q2's first sample
+    for (name, s), (g, smp) in plant.items():
+        parsed = {i: [T, T] for i in ids} if name == "full" else {i: [bool(x) for x in smp[i]] for i in ids}
+        if name == "no_tag":
+            parsed["q2"] = [T, F]
+        held_out(tmp_path / "rl" / name / f"seed{s}" / "held_out_step8.json", g, smp, parsed)
+    held_out(
+        tmp_path / "rl" / "full" / "seed0" / "held_out_step0.json", *plant[("no_tag", 0)], {i: [F, F] for i in ids}
+    )
+    a = SimpleNamespace(rl_steps=8, guided_steps=4)
+    rows = {r.name: r for r in ablate.rows_of(a)}
+    scores = {n: ablation_report.row_scores(tmp_path, rows[n], [0, 1]) for n in ("full", "no_tag", "no_rl")}
+    d = ablation_report.difference(scores["full"], scores["no_tag"], [0, 1], ids, 1)
+    # greedy, per question the mean over seeds: full [1, .5, 0, 0], w/o Tag [.5, 0, 0, 0] → Δ = [−.5, −.5, 0, 0]
+    assert d["greedy"][0] == pytest.approx(-0.25)
+    # sampled: full [(1+.5)/2, (.5+1)/2, 0, (0+.5)/2] = [.75, .75, 0, .25]; w/o Tag [.25, 0, 0, 0] → mean Δ = −1.5/4
+    assert d["sampled"][0] == pytest.approx(-0.375)
+    # parse share (4 samples a question, seeds pooled): full 1 everywhere; w/o Tag q0 1/4 (seed 1's right one),
+    # q1 0, q2 2/4 (each seed's first), q3 0
+    assert d["parsed"][0] == pytest.approx((-0.75 - 1 - 0.5 - 1) / 4)
+    # among parsed, pooled: full 7 right of 16; w/o Tag 1 right of 3 parsed (q0's one, q2's two wrong)
+    assert d["among"][0] == pytest.approx(1 / 3 - 7 / 16)
+    lo, hi = d["sampled"][1:]
+    assert lo <= -0.375 < hi < 0  # every question's Δ ≤ 0, and only q2's is 0
+    assert ablation_report.verdict(d["sampled"]) == "reproduced (lower)"
+    assert ablation_report.verdict((0.1, 0.02, 0.2)) == "the other way (higher)"
+    # w/o RL: the SFT policy's step-0 file, the same for every seed
+    assert scores["no_rl"][0] == scores["no_rl"][1]
+    assert scores["no_rl"][0]["greedy"] == {i: 0 for i in ids}
+    # the table's row for w/o Tag carries those numbers
+    md = ablation_report.table(tmp_path, [rows["full"], rows["no_tag"]], scores, [0, 1], "LaMP_2", ids, "1")
+    line = next(x for x in md.splitlines() if x.startswith("| w/o Tag"))
+    assert "| 0.125 | 0.062 | 0.188 | 0.333 |" in line  # greedy .5/4, sampled .25/4, parse 3/16, among 1/3
+    assert all(f"| {x} [" in line for x in ("-0.250", "-0.375", "-0.812", "-0.104")), line
+
+
+@pytest.mark.slow
+def test_every_row_changes_what_it_claims(tmp_path):
+    """Every row at tiny size, one seed: each run's config.json and metrics.jsonl say the row did what it claims."""
+    import ablate
+
+    names = [r.name for r in ablate.rows_of(SimpleNamespace(rl_steps=2, guided_steps=1))]
+    run = tmp_path / "abl"
+    tiny = ["--policy", "tiny", "--sft-steps", "2", "--sft-batch", "4", "--sft-train-layers", "2", "--prmu-steps", "2"]
+    tiny += ["--rl-steps", "2", "--rl-prompts", "2", "--rl-group", "2", "--rl-max-new", "8", "--eval-questions", "4"]
+    cmd = [sys.executable, "scripts/ablate.py", "--run", str(run), "--quick", "--rows", ",".join(names), *tiny]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    check_rows(run)
+
+
+def check_rows(run: Path) -> None:
+    """What every row claims, read from its files."""
+    import ablate
+
+    from tagpr import prmu
+
+    rl = lambda name: run / "rl" / name / "seed0"
+    cfg = lambda name: json.loads((rl(name) / "config.json").read_text())
+    lines = lambda name: (rl(name) / "metrics.jsonl").read_text().splitlines()
+    rows = lambda name: [r for r in map(json.loads, lines(name)) if "stage" in r]  # training steps, not scorings
+    sft, base = str(run / "sft" / "model"), "tiny"
+    # full: from the SFT policy, PRMU, one guided step then one exploratory (no R_tag, no R_p there)
+    assert cfg("full")["policy"] == sft and cfg("full")["prmu"] == str(run / "prmu" / "full" / "model")
+    assert [r["stage"] for r in rows("full")] == ["guided", "exploratory"]
+    guided, exploratory = rows("full")
+    assert guided["reward/personal"] != 0.0 and guided["reward/tag"] != 0.0  # garbage earns R_tag's penalties
+    assert exploratory["reward/personal"] == exploratory["reward/tag"] == 0.0
+    assert (rl("full") / "held_out_step0.json").is_file()  # the SFT policy's scores: the w/o RL row
+    assert not (run / "rl" / "no_rl").exists()
+    assert cfg("no_sft")["policy"] == base
+    assert cfg("no_tag")["w_tag"] == 0.0 and rows("no_tag")[0]["reward/tag"] == 0.0
+    assert cfg("no_prmu")["prmu"] == "none" and rows("no_prmu")[0]["reward/personal"] == 0.0
+    assert [r["stage"] for r in rows("one_stage")] == ["guided", "guided"]
+    # Table 3's reward models: untrained (no step: its user rows and backbone are the seeded initial ones), w/o UE
+    prmu_cfg = lambda kind: json.loads((run / "prmu" / kind / "config.json").read_text())
+    assert prmu_cfg("untrained")["max_steps"] == 0 and prmu_cfg("no_ue")["use_user_embeddings"] is False
+    assert prmu_cfg("full")["use_user_embeddings"] is True
+    assert cfg("untrained_rm")["prmu"] == str(run / "prmu" / "untrained" / "model")
+    assert cfg("no_ue")["prmu"] == str(run / "prmu" / "no_ue" / "model")
+    from safetensors.torch import load_file
+
+    users = json.loads((run / "prmu" / "untrained" / "model" / "users.json").read_text())
+    torch.manual_seed(prmu_cfg("untrained")["seed"])  # as train_prmu: the seed, the backbone (forked RNG), the rows
+    backbone, _ = prmu.load_backbone("tiny", prmu_cfg("untrained")["seed"])
+    fresh = prmu.PRMU(backbone, len(users), True).user_embeddings.weight.detach()
+    saved = lambda kind: next(iter(load_file(run / "prmu" / kind / "model" / "user_embeddings.safetensors").values()))
+    assert torch.equal(saved("untrained"), fresh)
+    assert not torch.equal(saved("full"), fresh)  # the trained model's rows moved
+    # the weights: one changed per row, in the config and in the logged reward (R = R_v + w_f R_f + R_rep +
+    # w_tag R_tag + w_p R_p, so the step's mean reward is that sum of the parts' means)
+    for w, v in ablate.DEFAULT_WEIGHTS.items():
+        for times in (0.5, 2):
+            name = f"{w}_x{times:g}"
+            c = cfg(name)
+            assert c[w] == v * times and all(c[o] == ov for o, ov in ablate.DEFAULT_WEIGHTS.items() if o != w)
+            r = rows(name)[0]
+            want = r["reward/verifiable"] + c["w_format"] * r["reward/format"] + r["reward/repetition"]
+            want += c["w_tag"] * r["reward/tag"] + c["w_personal"] * r["reward/personal"]
+            assert r["reward"] == pytest.approx(want, abs=1e-9), name
+    report = (run / "report.md").read_text()
+    for r in ablate.rows_of(SimpleNamespace(rl_steps=2, guided_steps=1)):
+        assert f"| {r.label} |" in report, r.label
