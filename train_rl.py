@@ -75,7 +75,7 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, lora, metrics, prompts, rewards, synthetic, tags
-from tagpr.batching import epoch_batches, pad_batch, stratified_batches
+from tagpr.batching import epoch_batches, group_pack, pad_batch, stratified_batches
 from tagpr.config import ALL_OR_COUNT, AT_LEAST_ONE, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
 from tagpr.files import DataError, iter_jsonl, write_json
@@ -160,6 +160,8 @@ class RLConfig:
     lora_dropout: Annotated[float, FRACTION] = 0.0  # dropout on the adapters' input; GSPO needs 0 (ratio 1 on-policy)
     lora_targets: str = "all"  # projections that get adapters: "all" (q,k,v,o,gate,up,down_proj) or a comma list
     activation_checkpointing: bool = False  # recompute each layer in the update's backward (memory for time)
+    shared_prompts: bool = True  # the updates and the old log-probs compute each group's prompt once (one packed row
+    # per group, each response attending to the prompt and itself); the same numbers to summation order
     trunk_cache: bool = True  # with train_layers: the frozen layers' output computed once per rollout
     # batch (kept by the sampler where it can), not in every forward
     overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
@@ -444,6 +446,20 @@ class Plan:
     trunk: torch.Tensor | None  # (B, T, H) the frozen layers' output, or None
     ref: torch.Tensor | None  # (B, T - 1) reference log-probs, or None
 
+    def logprobs(self, run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) of `rows` at the sampling temperature, (len(rows), T − 1), 0 off the responses:
+        with `--shared-prompts` from the rows packed by group (`batching.group_pack`), else row by row."""
+        cfg = run.cfg
+        if not cfg.shared_prompts:
+            return run.model(self.x[rows], self.attn[rows], cfg.temperature, **self.top(run, rows))
+        pk = group_pack(self.x, self.rmask, rows, cfg.group, run.tok.pad_token_id, self.trunk if run.frozen else None)
+        lp, ent = run.model(
+            pk.ids, pk.mask, cfg.temperature, position_ids=pk.pos, start=run.frozen, hidden=pk.hidden, pick=pk.pick
+        )
+        where = self.rmask[rows]
+        zeros = lp.new_zeros(where.shape)
+        return zeros.masked_scatter(where, lp), zeros.masked_scatter(where, ent)
+
     def top(self, run: Run, rows: list[int]) -> dict:
         """The model's keyword arguments for `rows`: log-probs at the response tokens only, from the cached trunk
         through the top layers when there is one."""
@@ -671,7 +687,7 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
                 plan.old = plan.sampler
         rest = sorted(r for mini in minis[1:] for r in mini) if cfg.old_logp == "recompute" else []
         for rows, real in fsdp_micro_batches(rest, cfg.micro_batch):
-            lp = model(x[rows], attn[rows], cfg.temperature, **plan.top(run, rows))[0]
+            lp = plan.logprobs(run, rows)[0]
             if real:
                 plan.old[rows] = lp
         if run.ref is not None:
@@ -714,9 +730,10 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update
     stats: dict[str, float] = {}
     ent_sum = ent_n = 0.0
     n_mini = plan.sizes[k]
-    for rows, real in fsdp_micro_batches(plan.minis[k], cfg.micro_batch):
+    mini = sorted(plan.minis[k]) if cfg.shared_prompts else plan.minis[k]  # group-mates in one micro-batch
+    for rows, real in fsdp_micro_batches(mini, cfg.micro_batch):
         with autocast(dev, run.precision):
-            logp, ent = run.model(plan.x[rows], plan.attn[rows], cfg.temperature, **plan.top(run, rows))
+            logp, ent = plan.logprobs(run, rows)
         # update 0's own forward is the trainer's π_old: the paper's path, and --is-correction's in sampler mode
         own = k == 0 and (cfg.old_logp == "recompute" or cfg.is_correction != "none")
         old = logp.detach() if own else plan.old[rows]

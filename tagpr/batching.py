@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -109,3 +110,79 @@ def packed_batch(
             at += n
         pos[r, at:] = torch.arange(T - at)  # the padded tail is its own segment, never a target
     return ids.to(device), pos.to(device), tgt[:, 1:].to(device)
+
+
+@dataclass
+class GroupPack:
+    """GSPO rows packed by prompt: one row per group, its prompt once and then each of its responses, each response
+    attending to the prompt and to itself only (`mask`), its positions continuing the prompt's (`pos`)."""
+
+    ids: torch.Tensor  # (R, L) token ids, right-padded
+    mask: torch.Tensor  # (R, 1, L, L) bool: True where a query (row, dim 2) may attend a key (dim 3)
+    pos: torch.Tensor  # (R, L) position ids
+    hidden: torch.Tensor | None  # (R, L, H) the frozen trunk's output in the same layout, or None
+    pick: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (packed row, packed position, target token) of every
+    # scored token, in the order of the unpacked rows' response mask (row-major)
+
+
+def group_pack(
+    x: torch.Tensor, rmask: torch.Tensor, rows: Sequence[int], group: int, pad_id: int, trunk: torch.Tensor | None
+) -> GroupPack:
+    """Pack `rows` of a GSPO batch (x: (B, T) prompt + response ids, right-padded; rmask: (B, T − 1), position t
+    scoring token t + 1; rows prompt-major, `group` per prompt) so that each prompt's tokens appear once.
+
+    A response token's log-prob comes from the hidden state before it: its response's previous token, or, for its
+    first token, the prompt's last (shared by the group's responses: its gradient sums over them). The scores equal
+    the unpacked rows' to the summation order of attention over the extra masked keys."""
+    device = x.device
+    by_group: dict[int, list[int]] = {}
+    for r in rows:
+        by_group.setdefault(r // group, []).append(r)
+    packs, picks = [], {}
+    for members in by_group.values():
+        prompt_len = int(rmask[members[0]].nonzero()[0]) + 1
+        ids, pos, src = (
+            x[members[0], :prompt_len].tolist(),
+            list(range(prompt_len)),
+            [(members[0], t) for t in range(prompt_len)],
+        )
+        spans = []
+        for r in members:
+            n = int(rmask[r].sum())
+            start = len(ids)
+            ids += x[r, prompt_len : prompt_len + n].tolist()
+            pos += range(prompt_len, prompt_len + n)
+            src += [(r, t) for t in range(prompt_len, prompt_len + n)]
+            spans.append((start, n))
+            # token i of the response is scored from packed position start + i − 1, the first from the prompt's last
+            picks[r] = (
+                len(packs),
+                [prompt_len - 1] + list(range(start, start + n - 1)),
+                x[r, prompt_len : prompt_len + n],
+            )
+        packs.append((ids, pos, src, prompt_len, spans))
+    L = max(len(p[0]) for p in packs)
+    R = len(packs)
+    out_ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
+    out_pos = torch.zeros((R, L), dtype=torch.long, device=device)
+    mask = torch.zeros((R, 1, L, L), dtype=torch.bool, device=device)
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    hidden = None if trunk is None else trunk.new_zeros(R, L, trunk.shape[-1])
+    for i, (ids, pos, src, P, spans) in enumerate(packs):
+        out_ids[i, : len(ids)] = torch.tensor(ids, device=device)
+        out_pos[i, : len(pos)] = torch.tensor(pos, device=device)
+        mask[i, 0, :P, :P] = causal[:P, :P]
+        for start, n in spans:
+            mask[i, 0, start : start + n, :P] = True
+            mask[i, 0, start : start + n, start : start + n] = causal[:n, :n]
+        pad = torch.arange(len(ids), L, device=device)
+        mask[i, 0, pad, pad] = True  # a padding query sees itself: no empty softmax
+        if hidden is not None:
+            r_idx = torch.tensor([r for r, _ in src], device=device)
+            t_idx = torch.tensor([t for _, t in src], device=device)
+            hidden[i, : len(src)] = trunk[r_idx, t_idx]
+    # the picks in the unpacked rows' order, row by row (that is the response mask's row-major order)
+    row_i = torch.cat([torch.full((len(picks[r][1]),), picks[r][0], dtype=torch.long) for r in rows]).to(device)
+    pos_i = torch.cat([torch.tensor(picks[r][1], dtype=torch.long) for r in rows]).to(device)
+    tgt = torch.cat([picks[r][2] for r in rows]).to(device)
+    return GroupPack(out_ids, mask, out_pos, hidden, (row_i, pos_i, tgt))

@@ -322,6 +322,7 @@ def token_logprobs(
     start: int = 0,
     hidden: torch.Tensor | None = None,
     where: torch.Tensor | None = None,
+    pick: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every next token, through the fused op: no (B, T, V) logits.
 
@@ -333,6 +334,8 @@ def token_logprobs(
     `hidden` (B, T, H) from `trunk_hidden(…, upto=start)`: run decoder layers `start`… only.
     `where` (B, T − 1) bool: only these positions are scored (the lm_head runs on them alone: the
     response tokens of an RL or SFT row are a fraction of it); the others come back 0.
+    `pick` (rows, positions, targets), each (n,): score target k from the hidden state at (rows[k], positions[k])
+    instead (rows packed by `batching.group_pack`, whose `attention_mask` is 4-D); returns (n,) each.
     """
 
     head = model.get_output_embeddings()
@@ -345,6 +348,9 @@ def token_logprobs(
         with _layer_range(base, start, len(base.layers), final_norm=True):
             out = base(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state  # (B, T, H)
+    if pick is not None:
+        rows, pos, targets = pick
+        return fused_logprobs(hidden[rows, pos], head.weight, targets, temperature, impl)
     if where is None:
         return fused_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, impl)
     where = where.bool()
@@ -377,13 +383,14 @@ class LogprobModel(torch.nn.Module):
         start: int = 0,
         hidden=None,
         where=None,
+        pick=None,
     ):
         """(logp, entropy), at the positions `where` (all by default); `upto` > 0: the trunk's hidden states
         instead (`trunk_hidden`); `start`, `hidden`: the top layers only, from those hidden states."""
         if upto:
             return trunk_hidden(self.lm, input_ids, attention_mask, upto, position_ids).clone()
         logp, ent = token_logprobs(
-            self.lm, input_ids, attention_mask, temperature, impl, position_ids, start, hidden, where
+            self.lm, input_ids, attention_mask, temperature, impl, position_ids, start, hidden, where, pick
         )
         return logp.clone(), ent.clone()  # not views: FSDP2 hooks the root's outputs for backward
 
