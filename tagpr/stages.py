@@ -58,7 +58,8 @@ def run(cmd: list[str], log: Path) -> None:
         )
         for line in p.stdout:
             f.write(line)
-            if "it/s]" not in line and "s/it]" not in line:  # progress bars go to the log only
+            f.flush()  # the log follows the stage as it runs
+            if "%|" not in line:  # progress bars (tqdm's "NN%|███|") go to the log only
                 print("   ", line.rstrip()[-160:], flush=True)
         if p.wait():
             raise SystemExit(f"stage failed (exit {p.returncode}): {' '.join(cmd)}; log: {log}")
