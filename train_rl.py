@@ -179,8 +179,9 @@ class RLConfig:
     # the policy's context less --max-new-tokens
     long_prompts: Literal["error", "drop"] = "error"  # a prompt over the limit: stop before any work naming it, or
     # leave it out of training and say how many
-    eval_batch: Annotated[int, NON_NEGATIVE] = 0  # held-out prompts per decode call on each rank (0: all in one
-    # call); a smaller batch bounds the memory of a large held-out set, and in bf16 may change some answers
+    eval_batch: Annotated[int, NON_NEGATIVE] = 0  # held-out prompts per wave of the continuous-batching decode on
+    # each rank: a wave joins when the rows still decoding leave room within 1.5 waves' rows (0: every prompt at
+    # once); bounds the memory of a large held-out set, and in bf16 may change some answers
     eval_trunk_store: str = ""  # with --train-layers: a folder that keeps the held-out prompts' keys/values
     # in the frozen layers, so later scorings (this run's, and other runs' from
     # the same start policy) prefill the top layers only; empty: none
@@ -880,26 +881,28 @@ def held_out(
         parts[name] = (mine, len(flags) - len(p_ids) * (k + 1), len(flags))
         ids += p_ids
         sizes += [k + 1] * len(p_ids)
-    # in chunks of --eval-batch prompts (every rank the same number of calls: FSDP's collectives)
+    # continuous batching in waves of --eval-batch prompts: a wave is admitted once the rows still decoding leave room
+    # for it within 1.5 waves' rows (the memory bound), so the decode steps stay full while prompts wait; the waves
+    # are the chunks the trunk store keys (one call per rank: FSDP's collectives stay in step)
     chunk = cfg.eval_batch or max(1, len(ids))
-    starts = [sum(sizes[:c]) for c in range(0, len(ids), chunk)] + [len(flags)]
-    texts = []
-    for c, (r0, r1) in enumerate(zip(starts, starts[1:])):
-        texts += generate(
-            run.model,
-            ids[c * chunk : (c + 1) * chunk],
-            tok.eos_token_id,
-            tok.pad_token_id,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            greedy=flags[r0:r1],
-            generator=gens[r0:r1],
-            tokenizer=tok,
-            n_per_prompt=sizes[c * chunk : (c + 1) * chunk],
-            precision=run.precision,
-            trunk=store,
-        ).texts
+    most = max((sum(sizes[c : c + chunk]) for c in range(0, len(ids), chunk)), default=1)
+    texts = generate(
+        run.model,
+        ids,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        greedy=flags,
+        generator=gens,
+        tokenizer=tok,
+        n_per_prompt=sizes,
+        precision=run.precision,
+        trunk=store,
+        batch_rows=most + most // 2,
+        wave=chunk,
+    ).texts
     for name, (data, k) in sets.items():
         mine, a, b = parts[name]
         greedy = texts[a : b : k + 1]

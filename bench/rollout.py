@@ -93,6 +93,14 @@ def main():
     )
     ap.add_argument("--eos", action="store_true", help="stop rows at EOS; compare ours with and without compaction")
     ap.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        metavar="WAVE",
+        help="a held-out scoring's workload (--batch rows in groups of 1 greedy + group - 1 samples, stop at EOS): "
+        "continuous batching in waves of WAVE prompts against chunked calls of WAVE prompts and HF generate",
+    )
+    ap.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
         default="fp32",
@@ -156,6 +164,8 @@ def main():
             )
         assert out.shape == (a.batch, batch["input_ids"].shape[1] + a.new)
 
+    if a.held_out:
+        return held_out(a, model, tok, ids, batch)
     if a.eos:
         return stopping(a, ours_once)
     engines = [("ours", ours_once), ("hf", hf_once)]
@@ -229,6 +239,82 @@ def stopping(a, ours_once):
         ("live rows only (compact, default)", min(times[True])),
     ):
         print(f"| {name} | {t:.1f} | {n.sum() / t:.0f} | {t / full:.2f} |")
+
+
+def held_out(a, model, tok, ids, batch):
+    """--held-out WAVE: each prompt's group is 1 greedy row and group − 1 samples at T = 1, every row stops at EOS
+    (≤ --new). Ours in chunks of WAVE prompts (one call each: a chunk waits for its slowest row), ours in one call
+    with continuous batching (waves of WAVE admitted as rows stop, within 1.5 waves' rows: train_rl's held-out
+    scoring), and HF generate in the same chunks (every row sampled, num_return_sequences). Interleaved; best of
+    --repeats; tokens/s counts generated tokens up to each row's EOS."""
+    G, wave, n = a.group, a.held_out, len(ids)
+    flags = [j == 0 for _ in ids for j in range(G)]
+    gens = lambda: [torch.Generator(device=a.device).manual_seed(i) for i in range(n * G)]
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=a.new, temperature=1.0)
+    kw.update(n_per_prompt=G, precision=a.precision)
+
+    def chunked():
+        outs = []
+        g = gens()
+        for c in range(0, n, wave):
+            r = slice(c * G, (c + wave) * G)
+            outs.append(generate(model, ids[c : c + wave], greedy=flags[r], generator=g[r], **kw).lengths)
+        return torch.cat(outs)
+
+    def continuous():
+        rows = min(n, wave) * G
+        return generate(
+            model, ids, greedy=flags, generator=gens(), batch_rows=rows + rows // 2, wave=wave, **kw
+        ).lengths
+
+    def hf():
+        total = 0
+        torch.manual_seed(0)
+        for c in range(0, n, wave):
+            tok.padding_side = "left"
+            b = tok.pad({"input_ids": ids[c : c + wave]}, return_tensors="pt").to(a.device)
+            tok.padding_side = "right"
+            with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.precision == "bf16"):
+                out = model.generate(
+                    **b,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    max_new_tokens=a.new,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    num_return_sequences=G,
+                )
+            gen = out[:, b["input_ids"].shape[1] :]
+            ended = (gen == tok.eos_token_id).float().cumsum(1)
+            total += int(((ended == 0) | ((ended == 1) & (gen == tok.eos_token_id))).sum())
+        return torch.tensor([total])
+
+    same = torch.equal(chunked(), continuous())
+    times = {"chunked": [], "continuous": [], "hf": []}
+    tokens = {}
+    for _ in range(a.repeats):
+        for name, fn in (("chunked", chunked), ("continuous", continuous), ("hf", hf)):
+            sync(a.device)
+            t0 = time.perf_counter()
+            tokens[name] = int(fn().sum())
+            sync(a.device)
+            times[name].append(time.perf_counter() - t0)
+    print(
+        f"{a.model}, held-out scoring: {n} prompts × (1 greedy + {G - 1} samples), waves / chunks of {wave} prompts, "
+        f"stop at EOS, ≤ {a.new} new tokens, T=1.0, {a.precision}, {a.device}, best of {a.repeats}; chunked and "
+        f"continuous: {'the same lengths' if same else 'lengths differ (bf16 rounding)'}"
+    )
+    print("| engine | s | generated tokens | tokens/s | × chunked |")
+    print("|---|---|---|---|---|")
+    base = min(times["chunked"])
+    for name, label in (
+        ("hf", "transformers generate, chunks"),
+        ("chunked", "tagpr.sampler, chunks (before)"),
+        ("continuous", "tagpr.sampler, continuous batching"),
+    ):
+        t = min(times[name])
+        print(f"| {label} | {t:.1f} | {tokens[name]} | {tokens[name] / t:.0f} | {base / t:.2f} |")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,10 @@ class GroupCache:
     def rows(self) -> int:
         return self.group * self.prompt_bias.shape[0]
 
+    def advance(self) -> None:
+        """One decode step written: the next step's keys go into the next column."""
+        self.length += 1
+
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Layer i at step `length`: store k/v (B, KV, D) in the rows' own columns, then attention for
         q (B, H, D). Returns (B, H·D); row b = prompt b // G, head h reads kv head h // (H / KV).
@@ -251,7 +255,9 @@ class Segments:
     apart, each batch left-padded to its own length) and its own group size. A step's projections, MLPs and head
     run once over all their rows, which is where a CPU decode step spends its time at a few dozen rows (the
     weights are read once a step, however many rows); attention runs per segment. E.g. a held-out set's groups
-    of one greedy answer and k samples and the profile-swap control's single greedy answers, in one call."""
+    of one greedy answer and k samples and the profile-swap control's single greedy answers, in one call. Each
+    segment keeps its own length: under continuous batching (`sampler.generate(batch_rows=…)`) a segment admitted
+    later is at an earlier step than the others."""
 
     keep, kept = 0, None
 
@@ -269,10 +275,9 @@ class Segments:
     def length(self) -> int:
         return self.caches[0].length
 
-    @length.setter
-    def length(self, t: int) -> None:
-        for c in self.caches:
-            c.length = t
+    def advance(self) -> None:
+        for c in self.caches:  # each at its own length: continuous batching admits segments at later steps
+            c.advance()
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.cat(
@@ -458,5 +463,5 @@ def decode_step(
         h = _mlp_block(layer, w, h)
         if i + 1 == cache.keep:
             cache.kept[(slice(None) if active is None else active), t] = h[:, 0]
-    cache.length = t + 1
+    cache.advance()
     return W.head(_norm(m.norm, h[:, 0]).to(W.dtype))

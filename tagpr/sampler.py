@@ -307,6 +307,8 @@ def generate(
     logprobs: bool = False,
     compact: bool = True,
     trunk: engine.TrunkStore | None = None,
+    batch_rows: int = 0,
+    wave: int = 1,
 ) -> Rollouts:
     """Sample `n_per_prompt` responses per prompt (a GSPO group), rows prompt-major. `n_per_prompt` may also give
     each prompt its own count (e.g. a held-out set's 1 + k rows and a control set's 1, in one decode loop).
@@ -325,6 +327,11 @@ def generate(
     longer pays for its finished rows until its slowest one stops); their tokens and log-probs are the same
     up to the summation order of a smaller matmul. `trunk` (the engine's path; the fallback ignores it): take the
     prompts' bottom layers from that store, or write them there (`engine.TrunkStore`).
+    `batch_rows` > 0 (the engine's path, without `keep_layers`): continuous batching. At most that many rows
+    decode at once; when rows stop, the next `wave` waiting prompts, once their groups fit the freed rows, are
+    prefilled together and join the next step (`_continuous`; fixed waves keep `trunk`'s keys those of the same
+    prompts' chunked calls). Every row's tokens are the one-batch run's for the same per-row generators, up to
+    the summation order of other batch shapes (tested). 0: every row from the first step.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
@@ -354,6 +361,15 @@ def generate(
         greedy = flags[0] if len(set(flags)) == 1 else torch.tensor(flags, dtype=torch.bool, device=device)
     sampled = temperature != 0 and (isinstance(greedy, torch.Tensor) or not greedy)
     U = uniforms(B, max_new_tokens, generator, device) if sampled else None  # every draw up front
+    if batch_rows and B > batch_rows and engine.supported(lm):
+        if keep_layers:
+            raise ValueError("batch_rows (continuous batching) and keep_layers together are not supported")
+        flags = greedy if isinstance(greedy, torch.Tensor) else torch.full((B,), bool(greedy), device=device)
+        with gathered(model), torch.autocast(device.type, enabled=False):
+            state = (out, mask, done, lp)
+            args = (eos, pad_id, temperature, top_p, precision, trunk, batch_rows, wave)
+            _continuous(lm, prompt_ids, sizes, state, flags, U, *args)
+        return _finish(out, mask, done, lp, prompt_ids, sizes, tokenizer, None, None)
     with gathered(model), torch.autocast(device.type, enabled=False):  # `precision` decides, not a caller's autocast
         runner = (_Engine if engine.supported(lm) else _Transformers)(
             lm, segments, pad_id, max_new_tokens, precision, keep_layers, trunk
@@ -392,20 +408,95 @@ def generate(
                     else runner.step(tok, next_pos, t)[live]
                 )  # a stopped row's token is pad
             next_pos = next_pos + 1
+    return _finish(out, mask, done, lp, prompt_ids, sizes, tokenizer, runner.prompt_hidden, runner.response_hidden)
+
+
+def _finish(out, mask, done, lp, prompt_ids, sizes, tokenizer, prompt_hidden, response_hidden) -> Rollouts:
+    """The decode loop's buffers cut to the longest response, with the texts."""
+    B = out.shape[0]
     T = int(mask.sum(1).max().item()) if B else 0
     out, mask = out[:, :T], mask[:, :T]
     lp = lp[:, :T] if lp is not None else None
     texts = []
     if tokenizer is not None:
         texts = [tokenizer.decode(out[i][mask[i].bool()].tolist(), skip_special_tokens=True) for i in range(B)]
-    kept = runner.response_hidden[:, :T] if runner.response_hidden is not None else None
+    kept = response_hidden[:, :T] if response_hidden is not None else None
     return Rollouts(
-        [list(p) for p, G in zip(prompt_ids, sizes) for _ in range(G)],
-        out,
-        mask,
-        texts,
-        done,
-        runner.prompt_hidden,
-        kept,
-        lp,
+        [list(p) for p, G in zip(prompt_ids, sizes) for _ in range(G)], out, mask, texts, done, prompt_hidden, kept, lp
     )
+
+
+def _continuous(
+    lm, prompt_ids, sizes, state, greedy, U, eos, pad_id, temperature, top_p, precision, trunk, limit, wave
+):
+    """Continuous batching on the engine's path: prompts wait in order, in waves of `wave`; whenever the rows still
+    generating leave room for the next wave's groups (at most `limit` rows; a wave alone is always admitted), its
+    prompts are prefilled together, as one segment of `engine.Segments` per run of equal group sizes, and join the
+    decode loop at their own step 0. A segment
+    leaves once its rows have stopped. Each row samples with its own uniforms at its own step, so its tokens do
+    not depend on what shares its batch. `state`: generate's (out, mask, done, logprobs) buffers, filled here."""
+    out, mask, done, lp = state
+    device = out.device
+    T = out.shape[1]
+    dtype = torch.bfloat16 if precision == "bf16" else next(lm.parameters()).dtype
+    W = engine.Weights(lm, dtype, fuse=device.type == "cpu")
+    first = [0]
+    for G in sizes:
+        first.append(first[-1] + G)
+    n = len(prompt_ids)
+    waves = [list(range(a, min(n, a + wave))) for a in range(0, n, wave)][::-1]  # popped from the end: in order
+    segs: list[dict] = []  # each: cache, rows (global ids), step, logits of its live rows, next positions
+    while waves or segs:
+        live = sum(int((~done[s["rows"]]).sum()) for s in segs)
+        admit = []
+        while waves and (live == 0 and not admit or live + sum(sizes[p] for p in admit + waves[-1]) <= limit):
+            admit += waves.pop()
+        runs: list[list[int]] = []  # the admitted prompts in runs of equal group size: one cache each
+        for p in admit:
+            if runs and sizes[runs[-1][0]] == sizes[p]:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        for run in runs:
+            G = sizes[run[0]]
+            ids, attn, pos = left_pad([prompt_ids[p] for p in run], pad_id, device)
+            lg, prefix, _ = engine.prefill(lm, W, ids, attn, pos, 0, trunk)
+            rows = torch.tensor([first[p] + j for p in run for j in range(G)], device=device)
+            segs.append(
+                dict(
+                    cache=engine.GroupCache(prefix, attn, G, T),
+                    rows=rows,
+                    step=0,
+                    logits=lg.repeat_interleave(G, dim=0) if G > 1 else lg,
+                    pos=(pos[:, -1] + 1).repeat_interleave(G),
+                )
+            )
+        # one sampling over every live row, each at its own segment's step
+        live_rows = torch.cat([s["rows"][~done[s["rows"]]] for s in segs])
+        steps = torch.cat([torch.full((int((~done[s["rows"]]).sum()),), s["step"], device=device) for s in segs])
+        logits = torch.cat([s["logits"] for s in segs])
+        u = U[live_rows, steps] if U is not None else None
+        g = greedy[live_rows]
+        g = bool(g[0]) if bool((g == g[0]).all()) else g
+        picked = sample_next(logits, temperature, top_p, g, u=u)
+        out[live_rows, steps] = picked
+        mask[live_rows, steps] = 1
+        if lp is not None:
+            lp[live_rows, steps] = chosen_logprobs(logits, picked, temperature)
+        done[live_rows] |= torch.isin(picked, eos)
+        tok = torch.full((out.shape[0],), pad_id, dtype=torch.long, device=device)
+        tok[live_rows] = picked
+        # segments whose rows all stopped, or that reached the token cap, leave
+        segs = [s for s in segs if not bool(done[s["rows"]].all()) and s["step"] < T - 1]
+        if not segs:
+            continue
+        rows = torch.cat([s["rows"] for s in segs])  # the caches' rows, in order
+        active = (~done[rows]).nonzero().squeeze(1)
+        pos = torch.cat([s["pos"] for s in segs])
+        new = engine.decode_step(lm, W, tok[rows], pos, engine.Segments([s["cache"] for s in segs]), active)
+        a = 0
+        for s in segs:
+            n = int((~done[s["rows"]]).sum())
+            s["logits"], a = new[a : a + n], a + n
+            s["step"] += 1
+            s["pos"] = s["pos"] + 1

@@ -576,8 +576,9 @@ def test_eval_trunk_store_changes_no_score(tmp_path, synthetic_dir):
 
 
 def test_held_out_scoring_in_chunks_generates_the_same_texts(tmp_path, synthetic_dir):
-    """--eval-batch 2 decodes the held-out prompts 2 at a time (the memory bound for a large held-out set): in fp32
-    every prompt gets the same greedy answer and samples, text for text, as in one call, and the same scores."""
+    """--eval-batch 2: continuous batching in waves of 2 prompts (the memory bound for a large held-out set; a wave
+    joins the decode loop as rows stop): in fp32 every prompt gets the same greedy answer and samples, text for
+    text, as in one call, and the same scores."""
     ev = eval_prompts(synthetic_dir, 5)
     write_jsonl(tmp_path / "ev.jsonl", [r.to_json() for r in ev])
     write_jsonl(tmp_path / "swap.jsonl", [r.to_json() for r in ev[::-1]])

@@ -381,3 +381,34 @@ def test_groups_of_different_sizes_equal_separate_calls(tiny, path):
         sampler.generate(model, ps, n_per_prompt=[1, 2], **kw)
     with pytest.raises(ValueError, match="keep_layers"):
         sampler.generate(model, ps, n_per_prompt=[1, 2, 2], keep_layers=1, **kw)
+
+
+@pytest.mark.parametrize("batch_rows, wave", [(5, 1), (9, 1), (12, 2)])
+def test_continuous_batching_gives_each_row_the_one_batch_tokens(tiny, batch_rows, wave):
+    """batch_rows: at most that many rows decode at once, and stopped rows' room takes the next prompts (their
+    prefill) mid-loop. A held-out set's groups (1 greedy + 3 sampled) and single greedy rows, rows stopping at many
+    steps: every row's tokens equal the one-batch run's, log-probs to 2e-5, and prompts really joined late."""
+    model, tok = tiny
+    ps = prompts(tok) + [p[::-1] for p in prompts(tok)] + [p[1:] for p in prompts(tok)]
+    sizes = [4, 4, 4, 1, 1, 1, 4, 4, 4]
+    eos = list(range(5, tok.vocab_size, 7))
+    flags = [j == 0 for G in sizes for j in range(G)]
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(flags))]
+    kw = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=12, temperature=1.0, logprobs=True)
+    one = sampler.generate(model, ps, n_per_prompt=sizes, greedy=flags, generator=gens(), **kw)
+    calls = []
+    prefill = sampler.engine.prefill
+    try:
+        sampler.engine.prefill = lambda lm, W, ids, *a: calls.append(ids.shape[0]) or prefill(lm, W, ids, *a)
+        cont = sampler.generate(
+            model, ps, n_per_prompt=sizes, greedy=flags, generator=gens(), batch_rows=batch_rows, **kw
+        )
+    finally:
+        sampler.engine.prefill = prefill
+    assert len(calls) >= 4 and sum(calls) == len(ps)  # prompts prefilled in several admissions, each once
+    lengths = one.lengths.tolist()
+    assert len(set(lengths)) >= 3 and max(lengths) == 12, lengths
+    assert cont.prompt_ids == one.prompt_ids
+    assert torch.equal(cont.response_ids, one.response_ids) and torch.equal(cont.response_mask, one.response_mask)
+    assert torch.equal(cont.finished, one.finished) and cont.texts == one.texts
+    torch.testing.assert_close(cont.logprobs, one.logprobs, atol=2e-5, rtol=0)
