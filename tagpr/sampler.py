@@ -341,12 +341,8 @@ def generate(
     sizes = [n_per_prompt] * len(prompt_ids) if isinstance(n_per_prompt, int) else list(n_per_prompt)
     if len(sizes) != len(prompt_ids) or min(sizes, default=1) < 1:
         raise ValueError(f"n_per_prompt: {len(sizes)} counts for {len(prompt_ids)} prompts, each at least 1")
-    segments = []  # runs of prompts with equal counts: [(prompts, G)]
-    for p, G in zip(prompt_ids, sizes):
-        if segments and segments[-1][1] == G:
-            segments[-1][0].append(p)
-        else:
-            segments.append(([p], G))
+    # runs of prompts with equal counts: [(prompts, G)]
+    segments = [([prompt_ids[p] for p in run], sizes[run[0]]) for run in equal_runs(range(len(sizes)), sizes)]
     if keep_layers and len(segments) > 1:
         raise ValueError("keep_layers needs one group size for every prompt")
     B = sum(sizes)
@@ -426,15 +422,26 @@ def _finish(out, mask, done, lp, prompt_ids, sizes, tokenizer, prompt_hidden, re
     )
 
 
+def equal_runs(indices, sizes) -> list[list[int]]:
+    """`indices` cut into runs of consecutive ones whose `sizes` are equal (one prefill and cache per run)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and sizes[runs[-1][0]] == sizes[i]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def _continuous(
     lm, prompt_ids, sizes, state, greedy, U, eos, pad_id, temperature, top_p, precision, trunk, limit, wave
 ):
     """Continuous batching on the engine's path: prompts wait in order, in waves of `wave`; whenever the rows still
     generating leave room for the next wave's groups (at most `limit` rows; a wave alone is always admitted), its
     prompts are prefilled together, as one segment of `engine.Segments` per run of equal group sizes, and join the
-    decode loop at their own step 0. A segment
-    leaves once its rows have stopped. Each row samples with its own uniforms at its own step, so its tokens do
-    not depend on what shares its batch. `state`: generate's (out, mask, done, logprobs) buffers, filled here."""
+    decode loop at their own step 0. A segment leaves once its rows have stopped. Each row samples with its own
+    uniforms at its own step, so its tokens do not depend on what shares its batch. `state`: generate's (out,
+    mask, done, logprobs) buffers, filled here."""
     out, mask, done, lp = state
     device = out.device
     T = out.shape[1]
@@ -443,21 +450,15 @@ def _continuous(
     first = [0]
     for G in sizes:
         first.append(first[-1] + G)
-    n = len(prompt_ids)
-    waves = [list(range(a, min(n, a + wave))) for a in range(0, n, wave)][::-1]  # popped from the end: in order
+    P = len(prompt_ids)
+    waves = [list(range(a, min(P, a + wave))) for a in range(0, P, wave)][::-1]  # popped from the end: in order
     segs: list[dict] = []  # each: cache, rows (global ids), step, logits of its live rows, next positions
     while waves or segs:
         live = sum(int((~done[s["rows"]]).sum()) for s in segs)
         admit = []
         while waves and (live == 0 and not admit or live + sum(sizes[p] for p in admit + waves[-1]) <= limit):
             admit += waves.pop()
-        runs: list[list[int]] = []  # the admitted prompts in runs of equal group size: one cache each
-        for p in admit:
-            if runs and sizes[runs[-1][0]] == sizes[p]:
-                runs[-1].append(p)
-            else:
-                runs.append([p])
-        for run in runs:
+        for run in equal_runs(admit, sizes):  # one cache per run of equal group size
             G = sizes[run[0]]
             ids, attn, pos = left_pad([prompt_ids[p] for p in run], pad_id, device)
             lg, prefix, _ = engine.prefill(lm, W, ids, attn, pos, 0, trunk)
@@ -472,8 +473,9 @@ def _continuous(
                 )
             )
         # one sampling over every live row, each at its own segment's step
-        live_rows = torch.cat([s["rows"][~done[s["rows"]]] for s in segs])
-        steps = torch.cat([torch.full((int((~done[s["rows"]]).sum()),), s["step"], device=device) for s in segs])
+        alive = [s["rows"][~done[s["rows"]]] for s in segs]
+        live_rows = torch.cat(alive)
+        steps = torch.cat([torch.full((len(r),), s["step"], device=device) for s, r in zip(segs, alive)])
         logits = torch.cat([s["logits"] for s in segs])
         u = U[live_rows, steps] if U is not None else None
         g = greedy[live_rows]
@@ -496,7 +498,7 @@ def _continuous(
         new = engine.decode_step(lm, W, tok[rows], pos, engine.Segments([s["cache"] for s in segs]), active)
         a = 0
         for s in segs:
-            n = int((~done[s["rows"]]).sum())
+            n = int((~done[s["rows"]]).sum())  # this step's stops included
             s["logits"], a = new[a : a + n], a + n
             s["step"] += 1
             s["pos"] = s["pos"] + 1
