@@ -120,6 +120,9 @@ class RLConfig:
     global_batch: Annotated[int, COUNT] = 128  # prompts per rollout batch (paper)
     group: Annotated[int, COUNT] = 5  # rollouts per prompt (paper)
     mini_batches: Annotated[int, COUNT] = 4  # optimizer updates per rollout batch (paper)
+    minibatch_by: Literal["rollout", "group"] = "rollout"  # mini-batches drawn over rollouts (a plain shuffle, as
+    # verl and TRL) or over whole groups (each prompt's rollouts in one update: --shared-prompts computes the
+    # prompt once for all of them; needs --global-batch ≥ --mini-batches)
     micro_batch: Annotated[int, COUNT] = 8  # sequences per forward/backward on one rank
     guided_epochs: Annotated[int, NON_NEGATIVE] = 13  # epochs of the guided stage (paper)
     exploratory_epochs: Annotated[int, NON_NEGATIVE] = 2  # epochs of the exploratory stage (paper)
@@ -488,6 +491,11 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     vocab = load_vocab(cfg, out)  # every input read before the model loads and before the first write
     eval_sets = load_eval_sets(cfg)
     data = fit_prompts(cfg, data, eval_sets, load_tokenizer(cfg.policy))
+    if cfg.minibatch_by == "group" and fit_batch(len(data), cfg.global_batch, d.world_size) < cfg.mini_batches:
+        raise config.ConfigError(
+            f"--minibatch-by group: {fit_batch(len(data), cfg.global_batch, d.world_size)} prompts per rollout "
+            f"batch cannot fill --mini-batches {cfg.mini_batches} (each update takes whole groups)"
+        )
     if d.distributed:
         lm, tok, full = load_for_sharding(cfg.policy, d.is_main, d.device, cfg.seed)
     else:
@@ -650,6 +658,17 @@ def score(run: Run, batch: Batch, roll) -> Scores:
     return Scores(total, parts, adv, float(m["zero_variance_frac"]), parsed)
 
 
+def global_minibatches(prompts: int, group: int, n: int, by: str, seed: int) -> list[torch.Tensor]:
+    """The rollout batch's global rows (prompt-major: prompt p's rollouts are rows p·group … p·group + group − 1)
+    cut into `n` mini-batches from one seeded permutation, the same on every rank: of the rows (`by="rollout"`),
+    or of the prompts, each taking its whole group (`"group"`)."""
+    gen = torch.Generator().manual_seed(seed)
+    if by == "group":
+        picks = torch.randperm(prompts, generator=gen).chunk(n)
+        return [(p[:, None] * group + torch.arange(group)).flatten() for p in picks]
+    return list(torch.randperm(prompts * group, generator=gen).chunk(n))
+
+
 def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
     """The training rows, the mini-batches, and the log-probs every update compares with, at the sampling
     temperature, by the training model. Mini-batches come from one permutation of the global batch, so 1 rank
@@ -659,9 +678,7 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
     come from update 0's forward."""
     cfg, model, dev = run.cfg, run.model, run.d.device
     x, attn, rmask = sequences(roll, dev, run.tok.pad_token_id)
-    n_global = cfg.global_batch * cfg.group
-    perm = torch.randperm(n_global, generator=torch.Generator().manual_seed(cfg.seed + batch.step))
-    chunks = perm.chunk(cfg.mini_batches)  # the global mini-batches
+    chunks = global_minibatches(cfg.global_batch, cfg.group, cfg.mini_batches, cfg.minibatch_by, cfg.seed + batch.step)
     minis = [[int(r) - batch.first for r in mini if batch.first <= int(r) < batch.first + len(x)] for mini in chunks]
     plan = Plan(
         x=x,

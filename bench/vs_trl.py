@@ -3,6 +3,7 @@ same work: the same policy folder, the same prompts, the same reward function, t
 
     python bench/vs_trl.py                          # the demo's SFT model and RL prompts; 3 seeds × 3 rollout batches
     python bench/vs_trl.py --seeds 0 --batches 2    # a quick look
+    python bench/vs_trl.py --sides trl,ours-recompute,ours-sampler   # both ways of ours beside TRL
 
 The work: a rollout batch of `--prompts-per-batch` prompts × `--group` samples (T = `--temperature`, at most
 `--max-new` tokens), scored by TagPR's guided reward without PRMU (R_v + λ1·R_f + R_rep + R_tag, `tagpr.rewards
@@ -10,7 +11,9 @@ The work: a rollout batch of `--prompts-per-batch` prompts × `--group` samples 
 `steps_per_generation`; ours: `--mini-batches`), GSPO's ε 3e-4 / 4e-4, no KL, AdamW (β 0.9 / 0.95, no weight
 decay), constant LR, gradient clip 1, fp32, the whole model trained, one process. The old log-probs: TRL
 recomputes them with a forward pass; ours takes the sampler's own by default (`--old-logp sampler`, exact to fp32
-summation order), or recomputes them too with `--old-logp recompute`. Each trainer runs as its own
+summation order), or recomputes them too with `--old-logp recompute`. Ours draws its mini-batches as whole
+groups (`--minibatch-by group`, so its shared-prompt updates compute each prompt once per update; TRL shuffles
+rollouts). Each trainer runs as its own
 child process, one after the other (its peak resident memory is the child's `ru_maxrss`).
 
 Per rollout batch it records the mean reward, the time of each phase (generation; reward + old log-probs; the
@@ -52,8 +55,11 @@ class BenchConfig:
     clip_high: float = 4e-4  # GSPO ε_high
     temperature: float = 1.0  # sampling temperature
     max_new: int = 128  # new tokens per sample at most
-    sides: str = "trl,ours"  # which trainers to run (comma-separated)
-    old_logp: str = "sampler"  # ours: old log-probs from the sampler (fp32) or "recompute" (a pass)
+    sides: str = "trl,ours"  # which trainers to run (comma-separated): trl; ours (old log-probs as --old-logp);
+    # ours-recompute and ours-sampler (both ways, in one run)
+    old_logp: str = "sampler"  # side "ours": old log-probs from the sampler (fp32) or "recompute" (a pass)
+    minibatch_by: str = "group"  # ours: mini-batches of whole groups (the prompt computed once per group's
+    # update) or "rollout" (a plain shuffle, as TRL)
     side: str = ""  # internal: run one trainer in this process ("trl")
     seed: int = 0  # internal: the seed of that run
 
@@ -210,7 +216,7 @@ def run_trl(a: BenchConfig, seed: int, out: Path) -> tuple[list[dict], float]:
     return [{k: v for k, v in r.items() if k != "rollouts"} for r in rows], mem  # the texts stay in batches.jsonl
 
 
-def run_ours(a: BenchConfig, seed: int, out: Path) -> tuple[list[dict], float]:
+def run_ours(a: BenchConfig, seed: int, out: Path, old_logp: str) -> tuple[list[dict], float]:
     out.mkdir(parents=True, exist_ok=True)
     mem = child(
         [
@@ -263,7 +269,9 @@ def run_ours(a: BenchConfig, seed: int, out: Path) -> tuple[list[dict], float]:
             "--rollouts-every",
             "1",
             "--old-logp",
-            a.old_logp,
+            old_logp,
+            "--minibatch-by",
+            a.minibatch_by,
         ],
         out / "log.txt",
     )
@@ -302,6 +310,7 @@ def summarize(runs: dict[str, dict[int, dict]], a: BenchConfig) -> tuple[str, di
     """The markdown table and the numbers it holds. Times: mean over seeds of the batches after the first
     (the first carries one-off costs on both sides: allocator warm-up, TRL's first generate)."""
     sides = list(runs)
+    mine = [s for s in sides if s != "trl"] if "trl" in sides else []  # the sides with a ratio to TRL's
     steady = lambda side, key: [r[key] for s in runs[side].values() for r in s["rows"][1:] or s["rows"]]
     mean = lambda xs: sum(xs) / len(xs)
     num: dict = {side: {} for side in sides}
@@ -317,10 +326,11 @@ def summarize(runs: dict[str, dict[int, dict]], a: BenchConfig) -> tuple[str, di
         f"| per rollout batch ({a.prompts_per_batch} prompts × {a.group}, ≤ {a.max_new} tokens, {a.updates} "
         f"updates; mean of batches 2–{a.batches} over seeds {a.seeds}) | "
         + " | ".join(sides)
-        + (" | ours / TRL |" if len(sides) == 2 else " |"),
-        "|---|" + "---|" * (len(sides) + (len(sides) == 2)),
+        + "".join(f" | {s} / TRL" for s in mine)
+        + " |",
+        "|---|" + "---|" * (len(sides) + len(mine)),
     ]
-    ratio = lambda key: f" | {num['ours'][key] / num['trl'][key]:.2f} |" if len(sides) == 2 else " |"
+    ratio = lambda key: "".join(f" | {num[s][key] / num['trl'][key]:.2f}" for s in mine) + " |"
     for key, label in PHASES:
         lines.append(f"| {label} (s) | " + " | ".join(f"{num[s][key]:.1f}" for s in sides) + ratio(key))
     lines.append(
@@ -358,11 +368,10 @@ def plot(num: dict, a: BenchConfig, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = list(range(1, a.batches + 1))
-    for side, color in (("trl", "tab:orange"), ("ours", "tab:blue")):
-        if side in num:
-            c = num[side]["reward"]
-            ax.plot(x, [r["mean"] for r in c], "o-", color=color, label=f"{side} (mean of seeds {a.seeds})")
-            ax.fill_between(x, [r["min"] for r in c], [r["max"] for r in c], color=color, alpha=0.2)
+    for side, color in zip(num, ("tab:orange", "tab:blue", "tab:green", "tab:red")):
+        c = num[side]["reward"]
+        ax.plot(x, [r["mean"] for r in c], "o-", color=color, label=f"{side} (mean of seeds {a.seeds})")
+        ax.fill_between(x, [r["min"] for r in c], [r["max"] for r in c], color=color, alpha=0.2)
     ax.set_xticks(x)
     ax.set_xlabel(f"rollout batch ({a.updates} updates each)")
     ax.set_ylabel("mean reward of the batch")
@@ -386,11 +395,21 @@ def main(argv=None):
             f"--updates {a.updates} must divide the rollout batch ({a.prompts_per_batch} × {a.group})"
         )
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    unknown = [s for s in a.sides.split(",") if s and s not in ("trl", "ours", "ours-recompute", "ours-sampler")]
+    if unknown or a.old_logp not in ("sampler", "recompute") or a.minibatch_by not in ("group", "rollout"):
+        raise config.ConfigError(
+            f"--sides {a.sides!r} / --old-logp {a.old_logp!r} / --minibatch-by {a.minibatch_by!r}: sides are trl, "
+            "ours, ours-recompute, ours-sampler; old log-probs sampler or recompute; mini-batches group or rollout"
+        )
     runs: dict[str, dict[int, dict]] = {}
     for side in [s for s in a.sides.split(",") if s]:
         for seed in seeds:
             t0 = time.time()
-            rows, mem = (run_trl if side == "trl" else run_ours)(a, seed, out / f"{side}_seed{seed}")
+            where = out / f"{side}_seed{seed}"
+            if side == "trl":
+                rows, mem = run_trl(a, seed, where)
+            else:
+                rows, mem = run_ours(a, seed, where, side.removeprefix("ours-") if "-" in side else a.old_logp)
             runs.setdefault(side, {})[seed] = {"rows": rows, "peak_rss_gib": mem, "wall_s": time.time() - t0}
             print(
                 f"{side} seed {seed}: {time.time() - t0:.0f} s, rewards "

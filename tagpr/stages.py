@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def run(cmd: list[str], log: Path) -> None:
         for line in p.stdout:
             f.write(line)
             f.flush()  # the log follows the stage as it runs
-            if "%|" not in line:  # progress bars (tqdm's "NN%|███|") go to the log only
-                print("   ", line.rstrip()[-160:], flush=True)
+            text = line.rstrip().rsplit("\r", 1)[-1]  # what a terminal would show of a redrawn line
+            if text and "%|" not in text:  # progress bars (tqdm's "NN%|███|") go to the log only
+                if len(text) > 156:  # wrapped, not cut: the start of a line says what it is
+                    text = textwrap.fill(text, 156, subsequent_indent="  ")
+                print(textwrap.indent(text, "    "), flush=True)
         if p.wait():
             raise SystemExit(f"stage failed (exit {p.returncode}): {' '.join(cmd)}; log: {log}")
 

@@ -490,6 +490,56 @@ def test_old_logprobs_from_the_sampler(runs, tmp_path):
         run(tmp_path, "b", "--max-steps", "1", "--old-logp", "sampler", "--precision", "bf16")
 
 
+def test_global_minibatches_by_hand():
+    """3 prompts × 4 rollouts (rows prompt-major) in 2 mini-batches. By rollout: a partition of the 12 rows into
+    6 + 6. By group: 2 prompts + 1 prompt, each prompt with its 4 rows {4p, …, 4p + 3}. Both the same for the same
+    seed, and another seed draws another split."""
+    from train_rl import global_minibatches
+
+    r = [c.tolist() for c in global_minibatches(3, 4, 2, "rollout", 7)]
+    assert sorted(r[0] + r[1]) == list(range(12)) and [len(c) for c in r] == [6, 6]
+    groups_split = any(len({i // 4 for i in c}) * 4 != len(c) for c in r)
+    g = [c.tolist() for c in global_minibatches(3, 4, 2, "group", 7)]
+    assert sorted(g[0] + g[1]) == list(range(12)) and [len(c) for c in g] == [8, 4]
+    for c in g:
+        assert sorted(c) == sorted(4 * p + j for p in {i // 4 for i in c} for j in range(4))
+    assert g == [c.tolist() for c in global_minibatches(3, 4, 2, "group", 7)]
+    draws = {tuple(c.tolist()) for s in range(6) for c in global_minibatches(3, 4, 2, "group", s)[:1]}
+    assert len(draws) > 1
+    # over rollouts, a group is split between updates in most draws (12 rows, 6 a mini-batch)
+    assert groups_split or any(
+        len({i // 4 for i in c}) * 4 != len(c) for s in range(6) for c in global_minibatches(3, 4, 2, "rollout", s)
+    )
+
+
+def test_minibatches_of_whole_groups(runs, tmp_path):
+    """--minibatch-by group: every prompt's rollouts land in one mini-batch, 2 whole groups in each of the 2
+    updates; the rollouts and rewards are the rollout-mode run's (the split comes after them), the updates differ;
+    a rollout batch too small to give every update a group is refused before any work, naming the flag."""
+    from tagpr.config import ConfigError
+
+    a = runs[0]
+    g = run(tmp_path, "g", "--max-steps", "2", "--lr", "1e-3", "--minibatch-by", "group")
+    assert g[0]["reward"] == a[0]["reward"] and g[0]["response_len"] == a[0]["response_len"]
+    for x in g:  # update 0: ratio 1 and each group's advantages summing to 0 → a loss of 0 (by hand)
+        assert abs(x["ratio_min/u0"] - 1) < 1e-5 and abs(x["ratio_max/u0"] - 1) < 1e-5
+        assert abs(x["loss/u0"]) < 1e-6
+    assert abs(a[0]["loss/u0"]) > 1e-2  # over rollouts a group is split, and the sum is not 0
+    assert g[0]["grad_norm"] != pytest.approx(a[0]["grad_norm"], rel=1e-3)
+    rows = [json.loads(line) for line in (tmp_path / "g" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 16
+    for step in (1, 2):
+        of = {}
+        for r in rows:
+            if r["step"] == step:
+                of.setdefault(r["row"] // 4, set()).add(r["mini_batch"])
+        assert len(of) == 4 and all(len(m) == 1 for m in of.values())
+        assert sorted(m for ms in of.values() for m in ms) == [0, 0, 1, 1]
+    with pytest.raises(ConfigError, match="--minibatch-by group: 1 prompts per rollout batch cannot fill"):
+        run(tmp_path, "small", "--max-steps", "1", "--global-batch", "1", "--minibatch-by", "group")
+    assert not (tmp_path / "small").exists()
+
+
 def test_mismatch_correction_is_a_no_op_in_fp32(runs, tmp_path):
     """--is-correction in fp32, where the sampler's and the trainer's log-probs agree to summation order: the
     weights are 1 to 1e-5 and the losses and gradient norms are the plain run's to 1e-5. Recomputing, every update

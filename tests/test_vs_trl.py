@@ -154,6 +154,8 @@ def test_bench_runs_both_trainers_on_the_same_work(tmp_path, synthetic_dir):
             "6",
             "--lr",
             "1e-3",
+            "--sides",
+            "trl,ours,ours-recompute",
         ]
     )
     res = json.loads((out / "results.json").read_text())
@@ -180,5 +182,9 @@ def test_bench_runs_both_trainers_on_the_same_work(tmp_path, synthetic_dir):
         assert res["runs"]["ours"]["0"]["rows"][b - 1]["reward"] == pytest.approx(sum(mine) / 4)
     assert res["summary"]["trl"]["peak_rss_gib"] > 0.1 and res["summary"]["ours"]["peak_rss_gib"] > 0.1
     table = (out / "results.md").read_text()
-    assert "| whole rollout batch (s) |" in table and "ours / TRL" in table
+    assert "| whole rollout batch (s) |" in table and "| ours / TRL | ours-recompute / TRL |" in table
+    cfgs = {d: json.loads((out / f"{d}_seed0" / "config.json").read_text()) for d in ("ours", "ours-recompute")}
+    assert cfgs["ours"]["old_logp"] == "sampler" and cfgs["ours-recompute"]["old_logp"] == "recompute"
+    assert cfgs["ours"]["minibatch_by"] == cfgs["ours-recompute"]["minibatch_by"] == "group"
+    assert res["runs"]["ours-recompute"]["0"]["rows"][0]["reward"] == res["runs"]["ours"]["0"]["rows"][0]["reward"]
     assert (out / "vs_trl.png").stat().st_size > 1000
