@@ -68,9 +68,9 @@ class BuildConfig:
     synthetic_users: Annotated[int, COUNT] = 150  # synthetic mode: train users per task (4 questions each)
     difficulty: Literal["hard", "easy"] = "hard"  # synthetic mode: "hard" rules (a facet, a bias, a style to infer)
     # or "easy" ones whose evidence is lexical (LaMP_2, LaMP_3, LaMP_7; docs/synthetic.md)
-    chain_style: Literal["full", "terse"] = "full"  # synthetic mode: the simulated teacher's steps, a sentence each
-    # ("full") or a one-word opener and the content ("terse": ~half the tokens,
-    # every stage that reads or writes chains cheaper; tagpr/expert.py)
+    chain_style: Literal["full", "terse", "bound"] = "full"  # synthetic mode: the simulated teacher's steps, a
+    # sentence each ("full"), a one-word opener and the content ("terse": ~half the tokens, every stage that reads or
+    # writes chains cheaper), or terse with a decision naming the input's genre / product ("bound"; tagpr/expert.py)
     eval_users: Annotated[int, COUNT] = 60  # synthetic mode: dev and test users per task (2 questions each; the first
     # users of a larger number are the same)
     eval_prompts: Annotated[int, NON_NEGATIVE] = 64  # held-out prompts per task (users disjoint from train) →

@@ -91,7 +91,7 @@ QUICK_ROWS = "full,no_prmu,untrained_rm,no_ue"  # Table 3
 @dataclass
 class AblateConfig(DemoConfig):
     run: str = "runs/ablate"  # the run folder; rerun the same command to resume
-    chain_style: Literal["full", "terse"] = "terse"
+    chain_style: Literal["full", "terse", "bound"] = "terse"
     sft_steps: Annotated[int, COUNT] = 48
     rl_steps: Annotated[int, COUNT] = 8
     rl_lr: Annotated[float, POSITIVE] = 1e-4

@@ -45,7 +45,8 @@ class DemoConfig:
     tasks: str = "LaMP_2"  # comma-separated synthetic tasks
     difficulty: Literal["easy", "hard"] = "easy"  # synthetic users' rules (docs/synthetic.md); easy: LaMP_2, 3 and 7
     k: Annotated[int, COUNT] = 2  # profile items in every prompt
-    chain_style: Literal["full", "terse"] = "full"  # teacher chains: full (~160 tokens) or terse (~110, cheaper)
+    chain_style: Literal["full", "terse", "bound"] = "full"  # teacher chains: full (~160 tokens), terse (~110,
+    # cheaper) or bound (terse, the decision naming the input's genre / product: docs/synthetic.md)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # matmuls of every stage; auto: bf16 where the CPU has
     # AVX512-BF16 or AMX, else fp32
     sft_steps: Annotated[int, COUNT] = 12  # SFT optimizer steps

@@ -24,10 +24,12 @@ Mistakes, at these rates (each drawn independently per request):
 
 The teacher's steps come in nine kinds (the paper's five tags and our four); which of the
 optional kinds a chain uses is drawn per chain, so tag frequencies differ as in the paper.
-Two styles: "full" steps (a sentence each: ~160 tokens a tagged chain on easy LaMP-2) and
+Styles: "full" steps (a sentence each: ~160 tokens a tagged chain on easy LaMP-2) and
 "terse" ones (a one-word opener and the step's content only; the optional kinds other than
 identify_patterns at half their rate: the same tags, facts and answer in ~110 tokens), which
-make every stage that reads or writes chains cheaper.
+make every stage that reads or writes chains cheaper. "bound" chains are terse ones whose decision names
+the input's key and the value the user gave it ("Decision: office chair → 1."), on easy LaMP-2 and LaMP-3
+(the other tasks' chains are terse): the step that binds the input to the profile is written out.
 The restricted tagger finds, for each step, the offered tag nearest to its kind's name
 (by the lexical embedding), as a reader of the tag list would.
 """
@@ -80,7 +82,8 @@ TERSE = {
     "verify_answer": "Check:",
 }
 # chain style → step kind → the phrase that opens such a step
-OPENERS = {"full": {k: phrase for k, (phrase, _) in KINDS.items()}, "terse": TERSE}
+OPENERS = {"full": {k: phrase for k, (phrase, _) in KINDS.items()}, "terse": TERSE, "bound": TERSE}
+STYLES = tuple(OPENERS)
 # what a free tagger calls each kind: variants that share a word or a stem with the kind's name
 SYNONYMS = {
     "analyze_input": ("analyze_input", "input_analysis", "analyze_the_input", "analyse_input", "analyze_query_input"),
@@ -186,7 +189,8 @@ class SimulatedExpert(Backend):
         items = [it for it in q.profile if it.id in set(meta.get("items", []))]
         field = task.answer_field or "title"
         shown = "; ".join(f'"{it[field]}"' for it in items[:4]) or "none"
-        if self.style == "terse":
+        if self.style in ("terse", "bound"):
+            key_word = getattr(gen, "key", None) if self.style == "bound" else None
             text = {
                 "analyze_input": f"{gen.summary(c)}.",
                 "summarize_profile": f"{len(items)} past items.",
@@ -195,7 +199,7 @@ class SimulatedExpert(Backend):
                 "identify_patterns": gen.rules[rule],
                 "infer_preference": f"the '{rule}' way.",
                 "apply_pattern": f"gives {answer}.",
-                "make_decision": f"{answer}.",
+                "make_decision": f"{key_word(c)} → {answer}." if key_word else f"{answer}.",
                 "verify_answer": "the form fits.",
             }
         else:
@@ -211,7 +215,10 @@ class SimulatedExpert(Backend):
                 "verify_answer": "the answer has the form the question asks for.",
             }
         opener = OPENERS[self.style]
-        halve = self.style == "terse"  # a terse chain: the optional kinds but identify_patterns (0.8) at half rate
+        halve = self.style in (
+            "terse",
+            "bound",
+        )  # a terse chain: the optional kinds but identify_patterns (0.8) at half rate
         rate = {k: p / 2 if halve and p < 0.8 else p for k, (_, p) in KINDS.items()}
         steps = [f"{opener[k]} {text[k]}" for k, p in rate.items() if p >= 1.0 or _u(k, *key) < p]
         if _u("ramble", *key) < RATES["teacher_ramble"]:
@@ -227,7 +234,7 @@ class SimulatedExpert(Backend):
         gen = synthetic.latent_generator(task.name, lat)
         c = synthetic.restore_content(lat["content"])
         floor = synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard"))
-        if self.style == "terse":
+        if self.style in ("terse", "bound"):
             return (
                 f"1. {TERSE['analyze_input']} {gen.summary(c)}.\n2. {TERSE['make_decision']} no profile: the "
                 f"usual {floor}.\nAnswer: {floor}"

@@ -209,6 +209,30 @@ def test_terse_chains_keep_the_tags_and_answers_in_fewer_words(simulated_run, la
     assert mean_len(terse) < 0.75 * mean_len(full)
 
 
+def test_bound_chains_name_the_inputs_key_at_the_decision(tmp_path):
+    """--chain-style bound on easy users: a chain is the terse chain of the same question and draw, but for its
+    decision, which names the input's genre (LaMP-2) or product (LaMP-3) and the answer the chain gives
+    ("Decision: kettle → 4."); LaMP-7 has no key, so its chains are the terse ones."""
+    synthetic.generate(tmp_path, ("LaMP_2", "LaMP_3", "LaMP_7"), seed=3, sizes={"train": (6, 2)}, difficulty="easy")
+    terse, bound = (SimulatedExpert(tmp_path, ("LaMP_2", "LaMP_3", "LaMP_7"), style=s) for s in ("terse", "bound"))
+    named = 0
+    for qid, (task, _q, lat) in bound.questions.items():
+        req = [Request([{"role": "user", "content": f"question {qid}"}], meta={"id": qid, "role": "teacher"})]
+        a, b = terse.chat(req)[0].text.splitlines(), bound.chat(req)[0].text.splitlines()
+        assert len(a) == len(b)
+        diff = [(x, y) for x, y in zip(a, b) if x != y]
+        c = synthetic.restore_content(lat["content"])
+        if task.name == "LaMP_7":
+            assert diff == []
+            continue
+        ((x, y),) = diff
+        answer = x.split("Decision: ", 1)[1].rstrip(".")
+        key = f"{c['genre']} movie" if task.name == "LaMP_2" else c["product"]
+        assert y == x.replace(f"Decision: {answer}.", f"Decision: {key} → {answer}.")
+        named += 1
+    assert named >= 20
+
+
 def test_pairs_and_rl_prompts(simulated_run, lamp_dir):
     out, m = simulated_run
     prp, pqp = read_pairs(out / "prp.jsonl"), read_pairs(out / "pqp.jsonl")

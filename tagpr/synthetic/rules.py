@@ -60,7 +60,8 @@ def _cap(s: str) -> str:
 
 # ----------------------------------------------------------------------------- task generators
 # Each generator: rules (names → explanation), content(rng) → dict, input(c) → str,
-# answer(rule, c) → str, item(rule, c, rng) → profile fields.
+# answer(rule, c) → str, item(rule, c, rng) → profile fields; the easy LaMP-2 / LaMP-3 ones also key(c) → the
+# input's word that picks the user's answer (its genre, its product), which "bound" chains name at the decision.
 
 
 class LaMP1:
@@ -296,6 +297,9 @@ class LaMP2Easy(LaMP2):
 
     def summary(self, c):
         return f"a {c['genre']} movie"
+
+    def key(self, c):
+        return f"{c['genre']} movie"
 
 
 class LaMP3:
@@ -623,6 +627,9 @@ class LaMP3Easy(LaMP3):
 
     def summary(self, c):
         return f"a review of a {c['product']} whose words are lukewarm"
+
+    def key(self, c):
+        return c["product"]
 
 
 class LaMP7Easy(LaMP7):
