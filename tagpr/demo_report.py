@@ -199,6 +199,7 @@ def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds, task: str, ids)
         )
     if (g := split_gain(sft, rl, seeds, ids, sign)) is not None:
         (dp, plo, phi), (da, alo, ahi) = g["parsed"], g["among"]
+        spread = max(g["among_seeds"]) - min(g["among_seeds"])
         parts = (
             f" Of the sampled {metric}'s change, {g['from_parsing']:+.3f} is parse rate (Δparsed × SFT's {metric} "
             f"among parsed) and {g['from_decision']:+.3f} decision (RL's parsed share × Δ{metric} among parsed)."
@@ -209,8 +210,9 @@ def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds, task: str, ids)
             f"- The sampled score's two parts, RL (seeds pooled) against SFT: answers that parse "
             f"{g['p'][0]:.3f} → {g['p'][1]:.3f} ({dp:+.3f} [{plo:+.3f}, {phi:+.3f}]); {metric} among parsed answers "
             f"{g['a'][0]:.3f} → {g['a'][1]:.3f} (gain {da:+.3f} [{alo:+.3f}, {ahi:+.3f}], per seed "
-            f"{', '.join(f'{x:+.3f}' for x in g['among_seeds'])}).{parts} A better decision after RL: "
-            f"{'yes (the interval is above 0)' if alo > 0 else 'not shown (the interval is not above 0)'}."
+            f"{', '.join(f'{x:+.3f}' for x in g['among_seeds'])}, spread {spread:.3f}).{parts} A better decision "
+            f"after RL: {'yes' if alo > 0 and da > spread else 'not shown'} (needs the interval above 0 and the gain "
+            "above the spread)."
         )
     for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
         diff = [sign * (sc["greedy"][i] - sc["swap"][i]) for i in ids]

@@ -245,6 +245,38 @@ def test_parse_split_by_hand(tmp_path):
     assert demo_report.split_cells(None, ids) == " | "  # files without the split: empty cells
 
 
+def test_a_better_decision_needs_the_gain_above_the_seeds_spread(tmp_path):
+    """The report's decision verdict, on planted files (4 questions, 2 samples, all parsed; SFT scores 0): seeds
+    gaining +1 and +0.5 among parsed answers pool to +0.75 > spread 0.5 → yes; seeds gaining +1 and 0 pool to
+    +0.5 < spread 1 → not shown, though every question's pooled difference (≥ 0.5) puts the interval above 0."""
+    from types import SimpleNamespace
+
+    from tagpr import demo_report
+
+    def planted(name, scores):
+        per = {
+            f"q{i}": {"greedy": 0.0, "sampled": x, "samples": [x, x], "samples_parsed": [True, True]}
+            for i, x in enumerate(scores)
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"held_out": per, "swap": {q: {"greedy": 0.0} for q in per}}))
+        return demo_report.scores_from(path)
+
+    ids = ["q0", "q1", "q2", "q3"]
+    a = SimpleNamespace(base_methods="zero-shot")
+    base = {"zero-shot": {"LaMP_2": {"accuracy": 0.0}}}
+    sft = planted("sft", [0, 0, 0, 0])
+    for b_scores, gain, spread, verdict in (([1, 1, 0, 0], 0.75, 0.5, "yes"), ([0, 0, 0, 0], 0.5, 1.0, "not shown")):
+        rl = {0: planted("a", [1, 1, 1, 1]), 1: planted("b", b_scores)}
+        avg = {k: {i: (rl[0][k][i] + rl[1][k][i]) / 2 for i in ids} for k in ("greedy", "sampled", "swap")}
+        line = next(x for x in demo_report.claims(a, base, sft, rl, avg, [0, 1], "LaMP_2", ids) if "two parts" in x)
+        assert f"(gain {gain:+.3f} [" in line and f"spread {spread:.3f})" in line, line
+        assert line.endswith(
+            f"A better decision after RL: {verdict} (needs the interval above 0 and the gain above the spread)."
+        )
+        assert demo_report.split_gain(sft, rl, [0, 1], ids)["among"][1] > 0
+
+
 def test_gains_are_improvements_per_task_by_hand(tmp_path):
     """LaMP-3's MAE falls when RL helps: its gain is SFT − RL. And the report finds each question's task in the
     run's eval_prompts.jsonl."""
