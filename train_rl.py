@@ -13,7 +13,8 @@ One step (`gspo_step`, each phase a function below):
    model through the fused log-prob op at the sampling temperature (the first mini-batch's
    come from update 0's own forward: the policy has not moved yet);
 4. `update` × `mini_batches` (paper: 4): the rollout batch split into that many optimizer
-   updates, so GSPO's ratio and clipping are live from the second one on;
+   updates (over rollouts, or whole groups with `--minibatch-by group`), so GSPO's ratio and
+   clipping are live from the second one on;
    `gspo_loss` with ε_low 3e-4 / ε_high 4e-4, optional k3 KL to the frozen start policy;
 5. `log_row`: the step's metrics, reduced over ranks as `losses.GSPO_REDUCE` declares.
 
