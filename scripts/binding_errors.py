@@ -47,7 +47,10 @@ def main(argv=None) -> None:
     prompts = [json.loads(line) for line in (run / "data" / "eval_prompts.jsonl").read_text().splitlines()]
     ev = {r["id"]: r for r in prompts if r["task"] == "LaMP_3"}
     for seed in a.seeds.split(","):
-        files = sorted((run / f"rl_seed{seed}").glob("held_out_step*.json"), key=lambda f: int(f.stem[13:]))
+        files = sorted(
+            (run / f"rl_seed{seed}").glob("held_out_step*.json"),
+            key=lambda f: int(f.stem.removeprefix("held_out_step")),
+        )
         for f in files[:1] + files[-1:] if len(files) > 1 else files:
             counts = collections.Counter(
                 classify(ev[q]["prompt"], t, ev[q]["gold"])

@@ -83,7 +83,6 @@ TERSE = {
 }
 # chain style → step kind → the phrase that opens such a step
 OPENERS = {"full": {k: phrase for k, (phrase, _) in KINDS.items()}, "terse": TERSE, "bound": TERSE}
-STYLES = tuple(OPENERS)
 # what a free tagger calls each kind: variants that share a word or a stem with the kind's name
 SYNONYMS = {
     "analyze_input": ("analyze_input", "input_analysis", "analyze_the_input", "analyse_input", "analyze_query_input"),
@@ -119,6 +118,7 @@ class SimulatedExpert(Backend):
         if style not in OPENERS:
             raise ValueError(f"chain style {style!r}: expected one of {', '.join(OPENERS)}")
         self.style = style
+        self.terse = style != "full"  # terse and bound chains: one-word openers, optional steps at half rate
         self.questions: dict[str, tuple[lamp.Task, lamp.Question, dict]] = {}
         for t in tasks:
             s = lamp.load_split(lamp_dir, t, split)
@@ -189,7 +189,7 @@ class SimulatedExpert(Backend):
         items = [it for it in q.profile if it.id in set(meta.get("items", []))]
         field = task.answer_field or "title"
         shown = "; ".join(f'"{it[field]}"' for it in items[:4]) or "none"
-        if self.style in ("terse", "bound"):
+        if self.terse:
             key_word = getattr(gen, "key", None) if self.style == "bound" else None
             text = {
                 "analyze_input": f"{gen.summary(c)}.",
@@ -215,11 +215,8 @@ class SimulatedExpert(Backend):
                 "verify_answer": "the answer has the form the question asks for.",
             }
         opener = OPENERS[self.style]
-        halve = self.style in (
-            "terse",
-            "bound",
-        )  # a terse chain: the optional kinds but identify_patterns (0.8) at half rate
-        rate = {k: p / 2 if halve and p < 0.8 else p for k, (_, p) in KINDS.items()}
+        # a terse chain: the optional kinds but identify_patterns (0.8) at half rate
+        rate = {k: p / 2 if self.terse and p < 0.8 else p for k, (_, p) in KINDS.items()}
         steps = [f"{opener[k]} {text[k]}" for k, p in rate.items() if p >= 1.0 or _u(k, *key) < p]
         if _u("ramble", *key) < RATES["teacher_ramble"]:
             steps[1:2] = [steps[1]] * 3
@@ -234,7 +231,7 @@ class SimulatedExpert(Backend):
         gen = synthetic.latent_generator(task.name, lat)
         c = synthetic.restore_content(lat["content"])
         floor = synthetic.floor_answer(task.name, c, lat.get("difficulty", "hard"))
-        if self.style in ("terse", "bound"):
+        if self.terse:
             return (
                 f"1. {TERSE['analyze_input']} {gen.summary(c)}.\n2. {TERSE['make_decision']} no profile: the "
                 f"usual {floor}.\nAnswer: {floor}"

@@ -60,7 +60,7 @@ def run(cmd: list[str], log: Path) -> None:
         for line in p.stdout:
             f.write(line)
             f.flush()  # the log follows the stage as it runs
-            text = line.rstrip().rsplit("\r", 1)[-1]  # what a terminal would show of a redrawn line
+            text = line.rstrip()  # text mode splits at "\r" too: a redrawn bar's frames come as lines
             if text and "%|" not in text:  # progress bars (tqdm's "NN%|███|") go to the log only
                 if len(text) > 156:  # wrapped, not cut: the start of a line says what it is
                     text = textwrap.fill(text, 156, subsequent_indent="  ")
