@@ -54,9 +54,13 @@ class DemoConfig:
     sft_lr: Annotated[float, POSITIVE] = 2e-4  # SFT learning rate
     sft_train_layers: Annotated[int, ALL_OR_COUNT] = 16  # SFT trains the policy's top N decoder layers (-1: all;
     # SmolLM2 has 30)
+    sft_lora_rank: Annotated[int, NON_NEGATIVE] = 0  # SFT trains LoRA adapters of this rank on those layers
+    # instead of their weights (0: off; train_sft.py --lora-rank, alpha 16, every projection)
     prmu_steps: Annotated[int, COUNT] = 20  # PRMU (tiny backbone) Bradley-Terry steps
     rl_steps: Annotated[int, COUNT] = 2  # GSPO steps per seed
     rl_train_layers: Annotated[int, ALL_OR_COUNT] = 4  # RL trains the top N decoder layers (-1: all)
+    rl_lora_rank: Annotated[int, NON_NEGATIVE] = 0  # GSPO trains LoRA adapters of this rank on those layers
+    # instead of their weights (0: off; train_rl.py --lora-rank)
     rl_prompts: Annotated[int, COUNT] = 8  # prompts per rollout batch (all ranks)
     rl_group: Annotated[int, COUNT] = 4  # rollouts per prompt (G)
     rl_lr: Annotated[float, POSITIVE] = 2e-4  # GSPO learning rate

@@ -132,6 +132,7 @@ def sft_cmd(a, data: Path, out: Path, prec: str) -> list[str]:
         warmup_ratio=0.1,
         precision=prec,
         train_layers=a.sft_train_layers,
+        lora_rank=getattr(a, "sft_lora_rank", 0) or None,  # off: the flag is left out (the trainer's default)
     )
 
 
@@ -174,6 +175,7 @@ def rl_cmd(a, policy, prmu, data: Path, out: Path, seed: int, prec: str, old_log
         keep=1,
         precision=prec,
         train_layers=a.rl_train_layers,
+        lora_rank=getattr(a, "rl_lora_rank", 0) or None,
     )
     launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py"]
     return launch + flags(**{**base, **kw})

@@ -159,6 +159,31 @@ def test_malloc_env(monkeypatch):
         stages.malloc_env("jemalloc")
 
 
+def test_lora_flags_reach_the_trainers_and_the_report(tmp_path):
+    """--sft-lora-rank / --rl-lora-rank: the stage commands carry --lora-rank R when R > 0 and no LoRA flag at 0
+    (the trainers' default), so a run folder made before the flags resumes with the same commands; the report's
+    recipe line says what each stage trained."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo import DemoConfig
+
+    from tagpr import stages
+    from tagpr.demo_report import trained
+
+    def lora_of(cmd):
+        return [cmd[i + 1] for i, x in enumerate(cmd) if x.startswith("--lora")] if "--lora-rank" in cmd else []
+
+    plain = DemoConfig()
+    sft = stages.sft_cmd(plain, tmp_path, tmp_path / "sft", "bf16")
+    rl = stages.rl_cmd(plain, "p", "r", tmp_path, tmp_path / "rl", 0, "bf16", "recompute")
+    assert not any(x.startswith("--lora") for x in sft + rl)
+    a = DemoConfig(sft_lora_rank=16, rl_lora_rank=8, sft_train_layers=-1)
+    assert lora_of(stages.sft_cmd(a, tmp_path, tmp_path / "sft", "bf16")) == ["16"]
+    rl = stages.rl_cmd(a, "p", "r", tmp_path, tmp_path / "rl", 0, "bf16", "recompute")
+    assert lora_of(rl) == ["8"] and rl[rl.index("--train-layers") + 1] == "4"
+    assert trained(16) == "top 16 layers" and trained(-1) == "all layers"
+    assert trained(-1, 16) == "LoRA r = 16 on all layers" and trained(4, 8) == "LoRA r = 8 on the top 4 layers"
+
+
 def test_gain_curve_by_hand(tmp_path):
     """The report's gain-against-steps table on two seeds and four questions worked out by hand: the per-seed
     gains, their spread, the verdict, and the GSPO time to the step (held-out scoring excluded)."""
