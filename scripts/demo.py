@@ -5,6 +5,9 @@
     python scripts/demo.py --chain-style terse           # shorter chains: cheaper, a less robust RL gain
     python scripts/demo.py --preset long                 # ~50 min: RL moves the decision, scored on test users
     python scripts/demo.py --sft-train-layers -1 --sft-lr 1e-4   # SFT of all 30 layers: ~1.7x the SFT time
+    python scripts/demo.py --sft-train-layers -1 --sft-lora-rank 16      # SFT of LoRA adapters on all 30 layers
+    python scripts/demo.py --preset long --tasks LaMP_2,LaMP_3,LaMP_7 --chain-style bound --sft-steps 144 \
+        --rl-max-new 256 --eval-split dev                    # one policy, three kinds (~100 min; dev users)
 
 Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL stage under
 `python -m torch.distributed.run --nproc_per_node=2`: nothing needs to be on PATH). A stage whose export exists is
