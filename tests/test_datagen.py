@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,49 @@ def test_hf_backend_tiny_model(lamp_dir, tmp_path):
     m = build(lamp_dir, tmp_path / "hf_embed", "--embedder", "hf:tiny", "--tasks", "LaMP_2,LaMP_3")
     assert m["backends"]["embedder"] == "hf:tiny" and 1 <= len(m["stages"]["5_explore"]["primary_tags"]) <= 9
     assert m["stages"]["7_emit"]["sft"] > 0
+
+
+def test_binding_errors_sorts_chains_by_what_they_say(tmp_path):
+    """scripts/binding_errors.py: the input's key is read from a real held-out prompt (easy LaMP-2 genre, LaMP-3
+    product, whatever the profile items above it say), and chains written by hand in the bound chains' words
+    fall into their classes: the other key's value is a binding error, another value a plain miss."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from binding_errors import RULES, classify
+
+    synthetic.generate(tmp_path, ("LaMP_2", "LaMP_3"), seed=5, sizes={"dev": (6, 2)}, difficulty="easy")
+    for name in ("LaMP_2", "LaMP_3"):
+        split = lamp.load_split(tmp_path, name, "dev")
+        latent = {r["id"]: r for r in json.loads((tmp_path / name / "dev" / "dev_latent.json").read_text())}
+        for q in split.questions:
+            prompt = prompts.build_prompt(split.task, q, 2, "recency")
+            key = synthetic.restore_content(latent[q.id]["content"])
+            want = key["genre"] if name == "LaMP_2" else key["product"]
+            assert RULES[name][1].search(prompt).group(1) == want, (name, q.id)
+
+    def chain(pattern, answer):
+        steps = "<analyze_input> Input: x. </analyze_input>\n" + (
+            f"<identify_patterns> Pattern: This user {pattern}. </identify_patterns>\n" if pattern else ""
+        )
+        return f"<think>\n{steps}<decision_making> Decision: {answer}. </decision_making>\n</think>\n{answer}"
+
+    p2 = 'the tag for the movie: "A comedy movie: Bo laughs." is "classic" . description: A comedy movie: Ada runs.'
+    rule2 = 'tags action movies "classic" and comedy movies "twist ending"'
+    swapped2 = 'tags action movies "twist ending" and comedy movies "classic"'
+    cases2 = {
+        chain(rule2, "twist ending"): "right",
+        chain(None, "twist ending"): "right, no pattern step",
+        chain(rule2, "classic"): "binding error (the other key's value)",
+        chain(rule2, "violence"): "right pattern, wrong",
+        chain(swapped2, "classic"): "wrong pattern",
+        chain(None, "classic"): "wrong, no pattern step",
+        chain('tags action movies "classic" and drama movies "violence"', "violence"): "pattern lacks the input's key",
+    }
+    for text, want in cases2.items():
+        assert classify(p2, text, "twist ending", "LaMP_2") == want, text
+    p3 = "score: 4 ... review: This kettle does what it says."
+    rule3 = "rates every kettle 4 and every office chair 1"
+    assert classify(p3, chain(rule3, "1"), "4", "LaMP_3") == "binding error (the other key's value)"
+    assert classify(p3, chain(rule3, "4"), "4", "LaMP_3") == "right"
+    assert classify(p3, chain(rule3, "2"), "4", "LaMP_3") == "right pattern, wrong"
