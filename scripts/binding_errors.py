@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import re
 from pathlib import Path
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     run = Path(a.run)
     prompts = [json.loads(line) for line in (run / "data" / "eval_prompts.jsonl").read_text().splitlines()]
     ev = {r["id"]: r for r in prompts if r["task"] in RULES}
-    for seed, task in ((s, t) for t in sorted({r["task"] for r in ev.values()}) for s in a.seeds.split(",")):
+    for task, seed in itertools.product(sorted({r["task"] for r in ev.values()}), a.seeds.split(",")):
         files = sorted(
             (run / f"rl_seed{seed}").glob("held_out_step*.json"),
             key=lambda f: int(f.stem.removeprefix("held_out_step")),
