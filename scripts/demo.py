@@ -3,11 +3,12 @@
     python scripts/demo.py                               # into runs/demo; rerun the same command to resume
     python scripts/demo.py --rl-steps 16 --rl-lr 5e-5    # 16 GSPO steps a seed: a larger sampled gain, ~8x the RL
     python scripts/demo.py --chain-style terse           # shorter chains: cheaper, a less robust RL gain
-    python scripts/demo.py --preset long                 # ~50 min: RL moves the decision, scored on test users
+    python scripts/demo.py --preset long                 # ~100 min: three kinds, RL moves the decision, test users
+    python scripts/demo.py --preset long --eval-split dev    # the same, scored on dev users (choose recipes there)
+    python scripts/demo.py --preset long --tasks LaMP_2 --chain-style terse --sft-steps 48 --rl-max-new 160
+                                                         # ~45 min: LaMP-2 alone (x5's recipe)
     python scripts/demo.py --sft-train-layers -1 --sft-lr 1e-4   # SFT of all 30 layers: ~1.7x the SFT time
     python scripts/demo.py --sft-train-layers -1 --sft-lora-rank 16      # SFT of LoRA adapters on all 30 layers
-    python scripts/demo.py --preset long --tasks LaMP_2,LaMP_3,LaMP_7 --chain-style bound --sft-steps 144 \
-        --rl-max-new 256 --eval-split dev                    # one policy, three kinds (~100 min; dev users)
 
 Every stage is one of the project's own commands, run as a subprocess of this interpreter (the RL stage under
 `python -m torch.distributed.run --nproc_per_node=2`: nothing needs to be on PATH). A stage whose export exists is
@@ -93,20 +94,25 @@ def old_logp_source(a: DemoConfig, prec: str) -> str:
     return a.rl_old_logp if a.rl_old_logp != "auto" else "sampler" if prec == "fp32" else "recompute"
 
 
-# `--preset long`: the recipe under which RL moves the decision, not only the parse rate (docs/rl_experiments.md,
-# x4 on dev users, x5 on test users): 4x the SFT, 4x the GSPO steps at half the rate, 128 test questions x 4 samples
+# `--preset long`: one policy on the three kinds (classification, rating, generation) under which RL moves the
+# decision, not only the parse rate (docs/rl_experiments.md: x9 on dev users, x10 on test users): bound chains,
+# 12x the SFT, 4x the GSPO steps at half the rate, 256 tokens (LaMP-7's chains reach 227), 128 test questions a task
+# x 4 samples; glibc malloc (a long SFT under jemalloc, benches beside it, grew past 20 GB once: the notebook's x6)
 PRESETS = {
     "long": dict(
         run="runs/demo_long",
-        chain_style="terse",
-        sft_steps=48,
+        tasks="LaMP_2,LaMP_3,LaMP_7",
+        chain_style="bound",
+        sft_steps=144,
         rl_steps=8,
         rl_lr=1e-4,
+        rl_max_new=256,
         eval_questions=128,
         eval_split="test",
         eval_samples=4,
         rl_eval_every=8,
         eval_batch=24,
+        malloc="system",
     )
 }
 

@@ -262,6 +262,17 @@ def trained(layers: int, lora_rank: int = 0) -> str:
     return f"LoRA r = {lora_rank} on {'the ' if layers > 0 else ''}{where}" if lora_rank else where
 
 
+def recipe(a, old_logp: str) -> str:
+    """The report's recipe line: what SFT and GSPO ran (`a`: DemoConfig; `old_logp`: GSPO's old log-probs)."""
+    return (
+        f"SFT {a.sft_steps} steps × {a.sft_batch}"
+        f" ({trained(a.sft_train_layers, getattr(a, 'sft_lora_rank', 0))}), lr {a.sft_lr}; "
+        f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
+        f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
+        f"{trained(a.rl_train_layers, getattr(a, 'rl_lora_rank', 0))}, lr {a.rl_lr}, old log-probs: {old_logp}."
+    )
+
+
 def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_logp: str) -> None:
     """`<run>/report.md`: per task the held-out table (each cell a 95 % bootstrap interval), the claims it supports
     or not and the gain against GSPO steps; the curves over seeds, the data filter counts and the time per stage.
@@ -297,11 +308,7 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_l
         f"Held-out synthetic users ({getattr(a, 'eval_split', 'dev')}, disjoint from training): the first "
         f"{', '.join(f'{len(q)} {t}' for t, q in by_task.items())} questions, k = "
         f"{a.k} most recent profile items, {a.chain_style} chains, {prec} matmuls; CPU: {hardware.describe()}. "
-        f"SFT {a.sft_steps} steps × {a.sft_batch}"
-        f" ({trained(a.sft_train_layers, getattr(a, 'sft_lora_rank', 0))}), lr {a.sft_lr}; "
-        f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
-        f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
-        f"{trained(a.rl_train_layers, getattr(a, 'rl_lora_rank', 0))}, lr {a.rl_lr}, old log-probs: {old_logp}. "
+        f"{recipe(a, old_logp)} "
         "Brackets: 95 % bootstrap intervals over questions. The sampled score is what RL optimises; the "
         "profile-swap column shows each question another held-out user's profile (a model that personalizes "
         "falls towards the floor there). A gain is an improvement: for LaMP-3's MAE, SFT − RL.\n\n"

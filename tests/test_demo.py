@@ -358,3 +358,24 @@ def test_results_table_and_claims_by_hand():
     swaps = [x for x in said if x.startswith("- Profile swap")]
     assert swaps[0].endswith("(not shown).") and "worsens by 0.000" in swaps[0]  # SFT: swap = greedy here
     assert "worsens by 0.750" in swaps[1] and swaps[1].endswith("(personalizes).")
+
+
+def test_preset_long_is_the_recipe_its_test_report_scored():
+    """`--preset long` is the recipe of x10, the three-kind run whose test-user report the README cites: its
+    header and recipe line, rendered from the preset alone, appear verbatim in docs/demo/x10_3task_bound_test.
+    A preset edited away from that recipe (another step count, cap, chain style, task) fails here until a new
+    run's report is kept."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo import PRESETS, DemoConfig, old_logp_source
+
+    from tagpr import config
+    from tagpr.demo_report import recipe
+
+    a, _ = config.parse(DemoConfig, PRESETS, ["--preset", "long"])
+    kept = (ROOT / "docs" / "demo" / "x10_3task_bound_test" / "report.md").read_text()
+    assert f"# TagPR demo ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n" in kept
+    held_out = ", ".join(f"{a.eval_questions} {t}" for t in a.tasks.split(","))
+    assert f"({a.eval_split}, disjoint from training): the first {held_out} questions, k = {a.k} " in kept
+    assert f"{a.chain_style} chains, bf16 matmuls" in kept
+    assert recipe(a, old_logp_source(a, "bf16")) in kept
+    assert f"mean of {a.eval_samples})" in kept and a.malloc == "system"
