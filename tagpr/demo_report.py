@@ -158,6 +158,62 @@ def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds, task: s
     return "\n".join(lines), avg
 
 
+def summary_table(a, base: dict, sft: dict, rl: dict, seeds, by_task: dict[str, list[str]]) -> str:
+    """Every task side by side in the layout of TagPR's Table 1 (rows: floor, base, SFT, each RL seed, their mean,
+    oracle; a column per task), twice: the greedy score, and the sampled score among parsed answers; then the
+    paired RL − SFT improvement of each with its 95 % interval (for MAE, SFT − RL) and whether it clears."""
+    tasks = list(by_task)
+    kinds = {t: lamp.get_task(t).kind for t in tasks}
+    head = " | ".join(f"{t} {metrics.PRIMARY[kinds[t]]}{' ↓' if SIGN[kinds[t]] < 0 else ''}" for t in tasks)
+    mean_of = lambda t: {i: mean([rl[s]["greedy"][i] for s in seeds]) for i in by_task[t]}
+    pooled = {t: merged_split([rl[s] for s in seeds], by_task[t]) for t in tasks}
+    methods = [m for m in a.base_methods.split(",") if m]
+
+    def base_cell(name, t):
+        m = base[name][t]
+        metric = metrics.PRIMARY[kinds[t]]
+        ci = m.get(f"{metric}_ci95")
+        return f"{m[metric]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[metric]:.3f}"
+
+    def among(split, t):
+        return split_cells(split, by_task[t]).split(" | ")[1] if split is not None else ""
+
+    models = [("After SFT", lambda t: sft["greedy"], lambda t: sft.get("split"))]
+    models += [
+        (f"After SFT + RL, seed {s}", lambda t, s=s: rl[s]["greedy"], lambda t, s=s: rl[s].get("split")) for s in seeds
+    ]
+    models.append((f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", mean_of, lambda t: pooled[t]))
+    out = []
+    for title, greedy in (("greedy", True), ("sampled (T = %s, %s a question), among parsed answers", False)):
+        if not greedy:
+            title = title % (a.rl_temperature, a.eval_samples)
+        lines = [f"| model ({title}) | {head} |", "|---|" + "---|" * len(tasks)]
+        fixed = [("No-profile floor", "floor")] + [(f"Base model: {LABELS.get(m, m)}", m) for m in methods]
+        lines += [
+            f"| {label} | " + " | ".join(base_cell(n, t) if greedy else "" for t in tasks) + " |" for label, n in fixed
+        ]
+        for label, g, sp in models:
+            cells = [cell([g(t)[i] for i in by_task[t]]) if greedy else among(sp(t), t) for t in tasks]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("| Oracle ceiling | " + " | ".join(base_cell("oracle", t) if greedy else "" for t in tasks) + " |")
+        gains = []
+        for t in tasks:
+            sign = SIGN[kinds[t]]
+            if greedy:
+                gn = rl_gain(sft, rl, seeds, "greedy", by_task[t], sign)
+                gain, lo, hi, ok = gn["gain"], gn["lo"], gn["hi"], gn["clears"]
+            elif (sg := split_gain(sft, rl, seeds, by_task[t], sign)) is not None:
+                (gain, lo, hi), spread = sg["among"], max(sg["among_seeds"]) - min(sg["among_seeds"])
+                ok = lo > 0 and gain > spread
+            else:
+                gains.append("")
+                continue
+            gains.append(f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}]{', clears' if ok else ''}")
+        lines.append("| RL − SFT, paired (improvement) | " + " | ".join(gains) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids, sign: int = 1) -> dict:
     """RL against SFT on one kind of score: the mean over seeds' paired improvement (`sign` · (RL − SFT)), its 95 %
     bootstrap interval over questions, each seed's and their spread (max − min); `clears`: the interval above 0
@@ -269,7 +325,10 @@ def recipe(a, old_logp: str) -> str:
         f" ({trained(a.sft_train_layers, getattr(a, 'sft_lora_rank', 0))}), lr {a.sft_lr}; "
         f"GSPO {a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} "
         f"rollouts (≤ {a.rl_max_new} tokens, T = {a.rl_temperature}, overlong {a.rl_overlong}), "
-        f"{trained(a.rl_train_layers, getattr(a, 'rl_lora_rank', 0))}, lr {a.rl_lr}, old log-probs: {old_logp}."
+        f"{trained(a.rl_train_layers, getattr(a, 'rl_lora_rank', 0))}, lr {a.rl_lr}, old log-probs: {old_logp}"
+        + (f", dynamic sampling ≤ {a.rl_dynamic_sampling} rounds" if getattr(a, "rl_dynamic_sampling", 0) else "")
+        + (f", batches stratified by {a.rl_stratify}" if getattr(a, "rl_stratify", "none") != "none" else "")
+        + "."
     )
 
 
@@ -282,6 +341,13 @@ def report(run_dir: Path, a, seeds, timings: dict, wall: float, prec: str, old_l
     base = json.loads((run_dir / "eval" / "base" / "metrics.json").read_text())
     by_task = task_questions(run_dir, sft["greedy"], a.tasks.split(",")[0])
     sections, printed = [], []
+    if len(by_task) > 1:
+        sections.append(
+            "## All tasks, in the layout of TagPR's Table 1\n\n"
+            + summary_table(a, base, sft, rl, seeds, by_task)
+            + '\n\n"clears": the interval above 0 and the gain above the spread of the seeds\' gains. Each '
+            "task's section below has the sampled score, the parse split and the profile-swap control.\n"
+        )
     for task, ids in by_task.items():
         kind = lamp.get_task(task).kind
         table, avg = results_table(a, base, sft, rl, last, seeds, task, ids)
