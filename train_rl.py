@@ -51,6 +51,14 @@ Departures from the paper:
    recomputed, and at update 0 alone (its own forward) with `--old-logp sampler`; the later mini-batches there
    measure their ratio against the sampler's numbers, unweighted. Logged per update: `mismatch_log_ratio/uK`,
    `is_weight_mean/uK`, `is_capped_frac/uK`.
+8. `--dynamic-sampling N` (off: the paper) is DAPO's dynamic sampling (Yu et al. 2025, §3.2): after scoring,
+   a group whose verifiable reward R_v is the same on every rollout (all right, all wrong; under
+   `--overlong mask` among the finished ones) leaves the batch, and up to N rounds of `global_batch` fresh
+   prompts (`extra_batch`) are rolled out and scored until `global_batch` groups vary in R_v; short of that,
+   the earliest flat groups fill the batch as before. The rest of the step is unchanged. Its cost is the extra
+   rounds' rollouts (`time/refill`), and, when a group was replaced, one no-grad pass for the frozen trunk.
+   Logged: `dynamic/informative_first` (the share of the step's own groups that vary), `dynamic/informative`
+   (the batch's, after the refill), `dynamic/rounds`, `dynamic/groups_sampled`.
 
 `--eval-prompts FILE --eval-every N` (verl's `val/test_score`) scores held-out prompts
 (`build_data.py` writes `eval_prompts.jsonl` from dev users) before training and every N steps:
@@ -76,6 +84,7 @@ import torch
 from tqdm import tqdm
 
 from tagpr import checkpoint, config, dist, lamp, lora, metrics, prompts, rewards, synthetic, tags
+from tagpr import refill as refill_mod
 from tagpr.batching import epoch_batches, group_pack, pad_batch, stratified_batches
 from tagpr.config import ALL_OR_COUNT, AT_LEAST_ONE, COUNT, FRACTION, NO_CAP_OR_COUNT, NON_NEGATIVE, POSITIVE, TOP_P
 from tagpr.engine import TrunkStore
@@ -170,6 +179,8 @@ class RLConfig:
     # batch (kept by the sampler where it can), not in every forward
     overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at max_new_tokens: "keep" them in the loss (paper) or
     # "mask" them out of it and out of their group's statistics (DAPO)
+    dynamic_sampling: Annotated[int, NON_NEGATIVE] = 0  # DAPO's dynamic sampling: groups whose verifiable reward is
+    # the same on every rollout leave the batch, and up to N more rounds of fresh prompts refill it (0: off, paper)
     eval_prompts: str = ""  # held-out prompts (rl_prompts format, with golds) scored greedy and
     # sampled before training and every --eval-every steps; empty: none
     eval_swap_prompts: str = ""  # the same questions shown other users' profiles (build_data's
@@ -426,6 +437,7 @@ class Batch:
     stage: str  # "guided" | "exploratory"
     prompts: list[RLPrompt]  # this rank's share
     first: int  # global row of this rank's first rollout
+    round: int = 0  # 0: the step's batch; k > 0: dynamic sampling's k-th refill
 
 
 @dataclass
@@ -502,6 +514,7 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     else:
         (lm, tok), full = load_model(cfg.policy, device="cpu", dtype=torch.float32, seed=cfg.seed), None
     lm.train()
+    packed_attention(lm, cfg.shared_prompts)
     trainable, n_params = lora.make_trainable(lm, adapters, cfg.train_layers, cfg.seed, full)
     if adapters is not None and precision == "bf16" and not d.distributed:  # the frozen base at half the memory
         lora.hold_base_in_bf16(lm)
@@ -579,6 +592,16 @@ def setup(cfg: RLConfig, preset: str | None, precision: str) -> tuple[Run, dict,
     return run, resolved, start, log, samples
 
 
+def packed_attention(lm, shared_prompts: bool) -> None:
+    """`--shared-prompts` packs each group into one row under a 4-D mask (a response sees its prompt and itself),
+    which flash-attention-2 cannot take (its varlen form keeps each segment to itself): a policy loaded with it
+    trains with SDPA instead (on CUDA: its memory-efficient kernel, which takes any mask). The sampler's engine has
+    its own attention (SDPA); only its transformers fallback, for models the engine does not cover, follows."""
+    if shared_prompts and getattr(lm.config, "_attn_implementation", None) == "flash_attention_2":
+        lm.set_attn_implementation("sdpa")
+        dist.print0("--shared-prompts: the training forwards use SDPA (a 4-D mask; flash-attention-2 takes none)")
+
+
 def load_scorer(cfg: RLConfig, out: Path, data: list[RLPrompt]) -> tuple[Scorer | None, int]:
     """PRMU's scorer (None without a model or with --prmu none) and how many prompts' users it has a row for."""
     prmu = cfg.prmu or str(out.parent / "prmu" / "model")
@@ -626,10 +649,8 @@ def rollout(run: Run, batch: Batch):
     its row in the global batch), so what it samples depends neither on the number of ranks nor on a resume."""
     cfg, tok = run.cfg, run.tok
     ids = [chat_ids(tok, p.prompt) for p in batch.prompts]
-    gens = [
-        torch.Generator(device=run.d.device).manual_seed(cfg.seed * 1_000_003 + batch.step * 100_003 + batch.first + j)
-        for j in range(len(batch.prompts) * cfg.group)
-    ]
+    base = cfg.seed * 1_000_003 + batch.step * 100_003 + batch.first + batch.round * 7_000_000_001
+    gens = [torch.Generator(device=run.d.device).manual_seed(base + j) for j in range(len(batch.prompts) * cfg.group)]
     run.model.eval()
     roll = generate(
         run.model,
@@ -654,9 +675,64 @@ def score(run: Run, batch: Batch, roll) -> Scores:
     """Rewards (guided: Eq. 5; exploratory: Eq. 11) and group advantages (Eq. 10)."""
     parsed = [tags.parse(t) for t in roll.texts]
     total, parts = compute_rewards(run.cfg, batch.stage, roll.texts, batch.prompts, run.scorer, run.vocab, parsed)
+    return scored(run, roll, total, parts, parsed)
+
+
+def scored(run: Run, roll, total: list[float], parts: dict, parsed: list) -> Scores:
+    """Scores from the rollouts' rewards: the group advantages (Eq. 10; `--overlong mask`: finished rows only)."""
     valid = roll.finished.cpu() if run.cfg.overlong == "mask" else None
     adv, m = group_advantages(torch.tensor(total, dtype=torch.float32), run.cfg.group, valid=valid)
     return Scores(total, parts, adv, float(m["zero_variance_frac"]), parsed)
+
+
+def extra_batch(run: Run, step: int, k: int, seen: set[str]) -> Batch:
+    """Dynamic sampling's k-th refill of step `step`: `global_batch` prompts not yet sampled this step, drawn by a
+    permutation seeded by (seed, step, k), the same on every rank (prompts repeat only when too few are left);
+    each rank its share."""
+    cfg = run.cfg
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + k)
+    perm = torch.randperm(len(run.data), generator=gen).tolist()
+    order = [i for i in perm if run.data[i].id not in seen]
+    while len(order) < cfg.global_batch:
+        order += perm
+    r, n = run.d.rank, run.per_rank
+    stage = "guided" if step < run.guided else "exploratory"
+    return Batch(step, stage, [run.data[i] for i in order[r * n : (r + 1) * n]], r * n * cfg.group, round=k)
+
+
+def refill(run: Run, batch: Batch, roll, scores: Scores) -> tuple[Batch, object, Scores, dict]:
+    """DAPO's dynamic sampling (`tagpr.refill`): the step's groups whose R_v is flat leave the batch, and rounds of
+    fresh prompts (at most --dynamic-sampling) refill it with informative ones. Every rank sees every group (they
+    are gathered), so all take the same decisions and 1 rank or N make the same batch; the chosen groups, in the
+    order sampled, are dealt out again as the step's batch. → (batch, rollouts, scores, metrics)."""
+    cfg, mask = run.cfg, run.cfg.overlong == "mask"
+
+    def gathered(b: Batch, r, sc: Scores) -> list[refill_mod.Group]:
+        mine = refill_mod.split_groups(b.prompts, r, sc.total, sc.parts, sc.parsed, mask)
+        return [g for rank in dist.gather_objects(mine) for g in rank]
+
+    pool = gathered(batch, roll, scores)
+    first = sum(g.informative for g in pool) / len(pool)
+    rounds = 0
+    while sum(g.informative for g in pool) < cfg.global_batch and rounds < cfg.dynamic_sampling:
+        rounds += 1
+        extra = extra_batch(run, batch.step, rounds, {g.prompt.id for g in pool})
+        r = rollout(run, extra)
+        pool += gathered(extra, r, score(run, extra, r))
+    picked = refill_mod.choose(pool, cfg.global_batch)
+    info = {
+        "dynamic/informative_first": first,
+        "dynamic/informative": sum(pool[i].informative for i in picked) / len(picked),
+        "dynamic/rounds": rounds,
+        "dynamic/groups_sampled": len(pool),
+    }
+    if picked == list(range(cfg.global_batch)):  # the step's own batch: keep its rollouts (and kept hidden states)
+        return batch, roll, scores, info
+    n = run.per_rank
+    groups = [pool[i] for i in picked[run.d.rank * n : (run.d.rank + 1) * n]]
+    prompts_, roll, total, parts, parsed = refill_mod.join(groups, run.tok.pad_token_id)
+    batch = dataclasses.replace(batch, prompts=prompts_)
+    return batch, roll, scored(run, roll, total, parts, parsed), info
 
 
 def global_minibatches(prompts: int, group: int, n: int, by: str, seed: int) -> list[torch.Tensor]:
@@ -786,9 +862,11 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update
     return Update(stats=stats, entropy_sum=ent_sum, tokens=ent_n, grad_norm=gnorm)
 
 
-def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list[Update], times: list[float]) -> dict:
+def log_row(
+    run: Run, batch: Batch, roll, scores: Scores, updates: list[Update], times: list[float], tokens: float
+) -> dict:
     """The step's metrics.jsonl row, every number reduced over all ranks (the same keys on every rank: these are
-    collectives)."""
+    collectives). `tokens`: this rank's tokens generated in `time/rollout` (the step's first round)."""
     cfg = run.cfg
     parsed = scores.parsed
     mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
@@ -809,7 +887,7 @@ def log_row(run: Run, batch: Batch, roll, scores: Scores, updates: list[Update],
         "finished_frac": mean(roll.finished.float().tolist()),
         "tag_count": mean([len(p.steps) for p in parsed]),
         "tag_valid": mean([float(all(tags.check(p, run.vocab, cfg.min_tags).values())) for p in parsed]),
-        "tokens_per_s": dist.sum_scalar(float(roll.lengths.sum())) / (t1 - t0),
+        "tokens_per_s": dist.sum_scalar(tokens) / (t1 - t0),
         "time/rollout": t1 - t0,
         "time/reward": t2 - t1,
         "time/old_logp": t3 - t2,
@@ -978,11 +1056,16 @@ def gspo_step(run: Run, step: int, keep_rollouts: bool) -> tuple[dict, list[dict
     t1 = time.perf_counter()
     scores = score(run, batch, roll)
     t2 = time.perf_counter()
+    tokens, info = float(roll.lengths.sum()), {}
+    if run.cfg.dynamic_sampling:
+        batch, roll, scores, info = refill(run, batch, roll, scores)
+        info["time/refill"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
     plan = old_logprobs(run, batch, roll)
     t3 = time.perf_counter()
     updates = [update(run, batch, plan, scores, k) for k in range(run.cfg.mini_batches)]
     t4 = time.perf_counter()
-    row = log_row(run, batch, roll, scores, updates, [t0, t1, t2, t3, t4])
+    row = log_row(run, batch, roll, scores, updates, [t0, t1, t2, t3, t4], tokens) | info
     return row, rollout_rows(run, batch, roll, scores, plan) if keep_rollouts else []
 
 

@@ -71,6 +71,10 @@ class DemoConfig:
     rl_temperature: Annotated[float, POSITIVE] = 1.0  # rollout temperature (paper: 1); the sampled score is taken at it
     rl_max_new: Annotated[int, COUNT] = 160  # new tokens per rollout and per held-out answer, at most
     rl_overlong: Literal["keep", "mask"] = "keep"  # rollouts cut at --rl-max-new: in the loss (paper) or out (DAPO)
+    rl_dynamic_sampling: Annotated[int, NON_NEGATIVE] = 0  # DAPO's dynamic sampling: groups whose verifiable reward
+    # is flat leave each rollout batch and up to N rounds of fresh prompts refill it (0: off; train_rl.py)
+    rl_stratify: Literal["none", "task", "gold"] = "none"  # rollout batches: a plain shuffle, each task its share
+    # of every batch, or each (task, gold answer) its share (train_rl.py --stratify)
     rl_old_logp: Literal["auto", "recompute", "sampler"] = "auto"  # GSPO's old log-probs: the sampler's or a
     # no-grad pass; auto: the sampler's in fp32, a pass in bf16 (train_rl.py departure 6)
     rl_eval_every: Annotated[int, NON_NEGATIVE] = 0  # also score the held-out users every N GSPO steps (0: before the

@@ -176,6 +176,8 @@ def rl_cmd(a, policy, prmu, data: Path, out: Path, seed: int, prec: str, old_log
         precision=prec,
         train_layers=a.rl_train_layers,
         lora_rank=getattr(a, "rl_lora_rank", 0) or None,
+        dynamic_sampling=getattr(a, "rl_dynamic_sampling", 0) or None,
+        stratify=None if getattr(a, "rl_stratify", "none") == "none" else a.rl_stratify,
     )
     launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py"]
     return launch + flags(**{**base, **kw})

@@ -360,6 +360,67 @@ def test_results_table_and_claims_by_hand():
     assert "worsens by 0.750" in swaps[1] and swaps[1].endswith("(personalizes).")
 
 
+def test_summary_table_puts_the_tasks_side_by_side_by_hand():
+    """The report's Table-1 layout on planted scores: LaMP-2 (accuracy) and LaMP-3 (MAE, lower is better), two
+    questions each, SFT and two seeds, two samples a question, all parsed but one. Worked out by hand: each cell, the
+    mean-of-seeds row, and the improvement row (for MAE, SFT − RL)."""
+    from types import SimpleNamespace
+
+    from tagpr import demo_report
+
+    def sc(greedy, samples, parsed):
+        return {
+            "greedy": greedy,
+            "sampled": {i: sum(x) / len(x) for i, x in samples.items()},
+            "swap": {i: 0.0 for i in greedy},
+            "split": {i: (samples[i], parsed[i]) for i in samples},
+        }
+
+    t, f = True, False
+    ok = {i: [t, t] for i in ("a", "b", "c", "d")}
+    # a, b: LaMP-2 (accuracy); c, d: LaMP-3 (MAE)
+    sft = sc({"a": 1, "b": 0, "c": 2, "d": 0}, {"a": [1, 0], "b": [0, 0], "c": [2, 2], "d": [0, 4]}, ok)
+    rl = {
+        0: sc({"a": 1, "b": 1, "c": 1, "d": 0}, {"a": [1, 1], "b": [1, 0], "c": [1, 1], "d": [0, 0]}, ok),
+        1: sc(
+            {"a": 1, "b": 0, "c": 1, "d": 0}, {"a": [1, 1], "b": [0, 0], "c": [1, 4], "d": [0, 0]}, {**ok, "c": [t, f]}
+        ),
+    }
+    base = {
+        m: {"LaMP_2": {"accuracy": v}, "LaMP_3": {"MAE": 1.5 - v}}
+        for m, v in (("floor", 0.25), ("zero-shot", 0.0), ("oracle", 1.0))
+    }
+    a = SimpleNamespace(rl_temperature=1.0, eval_samples=2, base_methods="zero-shot")
+    greedy, parsed = demo_report.summary_table(
+        a, base, sft, rl, [0, 1], {"LaMP_2": ["a", "b"], "LaMP_3": ["c", "d"]}
+    ).split("\n\n")
+    rows = {
+        r.split(" | ")[0].strip("| "): [c.strip() for c in r.strip("|").split("|")[1:]] for r in greedy.splitlines()
+    }
+    assert greedy.splitlines()[0] == "| model (greedy) | LaMP_2 accuracy | LaMP_3 MAE ↓ |"
+    assert rows["No-profile floor"] == ["0.250", "1.250"] and rows["Oracle ceiling"] == ["1.000", "0.500"]
+    assert rows["Base model: Zero-shot"] == ["0.000", "1.500"]
+    # SFT greedy: LaMP-2 (1 + 0)/2 = .5, LaMP-3 (2 + 0)/2 = 1; the seeds' mean: a 1, b .5 → .75; c 1, d 0 → .5
+    assert rows["After SFT"][0].startswith("0.500 [") and rows["After SFT"][1].startswith("1.000 [")
+    mean_row = rows["After SFT + RL, mean of seeds 0,1"]
+    assert mean_row[0].startswith("0.750 [") and mean_row[1].startswith("0.500 [")
+    # improvements: LaMP-2 .75 − .5 = +.25; LaMP-3 SFT − RL = 1 − .5 = +.5
+    gains = rows["RL − SFT, paired (improvement)"]
+    assert gains[0].startswith("+0.250 [") and gains[1].startswith("+0.500 [")
+    rows = {
+        r.split(" | ")[0].strip("| "): [c.strip() for c in r.strip("|").split("|")[1:]] for r in parsed.splitlines()
+    }
+    assert rows["No-profile floor"] == ["", ""]
+    # among parsed: SFT LaMP-2 (1+0+0+0)/4 = .25, LaMP-3 (2+2+0+4)/4 = 2; seed 1's LaMP-3 drops its unparsed 4:
+    # (1 + 0 + 0)/3 = 1/3; pooled RL LaMP-3: (1+1+0+0 + 1+0+0)/7 = 3/7 → improvement 2 − 3/7 = 1.571
+    assert rows["After SFT"][0].startswith("0.250 [") and rows["After SFT"][1].startswith("2.000 [")
+    assert rows["After SFT + RL, seed 1"][1].startswith("0.333 [")
+    assert rows["After SFT + RL, mean of seeds 0,1"][1].startswith("0.429 [")
+    gains = rows["RL − SFT, paired (improvement)"]
+    # LaMP-2 pooled RL among parsed: (1+1+1+0 + 1+1+0+0)/8 = .625 → +.375
+    assert gains[0].startswith("+0.375 [") and gains[1].startswith("+1.571 [")
+
+
 def test_preset_long_is_the_recipe_its_test_report_scored():
     """`--preset long` is the recipe of x10, the three-kind run whose test-user report the README cites: its
     header and recipe line, rendered from the preset alone, appear verbatim in docs/demo/x10_3task_bound_test.
@@ -379,3 +440,26 @@ def test_preset_long_is_the_recipe_its_test_report_scored():
     assert f"{a.chain_style} chains, bf16 matmuls" in kept
     assert recipe(a, old_logp_source(a, "bf16")) in kept
     assert f"mean of {a.eval_samples})" in kept and a.malloc == "system"
+
+
+def test_refill_and_stratify_flags_reach_train_rl(tmp_path):
+    """--rl-dynamic-sampling / --rl-stratify: train_rl gets --dynamic-sampling N / --stratify S when set and
+    neither flag at the defaults (so earlier run folders resume with the same commands); the recipe line says so."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo import DemoConfig
+
+    from tagpr import stages
+    from tagpr.demo_report import recipe
+
+    def cmd(a):
+        return stages.rl_cmd(a, "p", "r", tmp_path, tmp_path / "rl", 0, "bf16", "recompute")
+
+    plain = cmd(DemoConfig())
+    assert "--dynamic-sampling" not in plain and "--stratify" not in plain
+    assert "dynamic" not in recipe(DemoConfig(), "recompute")
+    a = DemoConfig(rl_dynamic_sampling=3, rl_stratify="task")
+    c = cmd(a)
+    assert c[c.index("--dynamic-sampling") + 1] == "3" and c[c.index("--stratify") + 1] == "task"
+    assert recipe(a, "recompute").endswith(
+        "old log-probs: recompute, dynamic sampling ≤ 3 rounds, batches stratified by task."
+    )

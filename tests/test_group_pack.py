@@ -73,3 +73,25 @@ def test_packed_logprobs_and_gradients_equal_the_unpacked(tiny, trunk):
     assert plain[2].keys() == packed[2].keys() and len(plain[2]) > 0
     for n, g in plain[2].items():
         assert torch.allclose(g, packed[2][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_a_flash_attention_policy_trains_packed_rows_with_sdpa():
+    """flash-attention-2 cannot take group_pack's 4-D mask: train_rl switches such a policy to SDPA when it packs
+    (--shared-prompts) and leaves it alone otherwise; an SDPA or eager policy is never touched. (This CPU cannot
+    load flash-attn: the tiny model's config carries the name, and set_attn_implementation is recorded.)"""
+    import train_rl
+    from tagpr.models import load_model
+
+    lm = load_model("tiny", device="cpu")[0]
+    calls = []
+    lm.set_attn_implementation = calls.append
+    for impl, shared, want in [
+        ("flash_attention_2", True, ["sdpa"]),
+        ("flash_attention_2", False, []),
+        ("sdpa", True, []),
+        ("eager", True, []),
+    ]:
+        calls.clear()
+        lm.config._attn_implementation = impl
+        train_rl.packed_attention(lm, shared)
+        assert calls == want, (impl, shared)
