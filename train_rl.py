@@ -863,14 +863,14 @@ def update(run: Run, batch: Batch, plan: Plan, scores: Scores, k: int) -> Update
 
 
 def log_row(
-    run: Run, batch: Batch, roll, scores: Scores, updates: list[Update], times: list[float], tokens: float
+    run: Run, batch: Batch, roll, scores: Scores, updates: list[Update], times: dict[str, float], tokens: float
 ) -> dict:
     """The step's metrics.jsonl row, every number reduced over all ranks (the same keys on every rank: these are
-    collectives). `tokens`: this rank's tokens generated in `time/rollout` (the step's first round)."""
+    collectives). `times`: each phase's seconds (→ `time/<phase>`); `tokens`: this rank's tokens generated in
+    `time/rollout` (the step's first round)."""
     cfg = run.cfg
     parsed = scores.parsed
     mean = lambda xs: dist.sum_scalar(sum(xs)) / dist.sum_scalar(len(xs))
-    t0, t1, t2, t3, t4 = times
     row = {
         "step": batch.step + 1,
         "stage": batch.stage,
@@ -887,11 +887,8 @@ def log_row(
         "finished_frac": mean(roll.finished.float().tolist()),
         "tag_count": mean([len(p.steps) for p in parsed]),
         "tag_valid": mean([float(all(tags.check(p, run.vocab, cfg.min_tags).values())) for p in parsed]),
-        "tokens_per_s": dist.sum_scalar(tokens) / (t1 - t0),
-        "time/rollout": t1 - t0,
-        "time/reward": t2 - t1,
-        "time/old_logp": t3 - t2,
-        "time/update": t4 - t3,
+        "tokens_per_s": dist.sum_scalar(tokens) / times["rollout"],
+        **{f"time/{k}": v for k, v in times.items()},
     }
     names = [n for n in GSPO_REDUCE if (n != "kl" or run.ref is not None) and n not in MISMATCH]
     for k, u in enumerate(updates):
@@ -1059,13 +1056,15 @@ def gspo_step(run: Run, step: int, keep_rollouts: bool) -> tuple[dict, list[dict
     tokens, info = float(roll.lengths.sum()), {}
     if run.cfg.dynamic_sampling:
         batch, roll, scores, info = refill(run, batch, roll, scores)
-        info["time/refill"] = time.perf_counter() - t2
-        t2 = time.perf_counter()
+    t_refill = time.perf_counter()
     plan = old_logprobs(run, batch, roll)
     t3 = time.perf_counter()
     updates = [update(run, batch, plan, scores, k) for k in range(run.cfg.mini_batches)]
     t4 = time.perf_counter()
-    row = log_row(run, batch, roll, scores, updates, [t0, t1, t2, t3, t4], tokens) | info
+    times = {"rollout": t1 - t0, "reward": t2 - t1, "old_logp": t3 - t_refill, "update": t4 - t3}
+    if run.cfg.dynamic_sampling:
+        times["refill"] = t_refill - t2  # the extra rounds' rollouts and rewards, and the gathering
+    row = log_row(run, batch, roll, scores, updates, times, tokens) | info
     return row, rollout_rows(run, batch, roll, scores, plan) if keep_rollouts else []
 
 

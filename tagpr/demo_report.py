@@ -290,7 +290,7 @@ def gain_curve(run_dir: Path, seeds, ids=None, sign: int = 1) -> str:
     sft = scores_from(rl[seeds[0]] / "held_out_step0.json")
     ids = sorted(sft["greedy"]) if ids is None else ids
     rows = {s: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for s, d in rl.items()}
-    step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "old_logp", "update"))
+    step_time = lambda r: sum(r.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "refill", "old_logp", "update"))
     lines = [
         "| GSPO steps | GSPO time to it (s, mean of seeds) | sampled gain [95 %] | per seed | spread | clears "
         "| greedy gain [95 %] | per seed | spread | clears |",

@@ -125,7 +125,9 @@ def test_dynamic_sampling_keeps_only_groups_that_vary(off_and_on):
     assert all(r["dynamic/informative"] == 1.0 for r in m_on)
     assert any(r["dynamic/informative_first"] < 1.0 and r["dynamic/rounds"] >= 1 for r in m_on)
     assert all(r["dynamic/groups_sampled"] == 4 * (1 + r["dynamic/rounds"]) for r in m_on)
-    assert not any(k.startswith("dynamic/") for k in m_off[0])
+    assert not any(k.startswith("dynamic/") for k in m_off[0]) and "time/refill" not in m_off[0]
+    # the extra rounds' time is its own phase, not the reward's (the toy reward takes microseconds)
+    assert all(r["time/refill"] > r["time/reward"] for r in m_on if r["dynamic/rounds"])
     # step 1 (the same start policy): every group of the plain batch that varies is in the refilled batch with
     # the same texts (round 0's generators are the plain run's); the rest came from fresh prompts
     first_off = {p: [x["text"] for x in rows] for (s, p), rows in off.items() if s == 1 and not flat(rows)}
