@@ -93,14 +93,22 @@ def among_parsed(split: dict, ids) -> float:
     return metrics.pooled([split[i][0] for i in ids], [split[i][1] for i in ids])
 
 
+def among_cell(split: dict | None, ids) -> str:
+    """A table cell: the score among parsed sampled answers with its interval ("–" if none parsed; empty without
+    the split)."""
+    if split is None:
+        return ""
+    if not any(any(split[i][1]) for i in ids):  # no answer parsed: no score among them
+        return "–"
+    lo, hi = metrics.bootstrap_stat_ci(ids, lambda qs: among_parsed(split, qs))
+    return f"{among_parsed(split, ids):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def split_cells(split: dict | None, ids) -> str:
     """Two table cells: the share of sampled answers that parse, and the score among them, with intervals."""
     if split is None:
         return " | "
-    if not any(any(split[i][1]) for i in ids):  # no answer parsed: no score among them
-        return f"{cell(parsed_share(split, ids))} | –"
-    lo, hi = metrics.bootstrap_stat_ci(ids, lambda qs: among_parsed(split, qs))
-    return f"{cell(parsed_share(split, ids))} | {among_parsed(split, ids):.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{cell(parsed_share(split, ids))} | {among_cell(split, ids)}"
 
 
 def split_gain(sft: dict, rl: dict, seeds, ids, sign: int = 1) -> dict | None:
@@ -116,10 +124,15 @@ def split_gain(sft: dict, rl: dict, seeds, ids, sign: int = 1) -> dict | None:
     a0, a1 = among_parsed(s0, ids), among_parsed(pooled_rl, ids)
     dp = [x - y for x, y in zip(parsed_share(pooled_rl, ids), parsed_share(s0, ids))]
     da = lambda qs: sign * (among_parsed(pooled_rl, qs) - among_parsed(s0, qs))
+    among = (sign * (a1 - a0), *metrics.bootstrap_stat_ci(ids, da))
+    per_seed = [sign * (among_parsed(rl[s]["split"], ids) - a0) for s in seeds]
+    spread = max(per_seed) - min(per_seed)
     return {
         "parsed": (p1 - p0, *metrics.bootstrap_ci(dp)),
-        "among": (sign * (a1 - a0), *metrics.bootstrap_stat_ci(ids, da)),
-        "among_seeds": [sign * (among_parsed(rl[s]["split"], ids) - a0) for s in seeds],
+        "among": among,
+        "among_seeds": per_seed,
+        "among_spread": spread,
+        "among_clears": among[1] > 0 and among[0] > spread,  # a better decision: interval above 0, gain above spread
         "from_parsing": (p1 - p0) * a0,
         "from_decision": p1 * (a1 - a0),
         "p": (p0, p1),
@@ -127,14 +140,17 @@ def split_gain(sft: dict, rl: dict, seeds, ids, sign: int = 1) -> dict | None:
     }
 
 
+def base_cell(base: dict, name: str, task: str) -> str:
+    """A table cell of evaluate.py's row `name` (base methods, floor, oracle) on `task`, with its interval if any."""
+    metric = metrics.PRIMARY[lamp.get_task(task).kind]
+    m = base[name][task]
+    ci = m.get(f"{metric}_ci95")
+    return f"{m[metric]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[metric]:.3f}"
+
+
 def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds, task: str, ids) -> tuple[str, dict]:
     """One task's held-out table (markdown) and the per-question mean over seeds of each kind."""
     metric = metrics.PRIMARY[lamp.get_task(task).kind]
-
-    def base_cell(name):
-        m = base[name][task]
-        ci = m.get(f"{metric}_ci95")
-        return f"{m[metric]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[metric]:.3f}"
 
     def row(label, sc):
         cells = " | ".join(cell([sc[k][i] for i in ids]) for k in KINDS)
@@ -148,13 +164,17 @@ def results_table(a, base: dict, sft: dict, rl: dict, last: dict, seeds, task: s
         f"{a.eval_samples}) | profile-swap control (greedy) | sampled answers that parse | sampled {metric} among "
         "parsed |",
         "|---|---|---|---|---|---|",
-        f"| No-profile floor (latent rules, no model) | {base_cell('floor')} | | | | |",
+        f"| No-profile floor (latent rules, no model) | {base_cell(base, 'floor', task)} | | | | |",
     ]
-    lines += [f"| Base model: {LABELS.get(m, m)} | {base_cell(m)} | | | | |" for m in a.base_methods.split(",") if m]
+    lines += [
+        f"| Base model: {LABELS.get(m, m)} | {base_cell(base, m, task)} | | | | |"
+        for m in a.base_methods.split(",")
+        if m
+    ]
     lines.append(row("After SFT (tagged reasoning)", sft))
     lines += [row(f"After SFT + RL, seed {s} ({last[s]} steps)", rl[s]) for s in seeds]
     lines.append(row(f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", avg))
-    lines.append(f"| Oracle ceiling (latent rule) | {base_cell('oracle')} | | | | |")
+    lines.append(f"| Oracle ceiling (latent rule) | {base_cell(base, 'oracle', task)} | | | | |")
     return "\n".join(lines), avg
 
 
@@ -163,55 +183,40 @@ def summary_table(a, base: dict, sft: dict, rl: dict, seeds, by_task: dict[str, 
     oracle; a column per task), twice: the greedy score, and the sampled score among parsed answers; then the
     paired RL − SFT improvement of each with its 95 % interval (for MAE, SFT − RL) and whether it clears."""
     tasks = list(by_task)
-    kinds = {t: lamp.get_task(t).kind for t in tasks}
-    head = " | ".join(f"{t} {metrics.PRIMARY[kinds[t]]}{' ↓' if SIGN[kinds[t]] < 0 else ''}" for t in tasks)
-    mean_of = lambda t: {i: mean([rl[s]["greedy"][i] for s in seeds]) for i in by_task[t]}
-    pooled = {t: merged_split([rl[s] for s in seeds], by_task[t]) for t in tasks}
-    methods = [m for m in a.base_methods.split(",") if m]
+    sign = {t: SIGN[lamp.get_task(t).kind] for t in tasks}
+    head = " | ".join(f"{t} {metrics.PRIMARY[lamp.get_task(t).kind]}{' ↓' if sign[t] < 0 else ''}" for t in tasks)
+    fixed = [("No-profile floor", "floor")]
+    fixed += [(f"Base model: {LABELS.get(m, m)}", m) for m in a.base_methods.split(",") if m]
+    avg = {"greedy": {i: mean([rl[s]["greedy"][i] for s in seeds]) for ids in by_task.values() for i in ids}}
+    avg["split"] = {t: merged_split([rl[s] for s in seeds], by_task[t]) for t in tasks}
+    models = [("After SFT", sft, lambda t: sft.get("split"))]
+    models += [(f"After SFT + RL, seed {s}", rl[s], lambda t, s=s: rl[s].get("split")) for s in seeds]
+    models.append((f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", avg, lambda t: avg["split"][t]))
 
-    def base_cell(name, t):
-        m = base[name][t]
-        metric = metrics.PRIMARY[kinds[t]]
-        ci = m.get(f"{metric}_ci95")
-        return f"{m[metric]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m[metric]:.3f}"
+    def table(title: str, model_cell, base_cells: bool, gain_cell) -> str:
+        row = lambda label, cells: f"| {label} | " + " | ".join(cells) + " |"
+        lines = [row(f"model ({title})", [head]), "|---|" + "---|" * len(tasks)]
+        lines += [row(label, [base_cell(base, n, t) if base_cells else "" for t in tasks]) for label, n in fixed]
+        lines += [row(label, [model_cell(sc, sp, t) for t in tasks]) for label, sc, sp in models]
+        lines.append(row("Oracle ceiling", [base_cell(base, "oracle", t) if base_cells else "" for t in tasks]))
+        lines.append(row("RL − SFT, paired (improvement)", [gain_cell(t) for t in tasks]))
+        return "\n".join(lines)
 
-    def among(split, t):
-        return split_cells(split, by_task[t]).split(" | ")[1] if split is not None else ""
+    def verdict(gain, lo, hi, ok) -> str:
+        return f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}]{', clears' if ok else ''}"
 
-    models = [("After SFT", lambda t: sft["greedy"], lambda t: sft.get("split"))]
-    models += [
-        (f"After SFT + RL, seed {s}", lambda t, s=s: rl[s]["greedy"], lambda t, s=s: rl[s].get("split")) for s in seeds
-    ]
-    models.append((f"After SFT + RL, mean of seeds {','.join(map(str, seeds))}", mean_of, lambda t: pooled[t]))
-    out = []
-    for title, greedy in (("greedy", True), ("sampled (T = %s, %s a question), among parsed answers", False)):
-        if not greedy:
-            title = title % (a.rl_temperature, a.eval_samples)
-        lines = [f"| model ({title}) | {head} |", "|---|" + "---|" * len(tasks)]
-        fixed = [("No-profile floor", "floor")] + [(f"Base model: {LABELS.get(m, m)}", m) for m in methods]
-        lines += [
-            f"| {label} | " + " | ".join(base_cell(n, t) if greedy else "" for t in tasks) + " |" for label, n in fixed
-        ]
-        for label, g, sp in models:
-            cells = [cell([g(t)[i] for i in by_task[t]]) if greedy else among(sp(t), t) for t in tasks]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("| Oracle ceiling | " + " | ".join(base_cell("oracle", t) if greedy else "" for t in tasks) + " |")
-        gains = []
-        for t in tasks:
-            sign = SIGN[kinds[t]]
-            if greedy:
-                gn = rl_gain(sft, rl, seeds, "greedy", by_task[t], sign)
-                gain, lo, hi, ok = gn["gain"], gn["lo"], gn["hi"], gn["clears"]
-            elif (sg := split_gain(sft, rl, seeds, by_task[t], sign)) is not None:
-                (gain, lo, hi), spread = sg["among"], max(sg["among_seeds"]) - min(sg["among_seeds"])
-                ok = lo > 0 and gain > spread
-            else:
-                gains.append("")
-                continue
-            gains.append(f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}]{', clears' if ok else ''}")
-        lines.append("| RL − SFT, paired (improvement) | " + " | ".join(gains) + " |")
-        out.append("\n".join(lines))
-    return "\n\n".join(out)
+    def greedy_gain(t) -> str:
+        g = rl_gain(sft, rl, seeds, "greedy", by_task[t], sign[t])
+        return verdict(g["gain"], g["lo"], g["hi"], g["clears"])
+
+    def among_gain(t) -> str:
+        g = split_gain(sft, rl, seeds, by_task[t], sign[t])
+        return "" if g is None else verdict(*g["among"], g["among_clears"])
+
+    greedy = table("greedy", lambda sc, sp, t: cell([sc["greedy"][i] for i in by_task[t]]), True, greedy_gain)
+    title = f"sampled (T = {a.rl_temperature}, {a.eval_samples} a question), among parsed answers"
+    parsed = table(title, lambda sc, sp, t: among_cell(sp(t), by_task[t]), False, among_gain)
+    return greedy + "\n\n" + parsed
 
 
 def rl_gain(sft: dict, rl: dict, seeds, kind: str, ids, sign: int = 1) -> dict:
@@ -255,7 +260,7 @@ def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds, task: str, ids)
         )
     if (g := split_gain(sft, rl, seeds, ids, sign)) is not None:
         (dp, plo, phi), (da, alo, ahi) = g["parsed"], g["among"]
-        spread = max(g["among_seeds"]) - min(g["among_seeds"])
+        spread = g["among_spread"]
         parts = (
             f" Of the sampled {metric}'s change, {g['from_parsing']:+.3f} is parse rate (Δparsed × SFT's {metric} "
             f"among parsed) and {g['from_decision']:+.3f} decision (RL's parsed share × Δ{metric} among parsed)."
@@ -267,7 +272,7 @@ def claims(a, base: dict, sft: dict, rl: dict, avg: dict, seeds, task: str, ids)
             f"{g['p'][0]:.3f} → {g['p'][1]:.3f} ({dp:+.3f} [{plo:+.3f}, {phi:+.3f}]); {metric} among parsed answers "
             f"{g['a'][0]:.3f} → {g['a'][1]:.3f} (gain {da:+.3f} [{alo:+.3f}, {ahi:+.3f}], per seed "
             f"{', '.join(f'{x:+.3f}' for x in g['among_seeds'])}, spread {spread:.3f}).{parts} A better decision "
-            f"after RL: {'yes' if alo > 0 and da > spread else 'not shown'} (needs the interval above 0 and the gain "
+            f"after RL: {'yes' if g['among_clears'] else 'not shown'} (needs the interval above 0 and the gain "
             "above the spread)."
         )
     for name, sc in (("SFT", sft), ("SFT + RL (mean of seeds)", avg)):
