@@ -56,7 +56,8 @@ Departures from the paper:
    `--overlong mask` among the finished ones) leaves the batch, and up to N rounds of `global_batch` fresh
    prompts (`extra_batch`) are rolled out and scored until `global_batch` groups vary in R_v; short of that,
    the earliest flat groups fill the batch as before. The rest of the step is unchanged. Its cost is the extra
-   rounds' rollouts (`time/refill`), and, when a group was replaced, one no-grad pass for the frozen trunk.
+   rounds' rollouts (`time/refill`); the groups carry the sampler's frozen-trunk states to whichever rank
+   trains them (through the CPU), so the trainer recomputes no trunk.
    Logged: `dynamic/informative_first` (the share of the step's own groups that vary), `dynamic/informative`
    (the batch's, after the refill), `dynamic/rounds`, `dynamic/groups_sampled`.
 
@@ -765,9 +766,11 @@ def old_logprobs(run: Run, batch: Batch, roll) -> Plan:
         minis=minis,
         old=torch.zeros(len(x), x.shape[1] - 1, device=dev),
         sampler=None,
-        trunk=roll.kept_rows(x.shape[1]) if run.frozen else None,  # the sampler's trunk: no pass of its own
+        trunk=None,
         ref=None,
     )
+    kept = roll.kept_rows(x.shape[1]) if run.frozen else None  # the sampler's trunk: no pass of its own
+    plan.trunk = kept.to(dev) if kept is not None else None  # (a refilled batch's comes from the CPU)
     with torch.no_grad(), autocast(dev, run.precision):
         if run.frozen and plan.trunk is None:  # the sampler could not keep it (transformers' fallback path)
             plan.trunk = torch.zeros(*x.shape, run.lm.config.hidden_size, device=dev)

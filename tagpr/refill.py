@@ -33,6 +33,10 @@ class Group:
     texts: list[str]
     finished: list[bool]
     logprobs: list[list[float]] | None  # the sampler's log-prob of each generated token, or None
+    # the sampler's kept residual stream (`keep_layers`), on the CPU so ranks can trade it: the prompt's
+    # (len(prompt_ids), hidden) and each response's (its length, hidden); None when none was kept
+    prompt_hidden: torch.Tensor | None
+    response_hidden: list[torch.Tensor] | None
     total: list[float]  # each rollout's reward
     parts: dict[str, list[float]]  # each reward component per rollout
     parsed: list  # each rollout's tags.Parsed
@@ -55,9 +59,11 @@ def split_groups(
     ids = roll.response_ids.tolist()
     lp = roll.logprobs.tolist() if roll.logprobs is not None else None
     fin = [bool(f) for f in roll.finished.tolist()]
+    kept = roll.prompt_hidden is not None and roll.response_hidden is not None
     out = []
     for p, prompt in enumerate(prompts):
         rows = range(p * G, (p + 1) * G)
+        n_prompt = len(roll.prompt_ids[p * G])
         out.append(
             Group(
                 prompt=prompt,
@@ -66,6 +72,8 @@ def split_groups(
                 texts=[roll.texts[j] for j in rows],
                 finished=[fin[j] for j in rows],
                 logprobs=[lp[j][: lengths[j]] for j in rows] if lp is not None else None,
+                prompt_hidden=roll.prompt_hidden[p, roll.prompt_hidden.shape[1] - n_prompt :].cpu() if kept else None,
+                response_hidden=[roll.response_hidden[j, : lengths[j]].cpu() for j in rows] if kept else None,
                 total=[total[j] for j in rows],
                 parts={k: [v[j] for j in rows] for k, v in parts.items()},
                 parsed=[parsed[j] for j in rows],
@@ -88,8 +96,9 @@ def choose(pool: list[Group], n: int) -> list[int]:
 
 def join(groups: list[Group], pad_id: int) -> tuple[list[RLPrompt], Rollouts, list[float], dict, list]:
     """Groups → (prompts, Rollouts, rewards, reward parts, parsed), rows prompt-major as the sampler lays them
-    out, responses right-padded with `pad_id`. The sampler's kept hidden states are not carried (the trainer
-    recomputes the frozen trunk when it needs it)."""
+    out, responses right-padded with `pad_id`; the sampler's kept hidden states (when every group has them) in
+    its layout too, prompts left-padded and responses right-padded with zeros, so the trainer needs no pass of
+    its own for the frozen trunk."""
     rows = [(g, j) for g in groups for j in range(len(g.texts))]
     T = max((len(g.responses[j]) for g, j in rows), default=0)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -109,6 +118,17 @@ def join(groups: list[Group], pad_id: int) -> tuple[list[RLPrompt], Rollouts, li
         finished=torch.tensor([g.finished[j] for g, j in rows], dtype=torch.bool),
         logprobs=lp,
     )
+    prompt_hidden = response_hidden = None
+    if groups and all(g.prompt_hidden is not None for g in groups):
+        P, H = max(len(g.prompt_ids) for g in groups), groups[0].prompt_hidden.shape[-1]
+        like = groups[0].prompt_hidden
+        prompt_hidden = like.new_zeros(len(groups), P, H)
+        response_hidden = like.new_zeros(len(rows), T, H)
+        for p, g in enumerate(groups):
+            prompt_hidden[p, P - len(g.prompt_ids) :] = g.prompt_hidden
+        for b, (g, j) in enumerate(rows):
+            response_hidden[b, : len(g.responses[j])] = g.response_hidden[j]
+    roll.prompt_hidden, roll.response_hidden = prompt_hidden, response_hidden
     parts = {k: [v for g in groups for v in g.parts[k]] for k in (groups[0].parts if groups else {})}
     return (
         [g.prompt for g in groups],

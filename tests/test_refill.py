@@ -31,7 +31,9 @@ def test_informative_by_hand():
 
 
 def group(name, varies):
-    return Group(RLPrompt(name, "LaMP_2", "u", "q", "g"), [1], [[2]], ["t"], [True], None, [0.0], {}, [None], varies)
+    return Group(
+        RLPrompt(name, "LaMP_2", "u", "q", "g"), [1], [[2]], ["t"], [True], None, None, None, [0.0], {}, [None], varies
+    )
 
 
 def test_choose_by_hand():
@@ -63,6 +65,17 @@ def test_split_then_join_gives_the_rollouts_back():
     assert back.prompt_ids == roll.prompt_ids and back.texts == roll.texts
     for f in ("response_ids", "response_mask", "finished", "logprobs"):
         assert torch.equal(getattr(back, f), getattr(roll, f)), f
+    # the sampler's kept hidden states travel with their group: joined back, the training layout is the same
+    H = 3
+    roll.prompt_hidden = torch.randn(2, 2, H)
+    roll.prompt_hidden[1, 0] = 0  # the second prompt is left-padded
+    roll.response_hidden = torch.randn(4, 3, H) * roll.response_mask[..., None]
+    groups = split_groups(prompts, roll, [2.0, 0.5, 0.0, 0.0], parts, ["P0", "P1", "P2", "P3"], False)
+    assert groups[1].prompt_hidden.shape == (1, H) and [h.shape[0] for h in groups[0].response_hidden] == [3, 1]
+    _, back, *_ = join(groups, pad_id=9)
+    assert torch.equal(back.kept_rows(5), roll.kept_rows(5))
+    _, swapped, *_ = join(groups[::-1], pad_id=9)  # the other order: the rows move with their group
+    assert torch.equal(swapped.kept_rows(5), roll.kept_rows(5)[[2, 3, 0, 1]])
     # the second group alone: its own width, no sampler log-probs when there were none
     groups[1].logprobs = None
     _, one, *_ = join(groups[1:], pad_id=9)
@@ -142,6 +155,22 @@ def test_dynamic_sampling_keeps_only_groups_that_vary(off_and_on):
         std = math.sqrt(sum((x - mean) ** 2 for x in r) / 3)
         for x in rows:
             assert x["advantage"] == pytest.approx((x["reward"] - mean) / (std + 1e-6), abs=1e-5)
+
+
+def test_refilled_batches_train_on_the_samplers_trunk(off_and_on, tmp_path):
+    """With --train-layers the refilled groups carry the sampler's frozen-trunk states into the update; they
+    must give what running the whole model does (--no-trunk-cache), to fp32 rounding: a layout slip in `join`
+    (a prompt padded on the wrong side, a row of another group) changes every log-prob."""
+    m_trunk, r_trunk = launch(tmp_path, "trunk", 1, "--dynamic-sampling", "4", "--train-layers", "1")
+    m_whole, r_whole = launch(
+        tmp_path, "whole", 1, "--dynamic-sampling", "4", "--train-layers", "1", "--no-trunk-cache"
+    )
+    assert any(r["dynamic/rounds"] >= 1 for r in m_trunk)  # groups really were replaced
+    assert [x["text"] for x in r_trunk] == [x["text"] for x in r_whole]
+    for a, b in zip(m_trunk, m_whole):
+        for k, v in a.items():
+            if k.startswith(("loss", "ratio", "grad_norm", "clip")) and isinstance(v, float):
+                assert v == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.slow
