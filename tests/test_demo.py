@@ -463,3 +463,58 @@ def test_refill_and_stratify_flags_reach_train_rl(tmp_path):
     assert recipe(a, "recompute").endswith(
         "old log-probs: recompute, dynamic sampling ≤ 3 rounds, batches stratified by task."
     )
+
+
+def test_compare_runs_by_hand(tmp_path):
+    """scripts/compare_runs.py on two planted runs (2 seeds; LaMP-2 questions q0, q1 and LaMP-3's r0, r1, 2 samples
+    each), worked out by hand: B − A on greedy, parse share and the score among parsed answers (pooled over seeds,
+    and per seed), and A − B for LaMP-3's MAE; runs on other questions are refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_runs
+
+    from tagpr import config
+
+    t, f = True, False
+
+    def run(name, per_seed):
+        """per_seed: {seed: {question: (greedy, samples, parsed)}}"""
+        root = tmp_path / name
+        (root / "data").mkdir(parents=True)
+        rows = [{"id": q, "task": "LaMP_2" if q[0] == "q" else "LaMP_3"} for q in per_seed[0]]
+        (root / "data" / "eval_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for s, qs in per_seed.items():
+            per = {
+                q: {"greedy": g, "sampled": sum(x) / 2, "samples": x, "samples_parsed": p}
+                for q, (g, x, p) in qs.items()
+            }
+            body = json.dumps({"held_out": per, "swap": {q: {"greedy": 0.0} for q in per}})
+            (root / f"rl_seed{s}").mkdir()
+            (root / f"rl_seed{s}" / "held_out_step2.json").write_text(body)
+            if s == 0:
+                (root / f"rl_seed{s}" / "held_out_step0.json").write_text(body)
+        return root
+
+    a = run("a", {
+        0: {"q0": (1, [1, 0], [t, t]), "q1": (0, [0, 0], [t, f]), "r0": (1, [1, 1], [t, t]), "r1": (2, [2, 0], [t, t])},
+        1: {"q0": (1, [1, 1], [t, t]), "q1": (0, [1, 0], [t, t]), "r0": (1, [1, 1], [t, t]), "r1": (2, [2, 2], [t, t])},
+    })  # fmt: skip
+    b = run("b", {
+        0: {"q0": (1, [1, 1], [t, t]), "q1": (1, [1, 0], [t, t]), "r0": (0, [0, 0], [t, t]), "r1": (1, [1, 1], [t, t])},
+        1: {"q0": (1, [1, 1], [t, t]), "q1": (1, [1, 1], [t, f]), "r0": (0, [0, 1], [t, t]), "r1": (1, [0, 0], [t, t])},
+    })  # fmt: skip
+    ma, mb = compare_runs.models(a, "rl", [0, 1]), compare_runs.models(b, "rl", [0, 1])
+    c2 = compare_runs.compare(ma, mb, ["q0", "q1"], 1)
+    assert c2["greedy"] == pytest.approx((0.5, 1.0, 0.5))
+    assert c2["parsed"] == pytest.approx((0.875, 0.875, 0.0))  # q0 4/4, q1 3/4 in both
+    # among parsed: A (3 + 0 + 1) / (4 + 1 + 2) = 4/7, B (4 + 1 + 1) / (4 + 2 + 1) = 6/7; per seed A 1/3 → B 3/4,
+    # A 3/4 → B 1
+    assert c2["among"] == pytest.approx((4 / 7, 6 / 7, 2 / 7))
+    assert c2["among_seeds"] == pytest.approx([3 / 4 - 1 / 3, 1 / 4])
+    assert c2["among_ci"][0] <= 2 / 7 <= c2["among_ci"][1]
+    c3 = compare_runs.compare(ma, mb, ["r0", "r1"], -1)  # MAE: the improvement is A − B
+    assert c3["greedy"] == pytest.approx((1.5, 0.5, 1.0)) and c3["among"] == pytest.approx((1.25, 0.375, 0.875))
+    text = compare_runs.table(a, b, "rl", [0, 1])
+    assert "| LaMP_3 MAE | 1.500 → 0.500 | +1.000 [" in text and "| 0.571 → 0.857 | +0.286 [" in text
+    (b / "data" / "eval_prompts.jsonl").write_text(json.dumps({"id": "other", "task": "LaMP_2"}) + "\n")
+    with pytest.raises(config.ConfigError, match="different held-out questions"):
+        compare_runs.table(a, b, "rl", [0, 1])
