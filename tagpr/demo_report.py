@@ -22,15 +22,16 @@ SIGN = {"classification": 1, "rating": -1, "generation": 1}  # +1 where a higher
 
 
 def scores_from(path: Path) -> dict[str, dict]:
-    """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and
-    "swap" (greedy on the swapped profiles); and "split": {question id: (its samples' scores, whether each
+    """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and,
+    where it was scored, "swap" (greedy on the swapped profiles); and "split": {question id: (its samples' scores, whether each
     parsed)} where the file has them."""
     per = json.loads(path.read_text())
     out = {
         "greedy": {i: v["greedy"] for i, v in per["held_out"].items()},
         "sampled": {i: v["sampled"] for i, v in per["held_out"].items()},
-        "swap": {i: v["greedy"] for i, v in per["swap"].items()},
     }
+    if "swap" in per:  # absent where the run scored no swap control (scripts/ablate.py's rows)
+        out["swap"] = {i: v["greedy"] for i, v in per["swap"].items()}
     if all("samples_parsed" in v for v in per["held_out"].values()):
         out["split"] = {i: (v["samples"], v["samples_parsed"]) for i, v in per["held_out"].items()}
     return out

@@ -118,6 +118,9 @@ def check_rows(run: Path) -> None:
     assert guided["reward/personal"] != 0.0 and guided["reward/tag"] != 0.0  # garbage earns R_tag's penalties
     assert exploratory["reward/personal"] == exploratory["reward/tag"] == 0.0
     assert (rl("full") / "held_out_step0.json").is_file()  # the SFT policy's scores: the w/o RL row
+    # scored as the tables need (greedy, samples with the parse split), without the swap control
+    scored = json.loads((rl("no_tag") / "held_out_step2.json").read_text())
+    assert "swap" not in scored and all("samples_parsed" in v for v in scored["held_out"].values())
     assert not (run / "rl" / "no_rl").exists()
     assert cfg("no_sft")["policy"] == base
     assert cfg("no_tag")["w_tag"] == 0.0 and rows("no_tag")[0]["reward/tag"] == 0.0
