@@ -3,6 +3,7 @@ rollout engine the merged weights; in train_sft and train_rl, exact on 1 and 2 r
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +378,52 @@ def test_a_checkpoint_of_other_trained_parameters_is_refused(tmp_path):
             train_sft.main([*base, *flags])
         assert {p.name: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")} == before
     assert json.loads(before["config.json"])["train_layers"] == 2
+
+
+def test_lora_vs_layers_arms_parse_and_refuse():
+    """scripts/lora_vs_layers.py's arm specs: name:layers:rank:steps:lr, and a clear error naming the flag."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import lora_vs_layers
+
+    from tagpr import config
+
+    got = lora_vs_layers.arms("top16:16:0:12:2e-4,lora:-1:16:10:1e-3", "--sft-arms")
+    assert got == [("top16", 16, 0, 12, 2e-4), ("lora", -1, 16, 10, 1e-3)]
+    for bad in ("lora:-1:16:10", "lora:all:16:10:1e-3", "lora:-1:16:0:1e-3", "a/b:4:0:2:1e-4", "x:0:0:2:1e-4"):
+        with pytest.raises(config.ConfigError, match="--sft-arms"):
+            lora_vs_layers.arms(bad, "--sft-arms")
+
+
+@pytest.mark.slow
+def test_lora_vs_layers_runs_each_arm_as_it_says(tmp_path):
+    """At tiny size: each SFT arm trains what its spec says (read from its config.json), is scored before any
+    GSPO step, and the RL arm starts from the named SFT arm; compare_runs reads the arms."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "cmp"
+    tiny = ["--policy", "tiny", "--sft-batch", "4", "--prmu-steps", "2", "--rl-prompts", "2", "--rl-group", "2"]
+    tiny += ["--rl-max-new", "8", "--eval-questions", "4", "--seeds", "0"]
+    cmd = [sys.executable, "scripts/lora_vs_layers.py", "--run", str(run), *tiny]
+    cmd += ["--sft-arms", "top:2:0:2:1e-3,lora:-1:4:2:1e-3", "--rl-arms", "lorarl:-1:4:1:1e-3", "--rl-from", "lora"]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cfg = lambda path: json.loads((run / path / "config.json").read_text())
+    assert cfg("top/sft")["train_layers"] == 2 and cfg("top/sft")["lora_rank"] == 0
+    assert cfg("lora/sft")["train_layers"] == -1 and cfg("lora/sft")["lora_rank"] == 4
+    assert cfg("lora+lorarl/rl_seed0")["policy"] == str(run / "lora" / "sft" / "model")
+    assert cfg("lora+lorarl/rl_seed0")["lora_rank"] == 4 and cfg("lora+lorarl/rl_seed0")["max_steps"] == 1
+    for arm in ("top", "lora"):
+        assert (run / arm / "rl_seed0" / "held_out_step0.json").is_file()
+    assert (run / "lora+lorarl" / "rl_seed0" / "held_out_step1.json").is_file()
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"sft top", "sft lora", "rl lora+lorarl seed 0"} <= set(timings)
+    c = subprocess.run(
+        [sys.executable, "scripts/compare_runs.py", "--a", str(run / "lora"), "--b", str(run / "lora+lorarl")],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert c.returncode == 0 and "| LaMP_2 accuracy |" in c.stdout, c.stderr
