@@ -23,8 +23,8 @@ SIGN = {"classification": 1, "rating": -1, "generation": 1}  # +1 where a higher
 
 def scores_from(path: Path) -> dict[str, dict]:
     """{kind: {question id: score}} from train_rl's held_out_step<N>.json, for the kinds "greedy", "sampled" and,
-    where it was scored, "swap" (greedy on the swapped profiles); and "split": {question id: (its samples' scores, whether each
-    parsed)} where the file has them."""
+    where it was scored, "swap" (greedy on the swapped profiles); and "split": {question id: (its samples' scores,
+    whether each parsed)} where the file has them."""
     per = json.loads(path.read_text())
     out = {
         "greedy": {i: v["greedy"] for i, v in per["held_out"].items()},
