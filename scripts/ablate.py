@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -123,10 +121,7 @@ def main(argv=None):
         raise config.ConfigError(f"--rows {a.rows}: unknown {', '.join(unknown)}; expected some of {', '.join(every)}")
     rows = [every[n] for n in dict.fromkeys(["full", *names])]  # full: every difference is against it
     os.environ.update(stages.malloc_env(a.malloc))
-    prec = (
-        "bf16" if a.precision == "auto" and hardware.bf16_matmul() else "fp32" if a.precision == "auto" else a.precision
-    )
-    prec = hardware.resolve_precision(prec, torch.device("cpu"))
+    prec = stages.precision(a.precision)
     old_logp = old_logp_source(a, prec)
     seeds = [int(s) for s in a.seeds.split(",") if s]
     run_dir = ROOT / a.run

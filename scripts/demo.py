@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tagpr import config, demo_report, hardware, stages  # noqa: E402  (the repository root first: the demo runs from a checkout)
@@ -125,10 +123,7 @@ def main(argv=None):
     a, _ = config.parse(DemoConfig, PRESETS, argv, description=__doc__)
     allocator = stages.malloc_env(a.malloc)
     os.environ.update(allocator)  # the stages inherit it
-    if a.precision == "auto":
-        prec = "bf16" if hardware.bf16_matmul() else "fp32"
-    else:
-        prec = hardware.resolve_precision(a.precision, torch.device("cpu"))
+    prec = stages.precision(a.precision)
     print(
         f"stages allocate with {'jemalloc' if allocator else 'glibc malloc'}; matmuls in {prec} "
         f"(CPU: {hardware.describe()})"

@@ -15,12 +15,11 @@ demo run (`data`, `sft`, `rl_seed<N>/held_out_step*.json`), so `scripts/compare_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,8 +67,7 @@ def main(argv=None):
     if start not in {x[0] for x in sft_arms}:
         raise config.ConfigError(f"--rl-from {start}: not one of --sft-arms' names")
     os.environ.update(stages.malloc_env(a.malloc))
-    want = ("bf16" if hardware.bf16_matmul() else "fp32") if a.precision == "auto" else a.precision
-    prec = hardware.resolve_precision(want, torch.device("cpu"))
+    prec = stages.precision(a.precision)
     run = ROOT / a.run
     data, prmu, logs = run / "data", run / "prmu", run / "logs"
     run.mkdir(parents=True, exist_ok=True)
@@ -82,8 +80,7 @@ def main(argv=None):
         arm = run / name
         arm.mkdir(exist_ok=True)
         link(data, arm / "data")
-        b = CompareArmsConfig(**{**vars(a), "sft_train_layers": layers, "sft_lora_rank": rank, "sft_steps": steps})
-        b.sft_lr = lr
+        b = dataclasses.replace(a, sft_train_layers=layers, sft_lora_rank=rank, sft_steps=steps, sft_lr=lr)
         timer.stage(f"sft {name}", arm / "sft" / "model" / "config.json", stages.sft_cmd(b, data, arm / "sft", prec),
                     logs / f"sft_{name}.log")  # fmt: skip
         cmd = stages.rl_cmd(a, arm / "sft" / "model", prmu / "model", data, arm / "rl_seed0", 0, prec,
@@ -93,8 +90,7 @@ def main(argv=None):
         arm = run / f"{start}+{name}"
         arm.mkdir(exist_ok=True)
         link(data, arm / "data")
-        b = CompareArmsConfig(**{**vars(a), "rl_train_layers": layers, "rl_lora_rank": rank, "rl_steps": steps})
-        b.rl_lr = lr
+        b = dataclasses.replace(a, rl_train_layers=layers, rl_lora_rank=rank, rl_steps=steps, rl_lr=lr)
         for s in seeds:
             out = arm / f"rl_seed{s}"
             cmd = stages.rl_cmd(b, run / start / "sft" / "model", prmu / "model", data, out, s, prec,

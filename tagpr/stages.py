@@ -17,7 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from . import config
+from . import config, hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -85,6 +85,15 @@ class Timer:
         run(cmd, log)
         self.t[name] = round(self.t.get(name, 0.0) + time.time() - t0, 1)  # summed over interrupted attempts
         self.path.write_text(json.dumps(self.t, indent=1))
+
+
+def precision(choice: str) -> str:
+    """The stages' matmul precision on this CPU for `--precision choice`: auto → bf16 where the CPU has bf16 matmul
+    hardware (AVX512-BF16 or AMX), else fp32; bf16 without that hardware is refused (hardware.resolve_precision)."""
+    import torch
+
+    want = ("bf16" if hardware.bf16_matmul() else "fp32") if choice == "auto" else choice
+    return hardware.resolve_precision(want, torch.device("cpu"))
 
 
 def flags(**kw) -> list[str]:
