@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -43,10 +44,21 @@ def malloc_env(choice: str) -> dict[str, str]:
     return {"LD_PRELOAD": preload, "MALLOC_CONF": "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 
 
+# torchrun's summary of a rank the kernel killed ("exitcode  : -9 (pid: …)  (SIGKILL)"); a lone process's code is -9
+KILLED = re.compile(r"exitcode\s*:\s*-9\b")
+OOM_HINT = (
+    "a process got SIGKILL, on Linux most often the out-of-memory killer (`dmesg | grep -i 'out of memory'`): "
+    "a large held-out set decoded at once is the usual cause here, so pass --eval-batch 24 (held-out prompts per "
+    "decode wave and rank), or fewer --nproc ranks; rerun the same command to resume"
+)
+
+
 def run(cmd: list[str], log: Path) -> None:
-    """Run a stage, its output shown and kept in `log`; stop the script if it fails."""
+    """Run a stage, its output shown and kept in `log`; stop the script if it fails (with a hint where a process
+    was killed, which on Linux is most often the out-of-memory killer)."""
     print("$", " ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    killed = False
     with open(log, "a") as f:
         p = subprocess.Popen(
             cmd,
@@ -60,13 +72,15 @@ def run(cmd: list[str], log: Path) -> None:
         for line in p.stdout:
             f.write(line)
             f.flush()  # the log follows the stage as it runs
+            killed = killed or bool(KILLED.search(line))
             text = line.rstrip()  # text mode splits at "\r" too: a redrawn bar's frames come as lines
             if text and "%|" not in text:  # progress bars (tqdm's "NN%|███|") go to the log only
                 if len(text) > 156:  # wrapped, not cut: the start of a line says what it is
                     text = textwrap.fill(text, 156, subsequent_indent="  ")
                 print(textwrap.indent(text, "    "), flush=True)
         if p.wait():
-            raise SystemExit(f"stage failed (exit {p.returncode}): {' '.join(cmd)}; log: {log}")
+            why = f"; {OOM_HINT}" if killed or p.returncode == -9 else ""
+            raise SystemExit(f"stage failed (exit {p.returncode}): {' '.join(cmd)}; log: {log}{why}")
 
 
 class Timer:

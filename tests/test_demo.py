@@ -159,6 +159,25 @@ def test_malloc_env(monkeypatch):
         stages.malloc_env("jemalloc")
 
 
+def test_a_killed_stage_says_it_was_killed_and_what_to_do(tmp_path):
+    """A stage whose process the kernel killed (a lone process: exit −9; under torchrun: its summary names a rank's
+    exitcode −9) stops the script with the out-of-memory hint; any other failure, or exit code −90, without it."""
+    from tagpr import stages
+
+    def failure(code: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            stages.run([sys.executable, "-c", code], tmp_path / "stage.log")
+        return str(e.value)
+
+    lone = failure("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert "exit -9" in lone and "SIGKILL" in lone and "--eval-batch 24" in lone
+    ranks = failure("print('  exitcode  : -9 (pid: 3148)  (SIGKILL)'); raise SystemExit(1)")
+    assert "exit 1" in ranks and "out-of-memory killer" in ranks
+    for code in ("raise SystemExit(1)", "print('  exitcode  : -90 (pid: 3148)'); raise SystemExit(1)"):
+        assert "SIGKILL" not in failure(code) and "stage failed (exit 1)" in failure(code)
+    assert "exitcode  : -9 (pid: 3148)" in (tmp_path / "stage.log").read_text()  # the stage's output is kept
+
+
 def test_lora_flags_reach_the_trainers_and_the_report(tmp_path):
     """--sft-lora-rank / --rl-lora-rank: the stage commands carry --lora-rank R when R > 0 and no LoRA flag at 0
     (the trainers' default), so a run folder made before the flags resumes with the same commands; the report's
