@@ -5,6 +5,8 @@ against full TagPR.
     python scripts/ablate.py                     # every row, 3 seeds, into runs/ablate; rerun to resume
     python scripts/ablate.py --quick             # Table 3 on one task and one seed
     python scripts/ablate.py --rows full,no_tag  # some rows only
+    python scripts/ablate.py --seeds 0           # the table of seed 0 alone (rows run seed by seed, so a run
+                                                 # stopped early already holds it)
 
 Rows (`--rows`, names as below; every RL row runs `--rl-steps` GSPO steps from the SFT policy unless it says):
 - Table 1: `full` (SFT → PRMU → GSPO: `--guided-steps` guided steps with Eq. 5's reward, then exploratory ones
@@ -83,6 +85,12 @@ def rows_of(a) -> list[Row]:
     return rows
 
 
+def auto_report(quick: bool, rows: str, seeds: list[int]) -> str:
+    """Where `--report auto` copies the report: docs/ablations/report.md for the whole table (every row, ≥ 3
+    seeds, not --quick), so a subset never stands in for it; else nowhere."""
+    return "docs/ablations/report.md" if not quick and rows == "all" and len(seeds) >= 3 else ""
+
+
 QUICK_ROWS = "full,no_prmu,untrained_rm,no_ue"  # Table 3
 
 
@@ -101,8 +109,8 @@ class AblateConfig(DemoConfig):
     # half of --rl-steps)
     rows: str = "all"  # the rows to run, comma-separated (names in the docstring), or "all"
     quick: bool = False  # Table 3's rows on the first task and the first seed
-    report: str = "auto"  # also copy <run>/report.md here; auto: docs/ablations/report.md when every row runs on
-    # every task and seed (not --quick, not --rows), else nowhere; empty: nowhere
+    report: str = "auto"  # also copy <run>/report.md here; auto: docs/ablations/report.md when every row runs
+    # with 3 seeds or more (not --quick, not --rows), else nowhere; empty: nowhere
 
 
 def main(argv=None):
@@ -140,10 +148,8 @@ def main(argv=None):
         cmd = stages.prmu_cmd(a, data, out, *prmu_extra[kind])
         timer.stage(f"train_prmu {kind}", out / "model" / "users.json", cmd, logs / f"train_prmu_{kind}.log")
     trunks = {"sft": run_dir / "eval_trunk_sft", "base": run_dir / "eval_trunk_base"}
-    for r in rows:
-        if not r.trained:
-            continue
-        for i, s in enumerate(seeds):
+    for i, s in enumerate(seeds):  # seed by seed: a run stopped early holds every row of its first seeds
+        for r in (r for r in rows if r.trained):
             out = run_dir / "rl" / r.name / f"seed{s}"
             cmd = stages.rl_cmd(
                 a,
@@ -168,7 +174,7 @@ def main(argv=None):
     cmd = stages.evaluate_base_cmd(a, data, run_dir / "eval" / "base", prec)
     timer.stage("evaluate base", run_dir / "eval" / "base" / "table.md", cmd, logs / "evaluate_base.log")
     md = ablation_report.report(run_dir, a, rows, seeds, timer.t, time.time() - t_start, prec)
-    report = a.report if a.report != "auto" else "" if a.quick or a.rows != "all" else "docs/ablations/report.md"
+    report = a.report if a.report != "auto" else auto_report(a.quick, a.rows, seeds)
     if report:
         dest = ROOT / report
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,19 @@ def test_report_differences_by_hand(tmp_path):
     assert all(f"| {x} [" in line for x in ("-0.250", "-0.375", "-0.812", "-0.104")), line
 
 
+def test_only_the_whole_table_lands_in_docs():
+    """--report auto: docs/ablations/report.md for every row with 3 seeds or more; a one-seed table, --quick or
+    --rows writes only the run's own report.md."""
+    import ablate
+
+    assert ablate.auto_report(False, "all", [0, 1, 2]) == "docs/ablations/report.md"
+    assert ablate.auto_report(False, "all", [3, 4, 5, 6]) == "docs/ablations/report.md"
+    assert ablate.auto_report(False, "all", [0]) == ""  # `--seeds 0`: seed 0's table
+    assert ablate.auto_report(False, "all", [0, 1]) == ""
+    assert ablate.auto_report(True, "all", [0, 1, 2]) == ""
+    assert ablate.auto_report(False, "full,no_tag", [0, 1, 2]) == ""
+
+
 @pytest.mark.slow
 def test_every_row_changes_what_it_claims(tmp_path):
     """Every row at tiny size, one seed: each run's config.json and metrics.jsonl say the row did what it claims."""
