@@ -44,6 +44,7 @@ from tagpr.files import DataError
 from tagpr.loop import backward, begin, fsdp_micro_batches, lr_at, optimizer_step, synthetic_fallback
 from tagpr.losses import bradley_terry_loss
 from tagpr.models import check_model
+from tagpr.prompts import without_profile
 from tagpr.runlog import start_run
 
 
@@ -54,6 +55,8 @@ class PRMUConfig:
     pqp: str = ""  # pqp.jsonl; empty: <run>/data/pqp.jsonl (else synthetic pairs)
     out: str = "runs/default/prmu"  # output folder: config.json, metrics.jsonl, ckpt/, model/ (the export)
     use_user_embeddings: bool = True  # the learnable user-embedding token (--no-use-user-embeddings: "w/o UE")
+    profile_in_input: bool = True  # the reward model reads the prompt's profile items; --no-profile-in-input: the
+    # input and instruction only, so what it knows of a user comes from the user's row (not LaMP-1)
     lr: Annotated[float, POSITIVE] = 1e-5  # the backbone's learning rate
     ue_lr: Annotated[float, POSITIVE] = 1e-3  # the user embeddings' learning rate
     global_batch: Annotated[int, COUNT] = 64  # pairs per optimizer step
@@ -133,6 +136,15 @@ def load_pairs(cfg: PRMUConfig, out: Path) -> list[records.Pair]:
     return records.read_pairs(made)
 
 
+def without_profile_of(p: records.Pair) -> str:
+    """The pair's prompt without its profile items (--no-profile-in-input); a prompt that has none to take out is
+    an error naming the pair."""
+    try:
+        return without_profile(p.prompt)
+    except ValueError as e:
+        raise DataError(f"pair {p.id} (task {p.task}), field prompt: {e}; --no-profile-in-input needs it") from e
+
+
 def split_pairs(
     pairs: list[records.Pair], eval_frac: float, eval_user_frac: float
 ) -> tuple[list[records.Pair], list[records.Pair]]:
@@ -192,8 +204,9 @@ def setup(cfg: PRMUConfig, preset: str | None) -> tuple[Run, dict, int, object]:
     backbone, tok = prmu.load_backbone(cfg.backbone, cfg.seed)
     model = prmu.PRMU(backbone, len(users), cfg.use_user_embeddings)
     enc = prmu.Encoder(tok, cfg.max_len)
+    shown = lambda p: p.prompt if cfg.profile_in_input else without_profile_of(p)
     encode = lambda ps: [
-        (enc(p.prompt, p.chosen), enc(p.prompt, p.rejected), users.get(p.user_id, prmu.UNKNOWN)) for p in ps
+        (enc(shown(p), p.chosen), enc(shown(p), p.rejected), users.get(p.user_id, prmu.UNKNOWN)) for p in ps
     ]
     steps_per_epoch = math.ceil(len(train) / cfg.global_batch)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -221,6 +234,7 @@ def setup(cfg: PRMUConfig, preset: str | None) -> tuple[Run, dict, int, object]:
     start, log = start_run(out, cfg.resume, model, opt, resolved, cfg.report_to)
     dist.print0(
         f"PRMU {cfg.backbone} ({'with' if cfg.use_user_embeddings else 'without'} user embeddings, "
+        f"{'' if cfg.profile_in_input else 'no profile in its input, '}"
         f"{len(users)} users): {len(train)} train / {len(evals)} eval pairs ({len(evals) - unseen} of seen "
         f"users, {unseen} of held-out users), {total} steps"
     )
@@ -329,7 +343,8 @@ def main(argv=None):
         dist.print0("held-out pairwise accuracy: " + summary(last_eval))
     full = checkpoint.full_state_dict(run.model)
     if d.is_main:
-        dist.print0(f"exported {prmu.save(run.model, run.tok, run.users, out / 'model', full, max_len=cfg.max_len)}")
+        saved = prmu.save(run.model, run.tok, run.users, out / "model", full, cfg.max_len, cfg.profile_in_input)
+        dist.print0(f"exported {saved}")
     dist.barrier()
     dist.destroy()
 

@@ -614,9 +614,19 @@ def load_scorer(cfg: RLConfig, out: Path, data: list[RLPrompt]) -> tuple[Scorer 
         return None, 0
     scorer = Scorer(prmu, device=dist.get().device)
     known = sum(p.user_id in scorer.users for p in data)
+    if not scorer.profile_in_input:  # every prompt must have its profile where the reward model can take it out
+        for p in data:
+            try:
+                prompts.without_profile(p.prompt)
+            except ValueError as e:
+                raise DataError(
+                    f"RL prompt {p.id} (task {p.task}), field prompt: {e}; the reward model in {prmu} "
+                    "reads prompts without their profile"
+                ) from e
     dist.print0(
         f"R_p from the PRMU reward model in {prmu}: {known} of {len(data)} prompts' users have a trained "
         "embedding, the rest score as PRMU's unknown user"
+        + ("" if scorer.profile_in_input else "; it reads each prompt without its profile")
     )
     return scorer, known
 

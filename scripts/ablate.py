@@ -14,6 +14,11 @@ Rows (`--rows`, names as below; every RL row runs `--rl-steps` GSPO steps from t
   weight 0), `no_prmu` (no reward model: no R_p), `one_stage` (every step guided).
 - Table 3: `no_prmu` (no reward model), `untrained_rm` (PRMU's backbone with a fresh head and fresh user rows:
   `train_prmu --max-steps 0`), `no_ue` (PRMU trained without user embeddings), `full` (PRMU).
+- Table 3, question only (extra rows, not in `all`: name them in `--rows`): reward models that do not read the
+  profile (`train_prmu --no-profile-in-input`), with user rows (`rm_question_only`, Δ against `full`) and without
+  (`rm_question_only_no_ue`, Δ against `rm_question_only`). With the profile in its input a reward model can read
+  the user's taste there; without it, only a user's row could carry it. On easy LaMP-2 the pairs' responses
+  decide them alone (docs/synthetic.md), so both score as PRMU does and the rows stay out of the default table.
 - Weights: `w_format_x0.5`, `w_format_x2`, `w_personal_x0.5`, `w_personal_x2`, `w_tag_x0.5`, `w_tag_x2`: one
   weight of the composite reward halved or doubled around train_rl's default.
 
@@ -58,12 +63,14 @@ class Row:
     prmu: str = "full"  # "full", "no_ue", "untrained" or "none"
     flags: dict = field(default_factory=dict)  # train_rl flags (the stages' names)
     trained: bool = True  # False: the SFT policy's own scores (w/o RL)
+    ref: str = "full"  # the row its paired difference is taken against
+    in_all: bool = True  # False: run only when --rows names it
 
 
 def rows_of(a) -> list[Row]:
     full_flags = {"guided_steps": a.guided_steps}
     rows = [
-        Row("full", "TagPR (full)", ("1", "3", "weights"), flags=full_flags),
+        Row("full", "TagPR (full)", ("1", "3", "3q", "weights"), flags=full_flags),
         Row("no_sft", "w/o SFT", ("1",), policy="base", flags=full_flags),
         Row("no_rl", "w/o RL", ("1",), trained=False),
         Row("no_tag", "w/o Tag (R_tag weight 0)", ("1",), flags={**full_flags, "w_tag": 0.0}),
@@ -71,6 +78,16 @@ def rows_of(a) -> list[Row]:
         Row("one_stage", "One RL stage (guided only)", ("1",), flags={"guided_steps": a.rl_steps}),
         Row("untrained_rm", "Untrained reward model", ("3",), prmu="untrained", flags=full_flags),
         Row("no_ue", "PRMU w/o UE", ("3",), prmu="no_ue", flags=full_flags),
+        Row("rm_question_only", "PRMU, question only", ("3q",), prmu="question_only", flags=full_flags, in_all=False),
+        Row(
+            "rm_question_only_no_ue",
+            "PRMU w/o UE, question only",
+            ("3q",),
+            prmu="question_only_no_ue",
+            flags=full_flags,
+            ref="rm_question_only",
+            in_all=False,
+        ),
     ]
     for w, v in DEFAULT_WEIGHTS.items():
         for times in (0.5, 2):
@@ -91,6 +108,17 @@ def auto_report(quick: bool, rows: str, seeds: list[int]) -> str:
     return "docs/ablations/report.md" if not quick and rows == "all" and len(seeds) >= 3 else ""
 
 
+def selected_rows(a) -> list[Row]:
+    """The rows `--rows` names ("all": every row but the extra ones), after full and each row's reference, which
+    the differences are taken against."""
+    every = {r.name: r for r in rows_of(a)}
+    names = [n for n, r in every.items() if r.in_all] if a.rows == "all" else [n for n in a.rows.split(",") if n]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise config.ConfigError(f"--rows {a.rows}: unknown {', '.join(unknown)}; expected some of {', '.join(every)}")
+    return [every[n] for n in dict.fromkeys(["full", *(x for n in names for x in (every[n].ref, n))])]
+
+
 QUICK_ROWS = "full,no_prmu,untrained_rm,no_ue"  # Table 3
 
 
@@ -107,7 +135,8 @@ class AblateConfig(DemoConfig):
     eval_batch: Annotated[int, NON_NEGATIVE] = 24
     guided_steps: Annotated[int, NO_CAP_OR_COUNT] = -1  # full TagPR's guided GSPO steps, the rest exploratory (-1:
     # half of --rl-steps)
-    rows: str = "all"  # the rows to run, comma-separated (names in the docstring), or "all"
+    rows: str = "all"  # the rows to run, comma-separated (names in the docstring), or "all" (all but the
+    # question-only reward models)
     quick: bool = False  # Table 3's rows on the first task and the first seed
     report: str = "auto"  # also copy <run>/report.md here; auto: docs/ablations/report.md when every row runs
     # with 3 seeds or more (not --quick, not --rows), else nowhere; empty: nowhere
@@ -122,12 +151,7 @@ def main(argv=None):
     if a.quick:
         a.tasks, a.seeds = a.tasks.split(",")[0], a.seeds.split(",")[0]
         a.rows = QUICK_ROWS if a.rows == "all" else a.rows
-    every = {r.name: r for r in rows_of(a)}
-    names = list(every) if a.rows == "all" else [n for n in a.rows.split(",") if n]
-    unknown = [n for n in names if n not in every]
-    if unknown:
-        raise config.ConfigError(f"--rows {a.rows}: unknown {', '.join(unknown)}; expected some of {', '.join(every)}")
-    rows = [every[n] for n in dict.fromkeys(["full", *names])]  # full: every difference is against it
+    rows = selected_rows(a)
     os.environ.update(stages.malloc_env(a.malloc))
     prec = stages.precision(a.precision)
     old_logp = old_logp_source(a, prec)
@@ -141,7 +165,13 @@ def main(argv=None):
 
     timer.stage("build_data", data / "eval_prompts_swap.jsonl", stages.build_data_cmd(a, data), logs / "build_data.log")
     timer.stage("train_sft", sft / "model" / "config.json", stages.sft_cmd(a, data, sft, prec), logs / "train_sft.log")
-    prmu_extra = {"full": (), "no_ue": ("--no-use-user-embeddings",), "untrained": ("--max-steps", "0")}
+    prmu_extra = {
+        "full": (),
+        "no_ue": ("--no-use-user-embeddings",),
+        "untrained": ("--max-steps", "0"),
+        "question_only": ("--no-profile-in-input",),
+        "question_only_no_ue": ("--no-profile-in-input", "--no-use-user-embeddings"),
+    }
     prmus = {r.prmu for r in rows} - {"none"}
     for kind in sorted(prmus):
         out = run_dir / "prmu" / kind

@@ -83,24 +83,25 @@ def _level(row: dict, seeds, ids) -> str:
 
 
 def table(run_dir: Path, rows, scores: dict, seeds, task: str, ids, which: str) -> str:
-    """One table (rows of `which`: "1", "3" or "weights") of one task, in markdown."""
+    """One table (rows of `which`: "1", "3", "3q" or "weights") of one task, in markdown; each row's Δ is against
+    its reference row (full TagPR unless the row names another)."""
     metric = metrics.PRIMARY[lamp.get_task(task).kind]
     sign = demo_report.SIGN[lamp.get_task(task).kind]
-    prmu_cols = which == "3"
+    prmu_cols = which in ("3", "3q")
     head = (
         f"| row | greedy {metric} | sampled {metric} | parse share | {metric} among parsed | Δ greedy | Δ sampled "
-        f"| Δ parse share | Δ among parsed | sampled vs full |"
+        f"| Δ parse share | Δ among parsed | sampled vs full (or the row named) |"
         + (" PRMU pair acc. (seen / unseen / seen w/o UE) |" if prmu_cols else "")
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    full = scores["full"]
+    labels = {r.name: r.label for r in rows}
     for r in (r for r in rows if which in r.tables):
         sc = scores[r.name]
         if r.name == "full":
             diffs, said = {}, "(reference)"
         else:
-            diffs = difference(full, sc, seeds, ids, sign)
-            said = verdict(diffs["sampled"])
+            diffs = difference(scores[r.ref], sc, seeds, ids, sign)
+            said = verdict(diffs["sampled"]) + ("" if r.ref == "full" else f" (Δ vs {labels[r.ref]})")
         cells = " | ".join(
             _fmt(diffs.get(k)) if r.name != "full" else "" for k in ("greedy", "sampled", "parsed", "among")
         )
@@ -122,6 +123,8 @@ def report(run_dir: Path, a, rows, seeds, timings: dict, wall: float, prec: str)
     titles = {
         "1": "Table 1: each part of TagPR (the paper: every ablation lowers every task)",
         "3": "Table 3: the reward model (the paper: PRMU > PRMU w/o UE > untrained RM ≈ no RM)",
+        "3q": "Table 3 with reward models that read the question without the profile, so only user rows can carry "
+        "a user's taste (PRMU w/o UE's Δ is against PRMU, question only)",
         "weights": "The composite reward's weights, each halved and doubled",
     }
     base_path = run_dir / "eval" / "base" / "metrics.json"

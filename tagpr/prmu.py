@@ -34,6 +34,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .checkpoint import write_hf_folder
 from .models import TINY, load_tokenizer, model_config, resolve_model_path
+from .prompts import without_profile
 from .tokenizer import finish_tokenizer
 
 UNKNOWN = 0
@@ -149,9 +150,11 @@ def save(
     out_dir: str | os.PathLike,
     full_state: dict | None = None,
     max_len: int = 2048,
+    profile_in_input: bool = True,
 ) -> Path:
     """`<out>/backbone` (a transformers folder), `user_embeddings.safetensors`, `users.json`, `prmu.json` (with the
-    input length `max_len` the model was trained at, which the `Scorer` then uses)."""
+    input length `max_len` the model was trained at and whether its input held the prompt's profile, which the
+    `Scorer` then follows)."""
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -165,7 +168,14 @@ def save(
     )
     (tmp / "users.json").write_text(json.dumps(users, indent=1))
     (tmp / "prmu.json").write_text(
-        json.dumps({"use_user_embeddings": model.use_user_embeddings, "n_users": len(users), "max_len": max_len})
+        json.dumps(
+            {
+                "use_user_embeddings": model.use_user_embeddings,
+                "n_users": len(users),
+                "max_len": max_len,
+                "profile_in_input": profile_in_input,
+            }
+        )
     )
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
@@ -176,7 +186,8 @@ class Scorer:
     """The scoring API for RL: `score(user_ids, prompts, responses) → σ(r)` per response.
 
     Inputs are encoded as in training: at the `max_len` saved in the export (`max_len` here overrides it; an
-    export from before it was saved is read at 2048, the trainer's default then)."""
+    export from before it was saved is read at 2048, the trainer's default then), and without the prompts' profile
+    items where the model was trained without them (`train_prmu.py --no-profile-in-input`)."""
 
     def __init__(
         self,
@@ -202,6 +213,7 @@ class Scorer:
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.max_len = max_len or meta.get("max_len", 2048)
+        self.profile_in_input = meta.get("profile_in_input", True)
         self.encode = Encoder(self.tok, self.max_len)
         self.batch_size = batch_size
 
@@ -213,6 +225,8 @@ class Scorer:
         if not (len(user_ids) == len(prompts) == len(responses)):
             raise ValueError("user_ids, prompts and responses must have the same length")
         rows = self.rows(user_ids)
+        if not self.profile_in_input:
+            prompts = [without_profile(p) for p in prompts]
         out = []
         for a in range(0, len(prompts), self.batch_size):
             seqs = [

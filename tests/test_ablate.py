@@ -83,6 +83,34 @@ def test_report_differences_by_hand(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| w/o Tag"))
     assert "| 0.125 | 0.062 | 0.188 | 0.333 |" in line  # greedy .5/4, sampled .25/4, parse 3/16, among 1/3
     assert all(f"| {x} [" in line for x in ("-0.250", "-0.375", "-0.812", "-0.104")), line
+    # a row whose reference is not full: the question-only rows, planted as full's (reference) and w/o Tag's
+    # numbers, while full itself is replaced by w/o Tag's: the w/o UE row's Δ is against its own reference
+    q = {"full": scores["no_tag"], "rm_question_only": scores["full"], "rm_question_only_no_ue": scores["no_tag"]}
+    rs = [rows[n] for n in q]
+    md = ablation_report.table(tmp_path, rs, q, [0, 1], "LaMP_2", ids, "3q")
+    line = next(x for x in md.splitlines() if x.startswith("| PRMU w/o UE, question only"))
+    assert all(f"| {x} [" in line for x in ("-0.250", "-0.375", "-0.812", "-0.104")), line
+    assert "reproduced (lower) (Δ vs PRMU, question only)" in line
+    line = next(x for x in md.splitlines() if x.startswith("| PRMU, question only"))
+    assert "| +0.250 [" in line and "the other way (higher)" in line  # against full: w/o Tag's numbers here
+
+
+def test_rows_all_is_the_papers_table_and_references_come_along():
+    """--rows all: Tables 1 and 3 and the weights, not the extra question-only rows; a named row brings full and its
+    own reference; an unknown name is refused with the known ones."""
+    import ablate
+
+    from tagpr.config import ConfigError
+
+    a = lambda rows: SimpleNamespace(rows=rows, rl_steps=8, guided_steps=4)
+    names = [r.name for r in ablate.selected_rows(a("all"))]
+    assert names[:3] == ["full", "no_sft", "no_rl"] and len(names) == 14  # 8 of Tables 1 and 3, 6 weights
+    assert not any(n.startswith("rm_question_only") for n in names)
+    got = [r.name for r in ablate.selected_rows(a("rm_question_only_no_ue"))]
+    assert got == ["full", "rm_question_only", "rm_question_only_no_ue"]
+    assert [r.name for r in ablate.selected_rows(a("no_tag,no_tag"))] == ["full", "no_tag"]
+    with pytest.raises(ConfigError, match="--rows no_such: unknown no_such; expected some of full, no_sft"):
+        ablate.selected_rows(a("no_such"))
 
 
 def test_only_the_whole_table_lands_in_docs():
@@ -145,6 +173,15 @@ def check_rows(run: Path) -> None:
     assert prmu_cfg("full")["use_user_embeddings"] is True
     assert cfg("untrained_rm")["prmu"] == str(run / "prmu" / "untrained" / "model")
     assert cfg("no_ue")["prmu"] == str(run / "prmu" / "no_ue" / "model")
+    # Table 3, question only: reward models that read each prompt without its profile, with and without user rows
+    for kind, ue in (("question_only", True), ("question_only_no_ue", False)):
+        assert prmu_cfg(kind)["profile_in_input"] is False and prmu_cfg(kind)["use_user_embeddings"] is ue
+        assert json.loads((run / "prmu" / kind / "model" / "prmu.json").read_text())["profile_in_input"] is False
+    assert prmu_cfg("full")["profile_in_input"] is True and prmu_cfg("no_ue")["profile_in_input"] is True
+    for name, kind in (("rm_question_only", "question_only"), ("rm_question_only_no_ue", "question_only_no_ue")):
+        assert cfg(name)["prmu"] == str(run / "prmu" / kind / "model")
+        assert rows(name)[0]["reward/personal"] != 0.0
+        assert "reads each prompt without its profile" in (run / "logs" / f"rl_{name}_0.log").read_text()
     from safetensors.torch import load_file
 
     users = json.loads((run / "prmu" / "untrained" / "model" / "users.json").read_text())

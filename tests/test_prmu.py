@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagpr import prmu, records
+from tagpr import lamp, prmu, prompts, records
 from tagpr.files import DataError, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,3 +378,69 @@ def test_the_input_is_the_backbones_own_rendering():
     short = prmu.Encoder(tok, 80)(long_prompt, response)
     text = tok.decode(short)
     assert len(short) <= 80 and "item0 " not in text and text.count("<think>") == 1 and "sci-fi" in text
+
+
+def _fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+@pytest.mark.parametrize("task", [t for t in lamp.TASKS if t != "LaMP_1"])
+def test_without_profile_is_the_prompt_built_with_no_items(task):
+    """Taking the profile out of a TagPR prompt gives exactly the prompt built from no profile items, also when an
+    item's own text holds the augmentation's separators."""
+    t = lamp.TASKS[task]
+    q = lamp.Question("q1", t.template.format(**{f: f"the {f} of q1. It ends here" for f in _fields(t.template)}))
+    items = [lamp.Item(f"i{k}", {f: f'item {k} {f}, and more. "quoted" text' for f in t.item_fields}) for k in range(3)]
+    full = prompts.tagpr_prompt(task, q, items)
+    bare = prompts.tagpr_prompt(task, q, [])
+    assert "item 0" in full and full != bare
+    assert prompts.without_profile(full) == bare
+    assert prompts.without_profile(bare) == bare  # nothing to take out: unchanged
+
+
+def test_without_profile_refuses_what_it_cannot_take_apart():
+    t = lamp.TASKS["LaMP_1"]
+    q = lamp.Question("q1", t.template.format(title="T", ref1="R1", ref2="R2"))
+    items = [lamp.Item("i0", {"title": "an older paper", "abstract": "a"})]
+    with pytest.raises(ValueError, match="LaMP-2 to LaMP-7"):  # LaMP-1's items sit inside its input
+        prompts.without_profile(prompts.tagpr_prompt("LaMP_1", q, items))
+    with pytest.raises(ValueError, match="prompt 'What does this user think"):
+        prompts.without_profile("What does this user think of the film?")
+
+
+def test_a_reward_model_without_the_profile_scores_the_question_alone(small_prmu, tmp_path):
+    """An export trained with --no-profile-in-input scores a prompt as the same weights score it with its profile
+    taken out: what it knows of the user comes from the user's row alone."""
+    model, tok, with_profile = small_prmu
+    path = prmu.save(model, tok, {"A": 1, "B": 2}, tmp_path / "model", max_len=512, profile_in_input=False)
+    assert json.loads((path / "prmu.json").read_text())["profile_in_input"] is False
+    t = lamp.TASKS["LaMP_2"]
+    q = lamp.Question("q1", t.template.format(description="A robot plans a heist."))
+    items = [lamp.Item(f"i{k}", {"description": f"film {k}", "tag": "sci-fi"}) for k in range(2)]
+    full = prompts.tagpr_prompt("LaMP_2", q, items)
+    reply = ["<think><analyze_input>a</analyze_input></think>sci-fi"] * 2
+    blind, sees = prmu.Scorer(path), prmu.Scorer(with_profile, max_len=512)
+    assert sees.profile_in_input and not blind.profile_in_input
+    got = blind.logits(["A", "B"], [full, full], reply)
+    assert torch.allclose(got, sees.logits(["A", "B"], [prompts.without_profile(full)] * 2, reply), atol=1e-6)
+    assert not torch.allclose(got, sees.logits(["A", "B"], [full, full], reply), atol=1e-3)
+    assert got[0] != got[1]  # the user's row still moves the score
+    with pytest.raises(ValueError, match="cannot be taken out"):
+        blind.logits(["A"], ["a prompt of no task"], reply[:1])
+
+
+def test_train_prmu_without_the_profile_records_it_and_names_a_bad_pair(tmp_path):
+    """--no-profile-in-input: the export says so (the Scorer follows it); a pair whose prompt has no task's input
+    is refused with its id, before any training."""
+    t = lamp.TASKS["LaMP_2"]
+    pairs = []
+    for i in range(8):
+        q = lamp.Question(f"q{i}", t.template.format(description=f"film {i}"))
+        p = prompts.tagpr_prompt("LaMP_2", q, [lamp.Item("x", {"description": "old", "tag": "comedy"})])
+        pairs.append(records.Pair(f"p{i}", "prp" if i % 2 else "pqp", f"u{i % 2}", "LaMP_2", p, "comedy", "action"))
+    _, out = train(tmp_path, pairs, True, steps=1, extra=("--no-profile-in-input",))
+    assert json.loads((out / "model" / "prmu.json").read_text())["profile_in_input"] is False
+    assert json.loads((out / "config.json").read_text())["profile_in_input"] is False
+    bad = [*pairs, records.Pair("odd-one", "pqp", "u0", "LaMP_2", "no task's words here", "a", "b")]
+    with pytest.raises(DataError, match="pair odd-one .*field prompt"):
+        train(tmp_path / "bad", bad, True, steps=1, extra=("--no-profile-in-input",))
