@@ -7,6 +7,9 @@ against full TagPR.
     python scripts/ablate.py --rows full,no_tag  # some rows only
     python scripts/ablate.py --seeds 0           # the table of seed 0 alone (rows run seed by seed, so a run
                                                  # stopped early already holds it)
+    python scripts/ablate.py --preset qwen3-8b --policy /models/Qwen3-8B \
+        --prmu-backbone /models/Skywork-Reward-V2-Qwen3-0.6B --data runs/lamp/data --lamp-dir /data/LaMP
+                                                 # the same table on an 8-GPU node (--dry: the commands only)
 
 Rows (`--rows`, names as below; every RL row runs `--rl-steps` GSPO steps from the SFT policy unless it says):
 - Table 1: `full` (SFT → PRMU → GSPO: `--guided-steps` guided steps with Eq. 5's reward, then exploratory ones
@@ -140,10 +143,69 @@ class AblateConfig(DemoConfig):
     quick: bool = False  # Table 3's rows on the first task and the first seed
     report: str = "auto"  # also copy <run>/report.md here; auto: docs/ablations/report.md when every row runs
     # with 3 seeds or more (not --quick, not --rows), else nowhere; empty: nowhere
+    data: str = ""  # a build_data.py output to ablate on (e.g. runs/lamp/data, built from a LaMP folder by the
+    # README's recipe); empty: synthetic users built into <run>/data
+    lamp_dir: str = ""  # the LaMP folder the base model is scored on; empty: <data>/synthetic_lamp
+    trainer_preset: Literal["cpu", "qwen3-8b"] = "cpu"  # cpu: the trainers at the settings above, RL under
+    # torchrun; qwen3-8b: every trainer under torchrun on --nproc GPUs at its own qwen3-8b preset (sequence length,
+    # micro-batches, checkpointing), with the steps, rates and batches above
+    prmu_backbone: str = "tiny"  # the reward model's backbone (train_prmu.py --backbone)
+    dry: bool = False  # print every stage's command line and run none
+
+
+# `--preset qwen3-8b`: the same table on a GPU node (not run here: the README's estimate is ~2.4 h a row and seed on
+# 8 A100s at these steps). --policy, --prmu-backbone and --data (a LaMP build) are the user's own folders.
+PRESETS = {
+    "qwen3-8b": dict(
+        trainer_preset="qwen3-8b",
+        nproc=8,
+        precision="bf16",
+        k=8,
+        sft_steps=1750,  # ~2 epochs of ~56 k chains at 64 a step
+        sft_batch=64,
+        sft_lr=1e-5,
+        sft_train_layers=-1,
+        prmu_steps=200,
+        rl_steps=64,
+        rl_prompts=128,
+        rl_group=5,
+        rl_lr=1e-6,
+        rl_max_new=1024,
+        rl_train_layers=-1,
+        eval_batch=32,
+        trunk_store=False,
+        malloc="system",
+    )
+}
+DATA_FILES = ("sft.jsonl", "prp.jsonl", "pqp.jsonl", "rl_prompts.jsonl", "eval_prompts.jsonl", "tags.json")
+
+
+def check_gpu_setup(a) -> None:
+    """--trainer-preset qwen3-8b needs the user's own model folders; --data needs every file the stages read."""
+    if a.trainer_preset != "cpu":
+        for flag, value, default in (
+            ("--policy", a.policy, "smollm2-135m"),
+            ("--prmu-backbone", a.prmu_backbone, "tiny"),
+        ):
+            if value == default:
+                raise config.ConfigError(
+                    f"{flag} {value}: --trainer-preset {a.trainer_preset} needs a model folder of that size "
+                    "(e.g. --policy /models/Qwen3-8B --prmu-backbone /models/Skywork-Reward-V2-Qwen3-0.6B)"
+                )
+    if a.data:
+        missing = [f for f in DATA_FILES if not (Path(a.data) / f).is_file()]
+        if missing:
+            raise config.ConfigError(
+                f"--data {a.data}: no {', '.join(missing)}; build it with `python build_data.py --lamp-dir …` "
+                "(eval prompts: --eval-prompts)"
+            )
+        if not a.lamp_dir and not (Path(a.data) / "synthetic_lamp").is_dir():
+            raise config.ConfigError(f"--data {a.data}: give --lamp-dir, the LaMP folder it was built from")
 
 
 def main(argv=None):
-    a, _ = config.parse(AblateConfig, {}, argv, description=__doc__)
+    a, _ = config.parse(AblateConfig, PRESETS, argv, description=__doc__)
+    check_gpu_setup(a)
     if a.guided_steps < 0:
         a.guided_steps = a.rl_steps // 2
     if a.guided_steps > a.rl_steps:
@@ -153,17 +215,22 @@ def main(argv=None):
         a.rows = QUICK_ROWS if a.rows == "all" else a.rows
     rows = selected_rows(a)
     os.environ.update(stages.malloc_env(a.malloc))
-    prec = stages.precision(a.precision)
+    # on GPUs the trainers resolve the precision on their device; here, on this CPU
+    prec = stages.precision(a.precision) if a.trainer_preset == "cpu" else a.precision.replace("auto", "bf16")
     old_logp = old_logp_source(a, prec)
     seeds = [int(s) for s in a.seeds.split(",") if s]
     run_dir = ROOT / a.run
     run_dir.mkdir(parents=True, exist_ok=True)
-    logs, data, sft = run_dir / "logs", run_dir / "data", run_dir / "sft"
-    timer = stages.Timer(run_dir / "timings.json")
+    logs, sft = run_dir / "logs", run_dir / "sft"
+    data = Path(a.data).resolve() if a.data else run_dir / "data"
+    timer = stages.Timer(run_dir / "timings.json", dry=a.dry)
     t_start = time.time()
-    print(f"rows: {', '.join(r.name for r in rows)}; seeds {seeds}; {prec} (CPU: {hardware.describe()})")
+    where = f"CPU: {hardware.describe()}" if a.trainer_preset == "cpu" else f"{a.nproc} GPUs, {a.trainer_preset}"
+    print(f"rows: {', '.join(r.name for r in rows)}; seeds {seeds}; {prec} ({where})")
 
-    timer.stage("build_data", data / "eval_prompts_swap.jsonl", stages.build_data_cmd(a, data), logs / "build_data.log")
+    if not a.data:
+        cmd = stages.build_data_cmd(a, data)
+        timer.stage("build_data", data / "eval_prompts_swap.jsonl", cmd, logs / "build_data.log")
     timer.stage("train_sft", sft / "model" / "config.json", stages.sft_cmd(a, data, sft, prec), logs / "train_sft.log")
     prmu_extra = {
         "full": (),
@@ -199,10 +266,12 @@ def main(argv=None):
             timer.stage(
                 f"train_rl {r.name} seed {s}", out / "model" / "config.json", cmd, logs / f"rl_{r.name}_{s}.log"
             )
-    for t in trunks.values():
+    for t in trunks.values() if not a.dry else ():
         shutil.rmtree(t, ignore_errors=True)  # derived data: not kept
     cmd = stages.evaluate_base_cmd(a, data, run_dir / "eval" / "base", prec)
     timer.stage("evaluate base", run_dir / "eval" / "base" / "table.md", cmd, logs / "evaluate_base.log")
+    if a.dry:
+        return
     md = ablation_report.report(run_dir, a, rows, seeds, timer.t, time.time() - t_start, prec)
     report = a.report if a.report != "auto" else auto_report(a.quick, a.rows, seeds)
     if report:

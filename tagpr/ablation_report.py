@@ -119,7 +119,8 @@ def report(run_dir: Path, a, rows, seeds, timings: dict, wall: float, prec: str)
     """Write `<run>/report.md`; return its text."""
     scores = {r.name: row_scores(run_dir, r, seeds) for r in rows}
     first = scores["full"][seeds[0]]
-    by_task = demo_report.task_questions(run_dir, first["greedy"], a.tasks.split(",")[0])
+    data = Path(a.data) if getattr(a, "data", "") else None
+    by_task = demo_report.task_questions(run_dir, first["greedy"], a.tasks.split(",")[0], data)
     titles = {
         "1": "Table 1: each part of TagPR (the paper: every ablation lowers every task)",
         "3": "Table 3: the reward model (the paper: PRMU > PRMU w/o UE > untrained RM ≈ no RM)",
@@ -141,9 +142,11 @@ def report(run_dir: Path, a, rows, seeds, timings: dict, wall: float, prec: str)
                 parts.append(f"### {title}\n\n{table(run_dir, rows, scores, seeds, task, ids, which)}")
         sections.append("\n\n".join(parts))
     guided = next((r.flags.get("guided_steps") for r in rows if r.name == "full"), None)
+    gpu = getattr(a, "trainer_preset", "cpu")
+    where = f"CPU: {hardware.describe()}" if gpu == "cpu" else f"{a.nproc} GPUs, the trainers' {gpu} preset"
     md = (
         f"# TagPR ablations ({a.policy}, synthetic users ({a.difficulty}), {a.tasks})\n\n"
-        f"Held-out {a.eval_split} users; {prec} matmuls; CPU: {hardware.describe()}. Every RL row: GSPO "
+        f"Held-out {a.eval_split} users; {prec} matmuls; {where}. Every RL row: GSPO "
         f"{a.rl_steps} steps × {a.rl_prompts} prompts × {a.rl_group} rollouts (≤ {a.rl_max_new} tokens), top "
         f"{a.rl_train_layers} layers, lr {a.rl_lr}, from the same SFT policy ({a.sft_steps} steps) unless the row "
         f"says; full TagPR: {guided} guided steps, then exploratory. Seeds {', '.join(map(str, seeds))}; "

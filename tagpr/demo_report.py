@@ -61,10 +61,10 @@ def held_out_scores(run_dir: Path, seeds) -> tuple[dict, dict, dict]:
     return sft, {s: scores_from(rl[s] / f"held_out_step{last[s]}.json") for s in seeds}, last
 
 
-def task_questions(run_dir: Path, ids, default_task: str) -> dict[str, list[str]]:
-    """{task: its held-out question ids, sorted}, from the run's data/eval_prompts.jsonl; every id under
-    `default_task` where the file is absent."""
-    path = run_dir / "data" / "eval_prompts.jsonl"
+def task_questions(run_dir: Path, ids, default_task: str, data: Path | None = None) -> dict[str, list[str]]:
+    """{task: its held-out question ids, sorted}, from the run's data/eval_prompts.jsonl (or `data`'s); every id
+    under `default_task` where the file is absent."""
+    path = (data or run_dir / "data") / "eval_prompts.jsonl"
     if not path.is_file():
         return {default_task: sorted(ids)}
     task_of = {r["id"]: r["task"] for r in map(json.loads, path.read_text().splitlines()) if r}

@@ -86,8 +86,8 @@ def run(cmd: list[str], log: Path) -> None:
 class Timer:
     """Runs the stages, each once, and keeps their wall times in a JSON file."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, dry: bool = False):
+        self.path, self.dry = path, dry  # dry: print each stage's command line, run none
         self.t = json.loads(path.read_text()) if path.is_file() else {}
 
     def stage(self, name: str, done: Path, cmd: list[str], log: Path) -> None:
@@ -95,6 +95,9 @@ class Timer:
             print(f"== {name}: done already ({done})")
             return
         print(f"== {name}")
+        if self.dry:
+            print("$", " ".join(map(str, cmd)), flush=True)
+            return
         t0 = time.time()
         run(cmd, log)
         self.t[name] = round(self.t.get(name, 0.0) + time.time() - t0, 1)  # summed over interrupted attempts
@@ -137,7 +140,33 @@ def build_data_cmd(a, data: Path) -> list[str]:
     )
 
 
+def gpu_preset(a) -> str:
+    """The trainers' own preset when the script runs at a GPU size (`--trainer-preset qwen3-8b`), else ""."""
+    p = getattr(a, "trainer_preset", "cpu")
+    return "" if p == "cpu" else p
+
+
+def torchrun(a) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
+
+
 def sft_cmd(a, data: Path, out: Path, prec: str) -> list[str]:
+    if gpu_preset(a):  # under torchrun at the trainer's preset (sequence length, micro-batch, checkpointing)
+        return (
+            torchrun(a)
+            + ["train_sft.py", "--preset", gpu_preset(a)]
+            + flags(
+                model=a.policy,
+                sft=data / "sft.jsonl",
+                out=out,
+                lr=a.sft_lr,
+                global_batch=a.sft_batch,
+                max_steps=a.sft_steps,
+                precision=prec,
+                train_layers=a.sft_train_layers,
+                lora_rank=getattr(a, "sft_lora_rank", 0) or None,
+            )
+        )
     return [PY, "train_sft.py"] + flags(
         model=a.policy,
         sft=data / "sft.jsonl",
@@ -160,7 +189,16 @@ def sft_cmd(a, data: Path, out: Path, prec: str) -> list[str]:
 
 
 def prmu_cmd(a, data: Path, out: Path, *extra: str) -> list[str]:
-    """PRMU on the tiny backbone (`extra`: e.g. --no-use-user-embeddings, or --max-steps 0 for an untrained one)."""
+    """PRMU on the tiny backbone, or at a GPU preset on `a.prmu_backbone` under torchrun (`extra`: e.g.
+    --no-use-user-embeddings, or --max-steps 0 for an untrained one)."""
+    if gpu_preset(a):
+        return (
+            torchrun(a)
+            + ["train_prmu.py", "--preset", gpu_preset(a)]
+            + flags(backbone=a.prmu_backbone, prp=data / "prp.jsonl", pqp=data / "pqp.jsonl", out=out)
+            + flags(max_steps=a.prmu_steps)
+            + list(extra)
+        )
     return (
         [PY, "train_prmu.py", "--preset", "tiny"]
         + flags(prp=data / "prp.jsonl", pqp=data / "pqp.jsonl", out=out, max_steps=a.prmu_steps, epochs=5)
@@ -202,17 +240,22 @@ def rl_cmd(a, policy, prmu, data: Path, out: Path, seed: int, prec: str, old_log
         dynamic_sampling=getattr(a, "rl_dynamic_sampling", 0) or None,
         stratify=None if getattr(a, "rl_stratify", "none") == "none" else a.rl_stratify,
     )
-    launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "train_rl.py"]
-    return launch + flags(**{**base, **kw})
+    if gpu_preset(a):  # mini- and micro-batches, sequence lengths and checkpoints from the trainer's preset
+        for k in ("mini_batches", "micro_batch", "save_every"):
+            del base[k]
+        return torchrun(a) + ["train_rl.py", "--preset", gpu_preset(a)] + flags(**{**base, **kw})
+    return torchrun(a) + ["train_rl.py"] + flags(**{**base, **kw})
 
 
 def evaluate_base_cmd(a, data: Path, out: Path, prec: str) -> list[str]:
-    """The base model's rows, the no-profile floor and the oracle on the held-out users."""
+    """The base model's rows on the held-out users, and on synthetic users (no `a.lamp_dir`) their no-profile floor
+    and oracle."""
+    lamp_dir = getattr(a, "lamp_dir", "")
     return [PY, "evaluate.py"] + flags(
         model=a.policy,
-        methods=f"{a.base_methods},floor,oracle",
+        methods=a.base_methods if lamp_dir else f"{a.base_methods},floor,oracle",
         out=out,
-        lamp_dir=data / "synthetic_lamp",
+        lamp_dir=lamp_dir or data / "synthetic_lamp",
         tasks=a.tasks,
         split=a.eval_split,
         limit=a.eval_questions,

@@ -205,3 +205,51 @@ def check_rows(run: Path) -> None:
     report = (run / "report.md").read_text()
     for r in ablate.rows_of(SimpleNamespace(rl_steps=2, guided_steps=1)):
         assert f"| {r.label} |" in report, r.label
+
+
+def test_the_gpu_recipe_prints_every_stage_at_the_trainers_preset(tmp_path):
+    """The README's GPU recipe, --dry: every trainer under torchrun on 8 ranks at its qwen3-8b preset with the
+    user's folders, each row's own flags, the base model scored on the LaMP folder (no synthetic floor or oracle);
+    nothing run, nothing written but the run folder. Missing folders or files are named before anything runs."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("sft.jsonl", "prp.jsonl", "pqp.jsonl", "rl_prompts.jsonl", "eval_prompts.jsonl", "tags.json"):
+        (data / f).write_text("{}\n")
+    run = tmp_path / "abl"
+    gpu = ["--preset", "qwen3-8b", "--data", str(data), "--lamp-dir", "/data/LaMP", "--run", str(run)]
+    models = ["--policy", "/models/Qwen3-8B", "--prmu-backbone", "/models/RM"]
+    cmd = [sys.executable, "scripts/ablate.py", *gpu, *models, "--rows", "no_tag,untrained_rm", "--seeds", "0,1"]
+    p = subprocess.run([*cmd, "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [x[2:].split() for x in p.stdout.splitlines() if x.startswith("$ ")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    trainers = [x for x in lines if "evaluate.py" not in x]
+    # SFT, two reward models (full, untrained), 3 rows × 2 seeds of GSPO; then the base model
+    assert [x[5] for x in trainers] == ["train_sft.py"] + ["train_prmu.py"] * 2 + ["train_rl.py"] * 6
+    flag = lambda x, f: x[len(x) - x[::-1].index(f)]  # the last one given: argparse's
+    for x in trainers:
+        assert x[:5] == torchrun and x[6:8] == ["--preset", "qwen3-8b"], x
+    sft, prmu_full, prmu_untrained, *rl = trainers
+    assert flag(sft, "--model") == "/models/Qwen3-8B" and flag(sft, "--max-steps") == "1750"
+    assert flag(sft, "--sft") == str(data / "sft.jsonl") and "--micro-batch" not in sft  # the preset's
+    assert flag(prmu_full, "--backbone") == "/models/RM" and flag(prmu_untrained, "--max-steps") == "0"
+    assert [flag(x, "--out").split("/")[-2:] for x in rl] == [
+        [r, f"seed{s}"] for s in (0, 1) for r in ("full", "no_tag", "untrained_rm")
+    ]
+    for x in rl:
+        assert flag(x, "--policy") == str(run / "sft" / "model") and flag(x, "--precision") == "bf16"
+        assert flag(x, "--max-steps") == "64" and flag(x, "--global-batch") == "128" and "--mini-batches" not in x
+    assert flag(rl[1], "--w-tag") == "0.0" and "--w-tag" not in rl[0]
+    assert flag(rl[2], "--prmu") == str(run / "prmu" / "untrained" / "model")
+    assert "--eval-before" in rl[0] and "--eval-before" not in rl[3]  # full seed 0 scores the SFT policy
+    (base,) = [x for x in lines if "evaluate.py" in x]
+    assert flag(base, "--lamp-dir") == "/data/LaMP" and flag(base, "--methods") == "zero-shot"
+    assert sorted(x.name for x in run.iterdir()) == []  # nothing ran
+    # what is missing is named before anything runs
+    p = subprocess.run(
+        [sys.executable, "scripts/ablate.py", *gpu, "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode != 0 and "--policy smollm2-135m: --trainer-preset qwen3-8b needs a model folder" in p.stderr
+    (data / "pqp.jsonl").unlink()
+    p = subprocess.run([*cmd, "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and f"--data {data}: no pqp.jsonl" in p.stderr
