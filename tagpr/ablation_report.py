@@ -4,9 +4,11 @@ accuracy) and the reward-weight rows, each with its paired difference against fu
 It reads only the files the stages wrote: every RL run's last `held_out_step<N>.json` (full seed 0's step 0 is
 the SFT policy: the w/o RL row), build_data's `eval_prompts.jsonl` (each question's task) and each reward model's
 `metrics.jsonl`. A difference is an improvement over full (`row − full`; for LaMP-3's MAE, `full − row`), per
-question the mean over seeds, with its 95 % bootstrap interval over questions. The paper's claim for every row is
-that the ablation lowers the score, so a row "reproduces" where the interval lies below 0, goes "the other way"
-where it lies above, and is "not separable at this scale" otherwise.
+question the mean over seeds, with its 95 % bootstrap interval over questions, and each seed's own difference of
+the sampled score. The paper's claim for every row is that the ablation lowers the score, so a row "reproduces"
+where the interval lies below 0 and every seed's difference is below 0 too, goes "the other way" where both lie
+above, is "lower (higher), not on every seed" where the interval excludes 0 and a seed disagrees, and is "not
+separable at this scale" otherwise.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def difference(full: dict, row: dict, seeds, ids, sign: int) -> dict:
     for kind in ("greedy", "sampled"):
         d = [sign * (mean([row[s][kind][i] for s in seeds]) - mean([full[s][kind][i] for s in seeds])) for i in ids]
         out[kind] = (mean(d), *metrics.bootstrap_ci(d))
+    out["by_seed"] = [
+        sign * (mean([row[s]["sampled"][i] for i in ids]) - mean([full[s]["sampled"][i] for i in ids])) for s in seeds
+    ]
     fs, rs = merged_split([full[s] for s in seeds], ids), merged_split([row[s] for s in seeds], ids)
     if fs is not None and rs is not None:
         dp = [x - y for x, y in zip(parsed_share(rs, ids), parsed_share(fs, ids))]
@@ -61,9 +66,17 @@ def difference(full: dict, row: dict, seeds, ids, sign: int) -> dict:
     return out
 
 
-def verdict(d: tuple[float, float, float]) -> str:
+def verdict(d: tuple[float, float, float], by_seed: list[float] | None = None) -> str:
+    """The row against its reference: the interval over questions, and where given each seed's own difference (a
+    row "reproduces" only where every seed agrees with the interval)."""
     _, lo, hi = d
-    return "reproduced (lower)" if hi < 0 else "the other way (higher)" if lo > 0 else "not separable at this scale"
+    if hi < 0:
+        return "reproduced (lower)" if by_seed is None or all(x < 0 for x in by_seed) else "lower, not on every seed"
+    if lo > 0:
+        return (
+            "the other way (higher)" if by_seed is None or all(x > 0 for x in by_seed) else "higher, not on every seed"
+        )
+    return "not separable at this scale"
 
 
 def _fmt(d: tuple[float, float, float] | None) -> str:
@@ -90,7 +103,7 @@ def table(run_dir: Path, rows, scores: dict, seeds, task: str, ids, which: str) 
     prmu_cols = which in ("3", "3q")
     head = (
         f"| row | greedy {metric} | sampled {metric} | parse share | {metric} among parsed | Δ greedy | Δ sampled "
-        f"| Δ parse share | Δ among parsed | sampled vs full (or the row named) |"
+        f"| Δ parse share | Δ among parsed | Δ sampled by seed | sampled vs full (or the row named) |"
         + (" PRMU pair acc. (seen / unseen / seen w/o UE) |" if prmu_cols else "")
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -101,10 +114,12 @@ def table(run_dir: Path, rows, scores: dict, seeds, task: str, ids, which: str) 
             diffs, said = {}, "(reference)"
         else:
             diffs = difference(scores[r.ref], sc, seeds, ids, sign)
-            said = verdict(diffs["sampled"]) + ("" if r.ref == "full" else f" (Δ vs {labels[r.ref]})")
+            said = verdict(diffs["sampled"], diffs["by_seed"])
+            said += "" if r.ref == "full" else f" (Δ vs {labels[r.ref]})"
         cells = " | ".join(
             _fmt(diffs.get(k)) if r.name != "full" else "" for k in ("greedy", "sampled", "parsed", "among")
         )
+        cells += " | " + " / ".join(f"{x:+.3f}" for x in diffs.get("by_seed", []))
         line = f"| {r.label} | {_level(sc, seeds, ids)} | {cells} | {said} |"
         if prmu_cols:
             acc = prmu_accuracy(run_dir, r.prmu)
@@ -153,7 +168,8 @@ def report(run_dir: Path, a, rows, seeds, timings: dict, wall: float, prec: str)
         f"{a.eval_samples} samples a question at T = {a.rl_temperature}. Levels: the mean over seeds; Δ: the row "
         "minus full (for MAE, full minus the row: a positive Δ is always better), per question the mean over "
         "seeds, with its 95 % bootstrap interval over questions. The verdict reads the sampled score, the one RL "
-        "optimises.\n\n"
+        "optimises: its interval, and each seed's own difference (a row reproduces only where every seed agrees)."
+        "\n\n"
         + "\n\n".join(sections)
         + "\n\n## Time (s)\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in timings.items())

@@ -75,6 +75,13 @@ def test_report_differences_by_hand(tmp_path):
     assert lo <= -0.375 < hi < 0  # every question's Δ ≤ 0, and only q2's is 0
     assert ablation_report.verdict(d["sampled"]) == "reproduced (lower)"
     assert ablation_report.verdict((0.1, 0.02, 0.2)) == "the other way (higher)"
+    # each seed's own sampled difference: seed 0 full (1 + .5 + 0 + 0) / 4 = .375 against 0; seed 1 full
+    # (.5 + 1 + 0 + .5) / 4 = .5 against w/o Tag's .5 / 4 = .125: both −.375
+    assert d["by_seed"] == pytest.approx([-0.375, -0.375])
+    assert ablation_report.verdict(d["sampled"], d["by_seed"]) == "reproduced (lower)"
+    assert ablation_report.verdict((-0.04, -0.07, -0.01), [-0.08, 0.02, -0.06]) == "lower, not on every seed"
+    assert ablation_report.verdict((0.04, 0.01, 0.07), [0.08, -0.02]) == "higher, not on every seed"
+    assert ablation_report.verdict((0.01, -0.02, 0.04), [0.08, 0.02]) == "not separable at this scale"
     # w/o RL: the SFT policy's step-0 file, the same for every seed
     assert scores["no_rl"][0] == scores["no_rl"][1]
     assert scores["no_rl"][0]["greedy"] == {i: 0 for i in ids}
@@ -83,6 +90,7 @@ def test_report_differences_by_hand(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| w/o Tag"))
     assert "| 0.125 | 0.062 | 0.188 | 0.333 |" in line  # greedy .5/4, sampled .25/4, parse 3/16, among 1/3
     assert all(f"| {x} [" in line for x in ("-0.250", "-0.375", "-0.812", "-0.104")), line
+    assert "| -0.375 / -0.375 | reproduced (lower) |" in line
     # a row whose reference is not full: the question-only rows, planted as full's (reference) and w/o Tag's
     # numbers, while full itself is replaced by w/o Tag's: the w/o UE row's Δ is against its own reference
     q = {"full": scores["no_tag"], "rm_question_only": scores["full"], "rm_question_only_no_ue": scores["no_tag"]}
