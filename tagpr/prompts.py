@@ -53,19 +53,23 @@ def build_prompt(
     return tagpr_prompt(task, question, retrieval.retrieve(task, question, k, retriever, seed), vocab, min_tags)
 
 
+# the fixed words each task's input starts with (LaMP-1 apart: its items sit inside its input)
+INPUT_STARTS = tuple(t.template.split("{")[0] for t in lamp.TASKS.values() if t.wrap != "@after_title")
+LAMP1_START = lamp.TASKS["LaMP_1"].template.split("{")[0]
+
+
 def without_profile(prompt: str) -> str:
     """A TagPR prompt with its profile items taken out: what `tagpr_prompt` gives with no items (the input and the
     instruction). The official augmentation puts the items before the input, and each task's input starts with
     the fixed words of its template, so the input starts at their last occurrence. LaMP-1, whose items sit inside
     the input, and a prompt no task's template starts are refused."""
-    starts = {t.name: t.template.split("{")[0] for t in lamp.TASKS.values() if t.wrap != "@after_title"}
-    at = max((prompt.rfind(s), name) for name, s in starts.items())
-    if prompt.startswith(lamp.TASKS["LaMP_1"].template.split("{")[0]) or at[0] < 0:
+    at = max(prompt.rfind(s) for s in INPUT_STARTS)
+    if prompt.startswith(LAMP1_START) or at < 0:
         raise ValueError(
             f"prompt {prompt[:60]!r}…: not a TagPR prompt whose profile precedes its input (LaMP-2 to LaMP-7), "
             "so its profile cannot be taken out"
         )
-    return prompt[at[0] :]
+    return prompt[at:]
 
 
 def chat(tokenizer, prompt: str) -> str:
